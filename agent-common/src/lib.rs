@@ -1,0 +1,88 @@
+//! Types shared between the eBPF programs and the agent. Every type is
+//! `#[repr(C)]` with explicit padding: the verifier rejects map writes of
+//! structs with uninitialised padding bytes.
+#![no_std]
+
+/// Name of the map holding connect records keyed by socket cookie
+/// (written by connect4/6, moved by sock_ops).
+pub const MAP_BY_COOKIE: &str = "CONNECTS_BY_COOKIE";
+/// Name of the map holding connect records keyed by the client's address,
+/// which the agent looks up with `peer_addr()` after `accept()`.
+pub const MAP_BY_CLIENT: &str = "CONNECTS_BY_CLIENT";
+/// Name of the eBPF global holding the agent's listener port (host order).
+pub const GLOBAL_LISTEN_PORT: &str = "LISTEN_PORT";
+
+/// Entries of the cookie map live only between connect() and the SYN.
+pub const BY_COOKIE_MAX_ENTRIES: u32 = 16_384;
+/// Entries of the client map live between the SYN and the agent's accept().
+pub const BY_CLIENT_MAX_ENTRIES: u32 = 65_536;
+
+/// A socket address: IPv4 addresses are stored v4-mapped (`::ffff:a.b.c.d`)
+/// so one key type serves both families.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockAddrKey {
+    /// Address bytes in network order.
+    pub addr: [u8; 16],
+    /// Port in host order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl SockAddrKey {
+    pub const fn new(addr: [u8; 16], port: u16) -> Self {
+        Self { addr, port, _pad: 0 }
+    }
+
+    /// `ip4_be` is an IPv4 address as the kernel stores it (network order).
+    pub const fn from_ipv4(ip4_be: u32, port: u16) -> Self {
+        let b = ip4_be.to_ne_bytes();
+        Self::new(
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]],
+            port,
+        )
+    }
+
+    /// `ip6_be` is an IPv6 address as the kernel stores it (four network-order words).
+    pub const fn from_ipv6(ip6_be: [u32; 4], port: u16) -> Self {
+        let w0 = ip6_be[0].to_ne_bytes();
+        let w1 = ip6_be[1].to_ne_bytes();
+        let w2 = ip6_be[2].to_ne_bytes();
+        let w3 = ip6_be[3].to_ne_bytes();
+        Self::new(
+            [
+                w0[0], w0[1], w0[2], w0[3], w1[0], w1[1], w1[2], w1[3], w2[0], w2[1], w2[2],
+                w2[3], w3[0], w3[1], w3[2], w3[3],
+            ],
+            port,
+        )
+    }
+}
+
+/// `ip6_be` (four network-order words) is `::ffff:a.b.c.d`.
+pub const fn is_v4_mapped(ip6_be: [u32; 4]) -> bool {
+    ip6_be[0] == 0 && ip6_be[1] == 0 && ip6_be[2] == u32::from_be(0x0000_ffff)
+}
+
+/// What the kernel saw when a sandboxed process called connect().
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectRecord {
+    /// The destination the process asked for.
+    pub original_dst: SockAddrKey,
+    /// Process (thread-group) id of the caller.
+    pub tgid: u32,
+    pub uid: u32,
+    pub _pad: u32,
+    pub cgroup_id: u64,
+    /// `comm` of the calling thread, NUL padded.
+    pub comm: [u8; 16],
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: both types are repr(C), Copy, and made only of integers and
+    // byte arrays with explicit padding fields: every bit pattern is valid.
+    unsafe impl aya::Pod for super::SockAddrKey {}
+    unsafe impl aya::Pod for super::ConnectRecord {}
+}

@@ -1,0 +1,111 @@
+//! sandbox-egress: transparent egress proxy for sandbox cgroups.
+
+mod logging;
+mod preflight;
+mod proxy;
+mod redirect;
+mod relay;
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "sandbox-egress", version, about = "Transparent egress proxy for sandbox cgroups")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = logging::Format::Text)]
+    log_format: logging::Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Redirect every TCP connect of a cgroup v2 to this agent and relay it.
+    Run(RunArgs),
+    /// Remove the agent's programs from a cgroup (its connects go direct again).
+    Detach {
+        /// The sandbox's cgroup v2 directory.
+        #[arg(long)]
+        cgroup: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The sandbox's cgroup v2 directory.
+    #[arg(long)]
+    cgroup: PathBuf,
+    /// Port of the loopback listener connects are redirected to (0: any free port).
+    #[arg(long, default_value_t = 15001)]
+    listen_port: u16,
+    /// Loopback port the sandbox may reach (repeatable); all others are denied.
+    #[arg(long = "allow-loopback-port", value_name = "PORT")]
+    allowed_loopback_ports: Vec<u16>,
+    /// Connections relayed at once; beyond this new connections are refused.
+    #[arg(long, default_value_t = 4096)]
+    max_connections: usize,
+    /// Time allowed to connect to the original destination.
+    #[arg(long, value_parser = parse_millis, default_value = "10000", value_name = "MS")]
+    connect_timeout: Duration,
+    /// Level of the eBPF programs' own traces (redirect decisions are `debug`).
+    #[arg(long, value_enum, default_value_t = redirect::EbpfLogLevel::Info)]
+    ebpf_log_level: redirect::EbpfLogLevel,
+}
+
+fn parse_millis(value: &str) -> Result<Duration, String> {
+    value
+        .parse::<u64>()
+        .map(Duration::from_millis)
+        .map_err(|e| format!("expected milliseconds: {e}"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let outcome = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Detach { cgroup } => detach(&cgroup),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("sandbox-egress: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    preflight::require_root("run")?;
+    let cgroup = preflight::cgroup_v2_dir(&args.cgroup)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        // Bind before touching the cgroup, so a taken port fails without side effects.
+        let listeners = proxy::Listeners::bind(args.listen_port).await?;
+        preflight::ensure_bpffs()?;
+        let redirect = redirect::Redirect::attach(&cgroup, listeners.port(), args.ebpf_log_level)?;
+        let config = proxy::Config {
+            listen_port: listeners.port(),
+            allowed_loopback_ports: args.allowed_loopback_ports,
+            max_connections: args.max_connections,
+            connect_timeout: args.connect_timeout,
+        };
+        proxy::serve(listeners, redirect, config, &cgroup).await
+    })
+}
+
+fn detach(cgroup: &std::path::Path) -> Result<()> {
+    preflight::require_root("detach")?;
+    let cgroup = preflight::cgroup_v2_dir(cgroup)?;
+    preflight::ensure_bpffs()?;
+    if redirect::detach(&cgroup)? {
+        tracing::info!(cgroup = %cgroup.path.display(), "detached: the cgroup's connects are no longer redirected");
+    } else {
+        tracing::info!(cgroup = %cgroup.path.display(), "nothing attached to this cgroup");
+    }
+    Ok(())
+}

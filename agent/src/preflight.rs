@@ -1,0 +1,57 @@
+//! Checks that turn an unusable environment into a clear error before
+//! anything is attached.
+
+use std::{
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+use nix::{
+    mount::{mount, MsFlags},
+    sys::statfs::{statfs, BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC},
+};
+
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+pub fn require_root(command: &str) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("`sandbox-egress {command}` must run as root: it loads eBPF programs and attaches them to cgroups");
+    }
+    Ok(())
+}
+
+/// A cgroup v2 directory and its id (the inode number, which is what
+/// `bpf_get_current_cgroup_id()` reports for tasks inside it).
+pub struct Cgroup {
+    pub path: PathBuf,
+    pub id: u64,
+}
+
+pub fn cgroup_v2_dir(path: &Path) -> Result<Cgroup> {
+    let path = path
+        .canonicalize()
+        .with_context(|| format!("cgroup {} does not exist", path.display()))?;
+    let fs = statfs(&path).with_context(|| format!("statfs {}", path.display()))?;
+    if fs.filesystem_type() != CGROUP2_SUPER_MAGIC {
+        bail!(
+            "{} is not a cgroup v2 directory (filesystem type {:#x}); cgroup v2 is mounted at e.g. /sys/fs/cgroup/unified",
+            path.display(),
+            fs.filesystem_type().0
+        );
+    }
+    let id = std::fs::metadata(&path)?.ino();
+    Ok(Cgroup { path, id })
+}
+
+/// Pins need a BPF filesystem; mount one at /sys/fs/bpf if there is none.
+pub fn ensure_bpffs() -> Result<()> {
+    std::fs::create_dir_all(BPFFS).with_context(|| format!("create {BPFFS}"))?;
+    if statfs(BPFFS)?.filesystem_type() == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    mount(Some("bpf"), BPFFS, Some("bpf"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None::<&str>)
+        .with_context(|| format!("mount the BPF filesystem at {BPFFS}"))?;
+    tracing::info!("mounted the BPF filesystem at {BPFFS}");
+    Ok(())
+}

@@ -1,0 +1,172 @@
+//! The userspace proxy: accept -> attribute -> decide -> relay.
+
+mod connection;
+mod origin;
+
+use std::{
+    io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use tokio::{
+    net::{TcpListener, TcpSocket},
+    signal::unix::{signal, SignalKind},
+    sync::{watch, Semaphore},
+};
+
+use crate::{preflight::Cgroup, redirect::Redirect};
+
+/// How long in-flight connections may finish after SIGINT/SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+const LISTEN_BACKLOG: u32 = 4096;
+
+pub struct Config {
+    pub listen_port: u16,
+    pub allowed_loopback_ports: Vec<u16>,
+    pub max_connections: usize,
+    pub connect_timeout: Duration,
+}
+
+/// The loopback listeners connects are redirected to: 127.0.0.1:P for IPv4
+/// (v4-mapped connects included) and [::1]:P for IPv6.
+pub struct Listeners {
+    v4: TcpListener,
+    v6: Option<TcpListener>,
+}
+
+impl Listeners {
+    pub async fn bind(port: u16) -> Result<Self> {
+        let v4 = bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?;
+        let port = v4.local_addr()?.port();
+        let v6 = match bind(SocketAddr::from((Ipv6Addr::LOCALHOST, port))) {
+            Ok(listener) => Some(listener),
+            Err(error) if error.downcast_ref::<io::Error>().map(io::Error::kind) == Some(io::ErrorKind::AddrNotAvailable) => {
+                tracing::warn!("no IPv6 loopback on this host: IPv6 connects from the sandbox will be refused");
+                None
+            }
+            Err(error) => return Err(error),
+        };
+        Ok(Self { v4, v6 })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.v4.local_addr().map(|a| a.port()).unwrap_or_default()
+    }
+}
+
+fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr).map_err(|error| {
+        let hint = if error.kind() == io::ErrorKind::AddrInUse { ": the port is already in use (choose another with --listen-port)" } else { "" };
+        anyhow::Error::new(error).context(format!("cannot listen on {addr}{hint}"))
+    })?;
+    Ok(socket.listen(LISTEN_BACKLOG)?)
+}
+
+/// Counters reported at shutdown.
+#[derive(Default)]
+pub struct Stats {
+    pub accepted: AtomicU64,
+    /// Connections with no kernel record: closed, never guessed.
+    pub unattributed: AtomicU64,
+    /// Connections refused because `max_connections` were in flight.
+    pub over_limit: AtomicU64,
+}
+
+pub async fn serve(listeners: Listeners, redirect: Redirect, config: Config, cgroup: &Cgroup) -> Result<()> {
+    let shared = Arc::new(connection::Shared {
+        redirect,
+        config,
+        stats: Stats::default(),
+    });
+    let slots = Arc::new(Semaphore::new(shared.config.max_connections));
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let mut accept_loops = vec![tokio::spawn(accept_loop(listeners.v4, shared.clone(), slots.clone(), stop_rx.clone()))];
+    if let Some(v6) = listeners.v6 {
+        accept_loops.push(tokio::spawn(accept_loop(v6, shared.clone(), slots.clone(), stop_rx.clone())));
+    }
+    tracing::info!(
+        event = "ready",
+        cgroup = %cgroup.path.display(),
+        cgroup_id = cgroup.id,
+        listen_port = shared.config.listen_port,
+        "agent ready: the cgroup's TCP connects are redirected to this agent"
+    );
+
+    wait_for_shutdown_signal().await?;
+    let _ = stop_tx.send(true);
+    for accept_loop in accept_loops {
+        let _ = accept_loop.await;
+    }
+    let max = shared.config.max_connections as u32;
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, slots.acquire_many(max)).await.is_ok();
+    let stats = &shared.stats;
+    tracing::info!(
+        event = "shutdown",
+        accepted = stats.accepted.load(Ordering::Relaxed),
+        unattributed = stats.unattributed.load(Ordering::Relaxed),
+        over_limit = stats.over_limit.load(Ordering::Relaxed),
+        in_flight_cut = !drained,
+        "agent stopped; the cgroup stays redirected to this port, so its connects are refused until the agent runs again \
+         or `sandbox-egress detach` removes the redirect"
+    );
+    Ok(())
+}
+
+async fn wait_for_shutdown_signal() -> Result<()> {
+    let mut terminate = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<connection::Shared>,
+    slots: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            shared.stats.over_limit.fetch_add(1, Ordering::Relaxed);
+            // The record must still be consumed, or it lingers in the map.
+            let record = shared.redirect.take_record(peer);
+            tracing::warn!(
+                client = %peer,
+                pid = record.map(|r| r.tgid),
+                max_connections = shared.config.max_connections,
+                "connection refused: too many connections in flight"
+            );
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            connection::handle(stream, peer, &shared).await;
+            drop(slot);
+        });
+    }
+}

@@ -1,0 +1,168 @@
+//! The kernel side: loads the embedded eBPF programs, attaches them to a
+//! sandbox cgroup as pinned links, and reads the connect records they write.
+//!
+//! Pins live under /sys/fs/bpf/sandbox-egress/<cgroup-id>/. Pinned links keep
+//! redirecting to the listener after the agent dies, so a sandbox's connects
+//! are refused rather than going direct (fail closed). A restarting agent
+//! attaches its new links before dropping the old ones and shares the pinned
+//! record maps with them, so no connect slips through or loses its record.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use agent_common::{
+    ConnectRecord, SockAddrKey, GLOBAL_LISTEN_PORT, MAP_BY_CLIENT, MAP_BY_COOKIE,
+};
+use anyhow::{Context, Result};
+use aya::{
+    maps::{HashMap, MapData},
+    programs::{
+        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSockAddr, SockOps,
+    },
+    Ebpf, EbpfLoader,
+};
+use tokio::io::unix::AsyncFd;
+
+use crate::preflight::{Cgroup, BPFFS};
+
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
+
+const PROGRAMS: [&str; 3] = ["redirect_connect4", "redirect_connect6", "rekey_by_client"];
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum EbpfLogLevel {
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+pub struct Redirect {
+    by_client: Mutex<HashMap<MapData, SockAddrKey, ConnectRecord>>,
+    /// Keeps the programs and the log ring buffer alive.
+    _ebpf: Ebpf,
+}
+
+fn pin_dir(cgroup: &Cgroup) -> PathBuf {
+    Path::new(BPFFS).join("sandbox-egress").join(cgroup.id.to_string())
+}
+
+impl Redirect {
+    /// Loads and attaches the programs to `cgroup`, replacing (without a gap)
+    /// any left pinned by an earlier agent, and starts draining eBPF traces.
+    pub fn attach(cgroup: &Cgroup, listen_port: u16, log_level: EbpfLogLevel) -> Result<Self> {
+        let dir = pin_dir(cgroup);
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let previous: Vec<PinnedLink> = PROGRAMS
+            .iter()
+            .filter_map(|name| PinnedLink::from_pin(dir.join(name)).ok())
+            .collect();
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global(GLOBAL_LISTEN_PORT, &listen_port, true)
+            .override_global(aya_log::LEVEL, &(log_level as u8), false)
+            .map_pin_path(MAP_BY_COOKIE, dir.join(MAP_BY_COOKIE))
+            .map_pin_path(MAP_BY_CLIENT, dir.join(MAP_BY_CLIENT))
+            .load(EBPF_OBJECT)
+            .with_context(|| {
+                format!(
+                    "loading the eBPF programs failed: is BPF available (CONFIG_BPF_SYSCALL, CONFIG_CGROUP_BPF, not locked down)? \
+                     If maps pinned under {} come from another agent version, run `sandbox-egress detach --cgroup {}`",
+                    dir.display(),
+                    cgroup.path.display()
+                )
+            })?;
+        start_ebpf_log_drain(&mut ebpf);
+
+        let cgroup_dir = std::fs::File::open(&cgroup.path)?;
+        for name in PROGRAMS {
+            let link = attach_program(&mut ebpf, name, &cgroup_dir)
+                .with_context(|| format!("attach {name} to {}", cgroup.path.display()))?;
+            // Pin beside the old link, then rename over it: the pin path is never empty.
+            // (bpffs reserves dots in names.)
+            let staged = dir.join(format!("{name}-staged"));
+            let _ = std::fs::remove_file(&staged);
+            link.pin(&staged).with_context(|| format!("pin {}", staged.display()))?;
+            std::fs::rename(&staged, dir.join(name))?;
+        }
+        if !previous.is_empty() {
+            tracing::info!(replaced = previous.len(), "replaced the links of a previous agent");
+        }
+        drop(previous); // Their pins are gone: closing the fds detaches them.
+
+        let by_client = HashMap::try_from(ebpf.take_map(MAP_BY_CLIENT).context("map missing from eBPF object")?)?;
+        tracing::info!(cgroup = %cgroup.path.display(), pins = %dir.display(), "redirect attached");
+        Ok(Self { by_client: Mutex::new(by_client), _ebpf: ebpf })
+    }
+
+    /// Takes the record the kernel wrote for the connection whose client end
+    /// is `client`. Each record is handed out once.
+    pub fn take_record(&self, client: SocketAddr) -> Option<ConnectRecord> {
+        let ip = match client.ip() {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        };
+        let key = SockAddrKey::new(ip.octets(), client.port());
+        let mut map = self.by_client.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let record = map.get(&key, 0).ok()?;
+        let _ = map.remove(&key);
+        Some(record)
+    }
+}
+
+fn attach_program(ebpf: &mut Ebpf, name: &str, cgroup_dir: &std::fs::File) -> Result<FdLink> {
+    let program = ebpf.program_mut(name).context("program missing from eBPF object")?;
+    let link = if let Ok(sock_ops) = <&mut SockOps>::try_from(&mut *program) {
+        sock_ops.load()?;
+        let id = sock_ops.attach(cgroup_dir, CgroupAttachMode::Single)?;
+        FdLink::try_from(sock_ops.take_link(id)?)?
+    } else {
+        let sock_addr: &mut CgroupSockAddr = program.try_into()?;
+        sock_addr.load()?;
+        let id = sock_addr.attach(cgroup_dir, CgroupAttachMode::Single)?;
+        FdLink::try_from(sock_addr.take_link(id)?)?
+    };
+    Ok(link)
+}
+
+/// Forwards aya-log records to `tracing` (via the log bridge) as they arrive.
+fn start_ebpf_log_drain(ebpf: &mut Ebpf) {
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(logger) => logger,
+        Err(error) => {
+            tracing::warn!(%error, "eBPF traces unavailable");
+            return;
+        }
+    };
+    // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd owns the logger.
+    let mut logger = match unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(error) => {
+            let (_, error) = error.into_parts();
+            tracing::warn!(%error, "eBPF traces unavailable");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while let Ok(mut ready) = logger.readable_mut().await {
+            ready.get_inner_mut().flush();
+            ready.clear_ready();
+        }
+    });
+}
+
+/// Removes the pinned links and maps of `cgroup`. Returns whether anything was attached.
+pub fn detach(cgroup: &Cgroup) -> Result<bool> {
+    let dir = pin_dir(cgroup);
+    if !dir.exists() {
+        return Ok(false);
+    }
+    std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
+    Ok(true)
+}
