@@ -1,6 +1,8 @@
 //! sandbox-egress: transparent egress proxy for sandbox cgroups.
 
 mod logging;
+mod policy;
+mod sniff;
 mod preflight;
 mod proxy;
 mod redirect;

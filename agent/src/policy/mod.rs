@@ -1,0 +1,1 @@
+//! Egress policy: OpenShell-schema YAML evaluated by Rego (regorus).
