@@ -86,6 +86,8 @@ pub async fn serve(listeners: Listeners, redirect: Redirect, config: Config, cgr
         config,
         stats: Stats::default(),
     });
+    // Installed before "ready": a signal right after it must not kill the agent.
+    let shutdown_signal = shutdown_signal()?;
     let slots = Arc::new(Semaphore::new(shared.config.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -101,7 +103,7 @@ pub async fn serve(listeners: Listeners, redirect: Redirect, config: Config, cgr
         "agent ready: the cgroup's TCP connects are redirected to this agent"
     );
 
-    wait_for_shutdown_signal().await?;
+    shutdown_signal.await;
     let _ = stop_tx.send(true);
     for accept_loop in accept_loops {
         let _ = accept_loop.await;
@@ -121,14 +123,15 @@ pub async fn serve(listeners: Listeners, redirect: Redirect, config: Config, cgr
     Ok(())
 }
 
-async fn wait_for_shutdown_signal() -> Result<()> {
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
     let mut terminate = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
-    }
-    Ok(())
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+    })
 }
 
 async fn accept_loop(

@@ -1,0 +1,297 @@
+//! Transparent redirect, end to end on the real kernel: programs that know
+//! nothing about proxies, in a real cgroup, reach a server in a network
+//! namespace only through the agent.
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, TcpListener},
+    os::unix::fs::MetadataExt,
+    path::Path,
+    process::Command,
+    thread,
+    time::Duration,
+};
+
+use anyhow::{ensure, Context, Result};
+use e2e::*;
+use serde_json::Value;
+
+fn canonical(path: &str) -> String {
+    std::fs::canonicalize(path).unwrap().display().to_string()
+}
+
+/// `curl -w` fields: http_code size_download size_request size_header.
+fn curl_fields(output: &std::process::Output) -> Vec<u64> {
+    String::from_utf8_lossy(&output.stdout).split_whitespace().map(|f| f.parse().unwrap()).collect()
+}
+
+fn exchange_result(output: &std::process::Output) -> Result<Value> {
+    ensure!(output.status.success(), "exchange client failed: {}", String::from_utf8_lossy(&output.stderr));
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+fn assert_curl_intercepted(ip: IpAddr) -> Result<()> {
+    require_root();
+    let net = TestNet::new()?;
+    let servers = net.start_servers()?;
+    let sandbox = Sandbox::new(&format!("curl-{}", if ip.is_ipv4() { 4 } else { 6 }))?;
+    let agent = Agent::start(&sandbox, &[])?;
+    let target = match ip {
+        IpAddr::V4(_) => IpAddr::V4(net.v4),
+        IpAddr::V6(_) => IpAddr::V6(net.v6),
+    };
+    let (pid, output) = curl(Some(&sandbox), &format!("http://{}:{HTTP_PORT}/bytes/100000", url_host(target)))?;
+    ensure!(output.status.success(), "curl failed: {}", String::from_utf8_lossy(&output.stderr));
+    let [code, body, request, header] = curl_fields(&output)[..] else { panic!("bad curl output") };
+    assert_eq!((code, body), (200, 100_000));
+
+    let seen = servers.events.wait_for("server saw the request", |e| e["path"] == "/bytes/100000")?;
+    assert_eq!(seen["status"], 200);
+    let log = agent.wait_connection_of(pid)?;
+    assert_eq!(log["verdict"], "relayed");
+    assert_eq!(log["exe"], canonical("/usr/bin/curl"));
+    assert_eq!(log["comm"], "curl");
+    assert_eq!(log["destination"], format!("{}:{HTTP_PORT}", url_host(target)));
+    assert_eq!(log["cgroup_id"], std::fs::metadata(&sandbox.path)?.ino());
+    assert_eq!(log["bytes_up"], request, "client->server bytes");
+    assert_eq!(log["bytes_down"], header + body, "server->client bytes");
+    Ok(())
+}
+
+#[test]
+fn curl_over_ipv4_is_intercepted_and_attributed() -> Result<()> {
+    assert_curl_intercepted(IpAddr::V4([0, 0, 0, 0].into()))
+}
+
+#[test]
+fn curl_over_ipv6_is_intercepted_and_attributed() -> Result<()> {
+    assert_curl_intercepted(IpAddr::V6(0.into()))
+}
+
+#[test]
+fn raw_tcp_client_bytes_arrive_intact_over_ipv4_ipv6_and_v4_mapped() -> Result<()> {
+    require_root();
+    let net = TestNet::new()?;
+    let servers = net.start_servers()?;
+    let sandbox = Sandbox::new("raw")?;
+    let agent = Agent::start(&sandbox, &[])?;
+    let (send, recv) = (300_000u64, 500_000u64);
+    let cases = [
+        ("inet", net.v4.to_string(), net.v4.to_string()),
+        ("inet6", net.v6.to_string(), format!("[{}]", net.v6)),
+        ("inet6", format!("::ffff:{}", net.v4), net.v4.to_string()),
+    ];
+    for (family, host, logged_host) in cases {
+        let (pid, output) = exchange(Some(&sandbox), family, &host, send, recv)?;
+        let client = exchange_result(&output)?;
+        assert_eq!(client["received"], recv, "{family} {host}");
+        assert_eq!(client["received_intact"], true, "{family} {host}");
+        let server = servers.events.wait_for("exchange", |e| e["kind"] == "exchange" && e["sha256"] == client["sent_sha256"])?;
+        assert_eq!(server["received"], send);
+
+        let log = agent.wait_connection_of(pid)?;
+        assert_eq!(log["verdict"], "relayed");
+        assert_eq!(log["exe"], canonical(PYTHON));
+        assert_eq!(log["destination"], format!("{logged_host}:{EXCHANGE_PORT}"), "{family} {host}");
+        let header_len = format!("SEND {send} RECV {recv}\n").len() as u64;
+        assert_eq!(log["bytes_up"], header_len + send);
+        assert_eq!(log["bytes_down"], recv);
+    }
+    Ok(())
+}
+
+#[test]
+fn process_outside_the_cgroup_is_not_intercepted() -> Result<()> {
+    require_root();
+    let net = TestNet::new()?;
+    let servers = net.start_servers()?;
+    let sandbox = Sandbox::new("outside")?;
+    let agent = Agent::start(&sandbox, &[])?;
+    let url = format!("http://{}:{HTTP_PORT}/bytes/10", net.v4);
+
+    let (outside_pid, output) = curl(None, &url)?;
+    ensure!(output.status.success(), "direct curl failed");
+    servers.events.wait_for("direct request", |e| e["path"] == "/bytes/10")?;
+    // The sandboxed request is logged after the outside one would have been.
+    let (inside_pid, output) = curl(Some(&sandbox), &format!("http://{}:{HTTP_PORT}/bytes/11", net.v4))?;
+    ensure!(output.status.success(), "sandboxed curl failed");
+    agent.wait_connection_of(inside_pid)?;
+    assert!(agent.connections_of(outside_pid).is_empty(), "a process outside the cgroup was intercepted");
+    Ok(())
+}
+
+#[test]
+fn sigkill_fails_closed_and_restart_resumes_interception() -> Result<()> {
+    require_root();
+    let net = TestNet::new()?;
+    let servers = net.start_servers()?;
+    let sandbox = Sandbox::new("failclosed")?;
+    let mut first = Agent::start(&sandbox, &[])?;
+    let (pid, output) = curl(Some(&sandbox), &format!("http://{}:{HTTP_PORT}/bytes/1", net.v4))?;
+    ensure!(output.status.success(), "curl through the first agent failed");
+    first.wait_connection_of(pid)?;
+
+    first.kill();
+    for (family, host) in [("inet", net.v4.to_string()), ("inet6", net.v6.to_string())] {
+        let (_, output) = exchange(Some(&sandbox), family, &host, 10, 10)?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{family}: sandboxed connect succeeded with the agent dead");
+        assert!(stderr.contains("ConnectionRefusedError"), "{family}: expected a refused connect, got {stderr}");
+    }
+    let (_, output) = curl(Some(&sandbox), &format!("http://{}:{HTTP_PORT}/bytes/2", net.v4))?;
+    assert_eq!(output.status.code(), Some(7), "curl should fail to connect with the agent dead");
+    // Give a leaked connection time to show up before asserting there is none.
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        servers.events.matching(|e| e["kind"] == "exchange" || e["path"] == "/bytes/2").is_empty(),
+        "the server was reached while the agent was dead"
+    );
+
+    let second = Agent::start(&sandbox, &[])?;
+    second.log.wait_for("links replaced", |e| e["replaced"] == 3)?;
+    let (pid, output) = curl(Some(&sandbox), &format!("http://{}:{HTTP_PORT}/bytes/3", net.v4))?;
+    ensure!(output.status.success(), "curl through the restarted agent failed");
+    assert_eq!(second.wait_connection_of(pid)?["verdict"], "relayed");
+    Ok(())
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_the_sandbox_stays_closed() -> Result<()> {
+    require_root();
+    let net = TestNet::new()?;
+    let _servers = net.start_servers()?;
+    let sandbox = Sandbox::new("sigterm")?;
+    let mut agent = Agent::start(&sandbox, &[])?;
+    let status = agent.terminate()?;
+    assert!(status.success(), "agent exited with {status} on SIGTERM");
+    agent.log.wait_for("shutdown summary", |e| e["event"] == "shutdown")?;
+    let (_, output) = curl(Some(&sandbox), &format!("http://{}:{HTTP_PORT}/bytes/1", net.v4))?;
+    assert_eq!(output.status.code(), Some(7), "a stopped agent must leave the sandbox closed");
+    Ok(())
+}
+
+#[test]
+fn detach_restores_direct_connects() -> Result<()> {
+    require_root();
+    let net = TestNet::new()?;
+    let servers = net.start_servers()?;
+    let sandbox = Sandbox::new("detach")?;
+    let agent = Agent::start(&sandbox, &[])?;
+    run(agent_bin().to_str().unwrap(), &["detach", "--cgroup", sandbox.path_str()])?;
+    let (pid, output) = curl(Some(&sandbox), &format!("http://{}:{HTTP_PORT}/bytes/5", net.v4))?;
+    ensure!(output.status.success(), "direct curl after detach failed");
+    servers.events.wait_for("request after detach", |e| e["path"] == "/bytes/5")?;
+    assert!(agent.connections_of(pid).is_empty(), "intercepted after detach");
+    Ok(())
+}
+
+/// A one-shot HTTP server on loopback in the test process; reports whether it was reached.
+fn loopback_http_server() -> Result<(u16, thread::JoinHandle<bool>)> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    listener.set_nonblocking(true)?;
+    let handle = thread::spawn(move || {
+        for _ in 0..100 {
+            if let Ok((mut stream, _)) = listener.accept() {
+                stream.set_nonblocking(false).unwrap();
+                let mut request = [0u8; 1024];
+                let _ = stream.read(&mut request);
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+                return true;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        false
+    });
+    Ok((port, handle))
+}
+
+#[test]
+fn loopback_destinations_are_denied_unless_allowed() -> Result<()> {
+    require_root();
+    let sandbox = Sandbox::new("loopback")?;
+
+    let (port, server) = loopback_http_server()?;
+    let agent = Agent::start(&sandbox, &[])?;
+    let (pid, output) = curl(Some(&sandbox), &format!("http://127.0.0.1:{port}/"))?;
+    assert!(!output.status.success(), "loopback reached without being allowed");
+    let log = agent.wait_connection_of(pid)?;
+    assert_eq!(log["verdict"], "denied");
+    assert_eq!(log["reason"], format!("loopback port {port} is not allowed (see --allow-loopback-port)"));
+    assert!(!server.join().unwrap(), "the loopback server was reached");
+    drop(agent);
+
+    let (port, server) = loopback_http_server()?;
+    let agent = Agent::start(&sandbox, &["--allow-loopback-port", &port.to_string()])?;
+    let (pid, output) = curl(Some(&sandbox), &format!("http://127.0.0.1:{port}/"))?;
+    assert_eq!(curl_fields(&output)[0], 200, "allowed loopback port: {}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(agent.wait_connection_of(pid)?["verdict"], "relayed");
+    assert!(server.join().unwrap());
+    Ok(())
+}
+
+#[test]
+fn the_agents_own_listener_is_not_a_destination() -> Result<()> {
+    require_root();
+    let sandbox = Sandbox::new("ownport")?;
+    let agent = Agent::start(&sandbox, &[])?;
+    for host in ["127.0.0.1", "[::1]"] {
+        let (pid, output) = curl(Some(&sandbox), &format!("http://{host}:{}/", agent.port))?;
+        assert!(!output.status.success());
+        let log = agent.wait_connection_of(pid)?;
+        assert_eq!(log["verdict"], "denied", "{host}");
+        assert_eq!(log["reason"], "the agent's own listener is not a destination");
+    }
+    Ok(())
+}
+
+#[test]
+fn ebpf_redirect_traces_reach_the_agent_log() -> Result<()> {
+    require_root();
+    let net = TestNet::new()?;
+    let _servers = net.start_servers()?;
+    let sandbox = Sandbox::new("traces")?;
+    let agent = Agent::start_with_env(
+        &sandbox,
+        &["--ebpf-log-level", "debug"],
+        &[("SANDBOX_EGRESS_LOG", "info,agent_ebpf=debug")],
+    )?;
+    let (pid, output) = curl(Some(&sandbox), &format!("http://{}:{HTTP_PORT}/bytes/1", net.v4))?;
+    ensure!(output.status.success(), "curl failed");
+    let expected = format!("redirect pid={pid} comm=curl dst=[::ffff:{}]:{HTTP_PORT}", net.v4);
+    agent.log.wait_for(&expected, |e| e["message"] == expected.as_str())?;
+    Ok(())
+}
+
+fn run_agent(args: &[&str]) -> Result<(bool, String)> {
+    let output = Command::new(agent_bin()).args(args).output()?;
+    Ok((output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned()))
+}
+
+#[test]
+fn run_reports_clear_errors() -> Result<()> {
+    require_root();
+    let (ok, stderr) = run_agent(&["run", "--cgroup", "/tmp"])?;
+    assert!(!ok && stderr.contains("/tmp is not a cgroup v2 directory"), "{stderr}");
+
+    let (ok, stderr) = run_agent(&["run", "--cgroup", "/sys/fs/cgroup/unified/does-not-exist"])?;
+    assert!(!ok && stderr.contains("does not exist"), "{stderr}");
+
+    let sandbox = Sandbox::new("errors")?;
+    let taken = TcpListener::bind("127.0.0.1:0")?;
+    let port = taken.local_addr()?.port().to_string();
+    let (ok, stderr) = run_agent(&["run", "--cgroup", sandbox.path_str(), "--listen-port", &port])?;
+    assert!(!ok && stderr.contains("already in use"), "{stderr}");
+    let pins = Path::new("/sys/fs/bpf/sandbox-egress").join(std::fs::metadata(&sandbox.path)?.ino().to_string());
+    assert!(!pins.exists(), "a failed start left pins at {}", pins.display());
+
+    let output = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(agent_bin())
+        .args(["run", "--cgroup", sandbox.path_str()])
+        .output()
+        .context("setpriv")?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("must run as root"), "{stderr}");
+    Ok(())
+}

@@ -1,0 +1,417 @@
+//! Harness for end-to-end tests on the real kernel, as root: a real cgroup v2
+//! sandbox, the real agent binary with its eBPF programs, "remote" servers in
+//! a network namespace the test creates, and real client processes.
+//!
+//! Every resource is released by `Drop`, so a failing test cleans up too.
+//! Nothing leaves the machine: test hosts live on veth pairs, and the
+//! documentation/benchmark ranges they use are blackholed while tests run.
+
+use std::{
+    ffi::CString,
+    io::{BufRead, BufReader},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, ChildStderr, ChildStdout, Command, Output, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc, Condvar, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+
+pub const CGROUP2_ROOT: &str = "/sys/fs/cgroup/unified";
+/// Debian's interpreter: a pyenv shim would fork helpers inside the sandbox.
+pub const PYTHON: &str = "/usr/bin/python3";
+pub const HTTP_PORT: u16 = 8080;
+pub const EXCHANGE_PORT: u16 = 9000;
+/// Upper bound for anything a test waits for.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// The ranges test hosts live in: routed nowhere but to the test's veth
+/// while tests run, so a mistake cannot reach a real network. (Not the
+/// other documentation ranges: this VM's own uplink may sit in 192.0.2.0/24.)
+const BLACKHOLED: [&str; 2] = ["198.18.0.0/15", "2001:db8::/32"];
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub fn support_file(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("support").join(name)
+}
+
+/// The agent binary: `$SANDBOX_EGRESS_BIN` (set by `cargo xtask test`) or the debug build.
+pub fn agent_bin() -> PathBuf {
+    std::env::var_os("SANDBOX_EGRESS_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/debug/sandbox-egress"))
+}
+
+pub fn require_root() {
+    assert!(
+        nix_is_root(),
+        "end-to-end tests attach eBPF programs to cgroups and need root: run `cargo xtask test` as root"
+    );
+    assert!(agent_bin().exists(), "{} missing: run `cargo xtask test`", agent_bin().display());
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Runs a command to completion, failing with its output if it fails.
+pub fn run(program: &str, args: &[&str]) -> Result<Output> {
+    let output = Command::new(program).args(args).output().with_context(|| format!("spawn {program}"))?;
+    ensure!(
+        output.status.success(),
+        "{program} {} failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(output)
+}
+
+/// Same as `run` but ignoring failure (for cleanup).
+fn run_quiet(program: &str, args: &[&str]) {
+    let _ = Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status();
+}
+
+static BLACKHOLE_USERS: Mutex<usize> = Mutex::new(0);
+
+struct Blackholes;
+
+impl Blackholes {
+    fn acquire() -> Result<Self> {
+        let mut users = BLACKHOLE_USERS.lock().unwrap();
+        if *users == 0 {
+            for range in BLACKHOLED {
+                run_quiet("ip", &["route", "del", "blackhole", range]);
+                run("ip", &["route", "add", "blackhole", range])?;
+            }
+        }
+        *users += 1;
+        Ok(Self)
+    }
+}
+
+impl Drop for Blackholes {
+    fn drop(&mut self) {
+        let mut users = BLACKHOLE_USERS.lock().unwrap();
+        *users -= 1;
+        if *users == 0 {
+            for range in BLACKHOLED {
+                run_quiet("ip", &["route", "del", "blackhole", range]);
+            }
+        }
+    }
+}
+
+static NEXT_NET: AtomicU32 = AtomicU32::new(1);
+
+/// A "remote" host: a network namespace behind a veth pair, with
+/// 198.18.K.2 and 2001:db8:5e:K::2 (the host side ends in ::1/.1).
+pub struct TestNet {
+    pub netns: String,
+    host_if: String,
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+    _blackholes: Blackholes,
+}
+
+impl TestNet {
+    pub fn new() -> Result<Self> {
+        let k = NEXT_NET.fetch_add(1, Ordering::Relaxed);
+        assert!(k < 250, "too many test networks in one run");
+        let blackholes = Blackholes::acquire()?;
+        let netns = format!("se-test-{k}");
+        let host_if = format!("se{k}h");
+        let ns_if = format!("se{k}n");
+        // A crashed earlier run may have left these behind.
+        run_quiet("ip", &["netns", "del", &netns]);
+        run_quiet("ip", &["link", "del", &host_if]);
+        let net = Self {
+            netns: netns.clone(),
+            host_if: host_if.clone(),
+            v4: Ipv4Addr::new(198, 18, k as u8, 2),
+            v6: format!("2001:db8:5e:{k:x}::2").parse()?,
+            _blackholes: blackholes,
+        };
+        run("ip", &["netns", "add", &netns])?;
+        run("ip", &["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if, "netns", &netns])?;
+        run("ip", &["addr", "add", &format!("198.18.{k}.1/24"), "dev", &host_if])?;
+        run("ip", &["-6", "addr", "add", &format!("2001:db8:5e:{k:x}::1/64"), "dev", &host_if, "nodad"])?;
+        run("ip", &["link", "set", &host_if, "up"])?;
+        run("ip", &["-n", &netns, "addr", "add", &format!("198.18.{k}.2/24"), "dev", &ns_if])?;
+        run("ip", &["-n", &netns, "-6", "addr", "add", &format!("2001:db8:5e:{k:x}::2/64"), "dev", &ns_if, "nodad"])?;
+        run("ip", &["-n", &netns, "link", "set", &ns_if, "up"])?;
+        run("ip", &["-n", &netns, "link", "set", "lo", "up"])?;
+        Ok(net)
+    }
+
+    /// Starts the HTTP and exchange servers inside the namespace.
+    pub fn start_servers(&self) -> Result<Servers> {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.netns, PYTHON, "-u"])
+            .arg(support_file("servers.py"))
+            .args(["--http-port", &HTTP_PORT.to_string(), "--exchange-port", &EXCHANGE_PORT.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let events = JsonLines::follow_stdout(child.stdout.take().unwrap());
+        let servers = Servers { child, events };
+        servers.events.wait_for("server ready", |e| e["kind"] == "ready")?;
+        Ok(servers)
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        run_quiet("ip", &["netns", "del", &self.netns]);
+        run_quiet("ip", &["link", "del", &self.host_if]);
+    }
+}
+
+pub struct Servers {
+    child: Child,
+    pub events: JsonLines,
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// JSON lines read from a child's output by a background thread.
+#[derive(Clone, Default)]
+pub struct JsonLines {
+    inner: Arc<(Mutex<Vec<Value>>, Condvar)>,
+    raw: Arc<Mutex<Vec<String>>>,
+}
+
+impl JsonLines {
+    pub fn follow_stdout(stdout: ChildStdout) -> Self {
+        Self::follow(BufReader::new(stdout))
+    }
+
+    pub fn follow_stderr(stderr: ChildStderr) -> Self {
+        Self::follow(BufReader::new(stderr))
+    }
+
+    fn follow<R: BufRead + Send + 'static>(reader: R) -> Self {
+        let lines = Self::default();
+        let sink = lines.clone();
+        thread::spawn(move || {
+            for line in reader.lines() {
+                let Ok(line) = line else { break };
+                sink.raw.lock().unwrap().push(line.clone());
+                if let Ok(value) = serde_json::from_str::<Value>(&line) {
+                    let (events, ready) = &*sink.inner;
+                    events.lock().unwrap().push(value);
+                    ready.notify_all();
+                }
+            }
+        });
+        lines
+    }
+
+    pub fn all(&self) -> Vec<Value> {
+        self.inner.0.lock().unwrap().clone()
+    }
+
+    pub fn matching(&self, predicate: impl Fn(&Value) -> bool) -> Vec<Value> {
+        self.all().into_iter().filter(|v| predicate(v)).collect()
+    }
+
+    /// Waits (bounded) for the first event matching `predicate`.
+    pub fn wait_for(&self, what: &str, predicate: impl Fn(&Value) -> bool) -> Result<Value> {
+        let deadline = Instant::now() + WAIT;
+        let (events, ready) = &*self.inner;
+        let mut guard = events.lock().unwrap();
+        loop {
+            if let Some(found) = guard.iter().find(|v| predicate(v)) {
+                return Ok(found.clone());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!("timed out waiting for {what}; output so far:\n{}", self.raw.lock().unwrap().join("\n"));
+            }
+            guard = ready.wait_timeout(guard, left).unwrap().0;
+        }
+    }
+}
+
+/// A cgroup v2 directory that test processes are started in.
+pub struct Sandbox {
+    pub path: PathBuf,
+    procs: CString,
+}
+
+impl Sandbox {
+    pub fn new(name: &str) -> Result<Self> {
+        let path = Path::new(CGROUP2_ROOT).join(format!("se-test-{}-{name}", std::process::id()));
+        if path.exists() {
+            remove_cgroup(&path);
+        }
+        std::fs::create_dir(&path).with_context(|| format!("create cgroup {}", path.display()))?;
+        let procs = CString::new(path.join("cgroup.procs").into_os_string().into_encoded_bytes())?;
+        Ok(Self { path, procs })
+    }
+
+    pub fn path_str(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+
+    /// A command whose process joins this cgroup before it execs, so the
+    /// program is sandboxed from its first instruction.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new(program);
+        let procs = self.procs.clone();
+        // SAFETY: only async-signal-safe calls (open, write, close) between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let written = libc::write(fd, b"0\n".as_ptr().cast(), 2);
+                libc::close(fd);
+                if written != 2 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        command
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        remove_cgroup(&self.path);
+    }
+}
+
+fn remove_cgroup(path: &Path) {
+    let _ = std::fs::write(path.join("cgroup.kill"), "1");
+    let deadline = Instant::now() + WAIT;
+    while std::fs::remove_dir(path).is_err() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running agent with its JSON log.
+pub struct Agent {
+    child: Child,
+    pub log: JsonLines,
+    pub port: u16,
+    cgroup: String,
+}
+
+impl Agent {
+    pub fn start(sandbox: &Sandbox, extra_args: &[&str]) -> Result<Self> {
+        Self::start_with_env(sandbox, extra_args, &[])
+    }
+
+    pub fn start_with_env(sandbox: &Sandbox, extra_args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+        let mut child = Command::new(agent_bin())
+            .args(["--log-format", "json", "run", "--cgroup", sandbox.path_str(), "--listen-port", "0"])
+            .args(extra_args)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let log = JsonLines::follow_stderr(child.stderr.take().unwrap());
+        let mut agent = Self { child, log, port: 0, cgroup: sandbox.path_str().to_owned() };
+        let ready = agent.log.wait_for("agent ready", |e| e["event"] == "ready")?;
+        agent.port = ready["listen_port"].as_u64().context("ready line without listen_port")? as u16;
+        Ok(agent)
+    }
+
+    /// Connection close lines for `pid`.
+    pub fn connections_of(&self, pid: u32) -> Vec<Value> {
+        self.log.matching(|e| e["event"] == "connection" && e["pid"] == pid)
+    }
+
+    pub fn wait_connection_of(&self, pid: u32) -> Result<Value> {
+        self.log.wait_for(&format!("connection log of pid {pid}"), |e| e["event"] == "connection" && e["pid"] == pid)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait, returning the exit status.
+    pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            ensure!(Instant::now() < deadline, "agent did not stop after SIGTERM");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+        detach(&self.cgroup);
+    }
+}
+
+pub fn detach(cgroup: &str) {
+    run_quiet(agent_bin().to_str().unwrap(), &["detach", "--cgroup", cgroup]);
+}
+
+/// Formats a URL host.
+pub fn url_host(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    }
+}
+
+/// Runs curl in `sandbox` (or outside it with `None`), returning (pid, output).
+pub fn curl(sandbox: Option<&Sandbox>, url: &str) -> Result<(u32, Output)> {
+    let mut command = match sandbox {
+        Some(sandbox) => sandbox.command("curl"),
+        None => Command::new("curl"),
+    };
+    command.args(["-sS", "--noproxy", "*", "-m", "10", "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{size_request} %{size_header}", url]);
+    spawn_and_wait(command)
+}
+
+/// Runs the raw exchange client; returns (pid, output).
+pub fn exchange(sandbox: Option<&Sandbox>, family: &str, host: &str, send: u64, recv: u64) -> Result<(u32, Output)> {
+    let mut command = match sandbox {
+        Some(sandbox) => sandbox.command(PYTHON),
+        None => Command::new(PYTHON),
+    };
+    command.arg(support_file("exchange_client.py")).args([
+        family,
+        host,
+        &EXCHANGE_PORT.to_string(),
+        &send.to_string(),
+        &recv.to_string(),
+    ]);
+    spawn_and_wait(command)
+}
+
+fn spawn_and_wait(mut command: Command) -> Result<(u32, Output)> {
+    let child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let pid = child.id();
+    Ok((pid, child.wait_with_output()?))
+}
