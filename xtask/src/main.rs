@@ -1,1 +1,118 @@
-fn main(){}
+//! Project tasks: `cargo xtask <setup|build|run|demo|test>`.
+
+mod demo;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the toolchain and test tools (idempotent; quick when done).
+    Setup,
+    /// Build the agent (with its embedded eBPF object).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build and run the agent with the given arguments (as root).
+    Run {
+        #[arg(long)]
+        release: bool,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then show the agent on a demo sandbox with a "remote" server.
+    Demo,
+    /// Set up, then run every test: unit tests and end-to-end tests on the real kernel (as root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let outcome = match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::Build { release } => build_agent(release).map(drop),
+        Task::Run { release, args } => run_agent(release, &args),
+        Task::Demo => demo::run(),
+        Task::Test { args } => test(&args),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub fn cargo() -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(workspace_root());
+    command
+}
+
+pub fn status(command: &mut Command) -> Result<()> {
+    let status = command.status().with_context(|| format!("spawn {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Builds the agent and returns the binary's path.
+pub fn build_agent(release: bool) -> Result<PathBuf> {
+    setup::check()?;
+    let mut build = cargo();
+    build.args(["build", "--package", "agent"]);
+    if release {
+        build.arg("--release");
+    }
+    status(&mut build)?;
+    let profile = if release { "release" } else { "debug" };
+    Ok(workspace_root().join("target").join(profile).join("sandbox-egress"))
+}
+
+fn run_agent(release: bool, args: &[String]) -> Result<()> {
+    let agent = build_agent(release)?;
+    status(Command::new(agent).args(args))
+}
+
+pub fn require_root(task: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("`cargo xtask {task}` attaches eBPF programs to cgroups and must run as root");
+    }
+    Ok(())
+}
+
+fn test(args: &[String]) -> Result<()> {
+    require_root("test")?;
+    setup::run()?;
+    let agent = build_agent(false)?;
+    status(
+        cargo()
+            .args(["test", "--workspace"])
+            .args(args)
+            .env("SANDBOX_EGRESS_BIN", agent),
+    )
+}

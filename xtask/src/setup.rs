@@ -1,0 +1,64 @@
+//! Installs what building and testing need, idempotently: Debian packages
+//! and bpf-linker. The eBPF recipe itself lives in agent/build.rs.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{bail, Result};
+
+use crate::status;
+
+/// rustc-web/cargo-web/rust-web-src: a compiler whose library source matches
+/// exactly, so `core` can be built for bpfel-unknown-none. llvm-22-dev: what
+/// bpf-linker links against. The rest: what the tests and the demo run.
+const PACKAGES: [&str; 8] =
+    ["rustc-web", "cargo-web", "rust-web-src", "llvm-22-dev", "curl", "iproute2", "python3", "util-linux"];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
+
+pub fn run() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES.into_iter().filter(|package| !package_installed(package)).collect();
+    if !missing.is_empty() {
+        eprintln!("xtask setup: installing {}", missing.join(" "));
+        status(Command::new("apt-get").args(["update", "-q"]))?;
+        status(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    if bpf_linker_version().as_deref() != Some(BPF_LINKER_VERSION) {
+        eprintln!("xtask setup: installing bpf-linker {BPF_LINKER_VERSION} (LLVM 22)");
+        let path = format!("{LLVM_BIN}:{}", std::env::var("PATH").unwrap_or_default());
+        status(
+            Command::new("cargo")
+                .args(["install", "bpf-linker", "--locked", "--force", "--version", BPF_LINKER_VERSION])
+                .args(["--no-default-features", "--features", "llvm-22"])
+                .env("PATH", path),
+        )?;
+    }
+    check()
+}
+
+/// Fails with the fix when something the build needs is missing.
+pub fn check() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES[..4].iter().copied().filter(|package| !package_installed(package)).collect();
+    if !missing.is_empty() {
+        bail!("missing Debian packages {}: run `cargo xtask setup` (as root)", missing.join(" "));
+    }
+    if bpf_linker_version().is_none() {
+        bail!("bpf-linker not found on PATH: run `cargo xtask setup`");
+    }
+    if !Path::new("/usr/lib/rustlib/src/rust/library/core").exists() {
+        bail!("/usr/lib/rustlib/src/rust (from rust-web-src) has no library/core: reinstall rust-web-src");
+    }
+    Ok(())
+}
+
+fn package_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|output| output.stdout.ends_with(b"install ok installed"))
+}
+
+fn bpf_linker_version() -> Option<String> {
+    let output = Command::new("bpf-linker").arg("--version").output().ok()?;
+    let text = String::from_utf8(output.stdout).ok()?;
+    text.split_whitespace().nth(1).map(str::to_owned)
+}
