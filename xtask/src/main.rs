@@ -4,8 +4,9 @@ mod demo;
 mod setup;
 
 use std::{
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Command, ExitCode},
+    process::{Command, ExitCode, Stdio},
 };
 
 use anyhow::{bail, Context, Result};
@@ -109,10 +110,36 @@ fn test(args: &[String]) -> Result<()> {
     require_root("test")?;
     setup::run()?;
     let agent = build_agent(false)?;
-    status(
-        cargo()
-            .args(["test", "--workspace", "--exclude", "agent-ebpf"])
-            .args(args)
-            .env("SANDBOX_EGRESS_BIN", agent),
-    )
+    let mut child = cargo()
+        .args(["test", "--workspace", "--exclude", "agent-ebpf"])
+        .args(args)
+        .env("SANDBOX_EGRESS_BIN", agent)
+        .stdout(Stdio::piped())
+        .spawn()?;
+    // cargo prints one "test result" line per test binary, the last often a
+    // doc-test run with 0 tests: add them up into one closing line.
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            passed += count_before(result, "passed");
+            failed += count_before(result, "failed");
+        }
+    }
+    let exit = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !exit.success() {
+        bail!("cargo test failed: {exit}");
+    }
+    Ok(())
+}
+
+/// In "ok. 11 passed; 0 failed; ...", the number before `label`.
+fn count_before(result: &str, label: &str) -> u64 {
+    result
+        .split(';')
+        .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(label))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
