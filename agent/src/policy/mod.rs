@@ -1,1 +1,408 @@
 //! Egress policy: OpenShell-schema YAML evaluated by Rego (regorus).
+//!
+//! # Policy file
+//!
+//! The network part of OpenShell's sandbox policy schema, so OpenShell policy
+//! files load unchanged:
+//!
+//! ```yaml
+//! version: 1
+//! network_policies:
+//!   github:                         # the name decisions refer to
+//!     name: GitHub                  # optional display name
+//!     endpoints:
+//!       - host: api.github.com
+//!         port: 443
+//!       - host: "*.githubusercontent.com"
+//!         ports: [443, 80]
+//!         enforcement: audit        # enforce (default) | audit
+//!         tls: skip
+//!       - allowed_ips: [10.0.0.0/8] # no host: reached by address
+//!         port: 5432
+//!     binaries:                     # leave out to allow any binary
+//!       - path: /usr/bin/git
+//!       - path: /usr/lib/git-core/*
+//! ```
+//!
+//! `filesystem_policy`, `landlock`, `process` and `network_middlewares` are
+//! accepted and ignored, with one warning each. A key the schema does not
+//! have is an error that names it and where it is. Endpoint fields that need
+//! L7 inspection (`path`, `access`, `rules`, `deny_rules`, a `protocol` other
+//! than `tcp`/`http`, the credential and GraphQL/MCP/JSON-RPC options) are
+//! parsed and reported as not yet enforced: one warning per field per policy
+//! at load, listed by [`Policy::summary`] and in [`Endpoint::not_enforced`].
+//! Such endpoints are decided on host, port and binary alone.
+//!
+//! # Matching
+//!
+//! A connection is allowed when a policy has an endpoint matching its
+//! destination and a binary entry matching its process.
+//!
+//! An endpoint matches when the destination port is `port` or one of `ports`,
+//! and its host matches:
+//! - a DNS name equals the request's host; both are compared lower-cased and
+//!   without a trailing dot;
+//! - an IP literal equals the destination address (IPv4-mapped IPv6
+//!   addresses compare as IPv4; a request host that is an IP literal serves
+//!   as the address when there is none);
+//! - a wildcard may only take the first label: `*.example.com` matches
+//!   exactly one label (`a.example.com`, not `example.com` nor
+//!   `a.b.example.com`), `api-*.example.com` one label with that text around
+//!   the `*`, `**.example.com` one or more labels. `*`, `**` and wildcards over
+//!   a top-level domain (`*.com`) are rejected at load;
+//! - an endpoint without host matches a destination address inside one of its
+//!   `allowed_ips`.
+//!
+//! A request without host (opaque TCP) can therefore only match IP-literal and
+//! hostless endpoints. On an endpoint with a host, `allowed_ips` takes no part
+//! in matching: it comes back in [`Decision::endpoint`] for the caller (in
+//! OpenShell it lists the private addresses the host may resolve to).
+//!
+//! A policy without `binaries` allows any binary. With `binaries`, the
+//! connecting executable or one of its ancestors' executables must match an
+//! entry: an exact path, or a glob if it contains `*`, where `*` stays within
+//! one path segment and `**` spans any number of them (`/usr/bin/*` matches
+//! `/usr/bin/curl`, not `/usr/bin/x/y`; `/opt/**` matches any path below
+//! `/opt`). The decision names the entry and the path it matched, preferring
+//! the executable itself, then the nearest ancestor. An empty list allows no
+//! binary.
+//!
+//! # Decision
+//!
+//! First match wins, in this order, ties going to the smallest policy name,
+//! then the first endpoint:
+//! 1. an endpoint and binary match: allow;
+//! 2. an endpoint with `enforcement: audit` matches but no binary does:
+//!    allow with `audit`, and the reason that would have denied;
+//! 3. an endpoint matches but no binary does: deny with one
+//!    `binary '/usr/bin/python3' not allowed in policy 'github'` per policy,
+//!    joined by `; ` (`'(unknown)'` when the executable is not known);
+//! 4. deny with `endpoint api.github.com:443 is not allowed by any policy`
+//!    (the address, bracketed if IPv6, when there is no host).
+//!
+//! A request whose host is not a valid DNS name is denied without
+//! evaluation. [`Policy::evaluate`] fails only for a request with neither
+//! host nor address, or if the engine fails; callers should deny then.
+//!
+//! # Evaluation
+//!
+//! policies/egress.rego decides, in process, with regorus. The Rust side
+//! validates the YAML and normalises it into the Rego data document (see the
+//! comment at the top of egress.rego), and normalises each request into its
+//! input. The policy is compiled once; [`regorus::CompiledPolicy::eval_with_input`]
+//! takes `&self` and builds a short-lived interpreter over the shared,
+//! immutable compiled policy, so evaluations run concurrently without locks.
+//! The data document files endpoints under lookup keys, so the cost of an
+//! evaluation does not grow with the number of endpoints.
+//! Binary globs are compiled once at load and reach Rego as the
+//! `sandbox_egress.path_glob` extension, since regorus's `glob.match` would
+//! recompile its pattern on every call.
+
+pub mod cli;
+mod normalize;
+mod schema;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt::Write as _,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::{bail, Context, Result};
+use globset::GlobMatcher;
+use ipnet::IpNet;
+use regorus::{CompiledPolicy, Value};
+use serde::{Deserialize, Serialize};
+
+use normalize::{canonical_host, validate_dns_name, NetworkPolicy};
+
+const EGRESS_REGO: &str = include_str!("../../../policies/egress.rego");
+const DECISION_RULE: &str = "data.sandbox_egress.decision";
+const PATH_GLOB_EXTENSION: &str = "sandbox_egress.path_glob";
+
+/// One connection to decide on.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// From SNI or the HTTP Host header; `None` (or empty) for opaque TCP. An
+    /// IP literal here stands in for `ip` when that is `None`, and is
+    /// otherwise ignored.
+    pub host: Option<&'a str>,
+    pub ip: Option<IpAddr>,
+    pub port: u16,
+    /// Executable of the connecting process.
+    pub binary: Option<&'a Path>,
+    /// Executables of its ancestors, nearest first.
+    pub ancestors: &'a [PathBuf],
+    pub uid: u32,
+    pub cgroup_id: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    pub allow: bool,
+    /// Allowed only because the endpoint is in audit mode; `reason` says what
+    /// would have denied.
+    pub audit: bool,
+    /// The policy that allowed the connection.
+    pub policy: Option<String>,
+    /// Why it was denied, or would have been under audit.
+    pub reason: Option<String>,
+    /// The endpoint that allowed the connection.
+    pub endpoint: Option<Endpoint>,
+    /// The `binaries` entry that matched, as written.
+    pub matched_binary: Option<String>,
+    /// The executable, or ancestor's executable, that entry matched.
+    pub matched_exe: Option<String>,
+}
+
+impl Decision {
+    fn deny(reason: String) -> Decision {
+        Decision {
+            allow: false,
+            audit: false,
+            policy: None,
+            reason: Some(reason),
+            endpoint: None,
+            matched_binary: None,
+            matched_exe: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    /// Lower-cased, as written otherwise (a name, wildcard or IP literal);
+    /// `None` for an endpoint reached by address through `allowed_ips`.
+    pub host: Option<String>,
+    /// Sorted, without duplicates.
+    pub ports: Vec<u16>,
+    pub allowed_ips: Vec<IpNet>,
+    /// `tls: skip`: do not look for a TLS ClientHello.
+    pub tls_skip: bool,
+    pub enforcement: Enforcement,
+    pub protocol: Option<String>,
+    /// Fields of this endpoint that need L7 inspection, which is not done yet.
+    pub not_enforced: Vec<&'static str>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Enforcement {
+    #[default]
+    Enforce,
+    Audit,
+}
+
+/// A loaded policy file, ready to evaluate requests. Immutable: share it
+/// behind an `Arc` and replace it whole to reload.
+pub struct Policy {
+    compiled: CompiledPolicy,
+    policies: BTreeMap<String, NetworkPolicy>,
+    warnings: Vec<String>,
+}
+
+impl Policy {
+    /// Errors name the file and the offending key or value.
+    pub fn from_file(path: &Path) -> Result<Policy> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read policy file {}", path.display()))?;
+        Policy::from_yaml(&text).with_context(|| format!("policy file {}", path.display()))
+    }
+
+    /// Logs a warning for each ignored section and each field not yet
+    /// enforced.
+    pub fn from_yaml(text: &str) -> Result<Policy> {
+        let file: schema::PolicyFile = serde_norway::from_str(text)?;
+        let normalized = normalize::normalize(file)?;
+        for warning in &normalized.warnings {
+            tracing::warn!("{warning}");
+        }
+        let compiled = compile(normalized.data, normalized.globs)?;
+        Ok(Policy { compiled, policies: normalized.policies, warnings: normalized.warnings })
+    }
+
+    pub fn evaluate(&self, request: &Request) -> Result<Decision> {
+        let (host, ip) = destination(request);
+        if let Some(name) = &host {
+            if validate_dns_name(name).is_err() {
+                return Ok(Decision::deny(format!("host '{name}' is not a valid DNS name")));
+            }
+        }
+        if host.is_none() && ip.is_none() {
+            bail!("a request needs a host or an address");
+        }
+        let output = self.compiled.eval_with_input(input_document(request, host.as_deref(), ip)?)?;
+        self.decision_from(&output).with_context(|| format!("unexpected decision from egress.rego: {output}"))
+    }
+
+    /// What `policy check` prints: each policy with its endpoints and
+    /// binaries, then the load warnings.
+    pub fn summary(&self) -> String {
+        let endpoint_count: usize = self.policies.values().map(|policy| policy.endpoints.len()).sum();
+        let mut out = format!(
+            "{} network {}, {} {}\n",
+            self.policies.len(),
+            plural(self.policies.len(), "policy", "policies"),
+            endpoint_count,
+            plural(endpoint_count, "endpoint", "endpoints"),
+        );
+        for (name, policy) in &self.policies {
+            match &policy.display_name {
+                Some(display_name) if display_name != name => {
+                    let _ = writeln!(out, "policy '{name}' ({display_name})");
+                }
+                _ => {
+                    let _ = writeln!(out, "policy '{name}'");
+                }
+            }
+            for endpoint in &policy.endpoints {
+                let _ = writeln!(out, "  endpoint {}", describe_endpoint(endpoint));
+            }
+            let binaries = match &policy.binaries {
+                None => "any".to_owned(),
+                Some(binaries) if binaries.is_empty() => "none".to_owned(),
+                Some(binaries) => binaries.join(", "),
+            };
+            let _ = writeln!(out, "  binaries: {binaries}");
+        }
+        if !self.warnings.is_empty() {
+            out.push_str("warnings:\n");
+            for warning in &self.warnings {
+                let _ = writeln!(out, "  {warning}");
+            }
+        }
+        out
+    }
+
+    fn decision_from(&self, output: &Value) -> Result<Decision> {
+        let text = |key: &str| match &output[key] {
+            Value::String(text) => Some(text.to_string()),
+            _ => None,
+        };
+        let policy = text("policy");
+        let endpoint = match (&policy, &output["endpoint"]) {
+            (Some(name), position @ Value::Number(_)) => {
+                let position = usize::try_from(position.as_u64()?)?;
+                let endpoint = self
+                    .policies
+                    .get(name)
+                    .and_then(|policy| policy.endpoints.get(position))
+                    .with_context(|| format!("no endpoint {position} in policy '{name}'"))?;
+                Some(endpoint.clone())
+            }
+            _ => None,
+        };
+        Ok(Decision {
+            allow: *output["allow"].as_bool()?,
+            audit: *output["audit"].as_bool()?,
+            policy,
+            reason: text("reason"),
+            endpoint,
+            matched_binary: text("binary"),
+            matched_exe: text("exe"),
+        })
+    }
+}
+
+fn compile(data: serde_json::Value, globs: HashMap<String, GlobMatcher>) -> Result<CompiledPolicy> {
+    let mut engine = regorus::Engine::new();
+    engine.add_policy("policies/egress.rego".to_owned(), EGRESS_REGO.to_owned())?;
+    engine.add_data(Value::from(data))?;
+    let globs = Arc::new(globs);
+    engine.add_extension(
+        PATH_GLOB_EXTENSION.to_owned(),
+        2,
+        Box::new(move |args: Vec<Value>| path_glob(&globs, &args)),
+    )?;
+    engine.compile_with_entrypoint(&Arc::from(DECISION_RULE))
+}
+
+/// `sandbox_egress.path_glob(pattern, path)`: whether `path` matches one of
+/// the policy's binary globs.
+fn path_glob(globs: &HashMap<String, GlobMatcher>, args: &[Value]) -> Result<Value> {
+    let [pattern, path] = args else { bail!("{PATH_GLOB_EXTENSION} takes a pattern and a path") };
+    let pattern = pattern.as_string()?;
+    let glob = globs
+        .get(pattern.as_ref())
+        .with_context(|| format!("{PATH_GLOB_EXTENSION}: '{pattern}' is not a binary glob of this policy"))?;
+    Ok(Value::from(glob.is_match(path.as_string()?.as_ref())))
+}
+
+/// The request's host in canonical form, unless it is an IP literal: that
+/// stands in for a missing address instead.
+fn destination(request: &Request) -> (Option<String>, Option<IpAddr>) {
+    let host = request.host.map(canonical_host).filter(|host| !host.is_empty());
+    match host.as_deref().map(str::parse::<IpAddr>) {
+        Some(Ok(literal)) => (None, request.ip.or(Some(literal))),
+        _ => (host, request.ip),
+    }
+}
+
+/// The Rego input (see the top of egress.rego).
+fn input_document(request: &Request, host: Option<&str>, ip: Option<IpAddr>) -> Result<Value> {
+    let mut input = Value::new_object();
+    let fields = input.as_object_mut()?;
+    // ".b.example.com", ".example.com", ".com" for "a.b.example.com".
+    let domains: Vec<Value> =
+        host.into_iter().flat_map(|host| host.match_indices('.').map(|(at, _)| Value::from(&host[at..]))).collect();
+    fields.insert("host_domains".into(), Value::from(domains));
+    if let Some(host) = host {
+        fields.insert("host".into(), Value::from(host));
+    }
+    if let Some(ip) = ip {
+        fields.insert("ip".into(), Value::from(ip.to_canonical().to_string()));
+    }
+    fields.insert("port".into(), Value::from(u64::from(request.port)));
+    if let Some(binary) = request.binary {
+        fields.insert("binary".into(), Value::from(binary.to_string_lossy().as_ref()));
+    }
+    let exe_paths: Vec<Value> = request
+        .binary
+        .into_iter()
+        .chain(request.ancestors.iter().map(PathBuf::as_path))
+        .map(|path| Value::from(path.to_string_lossy().as_ref()))
+        .collect();
+    fields.insert("exe_paths".into(), Value::from(exe_paths));
+    fields.insert("uid".into(), Value::from(u64::from(request.uid)));
+    fields.insert("cgroup_id".into(), Value::from(request.cgroup_id));
+    Ok(input)
+}
+
+fn describe_endpoint(endpoint: &Endpoint) -> String {
+    let ports: Vec<String> = endpoint.ports.iter().map(u16::to_string).collect();
+    let host = match &endpoint.host {
+        Some(host) if host.contains(':') => format!("[{host}]"),
+        Some(host) => host.clone(),
+        None => "(any host)".to_owned(),
+    };
+    let mut description = format!("{host}:{}", ports.join(","));
+    let nets: Vec<String> = endpoint.allowed_ips.iter().map(IpNet::to_string).collect();
+    if !nets.is_empty() {
+        let _ = write!(description, " allowed_ips {}", nets.join(","));
+    }
+    if let Some(protocol) = &endpoint.protocol {
+        let _ = write!(description, " protocol {protocol}");
+    }
+    if endpoint.enforcement == Enforcement::Audit {
+        description.push_str(" audit");
+    }
+    if endpoint.tls_skip {
+        description.push_str(" tls skip");
+    }
+    if !endpoint.not_enforced.is_empty() {
+        let _ = write!(description, " (not yet enforced: {})", endpoint.not_enforced.join(", "));
+    }
+    description
+}
+
+fn plural<'a>(count: usize, one: &'a str, many: &'a str) -> &'a str {
+    if count == 1 {
+        one
+    } else {
+        many
+    }
+}

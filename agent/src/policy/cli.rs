@@ -1,0 +1,86 @@
+//! `sandbox-egress policy ...`: policy files checked and tried out offline.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Result;
+
+use super::{Decision, Policy, Request};
+
+#[derive(clap::Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a policy file
+    Check { file: PathBuf },
+    /// Evaluate one connection against a policy file, offline
+    ///
+    /// Prints the decision as JSON, then one readable line. The exit status
+    /// is 0 whenever the evaluation ran, allowed or denied.
+    Eval {
+        file: PathBuf,
+        /// Destination host name (SNI or HTTP Host).
+        #[arg(long, required_unless_present = "ip")]
+        host: Option<String>,
+        #[arg(long)]
+        port: u16,
+        /// Executable of the connecting process.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// Executable of an ancestor process, nearest first (repeatable).
+        #[arg(long = "ancestor", value_name = "PATH")]
+        ancestors: Vec<PathBuf>,
+        /// Destination address.
+        #[arg(long)]
+        ip: Option<IpAddr>,
+    },
+}
+
+/// Prints the summary or the decision on stdout; load warnings go to the log.
+pub fn run(command: PolicyCommand) -> Result<()> {
+    match command {
+        PolicyCommand::Check { file } => {
+            let policy = Policy::from_file(&file)?;
+            print!("{}: ok\n{}", file.display(), policy.summary());
+        }
+        PolicyCommand::Eval { file, host, port, binary, ancestors, ip } => {
+            let policy = Policy::from_file(&file)?;
+            let request = Request {
+                host: host.as_deref(),
+                ip,
+                port,
+                binary: binary.as_deref(),
+                ancestors: &ancestors,
+                uid: 0,
+                cgroup_id: 0,
+            };
+            let decision = policy.evaluate(&request)?;
+            println!("{}", serde_json::to_string_pretty(&decision)?);
+            println!("{}", describe(&decision, &request));
+        }
+    }
+    Ok(())
+}
+
+fn describe(decision: &Decision, request: &Request) -> String {
+    let destination = match (request.host, request.ip) {
+        (Some(host), _) => format!("{host}:{}", request.port),
+        (None, Some(IpAddr::V6(ip))) => format!("[{ip}]:{}", request.port),
+        (None, Some(ip)) => format!("{ip}:{}", request.port),
+        (None, None) => format!("?:{}", request.port),
+    };
+    let process = request.binary.map_or_else(|| "(unknown)".into(), Path::to_string_lossy);
+    let policy = decision.policy.as_deref().unwrap_or_default();
+    let reason = decision.reason.as_deref().unwrap_or_default();
+    match (decision.allow, decision.audit) {
+        (true, false) => {
+            let via = match (&decision.matched_binary, &decision.matched_exe) {
+                (Some(entry), Some(exe)) => format!(", binary entry '{entry}' matched {exe}"),
+                _ => ", any binary".to_owned(),
+            };
+            format!("allow: {process} -> {destination} by policy '{policy}'{via}")
+        }
+        (true, true) => format!("allow (audit): {process} -> {destination} by policy '{policy}'; would deny: {reason}"),
+        (false, _) => format!("deny: {process} -> {destination}: {reason}"),
+    }
+}

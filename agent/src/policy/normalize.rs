@@ -1,0 +1,336 @@
+//! From the file as written to what the agent enforces: validates every
+//! value, collects the load warnings, and builds the data document that
+//! policies/egress.rego matches against (see the comment at its top).
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+};
+
+use anyhow::{bail, Context, Result};
+use globset::{GlobBuilder, GlobMatcher};
+use ipnet::IpNet;
+use serde_json::{json, Map, Value as Json};
+
+use super::{
+    schema::{EndpointDef, NetworkPolicyDef, PolicyFile, TlsMode},
+    Endpoint, Enforcement,
+};
+
+/// Longest DNS name in text form without the trailing dot (RFC 1035 §3.1).
+const MAX_DNS_NAME_LEN: usize = 253;
+const MAX_LABEL_LEN: usize = 63;
+
+pub(super) struct NetworkPolicy {
+    pub display_name: Option<String>,
+    pub endpoints: Vec<Endpoint>,
+    /// `None`: any binary.
+    pub binaries: Option<Vec<String>>,
+}
+
+/// Everything `Policy` keeps from a file.
+pub(super) struct Normalized {
+    pub policies: BTreeMap<String, NetworkPolicy>,
+    pub warnings: Vec<String>,
+    /// The Rego data document.
+    pub data: Json,
+    /// Binary globs by pattern, compiled once for `sandbox_egress.path_glob`.
+    pub globs: HashMap<String, GlobMatcher>,
+}
+
+pub(super) fn normalize(file: PolicyFile) -> Result<Normalized> {
+    if file.version != 1 {
+        bail!("version: unsupported policy version {} (expected 1)", file.version);
+    }
+    let mut warnings: Vec<String> = file
+        .ignored_sections()
+        .into_iter()
+        .map(|section| format!("section `{section}` is not enforced by sandbox-egress and is ignored"))
+        .collect();
+    let mut policies = BTreeMap::new();
+    let mut globs = HashMap::new();
+    let mut index = RegoIndex::default();
+    for (name, definition) in file.network_policies {
+        let context = format!("network_policies.{name}");
+        let (policy, patterns) = normalize_policy(&name, definition, &context, &mut warnings)?;
+        let binaries =
+            binaries_document(policy.binaries.as_deref(), &mut globs).with_context(|| format!("{context}.binaries"))?;
+        for (position, (endpoint, pattern)) in policy.endpoints.iter().zip(&patterns).enumerate() {
+            index.add(&name, position, endpoint, pattern, &binaries);
+        }
+        policies.insert(name, policy);
+    }
+    Ok(Normalized { policies, warnings, data: index.into_document(), globs })
+}
+
+fn normalize_policy(
+    name: &str,
+    definition: NetworkPolicyDef,
+    context: &str,
+    warnings: &mut Vec<String>,
+) -> Result<(NetworkPolicy, Vec<HostPattern>)> {
+    // field -> endpoint positions, so each field is reported once per policy.
+    let mut not_enforced: BTreeMap<&'static str, Vec<usize>> = BTreeMap::new();
+    let mut deprecated_tls: BTreeSet<&'static str> = BTreeSet::new();
+    let mut endpoints = Vec::with_capacity(definition.endpoints.len());
+    let mut patterns = Vec::with_capacity(definition.endpoints.len());
+    for (position, endpoint) in definition.endpoints.into_iter().enumerate() {
+        let endpoint_context = format!("{context}.endpoints[{position}]");
+        deprecated_tls.extend(match endpoint.tls {
+            Some(TlsMode::Terminate) => Some("terminate"),
+            Some(TlsMode::Passthrough) => Some("passthrough"),
+            Some(TlsMode::Skip) | None => None,
+        });
+        let (endpoint, pattern) = normalize_endpoint(endpoint, &endpoint_context)?;
+        for &field in &endpoint.not_enforced {
+            not_enforced.entry(field).or_default().push(position);
+        }
+        endpoints.push(endpoint);
+        patterns.push(pattern);
+    }
+    for (field, positions) in not_enforced {
+        let endpoints = match positions.as_slice() {
+            [position] => format!("endpoint {position}"),
+            _ => format!("endpoints {}", positions.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")),
+        };
+        warnings.push(format!(
+            "policy '{name}': `{field}` is not yet enforced ({endpoints}), \
+             which is decided on host, port and binary only"
+        ));
+    }
+    for value in deprecated_tls {
+        warnings.push(format!("policy '{name}': `tls: {value}` is deprecated and has no effect"));
+    }
+    let binaries = match definition.binaries {
+        None => None,
+        Some(binaries) => {
+            if binaries.is_empty() {
+                warnings.push(format!(
+                    "policy '{name}': `binaries` is empty, so no binary may use its endpoints \
+                     (leave `binaries` out to allow any binary)"
+                ));
+            }
+            if binaries.iter().any(|binary| binary.harness.is_some()) {
+                warnings.push(format!("policy '{name}': binary field `harness` is deprecated and ignored"));
+            }
+            Some(binaries.into_iter().map(|binary| binary.path).collect())
+        }
+    };
+    Ok((NetworkPolicy { display_name: definition.name, endpoints, binaries }, patterns))
+}
+
+fn normalize_endpoint(definition: EndpointDef, context: &str) -> Result<(Endpoint, HostPattern)> {
+    let not_enforced = definition.not_enforced_fields();
+    // OpenShell writes a hostless endpoint as an empty host.
+    let host = definition.host.map(|host| canonical_host(&host)).filter(|host| !host.is_empty());
+    let pattern = HostPattern::parse(host.as_deref()).with_context(|| format!("{context}.host"))?;
+    let ports = match (definition.port, definition.ports) {
+        (Some(_), Some(_)) => bail!("{context}: set either `port` or `ports`, not both"),
+        (None, None) => bail!("{context}: `port` or `ports` is required"),
+        (Some(port), None) => vec![port],
+        (None, Some(ports)) if ports.is_empty() => bail!("{context}.ports: must not be empty"),
+        (None, Some(ports)) => ports,
+    };
+    if ports.contains(&0) {
+        bail!("{context}: port 0 is not a valid destination port");
+    }
+    let ports: Vec<u16> = ports.into_iter().collect::<BTreeSet<_>>().into_iter().collect();
+    let allowed_ips = definition
+        .allowed_ips
+        .iter()
+        .enumerate()
+        .map(|(position, text)| parse_allowed_ip(text).with_context(|| format!("{context}.allowed_ips[{position}]")))
+        .collect::<Result<Vec<_>>>()?;
+    if host.is_none() && allowed_ips.is_empty() {
+        bail!("{context}: an endpoint needs a `host`, or `allowed_ips` to be reached by address");
+    }
+    let endpoint = Endpoint {
+        host,
+        ports,
+        allowed_ips,
+        tls_skip: definition.tls == Some(TlsMode::Skip),
+        enforcement: definition.enforcement.unwrap_or_default(),
+        protocol: definition.protocol.map(|protocol| protocol.name().to_owned()),
+        not_enforced,
+    };
+    Ok((endpoint, pattern))
+}
+
+/// Lower-cased, without the root's trailing dot: the form both the policy
+/// and the request are compared in.
+pub(super) fn canonical_host(host: &str) -> String {
+    host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
+}
+
+/// A CIDR, or a single address. Host bits are cleared (`10.1.2.3/8` is
+/// `10.0.0.0/8`) so that the policy shows what it matches.
+fn parse_allowed_ip(text: &str) -> Result<IpNet> {
+    match text.parse::<IpNet>() {
+        Ok(net) => Ok(net.trunc()),
+        Err(_) => text
+            .parse::<IpAddr>()
+            .map(IpNet::from)
+            .map_err(|_| anyhow::anyhow!("'{text}' is not an IP address or CIDR")),
+    }
+}
+
+/// An endpoint's `host`, classified for matching.
+enum HostPattern {
+    Exact(String),
+    Ip(IpAddr),
+    /// `[prefix]*[suffix].rest` (one label) or `**.rest` (one or more labels);
+    /// `domain` is `.rest`.
+    Wildcard {
+        domain: String,
+        multi_label: bool,
+        label_prefix: String,
+        label_suffix: String,
+    },
+    /// No host: reached by destination address, through `allowed_ips`.
+    Addresses,
+}
+
+impl HostPattern {
+    /// `host` is already canonical (see [`canonical_host`]).
+    fn parse(host: Option<&str>) -> Result<HostPattern> {
+        let Some(host) = host else { return Ok(HostPattern::Addresses) };
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(HostPattern::Ip(ip));
+        }
+        if !host.contains('*') {
+            validate_dns_name(host)?;
+            return Ok(HostPattern::Exact(host.to_owned()));
+        }
+        if host == "*" || host == "**" {
+            bail!("'{host}' would match every host: list the hosts, or leave `host` out and use `allowed_ips`");
+        }
+        let (first, rest) = host.split_once('.').unwrap_or((host, ""));
+        if rest.contains('*') {
+            bail!("'{host}': a wildcard is only allowed in the first label");
+        }
+        if !rest.contains('.') {
+            bail!("'{host}': a wildcard directly over a top-level domain is not allowed");
+        }
+        validate_dns_name(rest).with_context(|| format!("'{host}'"))?;
+        let domain = format!(".{rest}");
+        if first == "**" {
+            return Ok(HostPattern::Wildcard {
+                domain,
+                multi_label: true,
+                label_prefix: String::new(),
+                label_suffix: String::new(),
+            });
+        }
+        let (label_prefix, label_suffix) = first.split_once('*').unwrap_or((first, ""));
+        if label_suffix.contains('*') {
+            bail!("'{host}': the first label may hold a single `*`, or be exactly `**`");
+        }
+        for part in [label_prefix, label_suffix] {
+            if !part.chars().all(is_label_char) {
+                bail!("'{host}': '{part}' is not valid in a DNS label");
+            }
+        }
+        Ok(HostPattern::Wildcard {
+            domain,
+            multi_label: false,
+            label_prefix: label_prefix.to_owned(),
+            label_suffix: label_suffix.to_owned(),
+        })
+    }
+}
+
+fn is_label_char(c: char) -> bool {
+    c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_'
+}
+
+/// Letters, digits, `-` and `_` in labels of 1 to 63 characters. `name` is
+/// lower-cased already.
+pub(super) fn validate_dns_name(name: &str) -> Result<()> {
+    if name.len() > MAX_DNS_NAME_LEN {
+        bail!("'{name}' is longer than {MAX_DNS_NAME_LEN} characters");
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > MAX_LABEL_LEN || !label.chars().all(is_label_char) {
+            bail!("'{name}' is not a valid DNS name");
+        }
+    }
+    Ok(())
+}
+
+/// How egress.rego sees a policy's `binaries`: exact paths by path (to their
+/// position in the list), globs as a list.
+fn binaries_document(binaries: Option<&[String]>, globs: &mut HashMap<String, GlobMatcher>) -> Result<Json> {
+    let Some(binaries) = binaries else { return Ok(json!({ "any": true })) };
+    let mut exact = Map::new();
+    let mut patterns = Vec::new();
+    for (position, path) in binaries.iter().enumerate() {
+        if !path.starts_with('/') {
+            bail!("'{path}' is not an absolute path");
+        }
+        if path.contains('*') {
+            if !globs.contains_key(path) {
+                // Separators are literal: `*` stays within one path segment.
+                let glob = GlobBuilder::new(path)
+                    .literal_separator(true)
+                    .build()
+                    .with_context(|| format!("'{path}' is not a valid glob"))?;
+                globs.insert(path.clone(), glob.compile_matcher());
+            }
+            patterns.push(json!({ "index": position, "path": path }));
+        } else {
+            exact.entry(path.clone()).or_insert(json!(position));
+        }
+    }
+    Ok(json!({ "any": false, "exact": exact, "globs": patterns }))
+}
+
+/// Endpoints filed under the keys a request is looked up by, so that an
+/// evaluation reads only the endpoints that can match.
+#[derive(Default)]
+struct RegoIndex {
+    by_host: BTreeMap<String, Vec<Json>>,
+    by_domain: BTreeMap<String, Vec<Json>>,
+    by_ip: BTreeMap<String, Vec<Json>>,
+    hostless: Vec<Json>,
+}
+
+impl RegoIndex {
+    fn add(&mut self, policy: &str, position: usize, endpoint: &Endpoint, pattern: &HostPattern, binaries: &Json) {
+        let mut document = json!({
+            "policy": policy,
+            "index": position,
+            "ports": endpoint.ports,
+            "audit": endpoint.enforcement == Enforcement::Audit,
+            "binaries": binaries,
+        });
+        let (table, key) = match pattern {
+            HostPattern::Exact(host) => (&mut self.by_host, host.clone()),
+            HostPattern::Ip(ip) => (&mut self.by_ip, ip.to_canonical().to_string()),
+            HostPattern::Wildcard { domain, multi_label, label_prefix, label_suffix } => {
+                document["multi_label"] = json!(multi_label);
+                // A `*` label is never empty.
+                document["min_label_len"] = json!((label_prefix.len() + label_suffix.len()).max(1));
+                document["label_prefix"] = json!(label_prefix);
+                document["label_suffix"] = json!(label_suffix);
+                document["domain"] = json!(domain);
+                (&mut self.by_domain, domain.clone())
+            }
+            HostPattern::Addresses => {
+                let nets: Vec<String> = endpoint.allowed_ips.iter().map(IpNet::to_string).collect();
+                document["allowed_ips"] = json!(nets);
+                self.hostless.push(document);
+                return;
+            }
+        };
+        table.entry(key).or_default().push(document);
+    }
+
+    fn into_document(self) -> Json {
+        json!({
+            "endpoints_by_host": self.by_host,
+            "endpoints_by_domain": self.by_domain,
+            "endpoints_by_ip": self.by_ip,
+            "hostless_endpoints": self.hostless,
+        })
+    }
+}

@@ -1,0 +1,159 @@
+//! The policy file as written: OpenShell's sandbox policy schema, field for
+//! field, so that OpenShell policy files deserialize unchanged. Every struct
+//! denies unknown keys; serde_norway's error then names the key and its path.
+//! Meaning and validation live in `normalize`.
+
+use std::collections::BTreeMap;
+
+use serde::{de::IgnoredAny, Deserialize};
+
+use super::Enforcement;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PolicyFile {
+    pub version: u32,
+    #[serde(default)]
+    pub network_policies: BTreeMap<String, NetworkPolicyDef>,
+    // OpenShell sections this agent does not enforce: accepted so that the
+    // same file serves both, then reported and ignored.
+    pub filesystem_policy: Option<IgnoredAny>,
+    pub landlock: Option<IgnoredAny>,
+    pub process: Option<IgnoredAny>,
+    pub network_middlewares: Option<IgnoredAny>,
+}
+
+impl PolicyFile {
+    pub fn ignored_sections(&self) -> Vec<&'static str> {
+        [
+            ("filesystem_policy", self.filesystem_policy.is_some()),
+            ("landlock", self.landlock.is_some()),
+            ("process", self.process.is_some()),
+            ("network_middlewares", self.network_middlewares.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, present)| present.then_some(name))
+        .collect()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct NetworkPolicyDef {
+    /// Display name; the map key identifies the policy in decisions.
+    pub name: Option<String>,
+    #[serde(default)]
+    pub endpoints: Vec<EndpointDef>,
+    /// Absent: any binary. Present: one entry must match.
+    pub binaries: Option<Vec<BinaryDef>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct EndpointDef {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub ports: Option<Vec<u16>>,
+    pub protocol: Option<Protocol>,
+    pub tls: Option<TlsMode>,
+    pub enforcement: Option<Enforcement>,
+    #[serde(default)]
+    pub allowed_ips: Vec<String>,
+    // L7 inspection, later work: kept only to be reported as not enforced.
+    pub path: Option<String>,
+    pub access: Option<String>,
+    pub rules: Option<IgnoredAny>,
+    pub deny_rules: Option<IgnoredAny>,
+    pub allow_encoded_slash: Option<IgnoredAny>,
+    pub websocket_credential_rewrite: Option<IgnoredAny>,
+    pub request_body_credential_rewrite: Option<IgnoredAny>,
+    pub allow_uninspected_credentials: Option<IgnoredAny>,
+    pub persisted_queries: Option<IgnoredAny>,
+    pub graphql_persisted_queries: Option<IgnoredAny>,
+    pub graphql_max_body_bytes: Option<IgnoredAny>,
+    pub credential_signing: Option<IgnoredAny>,
+    pub signing_service: Option<IgnoredAny>,
+    pub signing_region: Option<IgnoredAny>,
+    pub json_rpc: Option<IgnoredAny>,
+    pub mcp: Option<IgnoredAny>,
+}
+
+impl EndpointDef {
+    /// Fields present on this endpoint that only L7 inspection can honour.
+    pub fn not_enforced_fields(&self) -> Vec<&'static str> {
+        [
+            ("protocol", self.protocol.is_some_and(Protocol::needs_inspection)),
+            ("path", self.path.is_some()),
+            ("access", self.access.is_some()),
+            ("rules", self.rules.is_some()),
+            ("deny_rules", self.deny_rules.is_some()),
+            ("allow_encoded_slash", self.allow_encoded_slash.is_some()),
+            ("websocket_credential_rewrite", self.websocket_credential_rewrite.is_some()),
+            ("request_body_credential_rewrite", self.request_body_credential_rewrite.is_some()),
+            ("allow_uninspected_credentials", self.allow_uninspected_credentials.is_some()),
+            ("persisted_queries", self.persisted_queries.is_some()),
+            ("graphql_persisted_queries", self.graphql_persisted_queries.is_some()),
+            ("graphql_max_body_bytes", self.graphql_max_body_bytes.is_some()),
+            ("credential_signing", self.credential_signing.is_some()),
+            ("signing_service", self.signing_service.is_some()),
+            ("signing_region", self.signing_region.is_some()),
+            ("json_rpc", self.json_rpc.is_some()),
+            ("mcp", self.mcp.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(field, present)| present.then_some(field))
+        .collect()
+    }
+}
+
+/// `tcp` and `http` need no inspection beyond what the proxy already does;
+/// the others are OpenShell's L7 protocols.
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "kebab-case")]
+pub(super) enum Protocol {
+    Tcp,
+    Http,
+    Rest,
+    Websocket,
+    Graphql,
+    Mcp,
+    JsonRpc,
+    Sql,
+}
+
+impl Protocol {
+    fn needs_inspection(self) -> bool {
+        !matches!(self, Protocol::Tcp | Protocol::Http)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Http => "http",
+            Protocol::Rest => "rest",
+            Protocol::Websocket => "websocket",
+            Protocol::Graphql => "graphql",
+            Protocol::Mcp => "mcp",
+            Protocol::JsonRpc => "json-rpc",
+            Protocol::Sql => "sql",
+        }
+    }
+}
+
+/// OpenShell deprecated `terminate` and `passthrough`; both still load and
+/// mean the same as leaving `tls` out.
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum TlsMode {
+    Skip,
+    Terminate,
+    Passthrough,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct BinaryDef {
+    pub path: String,
+    /// Deprecated in OpenShell and ignored there too.
+    pub harness: Option<IgnoredAny>,
+}

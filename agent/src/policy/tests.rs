@@ -1,0 +1,690 @@
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    thread,
+};
+
+use ipnet::IpNet;
+
+use super::{Decision, Enforcement, Policy, Request};
+
+const FIXTURE: &str = r#"
+version: 1
+network_policies:
+  github:
+    endpoints:
+      - host: api.github.com
+        port: 443
+      - host: "*.githubusercontent.com"
+        ports: [443, 80]
+    binaries:
+      - path: /usr/bin/git
+      - path: /usr/lib/git-core/*
+  wildcards:
+    endpoints:
+      - host: "*.example.com"
+        port: 443
+      - host: "**.deep.example.org"
+        port: 443
+      - host: "api-*.example.net"
+        port: 443
+  addresses:
+    endpoints:
+      - host: 192.0.2.10
+        port: 22
+      - host: "2001:db8::1"
+        port: 22
+      - allowed_ips: [10.0.0.0/8, 192.168.1.7]
+        port: 5432
+  tools:
+    endpoints:
+      - host: tools.internal.test
+        port: 8080
+        tls: skip
+        allowed_ips: [172.16.0.0/12]
+    binaries:
+      - path: /usr/bin/*
+      - path: /opt/**
+      - path: /usr/local/bin/node
+  audited:
+    endpoints:
+      - host: audit.internal.test
+        port: 443
+        enforcement: audit
+    binaries:
+      - path: /usr/bin/curl
+"#;
+
+fn fixture() -> Policy {
+    Policy::from_yaml(FIXTURE).expect("fixture loads")
+}
+
+fn load_error(yaml: &str) -> String {
+    match Policy::from_yaml(yaml) {
+        Ok(_) => panic!("expected an error loading:\n{yaml}"),
+        Err(error) => format!("{error:#}"),
+    }
+}
+
+/// One connection and what must come of it.
+struct Case {
+    name: &'static str,
+    host: Option<&'static str>,
+    ip: Option<&'static str>,
+    port: u16,
+    binary: Option<&'static str>,
+    ancestors: &'static [&'static str],
+    allow: bool,
+    policy: Option<&'static str>,
+    reason: Option<&'static str>,
+    matched_binary: Option<&'static str>,
+}
+
+const DEFAULT_CASE: Case = Case {
+    name: "",
+    host: None,
+    ip: None,
+    port: 443,
+    binary: None,
+    ancestors: &[],
+    allow: false,
+    policy: None,
+    reason: None,
+    matched_binary: None,
+};
+
+fn evaluate(policy: &Policy, case: &Case) -> Decision {
+    let ancestors: Vec<PathBuf> = case.ancestors.iter().map(PathBuf::from).collect();
+    let ip: Option<IpAddr> = case.ip.map(|ip| ip.parse().expect("test ip parses"));
+    let request = Request {
+        host: case.host,
+        ip,
+        port: case.port,
+        binary: case.binary.map(Path::new),
+        ancestors: &ancestors,
+        uid: 1000,
+        cgroup_id: 42,
+    };
+    policy.evaluate(&request).expect("evaluation runs")
+}
+
+#[test]
+fn decisions_follow_the_documented_semantics() {
+    let cases = [
+        Case {
+            name: "exact host",
+            host: Some("api.github.com"),
+            binary: Some("/usr/bin/git"),
+            allow: true,
+            policy: Some("github"),
+            matched_binary: Some("/usr/bin/git"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "host case-insensitive, trailing dot",
+            host: Some("API.GitHub.COM."),
+            binary: Some("/usr/bin/git"),
+            allow: true,
+            policy: Some("github"),
+            matched_binary: Some("/usr/bin/git"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "exact host, other port",
+            host: Some("api.github.com"),
+            port: 8443,
+            binary: Some("/usr/bin/git"),
+            reason: Some("endpoint api.github.com:8443 is not allowed by any policy"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "no policy matches",
+            host: Some("unknown.test"),
+            ip: Some("198.51.100.1"),
+            binary: Some("/usr/bin/git"),
+            reason: Some("endpoint unknown.test:443 is not allowed by any policy"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "binary denied",
+            host: Some("api.github.com"),
+            binary: Some("/usr/bin/python3"),
+            reason: Some("binary '/usr/bin/python3' not allowed in policy 'github'"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "unknown binary denied",
+            host: Some("api.github.com"),
+            reason: Some("binary '(unknown)' not allowed in policy 'github'"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "ports list, first",
+            host: Some("raw.githubusercontent.com"),
+            port: 443,
+            binary: Some("/usr/lib/git-core/git-remote-https"),
+            allow: true,
+            policy: Some("github"),
+            matched_binary: Some("/usr/lib/git-core/*"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "ports list, second",
+            host: Some("raw.githubusercontent.com"),
+            port: 80,
+            binary: Some("/usr/bin/git"),
+            allow: true,
+            policy: Some("github"),
+            matched_binary: Some("/usr/bin/git"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "ports list, unlisted port",
+            host: Some("raw.githubusercontent.com"),
+            port: 8080,
+            binary: Some("/usr/bin/git"),
+            reason: Some("endpoint raw.githubusercontent.com:8080 is not allowed by any policy"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "single-label wildcard, any binary",
+            host: Some("a.example.com"),
+            allow: true,
+            policy: Some("wildcards"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "single-label wildcard excludes the domain itself",
+            host: Some("example.com"),
+            reason: Some("endpoint example.com:443 is not allowed by any policy"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "single-label wildcard excludes two labels",
+            host: Some("a.b.example.com"),
+            reason: Some("endpoint a.b.example.com:443 is not allowed by any policy"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "multi-label wildcard, one label",
+            host: Some("x.deep.example.org"),
+            allow: true,
+            policy: Some("wildcards"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "multi-label wildcard, several labels",
+            host: Some("a.b.deep.example.org"),
+            allow: true,
+            policy: Some("wildcards"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "multi-label wildcard excludes the domain itself",
+            host: Some("deep.example.org"),
+            reason: Some("endpoint deep.example.org:443 is not allowed by any policy"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "wildcard within a label",
+            host: Some("api-eu.example.net"),
+            allow: true,
+            policy: Some("wildcards"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "wildcard within a label, other text",
+            host: Some("web.example.net"),
+            reason: Some("endpoint web.example.net:443 is not allowed by any policy"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "IP-literal endpoint, opaque TCP",
+            ip: Some("192.0.2.10"),
+            port: 22,
+            allow: true,
+            policy: Some("addresses"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "IP-literal endpoint, IPv6",
+            ip: Some("2001:db8:0::1"),
+            port: 22,
+            allow: true,
+            policy: Some("addresses"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "IP-literal endpoint, IPv4-mapped address",
+            ip: Some("::ffff:192.0.2.10"),
+            port: 22,
+            allow: true,
+            policy: Some("addresses"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "IP literal given as host",
+            host: Some("192.0.2.10"),
+            port: 22,
+            allow: true,
+            policy: Some("addresses"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "hostless endpoint, address in allowed_ips",
+            ip: Some("10.1.2.3"),
+            port: 5432,
+            allow: true,
+            policy: Some("addresses"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "hostless endpoint, single address in allowed_ips",
+            ip: Some("192.168.1.7"),
+            port: 5432,
+            allow: true,
+            policy: Some("addresses"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "hostless endpoint, address outside allowed_ips",
+            ip: Some("11.0.0.1"),
+            port: 5432,
+            reason: Some("endpoint 11.0.0.1:5432 is not allowed by any policy"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "no host, IPv6 address bracketed in the reason",
+            ip: Some("2001:db8::2"),
+            port: 5432,
+            reason: Some("endpoint [2001:db8::2]:5432 is not allowed by any policy"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "glob `*` matches one segment",
+            host: Some("tools.internal.test"),
+            port: 8080,
+            binary: Some("/usr/bin/curl"),
+            allow: true,
+            policy: Some("tools"),
+            matched_binary: Some("/usr/bin/*"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "glob `*` does not cross segments",
+            host: Some("tools.internal.test"),
+            port: 8080,
+            binary: Some("/usr/bin/x/y"),
+            reason: Some("binary '/usr/bin/x/y' not allowed in policy 'tools'"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "glob `**` matches deep paths",
+            host: Some("tools.internal.test"),
+            port: 8080,
+            binary: Some("/opt/vendor/tool/bin/run"),
+            allow: true,
+            policy: Some("tools"),
+            matched_binary: Some("/opt/**"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "ancestor matches",
+            host: Some("tools.internal.test"),
+            port: 8080,
+            binary: Some("/home/user/.venv/python3"),
+            ancestors: &["/bin/sh", "/usr/local/bin/node"],
+            allow: true,
+            policy: Some("tools"),
+            matched_binary: Some("/usr/local/bin/node"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "no ancestor matches",
+            host: Some("tools.internal.test"),
+            port: 8080,
+            binary: Some("/home/user/.venv/python3"),
+            ancestors: &["/bin/sh", "/sbin/init"],
+            reason: Some("binary '/home/user/.venv/python3' not allowed in policy 'tools'"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "audit endpoint, binary listed",
+            host: Some("audit.internal.test"),
+            binary: Some("/usr/bin/curl"),
+            allow: true,
+            policy: Some("audited"),
+            matched_binary: Some("/usr/bin/curl"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "host that is not a DNS name",
+            host: Some("evil.test/x"),
+            ip: Some("198.51.100.1"),
+            reason: Some("host 'evil.test/x' is not a valid DNS name"),
+            ..DEFAULT_CASE
+        },
+    ];
+    let policy = fixture();
+    for case in &cases {
+        let decision = evaluate(&policy, case);
+        assert_eq!(decision.allow, case.allow, "{}: {decision:?}", case.name);
+        assert!(!decision.audit, "{}: {decision:?}", case.name);
+        assert_eq!(decision.policy.as_deref(), case.policy, "{}: {decision:?}", case.name);
+        assert_eq!(decision.reason.as_deref(), case.reason, "{}: {decision:?}", case.name);
+        assert_eq!(decision.matched_binary.as_deref(), case.matched_binary, "{}: {decision:?}", case.name);
+        assert_eq!(decision.endpoint.is_some(), case.allow, "{}: {decision:?}", case.name);
+    }
+}
+
+#[test]
+fn decision_carries_the_matched_endpoint_and_path() {
+    let decision = evaluate(
+        &fixture(),
+        &Case {
+            host: Some("tools.internal.test"),
+            port: 8080,
+            binary: Some("/home/user/.venv/python3"),
+            ancestors: &["/bin/sh", "/usr/local/bin/node"],
+            ..DEFAULT_CASE
+        },
+    );
+    assert_eq!(decision.matched_exe.as_deref(), Some("/usr/local/bin/node"));
+    let endpoint = decision.endpoint.expect("allowed decisions carry their endpoint");
+    assert_eq!(endpoint.host.as_deref(), Some("tools.internal.test"));
+    assert_eq!(endpoint.ports, [8080]);
+    assert!(endpoint.tls_skip);
+    assert_eq!(endpoint.enforcement, Enforcement::Enforce);
+    assert_eq!(endpoint.allowed_ips, ["172.16.0.0/12".parse::<IpNet>().expect("valid net")]);
+}
+
+#[test]
+fn executable_match_is_preferred_over_ancestor() {
+    let decision = evaluate(
+        &fixture(),
+        &Case {
+            host: Some("tools.internal.test"),
+            port: 8080,
+            binary: Some("/usr/local/bin/node"),
+            ancestors: &["/usr/bin/bash"],
+            ..DEFAULT_CASE
+        },
+    );
+    assert_eq!(decision.matched_binary.as_deref(), Some("/usr/local/bin/node"));
+    assert_eq!(decision.matched_exe.as_deref(), Some("/usr/local/bin/node"));
+}
+
+#[test]
+fn audit_endpoint_allows_and_says_what_would_have_denied() {
+    let decision = evaluate(
+        &fixture(),
+        &Case { host: Some("audit.internal.test"), binary: Some("/usr/bin/wget"), ..DEFAULT_CASE },
+    );
+    assert!(decision.allow, "{decision:?}");
+    assert!(decision.audit, "{decision:?}");
+    assert_eq!(decision.policy.as_deref(), Some("audited"));
+    assert_eq!(decision.reason.as_deref(), Some("binary '/usr/bin/wget' not allowed in policy 'audited'"));
+    assert_eq!(decision.endpoint.map(|endpoint| endpoint.enforcement), Some(Enforcement::Audit));
+    assert_eq!(decision.matched_binary, None);
+}
+
+#[test]
+fn every_policy_denying_the_binary_is_named() {
+    let policy = Policy::from_yaml(
+        r#"
+version: 1
+network_policies:
+  b-second:
+    endpoints: [{ host: api.test, port: 443 }]
+    binaries: [{ path: /usr/bin/curl }]
+  a-first:
+    endpoints: [{ host: api.test, port: 443 }]
+    binaries: [{ path: /usr/bin/wget }]
+"#,
+    )
+    .expect("loads");
+    let decision = evaluate(&policy, &Case { host: Some("api.test"), binary: Some("/bin/nc"), ..DEFAULT_CASE });
+    assert_eq!(
+        decision.reason.as_deref(),
+        Some("binary '/bin/nc' not allowed in policy 'a-first'; binary '/bin/nc' not allowed in policy 'b-second'")
+    );
+}
+
+#[test]
+fn empty_binaries_list_allows_no_binary() {
+    let policy = Policy::from_yaml(
+        "version: 1\nnetwork_policies:\n  locked:\n    endpoints: [{ host: api.test, port: 443 }]\n    binaries: []\n",
+    )
+    .expect("loads");
+    let decision = evaluate(&policy, &Case { host: Some("api.test"), binary: Some("/usr/bin/curl"), ..DEFAULT_CASE });
+    assert_eq!(decision.reason.as_deref(), Some("binary '/usr/bin/curl' not allowed in policy 'locked'"));
+    assert!(policy.warnings.iter().any(|warning| warning.contains("`binaries` is empty")));
+}
+
+#[test]
+fn request_without_host_or_address_is_an_error() {
+    let request = Request { host: None, ip: None, port: 443, binary: None, ancestors: &[], uid: 0, cgroup_id: 0 };
+    assert!(fixture().evaluate(&request).is_err());
+}
+
+#[test]
+fn bare_and_top_level_wildcards_are_rejected() {
+    for (host, expected) in [
+        ("*", "would match every host"),
+        ("**", "would match every host"),
+        ("*.com", "top-level domain"),
+        ("**.com", "top-level domain"),
+        ("a.*.example.com", "only allowed in the first label"),
+        ("*a*.example.com", "a single `*`"),
+    ] {
+        let error = load_error(&format!(
+            "version: 1\nnetwork_policies:\n  p:\n    endpoints: [{{ host: '{host}', port: 443 }}]\n"
+        ));
+        assert!(error.contains("network_policies.p.endpoints[0].host"), "{host}: {error}");
+        assert!(error.contains(expected), "{host}: {error}");
+    }
+}
+
+#[test]
+fn unknown_keys_are_errors_naming_the_key() {
+    let error = load_error("version: 1\nnetwork_policies:\n  p:\n    endpoints: [{ hots: api.test, port: 443 }]\n");
+    assert!(error.contains("unknown field `hots`"), "{error}");
+    assert!(error.contains("network_policies.p.endpoints[0]"), "{error}");
+
+    let error = load_error("version: 1\nnetwork_policy: {}\n");
+    assert!(error.contains("unknown field `network_policy`"), "{error}");
+
+    let error =
+        load_error("version: 1\nnetwork_policies:\n  p:\n    endpoints: []\n    binaries: [{ pth: /bin/sh }]\n");
+    assert!(error.contains("unknown field `pth`"), "{error}");
+}
+
+#[test]
+fn invalid_values_are_errors_naming_the_value() {
+    for (endpoint, expected) in [
+        ("{ host: api.test, port: 443, ports: [80] }", "either `port` or `ports`"),
+        ("{ host: api.test }", "`port` or `ports` is required"),
+        ("{ host: api.test, port: 0 }", "port 0"),
+        ("{ host: api.test, port: 70000 }", "70000"),
+        ("{ host: api.test, port: 443, enforcement: block }", "unknown variant `block`"),
+        ("{ host: api.test, port: 443, tls: maybe }", "unknown variant `maybe`"),
+        ("{ host: api.test, port: 443, protocol: ftp }", "unknown variant `ftp`"),
+        ("{ host: 'api test', port: 443 }", "'api test' is not a valid DNS name"),
+        ("{ port: 443 }", "needs a `host`, or `allowed_ips`"),
+    ] {
+        let error = load_error(&format!("version: 1\nnetwork_policies:\n  p:\n    endpoints: [{endpoint}]\n"));
+        assert!(error.contains("network_policies.p.endpoints[0]"), "{endpoint}: {error}");
+        assert!(error.contains(expected), "{endpoint}: {error}");
+    }
+    let error = load_error("version: 2\n");
+    assert!(error.contains("unsupported policy version 2"), "{error}");
+}
+
+#[test]
+fn allowed_ips_must_parse() {
+    for net in ["10.0.0.0/33", "not-an-ip", "10.0.0.0/8/8", "300.1.2.3"] {
+        let error = load_error(&format!(
+            "version: 1\nnetwork_policies:\n  p:\n    endpoints: [{{ port: 443, allowed_ips: [192.0.2.0/24, '{net}'] }}]\n"
+        ));
+        assert!(error.contains("network_policies.p.endpoints[0].allowed_ips[1]"), "{net}: {error}");
+        assert!(error.contains(&format!("'{net}' is not an IP address or CIDR")), "{net}: {error}");
+    }
+}
+
+#[test]
+fn allowed_ips_are_normalised() {
+    let policy = Policy::from_yaml(
+        "version: 1\nnetwork_policies:\n  db:\n    endpoints: [{ port: 5432, allowed_ips: [10.1.2.3/8, '2001:db8::7'] }]\n",
+    )
+    .expect("loads");
+    let decision = evaluate(&policy, &Case { ip: Some("10.200.0.1"), port: 5432, ..DEFAULT_CASE });
+    let expected: Vec<IpNet> =
+        ["10.0.0.0/8", "2001:db8::7/128"].iter().map(|net| net.parse().expect("valid net")).collect();
+    assert_eq!(decision.endpoint.expect("allowed").allowed_ips, expected);
+}
+
+#[test]
+fn binary_paths_must_be_absolute_and_globs_valid() {
+    let error = load_error("version: 1\nnetwork_policies:\n  p:\n    endpoints: []\n    binaries: [{ path: curl }]\n");
+    assert!(error.contains("network_policies.p.binaries: 'curl' is not an absolute path"), "{error}");
+    let error =
+        load_error("version: 1\nnetwork_policies:\n  p:\n    endpoints: []\n    binaries: [{ path: '/usr/bin/[*' }]\n");
+    assert!(error.contains("'/usr/bin/[*' is not a valid glob"), "{error}");
+}
+
+#[test]
+fn other_openshell_sections_are_accepted_and_reported() {
+    let policy = Policy::from_yaml(
+        r#"
+version: 1
+filesystem_policy:
+  include_workdir: true
+  read_only: [/usr, /lib]
+  read_write: [/sandbox, /tmp]
+landlock:
+  compatibility: best_effort
+process:
+  run_as_user: sandbox
+  run_as_group: sandbox
+network_policies: {}
+"#,
+    )
+    .expect("loads");
+    for section in ["filesystem_policy", "landlock", "process"] {
+        let reports = policy.warnings.iter().filter(|warning| warning.contains(&format!("`{section}`"))).count();
+        assert_eq!(reports, 1, "{section}: {:?}", policy.warnings);
+    }
+    assert!(policy.summary().contains("section `landlock` is not enforced"));
+}
+
+#[test]
+fn fields_not_yet_enforced_are_reported_once_per_field_and_policy() {
+    let policy = Policy::from_yaml(
+        r#"
+version: 1
+network_policies:
+  github:
+    endpoints:
+      - host: api.github.com
+        port: 443
+        protocol: rest
+        access: read-only
+      - host: uploads.github.com
+        port: 443
+        protocol: rest
+        rules:
+          - allow: { method: GET, path: "/repos/**" }
+      - host: codeload.github.com
+        port: 443
+        protocol: tcp
+"#,
+    )
+    .expect("loads");
+    let warnings_for = |field: &str| {
+        policy.warnings.iter().filter(|warning| warning.contains(&format!("`{field}` is not yet enforced"))).count()
+    };
+    assert_eq!(warnings_for("protocol"), 1, "{:?}", policy.warnings);
+    assert_eq!(warnings_for("access"), 1, "{:?}", policy.warnings);
+    assert_eq!(warnings_for("rules"), 1, "{:?}", policy.warnings);
+    assert!(policy.warnings.iter().any(|warning| warning.contains("`protocol` is not yet enforced (endpoints 0, 1)")));
+
+    let decision = evaluate(&policy, &Case { host: Some("api.github.com"), ..DEFAULT_CASE });
+    let endpoint = decision.endpoint.expect("allowed");
+    assert_eq!(endpoint.not_enforced, ["protocol", "access"]);
+    assert_eq!(endpoint.protocol.as_deref(), Some("rest"));
+    let codeload = evaluate(&policy, &Case { host: Some("codeload.github.com"), ..DEFAULT_CASE });
+    assert!(codeload.endpoint.expect("allowed").not_enforced.is_empty());
+
+    let summary = policy.summary();
+    assert!(summary.contains("api.github.com:443 protocol rest (not yet enforced: protocol, access)"), "{summary}");
+}
+
+#[test]
+fn summary_lists_policies_endpoints_and_binaries() {
+    let summary = fixture().summary();
+    assert!(summary.starts_with("5 network policies, 10 endpoints\n"), "{summary}");
+    assert!(summary.contains("policy 'github'\n  endpoint api.github.com:443\n"), "{summary}");
+    assert!(summary.contains("  endpoint *.githubusercontent.com:80,443\n"), "{summary}");
+    assert!(summary.contains("  endpoint [2001:db8::1]:22\n"), "{summary}");
+    assert!(summary.contains("  endpoint (any host):5432 allowed_ips 10.0.0.0/8,192.168.1.7/32\n"), "{summary}");
+    assert!(summary.contains("  endpoint audit.internal.test:443 audit\n"), "{summary}");
+    assert!(summary.contains("  binaries: /usr/bin/git, /usr/lib/git-core/*\n"), "{summary}");
+    assert!(summary.contains("policy 'wildcards'\n"), "{summary}");
+    assert!(summary.contains("  binaries: any\n"), "{summary}");
+}
+
+#[test]
+fn file_errors_name_the_file() {
+    let path = std::env::temp_dir().join(format!("sandbox-egress-policy-test-{}.yaml", std::process::id()));
+    std::fs::write(&path, "version: 1\nnetwork_policies:\n  p:\n    endpoints: [{ host: '*', port: 443 }]\n")
+        .expect("temp file written");
+    let error = Policy::from_file(&path).err().map(|error| format!("{error:#}"));
+    std::fs::remove_file(&path).expect("temp file removed");
+    let error = error.expect("loading fails");
+    assert!(error.contains(&path.display().to_string()), "{error}");
+    assert!(error.contains("network_policies.p.endpoints[0].host"), "{error}");
+
+    let missing = Path::new("/nonexistent/sandbox-egress/policy.yaml");
+    let error = Policy::from_file(missing).err().map(|error| format!("{error:#}")).expect("loading fails");
+    assert!(error.contains("/nonexistent/sandbox-egress/policy.yaml"), "{error}");
+}
+
+#[test]
+fn shipped_policies_load() {
+    let default = Policy::from_yaml(include_str!("../../../policies/default.yaml")).expect("default.yaml loads");
+    let decision =
+        evaluate(&default, &Case { host: Some("example.com"), binary: Some("/usr/bin/curl"), ..DEFAULT_CASE });
+    assert!(!decision.allow, "the default policy allows nothing: {decision:?}");
+
+    let openshell = Policy::from_yaml(include_str!("../../../policies/examples/openshell.yaml"))
+        .expect("examples/openshell.yaml loads");
+    let decision =
+        evaluate(&openshell, &Case { host: Some("api.github.com"), binary: Some("/usr/bin/git"), ..DEFAULT_CASE });
+    assert!(decision.allow, "{decision:?}");
+    assert!(!openshell.warnings.is_empty());
+}
+
+#[test]
+fn policy_is_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Policy>();
+
+    let policy = Arc::new(fixture());
+    let workers: Vec<_> = (0..4)
+        .map(|worker| {
+            let policy = Arc::clone(&policy);
+            thread::spawn(move || {
+                (0..50).all(|round| {
+                    let allowed_host = (worker + round) % 2 == 0;
+                    let host = if allowed_host { "api.github.com" } else { "unknown.test" };
+                    let case = Case { host: Some(host), binary: Some("/usr/bin/git"), ..DEFAULT_CASE };
+                    evaluate(&policy, &case).allow == allowed_host
+                })
+            })
+        })
+        .collect();
+    for worker in workers {
+        assert!(worker.join().expect("worker finishes"));
+    }
+}

@@ -1,0 +1,144 @@
+# Egress decision for one TCP connection out of the sandbox.
+#
+# Semantics are documented in agent/src/policy/mod.rs; this file implements
+# them. The agent normalises the YAML policy before it gets here, so the data
+# document holds every endpoint filed under the key a request is looked up
+# by (exact host, wildcard domain, IP literal, or hostless), each endpoint
+# carrying its policy name, position, expanded ports, audit flag and its
+# policy's binaries. Lookups replace scans: an evaluation touches only the
+# endpoints that can match.
+#
+# input:
+#   host          lower-cased DNS name, absent for opaque TCP
+#   host_domains  the host's parent domains, each with a leading dot
+#   ip            destination address, canonical text form
+#   port          destination port
+#   binary        executable of the connecting process, if known
+#   exe_paths     that executable, then its ancestors' executables
+#   uid, cgroup_id
+#
+# Variable-key lookups go through a local binding (by_host := data...):
+# indexing data directly makes regorus build rule paths on every access.
+package sandbox_egress
+
+import rego.v1
+
+matching_endpoints contains endpoint if {
+	by_host := data.endpoints_by_host
+	some endpoint in by_host[input.host]
+	input.port in endpoint.ports
+}
+
+matching_endpoints contains endpoint if {
+	by_domain := data.endpoints_by_domain
+	some domain in input.host_domains
+	some endpoint in by_domain[domain]
+	input.port in endpoint.ports
+	wildcard_matches(endpoint)
+}
+
+matching_endpoints contains endpoint if {
+	by_ip := data.endpoints_by_ip
+	some endpoint in by_ip[input.ip]
+	input.port in endpoint.ports
+}
+
+matching_endpoints contains endpoint if {
+	some endpoint in data.hostless_endpoints
+	input.port in endpoint.ports
+	some cidr in endpoint.allowed_ips
+	net.cidr_contains(cidr, input.ip)
+}
+
+# `**.domain`: the host is found under one of its parent domains, so one or
+# more labels precede the domain.
+wildcard_matches(endpoint) if endpoint.multi_label
+
+# `*.domain`, `api-*.domain`: exactly one label before the domain, with the
+# fixed text around the `*`.
+wildcard_matches(endpoint) if {
+	not endpoint.multi_label
+	label := trim_suffix(input.host, endpoint.domain)
+	not contains(label, ".")
+	count(label) >= endpoint.min_label_len
+	startswith(label, endpoint.label_prefix)
+	endswith(label, endpoint.label_suffix)
+}
+
+# Binary entries matching the executable or an ancestor, each as
+# [exe_paths position, binaries position, entry, matched path]: the smallest
+# is the entry matching the process nearest the connection.
+binary_hits(binaries) := {[-1, -1, null, null]} if {
+	binaries.any
+} else := exact_hits | glob_hits if {
+	exact := binaries.exact
+	exact_hits := {[path_index, entry_index, path, path] |
+		some path_index, path in input.exe_paths
+		entry_index := exact[path]
+	}
+	glob_hits := {[path_index, entry.index, entry.path, path] |
+		some entry in binaries.globs
+		some path_index, path in input.exe_paths
+		sandbox_egress.path_glob(entry.path, path)
+	}
+}
+
+checked_endpoints contains [endpoint, binary_hits(endpoint.binaries)] if {
+	some endpoint in matching_endpoints
+}
+
+allowing contains [endpoint.policy, endpoint.index, min(hits)] if {
+	some [endpoint, hits] in checked_endpoints
+	count(hits) > 0
+}
+
+binary_denied contains endpoint if {
+	some [endpoint, hits] in checked_endpoints
+	count(hits) == 0
+}
+
+binary_deny_reason := concat("; ", [reason |
+	some name in {endpoint.policy | some endpoint in binary_denied}
+	reason := sprintf("binary '%s' not allowed in policy '%s'", [object.get(input, "binary", "(unknown)"), name])
+])
+
+destination := input.host if {
+	input.host
+} else := sprintf("[%s]", [input.ip]) if {
+	contains(input.ip, ":")
+} else := input.ip
+
+# Allowed outright, else allowed by an audit endpoint (reporting what would
+# have denied), else denied. Ties go to the smallest policy name, then
+# endpoint position.
+decision := {
+	"allow": true,
+	"audit": false,
+	"policy": name,
+	"endpoint": index,
+	"binary": binary,
+	"exe": exe,
+} if {
+	count(allowing) > 0
+	[name, index, [_, _, binary, exe]] := min(allowing)
+} else := {
+	"allow": true,
+	"audit": true,
+	"policy": name,
+	"endpoint": index,
+	"reason": binary_deny_reason,
+} if {
+	audited := {[endpoint.policy, endpoint.index] | some endpoint in binary_denied; endpoint.audit}
+	count(audited) > 0
+	[name, index] := min(audited)
+} else := {
+	"allow": false,
+	"audit": false,
+	"reason": binary_deny_reason,
+} if {
+	count(binary_denied) > 0
+} else := {
+	"allow": false,
+	"audit": false,
+	"reason": sprintf("endpoint %s:%d is not allowed by any policy", [destination, input.port]),
+}
