@@ -35,10 +35,12 @@ fn assert_curl_intercepted(ip: IpAddr) -> Result<()> {
     let net = TestNet::new()?;
     let servers = net.start_servers()?;
     let sandbox = Sandbox::new(&format!("curl-{}", if ip.is_ipv4() { 4 } else { 6 }))?;
-    let agent = Agent::start(&sandbox, &[])?;
+    let policy = PolicyFile::new(&net.allow_all_policy())?;
+    let agent = Agent::start(&sandbox, &policy, &[])?;
+    // Plain HTTP goes to private addresses only (the private-IP gate).
     let target = match ip {
-        IpAddr::V4(_) => IpAddr::V4(net.v4),
-        IpAddr::V6(_) => IpAddr::V6(net.v6),
+        IpAddr::V4(_) => IpAddr::V4(net.private_v4),
+        IpAddr::V6(_) => IpAddr::V6(net.private_v6),
     };
     let (pid, output) = curl(Some(&sandbox), &format!("http://{}:{HTTP_PORT}/bytes/100000", url_host(target)))?;
     ensure!(output.status.success(), "curl failed: {}", String::from_utf8_lossy(&output.stderr));
@@ -47,14 +49,18 @@ fn assert_curl_intercepted(ip: IpAddr) -> Result<()> {
 
     let seen = servers.events.wait_for("server saw the request", |e| e["path"] == "/bytes/100000")?;
     assert_eq!(seen["status"], 200);
+    assert_eq!(seen["via"], "1.1 sandbox-egress");
     let log = agent.wait_connection_of(pid)?;
     assert_eq!(log["verdict"], "relayed");
     assert_eq!(log["exe"], canonical("/usr/bin/curl"));
     assert_eq!(log["comm"], "curl");
     assert_eq!(log["destination"], format!("{}:{HTTP_PORT}", url_host(target)));
     assert_eq!(log["cgroup_id"], std::fs::metadata(&sandbox.path)?.ino());
-    assert_eq!(log["bytes_up"], request, "client->server bytes");
-    assert_eq!(log["bytes_down"], header + body, "server->client bytes");
+    // Plain HTTP heads are forwarded with a Via line added (the response's too).
+    let via_line = "Via: 1.1 sandbox-egress\r\n".len() as u64;
+    assert_eq!(log["bytes_up"], request + via_line, "client->server bytes");
+    assert_eq!(log["bytes_down"], header + body, "server->client bytes, as curl received them");
+    assert_eq!(log["protocol"], "http");
     Ok(())
 }
 
@@ -74,7 +80,8 @@ fn raw_tcp_client_bytes_arrive_intact_over_ipv4_ipv6_and_v4_mapped() -> Result<(
     let net = TestNet::new()?;
     let servers = net.start_servers()?;
     let sandbox = Sandbox::new("raw")?;
-    let agent = Agent::start(&sandbox, &[])?;
+    let policy = PolicyFile::new(&net.allow_all_policy())?;
+    let agent = Agent::start(&sandbox, &policy, &[])?;
     let (send, recv) = (300_000u64, 500_000u64);
     let cases = [
         ("inet", net.v4.to_string(), net.v4.to_string()),
@@ -106,14 +113,15 @@ fn process_outside_the_cgroup_is_not_intercepted() -> Result<()> {
     let net = TestNet::new()?;
     let servers = net.start_servers()?;
     let sandbox = Sandbox::new("outside")?;
-    let agent = Agent::start(&sandbox, &[])?;
+    let policy = PolicyFile::new(&net.allow_all_policy())?;
+    let agent = Agent::start(&sandbox, &policy, &[])?;
     let url = format!("http://{}:{HTTP_PORT}/bytes/10", net.v4);
 
     let (outside_pid, output) = curl(None, &url)?;
     ensure!(output.status.success(), "direct curl failed");
     servers.events.wait_for("direct request", |e| e["path"] == "/bytes/10")?;
     // The sandboxed request is logged after the outside one would have been.
-    let (inside_pid, output) = curl(Some(&sandbox), &format!("http://{}:{HTTP_PORT}/bytes/11", net.v4))?;
+    let (inside_pid, output) = curl(Some(&sandbox), &format!("http://{}:{HTTP_PORT}/bytes/11", net.private_v4))?;
     ensure!(output.status.success(), "sandboxed curl failed");
     agent.wait_connection_of(inside_pid)?;
     assert!(agent.connections_of(outside_pid).is_empty(), "a process outside the cgroup was intercepted");
@@ -126,8 +134,9 @@ fn sigkill_fails_closed_and_restart_resumes_interception() -> Result<()> {
     let net = TestNet::new()?;
     let servers = net.start_servers()?;
     let sandbox = Sandbox::new("failclosed")?;
-    let mut first = Agent::start(&sandbox, &[])?;
-    let (pid, output) = curl(Some(&sandbox), &format!("http://{}:{HTTP_PORT}/bytes/1", net.v4))?;
+    let policy = PolicyFile::new(&net.allow_all_policy())?;
+    let mut first = Agent::start(&sandbox, &policy, &[])?;
+    let (pid, output) = curl(Some(&sandbox), &format!("http://{}:{HTTP_PORT}/bytes/1", net.private_v4))?;
     ensure!(output.status.success(), "curl through the first agent failed");
     first.wait_connection_of(pid)?;
 
@@ -138,7 +147,7 @@ fn sigkill_fails_closed_and_restart_resumes_interception() -> Result<()> {
         assert!(!output.status.success(), "{family}: sandboxed connect succeeded with the agent dead");
         assert!(stderr.contains("ConnectionRefusedError"), "{family}: expected a refused connect, got {stderr}");
     }
-    let (_, output) = curl(Some(&sandbox), &format!("http://{}:{HTTP_PORT}/bytes/2", net.v4))?;
+    let (_, output) = curl(Some(&sandbox), &format!("http://{}:{HTTP_PORT}/bytes/2", net.private_v4))?;
     assert_eq!(output.status.code(), Some(7), "curl should fail to connect with the agent dead");
     // Give a leaked connection time to show up before asserting there is none.
     thread::sleep(Duration::from_millis(300));
@@ -147,9 +156,9 @@ fn sigkill_fails_closed_and_restart_resumes_interception() -> Result<()> {
         "the server was reached while the agent was dead"
     );
 
-    let second = Agent::start(&sandbox, &[])?;
+    let second = Agent::start(&sandbox, &policy, &[])?;
     second.log.wait_for("links replaced", |e| e["replaced"] == 3)?;
-    let (pid, output) = curl(Some(&sandbox), &format!("http://{}:{HTTP_PORT}/bytes/3", net.v4))?;
+    let (pid, output) = curl(Some(&sandbox), &format!("http://{}:{HTTP_PORT}/bytes/3", net.private_v4))?;
     ensure!(output.status.success(), "curl through the restarted agent failed");
     assert_eq!(second.wait_connection_of(pid)?["verdict"], "relayed");
     Ok(())
@@ -161,11 +170,12 @@ fn sigterm_stops_cleanly_and_the_sandbox_stays_closed() -> Result<()> {
     let net = TestNet::new()?;
     let _servers = net.start_servers()?;
     let sandbox = Sandbox::new("sigterm")?;
-    let mut agent = Agent::start(&sandbox, &[])?;
+    let policy = PolicyFile::new(&net.allow_all_policy())?;
+    let mut agent = Agent::start(&sandbox, &policy, &[])?;
     let status = agent.terminate()?;
     assert!(status.success(), "agent exited with {status} on SIGTERM");
     agent.log.wait_for("shutdown summary", |e| e["event"] == "shutdown")?;
-    let (_, output) = curl(Some(&sandbox), &format!("http://{}:{HTTP_PORT}/bytes/1", net.v4))?;
+    let (_, output) = curl(Some(&sandbox), &format!("http://{}:{HTTP_PORT}/bytes/1", net.private_v4))?;
     assert_eq!(output.status.code(), Some(7), "a stopped agent must leave the sandbox closed");
     Ok(())
 }
@@ -176,7 +186,8 @@ fn detach_restores_direct_connects() -> Result<()> {
     let net = TestNet::new()?;
     let servers = net.start_servers()?;
     let sandbox = Sandbox::new("detach")?;
-    let agent = Agent::start(&sandbox, &[])?;
+    let policy = PolicyFile::new(&net.allow_all_policy())?;
+    let agent = Agent::start(&sandbox, &policy, &[])?;
     run(agent_bin().to_str().unwrap(), &["detach", "--cgroup", sandbox.path_str()])?;
     let (pid, output) = curl(Some(&sandbox), &format!("http://{}:{HTTP_PORT}/bytes/5", net.v4))?;
     ensure!(output.status.success(), "direct curl after detach failed");
@@ -206,25 +217,42 @@ fn loopback_http_server() -> Result<(u16, thread::JoinHandle<bool>)> {
     Ok((port, handle))
 }
 
+/// Opaque TCP to loopback (a non-HTTP first byte), printing the server's answer.
+fn loopback_exchange(sandbox: &Sandbox, port: u16) -> Result<(u32, std::process::Output)> {
+    let mut command = sandbox.command(PYTHON);
+    command.args(["-c", &format!(
+        "import socket; s=socket.create_connection(('127.0.0.1', {port}), timeout=5); s.sendall(b'\\x00ping'); print(s.recv(100).decode())"
+    )]);
+    let child = command.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn()?;
+    let pid = child.id();
+    Ok((pid, child.wait_with_output()?))
+}
+
 #[test]
-fn loopback_destinations_are_denied_unless_allowed() -> Result<()> {
+fn loopback_destinations_are_denied_unless_a_policy_lists_them() -> Result<()> {
     require_root();
     let sandbox = Sandbox::new("loopback")?;
 
     let (port, server) = loopback_http_server()?;
-    let agent = Agent::start(&sandbox, &[])?;
-    let (pid, output) = curl(Some(&sandbox), &format!("http://127.0.0.1:{port}/"))?;
-    assert!(!output.status.success(), "loopback reached without being allowed");
+    let wide_open = PolicyFile::new(&format!(
+        "version: 1\nnetwork_policies:\n  everything:\n    endpoints:\n      - allowed_ips: [\"0.0.0.0/0\"]\n        port: {port}\n"
+    ))?;
+    let agent = Agent::start(&sandbox, &wide_open, &[])?;
+    let (pid, output) = loopback_exchange(&sandbox, port)?;
+    assert!(!String::from_utf8_lossy(&output.stdout).contains("200 OK"), "loopback reached through 0.0.0.0/0");
     let log = agent.wait_connection_of(pid)?;
     assert_eq!(log["verdict"], "denied");
-    assert_eq!(log["reason"], format!("loopback port {port} is not allowed (see --allow-loopback-port)"));
+    assert_eq!(log["reason"], "127.0.0.1 is a loopback address and no endpoint lists it explicitly");
     assert!(!server.join().unwrap(), "the loopback server was reached");
     drop(agent);
 
     let (port, server) = loopback_http_server()?;
-    let agent = Agent::start(&sandbox, &["--allow-loopback-port", &port.to_string()])?;
-    let (pid, output) = curl(Some(&sandbox), &format!("http://127.0.0.1:{port}/"))?;
-    assert_eq!(curl_fields(&output)[0], 200, "allowed loopback port: {}", String::from_utf8_lossy(&output.stderr));
+    let listed = PolicyFile::new(&format!(
+        "version: 1\nnetwork_policies:\n  local:\n    endpoints:\n      - host: 127.0.0.1\n        port: {port}\n"
+    ))?;
+    let agent = Agent::start(&sandbox, &listed, &[])?;
+    let (pid, output) = loopback_exchange(&sandbox, port)?;
+    assert!(String::from_utf8_lossy(&output.stdout).starts_with("HTTP/1.1 200 OK"), "{}", String::from_utf8_lossy(&output.stderr));
     assert_eq!(agent.wait_connection_of(pid)?["verdict"], "relayed");
     assert!(server.join().unwrap());
     Ok(())
@@ -234,13 +262,16 @@ fn loopback_destinations_are_denied_unless_allowed() -> Result<()> {
 fn the_agents_own_listener_is_not_a_destination() -> Result<()> {
     require_root();
     let sandbox = Sandbox::new("ownport")?;
-    let agent = Agent::start(&sandbox, &[])?;
+    let policy = PolicyFile::new("version: 1\nnetwork_policies: {}\n")?;
+    let agent = Agent::start(&sandbox, &policy, &[])?;
+    // A request to the listener itself (not a proxy request) is refused, not relayed to itself.
     for host in ["127.0.0.1", "[::1]"] {
         let (pid, output) = curl(Some(&sandbox), &format!("http://{host}:{}/", agent.port))?;
-        assert!(!output.status.success());
+        assert_eq!(curl_fields(&output)[0], 400, "{host}");
         let log = agent.wait_connection_of(pid)?;
         assert_eq!(log["verdict"], "denied", "{host}");
-        assert_eq!(log["reason"], "the agent's own listener is not a destination");
+        assert_eq!(log["reason"], "this is an egress proxy: send CONNECT host:port or an absolute-form request");
+        assert!(log["upstream"].is_null(), "{host}: relayed somewhere: {log}");
     }
     Ok(())
 }
@@ -251,14 +282,16 @@ fn ebpf_redirect_traces_reach_the_agent_log() -> Result<()> {
     let net = TestNet::new()?;
     let _servers = net.start_servers()?;
     let sandbox = Sandbox::new("traces")?;
+    let policy = PolicyFile::new(&net.allow_all_policy())?;
     let agent = Agent::start_with_env(
         &sandbox,
+        &policy,
         &["--ebpf-log-level", "debug"],
         &[("SANDBOX_EGRESS_LOG", "info,agent_ebpf=debug")],
     )?;
-    let (pid, output) = curl(Some(&sandbox), &format!("http://{}:{HTTP_PORT}/bytes/1", net.v4))?;
+    let (pid, output) = curl(Some(&sandbox), &format!("http://{}:{HTTP_PORT}/bytes/1", net.private_v4))?;
     ensure!(output.status.success(), "curl failed");
-    let expected = format!("redirect pid={pid} comm=curl dst=[::ffff:{}]:{HTTP_PORT}", net.v4);
+    let expected = format!("redirect pid={pid} comm=curl dst=[::ffff:{}]:{HTTP_PORT}", net.private_v4);
     agent.log.wait_for(&expected, |e| e["message"] == expected.as_str())?;
     Ok(())
 }
@@ -271,16 +304,21 @@ fn run_agent(args: &[&str]) -> Result<(bool, String)> {
 #[test]
 fn run_reports_clear_errors() -> Result<()> {
     require_root();
-    let (ok, stderr) = run_agent(&["run", "--cgroup", "/tmp"])?;
+    let (ok, stderr) = run_agent(&["run", "--cgroup", "/tmp", "--policy", "/dev/null"])?;
     assert!(!ok && stderr.contains("/tmp is not a cgroup v2 directory"), "{stderr}");
 
-    let (ok, stderr) = run_agent(&["run", "--cgroup", "/sys/fs/cgroup/unified/does-not-exist"])?;
+    let (ok, stderr) = run_agent(&["run", "--cgroup", "/sys/fs/cgroup/unified/does-not-exist", "--policy", "/dev/null"])?;
     assert!(!ok && stderr.contains("does not exist"), "{stderr}");
 
     let sandbox = Sandbox::new("errors")?;
+    let policy = PolicyFile::new("version: 1\nnetwork_policies: {}\n")?;
+    let policy_path = policy.path.to_str().unwrap();
+    let (ok, stderr) = run_agent(&["run", "--cgroup", sandbox.path_str(), "--policy", "/nonexistent.yaml"])?;
+    assert!(!ok && stderr.contains("cannot read policy file /nonexistent.yaml"), "{stderr}");
+
     let taken = TcpListener::bind("127.0.0.1:0")?;
     let port = taken.local_addr()?.port().to_string();
-    let (ok, stderr) = run_agent(&["run", "--cgroup", sandbox.path_str(), "--listen-port", &port])?;
+    let (ok, stderr) = run_agent(&["run", "--cgroup", sandbox.path_str(), "--listen-port", &port, "--policy", policy_path])?;
     assert!(!ok && stderr.contains("already in use"), "{stderr}");
     let pins = Path::new("/sys/fs/bpf/sandbox-egress").join(std::fs::metadata(&sandbox.path)?.ino().to_string());
     assert!(!pins.exists(), "a failed start left pins at {}", pins.display());
@@ -288,7 +326,7 @@ fn run_reports_clear_errors() -> Result<()> {
     let output = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(agent_bin())
-        .args(["run", "--cgroup", sandbox.path_str()])
+        .args(["run", "--cgroup", sandbox.path_str(), "--policy", policy_path])
         .output()
         .context("setpriv")?;
     let stderr = String::from_utf8_lossy(&output.stderr);

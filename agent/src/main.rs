@@ -1,12 +1,15 @@
 //! sandbox-egress: transparent egress proxy for sandbox cgroups.
 
 mod logging;
+mod http1;
 mod policy;
 mod sniff;
 mod preflight;
 mod proxy;
 mod redirect;
 mod relay;
+mod resolve;
+mod ssrf;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
@@ -27,6 +30,9 @@ struct Cli {
 enum Command {
     /// Redirect every TCP connect of a cgroup v2 to this agent and relay it.
     Run(RunArgs),
+    /// Validate or try out a policy file offline.
+    #[command(subcommand)]
+    Policy(policy::cli::PolicyCommand),
     /// Remove the agent's programs from a cgroup (its connects go direct again).
     Detach {
         /// The sandbox's cgroup v2 directory.
@@ -40,18 +46,27 @@ struct RunArgs {
     /// The sandbox's cgroup v2 directory.
     #[arg(long)]
     cgroup: PathBuf,
+    /// Network policy file (OpenShell schema; see policies/). Reloaded on SIGHUP and on change.
+    #[arg(long)]
+    policy: PathBuf,
     /// Port of the loopback listener connects are redirected to (0: any free port).
     #[arg(long, default_value_t = 15001)]
     listen_port: u16,
-    /// Loopback port the sandbox may reach (repeatable); all others are denied.
-    #[arg(long = "allow-loopback-port", value_name = "PORT")]
-    allowed_loopback_ports: Vec<u16>,
+    /// DNS server the agent asks when it checks host names (default: /etc/resolv.conf).
+    #[arg(long, value_name = "IP:PORT")]
+    dns_server: Option<std::net::SocketAddr>,
     /// Connections relayed at once; beyond this new connections are refused.
     #[arg(long, default_value_t = 4096)]
     max_connections: usize,
     /// Time allowed to connect to the original destination.
     #[arg(long, value_parser = parse_millis, default_value = "10000", value_name = "MS")]
     connect_timeout: Duration,
+    /// Silence longer than this makes a stream "server speaks first" (SSH, SMTP...).
+    #[arg(long, value_parser = parse_millis, default_value = "300", value_name = "MS")]
+    first_byte_timeout: Duration,
+    /// Time for a whole TLS ClientHello or HTTP request head, from its first byte.
+    #[arg(long, value_parser = parse_millis, default_value = "10000", value_name = "MS")]
+    head_timeout: Duration,
     /// Level of the eBPF programs' own traces (redirect decisions are `debug`).
     #[arg(long, value_enum, default_value_t = redirect::EbpfLogLevel::Info)]
     ebpf_log_level: redirect::EbpfLogLevel,
@@ -69,6 +84,7 @@ fn main() -> ExitCode {
     logging::init(cli.log_format);
     let outcome = match cli.command {
         Command::Run(args) => run(args),
+        Command::Policy(command) => policy::cli::run(command),
         Command::Detach { cgroup } => detach(&cgroup),
     };
     match outcome {
@@ -84,19 +100,21 @@ fn main() -> ExitCode {
 fn run(args: RunArgs) -> Result<()> {
     preflight::require_root("run")?;
     let cgroup = preflight::cgroup_v2_dir(&args.cgroup)?;
+    let policies = proxy::PolicyStore::load(&args.policy)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         // Bind before touching the cgroup, so a taken port fails without side effects.
         let listeners = proxy::Listeners::bind(args.listen_port).await?;
+        let resolver = resolve::Resolver::new(args.dns_server)?;
         preflight::ensure_bpffs()?;
         let redirect = redirect::Redirect::attach(&cgroup, listeners.port(), args.ebpf_log_level)?;
         let config = proxy::Config {
             listen_port: listeners.port(),
-            allowed_loopback_ports: args.allowed_loopback_ports,
             max_connections: args.max_connections,
             connect_timeout: args.connect_timeout,
+            sniff: sniff::Limits { first_byte_timeout: args.first_byte_timeout, head_timeout: args.head_timeout },
         };
-        proxy::serve(listeners, redirect, config, &cgroup).await
+        proxy::serve(listeners, redirect, config, policies, resolver, &cgroup).await
     })
 }
 

@@ -9,7 +9,7 @@
 use std::{
     ffi::CString,
     io::{BufRead, BufReader},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, ChildStderr, ChildStdout, Command, Output, Stdio},
@@ -35,7 +35,7 @@ pub const WAIT: Duration = Duration::from_secs(15);
 /// The ranges test hosts live in: routed nowhere but to the test's veth
 /// while tests run, so a mistake cannot reach a real network. (Not the
 /// other documentation ranges: this VM's own uplink may sit in 192.0.2.0/24.)
-const BLACKHOLED: [&str; 2] = ["198.18.0.0/15", "2001:db8::/32"];
+const BLACKHOLED: [&str; 4] = ["198.18.0.0/15", "2001:db8::/32", "10.231.0.0/16", "fd5e:231::/32"];
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
@@ -115,13 +115,16 @@ impl Drop for Blackholes {
 
 static NEXT_NET: AtomicU32 = AtomicU32::new(1);
 
-/// A "remote" host: a network namespace behind a veth pair, with
-/// 198.18.K.2 and 2001:db8:5e:K::2 (the host side ends in ::1/.1).
+/// A "remote" host: a network namespace behind a veth pair, with public
+/// addresses 198.18.K.2 and 2001:db8:5e:K::2 and private ones 10.231.K.2 and
+/// fd5e:231:0:K::2 (the host side of each subnet ends in .1/::1).
 pub struct TestNet {
     pub netns: String,
     host_if: String,
     pub v4: Ipv4Addr,
     pub v6: Ipv6Addr,
+    pub private_v4: Ipv4Addr,
+    pub private_v6: Ipv6Addr,
     _blackholes: Blackholes,
 }
 
@@ -141,18 +144,56 @@ impl TestNet {
             host_if: host_if.clone(),
             v4: Ipv4Addr::new(198, 18, k as u8, 2),
             v6: format!("2001:db8:5e:{k:x}::2").parse()?,
+            private_v4: Ipv4Addr::new(10, 231, k as u8, 2),
+            private_v6: format!("fd5e:231:0:{k:x}::2").parse()?,
             _blackholes: blackholes,
         };
         run("ip", &["netns", "add", &netns])?;
         run("ip", &["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if, "netns", &netns])?;
-        run("ip", &["addr", "add", &format!("198.18.{k}.1/24"), "dev", &host_if])?;
-        run("ip", &["-6", "addr", "add", &format!("2001:db8:5e:{k:x}::1/64"), "dev", &host_if, "nodad"])?;
+        for subnet in [format!("198.18.{k}."), format!("10.231.{k}."), format!("2001:db8:5e:{k:x}::"), format!("fd5e:231:0:{k:x}::")] {
+            let prefix_len = if subnet.contains(':') { 64 } else { 24 };
+            add_address(None, &host_if, &format!("{subnet}1/{prefix_len}"))?;
+            add_address(Some(&netns), &ns_if, &format!("{subnet}2/{prefix_len}"))?;
+        }
         run("ip", &["link", "set", &host_if, "up"])?;
-        run("ip", &["-n", &netns, "addr", "add", &format!("198.18.{k}.2/24"), "dev", &ns_if])?;
-        run("ip", &["-n", &netns, "-6", "addr", "add", &format!("2001:db8:5e:{k:x}::2/64"), "dev", &ns_if, "nodad"])?;
         run("ip", &["-n", &netns, "link", "set", &ns_if, "up"])?;
         run("ip", &["-n", &netns, "link", "set", "lo", "up"])?;
         Ok(net)
+    }
+
+    /// A policy that allows every test port of this host, by address: its
+    /// public addresses as IP-literal endpoints, its private ones also with
+    /// `allowed_ips`, as the plain-HTTP gate wants.
+    pub fn allow_all_policy(&self) -> String {
+        let mut endpoints = String::new();
+        for host in [self.v4.to_string(), self.v6.to_string()] {
+            endpoints += &format!("      - host: \"{host}\"\n        ports: [{HTTP_PORT}, {EXCHANGE_PORT}]\n");
+        }
+        for (host, subnet) in [(self.private_v4.to_string(), format!("{}/24", self.private_v4)), (self.private_v6.to_string(), format!("{}/64", self.private_v6))] {
+            endpoints += &format!("      - host: \"{host}\"\n        ports: [{HTTP_PORT}, {EXCHANGE_PORT}]\n        allowed_ips: [\"{subnet}\"]\n");
+        }
+        format!("version: 1\nnetwork_policies:\n  test-host:\n    endpoints:\n{endpoints}")
+    }
+
+    /// Runs dnsmasq in the namespace, answering `records` (name, address)
+    /// and nothing else; the agent asks it with `--dns-server`.
+    pub fn start_dns(&self, records: &[(&str, IpAddr)]) -> Result<Dns> {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.netns, "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts"]);
+        command.args(["--no-poll", "--bind-interfaces", "--pid-file", "--port=53", "--log-facility=-"]);
+        command.arg(format!("--listen-address={}", self.v4));
+        for (name, ip) in records {
+            command.arg(format!("--address=/{name}/{ip}"));
+        }
+        let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().context("spawn dnsmasq")?;
+        let dns = Dns { child, server: SocketAddr::new(self.v4.into(), 53) };
+        // Ready when it answers: a plain UDP query would do, but TCP is simpler to probe.
+        let deadline = Instant::now() + WAIT;
+        while std::net::TcpStream::connect_timeout(&dns.server, Duration::from_millis(200)).is_err() {
+            ensure!(Instant::now() < deadline, "dnsmasq did not start");
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(dns)
     }
 
     /// Starts the HTTP and exchange servers inside the namespace.
@@ -171,10 +212,73 @@ impl TestNet {
     }
 }
 
+/// IPv6 addresses skip duplicate address detection so they work at once.
+fn add_address(netns: Option<&str>, device: &str, cidr: &str) -> Result<()> {
+    let mut args = vec![];
+    if let Some(netns) = netns {
+        args.extend(["-n", netns]);
+    }
+    args.extend(["addr", "add", cidr, "dev", device]);
+    if cidr.contains(':') {
+        args.push("nodad");
+    }
+    run("ip", &args).map(drop)
+}
+
 impl Drop for TestNet {
     fn drop(&mut self) {
         run_quiet("ip", &["netns", "del", &self.netns]);
         run_quiet("ip", &["link", "del", &self.host_if]);
+    }
+}
+
+pub struct Dns {
+    child: Child,
+    pub server: SocketAddr,
+}
+
+impl Dns {
+    /// The agent argument that makes it ask this server.
+    pub fn agent_args(&self) -> [String; 2] {
+        ["--dns-server".into(), self.server.to_string()]
+    }
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+static NEXT_POLICY: AtomicU32 = AtomicU32::new(1);
+
+/// A policy file for the agent, removed on drop; `write` replaces it (the
+/// agent reloads on change).
+pub struct PolicyFile {
+    pub path: PathBuf,
+}
+
+impl PolicyFile {
+    pub fn new(yaml: &str) -> Result<Self> {
+        let n = NEXT_POLICY.fetch_add(1, Ordering::Relaxed);
+        let file = Self { path: std::env::temp_dir().join(format!("se-test-{}-policy-{n}.yaml", std::process::id())) };
+        file.write(yaml)?;
+        Ok(file)
+    }
+
+    /// Atomically, so the agent never reads half a file.
+    pub fn write(&self, yaml: &str) -> Result<()> {
+        let staged = self.path.with_extension("staged");
+        std::fs::write(&staged, yaml)?;
+        std::fs::rename(&staged, &self.path)?;
+        Ok(())
+    }
+}
+
+impl Drop for PolicyFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -317,13 +421,14 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn start(sandbox: &Sandbox, extra_args: &[&str]) -> Result<Self> {
-        Self::start_with_env(sandbox, extra_args, &[])
+    pub fn start(sandbox: &Sandbox, policy: &PolicyFile, extra_args: &[&str]) -> Result<Self> {
+        Self::start_with_env(sandbox, policy, extra_args, &[])
     }
 
-    pub fn start_with_env(sandbox: &Sandbox, extra_args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+    pub fn start_with_env(sandbox: &Sandbox, policy: &PolicyFile, extra_args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
         let mut child = Command::new(agent_bin())
-            .args(["--log-format", "json", "run", "--cgroup", sandbox.path_str(), "--listen-port", "0"])
+            .args(["--log-format", "json", "run", "--cgroup", sandbox.path_str(), "--listen-port", "0", "--policy"])
+            .arg(&policy.path)
             .args(extra_args)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
@@ -391,6 +496,13 @@ pub fn curl(sandbox: Option<&Sandbox>, url: &str) -> Result<(u32, Output)> {
         None => Command::new("curl"),
     };
     command.args(["-sS", "--noproxy", "*", "-m", "10", "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{size_request} %{size_header}", url]);
+    spawn_and_wait(command)
+}
+
+/// Runs sandboxed curl printing the response body (error bodies included); returns (pid, output).
+pub fn curl_body(sandbox: &Sandbox, url: &str) -> Result<(u32, Output)> {
+    let mut command = sandbox.command("curl");
+    command.args(["-sS", "--noproxy", "*", "-m", "10", url]);
     spawn_and_wait(command)
 }
 

@@ -65,7 +65,7 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
         for piece in pattern(n):
             self.wfile.write(piece)
         emit(kind="http", peer=self.client_address[0], path=self.path, status=200,
-             host=self.headers.get("Host"), user_agent=self.headers.get("User-Agent"))
+             host=self.headers.get("Host"), user_agent=self.headers.get("User-Agent"), via=self.headers.get("Via"))
 
     def log_message(self, *args):
         pass

@@ -3,7 +3,7 @@
 //! cgroup know nothing about proxies, yet every connect goes through the agent.
 
 use anyhow::{ensure, Result};
-use e2e::{curl, exchange, url_host, Agent, Sandbox, TestNet, HTTP_PORT};
+use e2e::{curl, exchange, url_host, Agent, PolicyFile, Sandbox, TestNet, HTTP_PORT};
 use serde_json::Value;
 
 pub fn run() -> Result<()> {
@@ -15,12 +15,17 @@ pub fn run() -> Result<()> {
     let net = TestNet::new()?;
     let _servers = net.start_servers()?;
     let sandbox = Sandbox::new("demo")?;
-    step(&format!("remote server at {} and {} (network namespace {})", net.v4, net.v6, net.netns));
-    step(&format!("sandbox cgroup {}; starting {} run --cgroup ...", sandbox.path.display(), agent_bin.display()));
-    let mut agent = Agent::start(&sandbox, &[])?;
+    let policy = PolicyFile::new(&net.allow_all_policy())?;
+    step(&format!(
+        "remote server at {} and {} (private), {} (public), in network namespace {}",
+        net.private_v4, net.private_v6, net.v4, net.netns
+    ));
+    println!("    policy {}:\n{}", policy.path.display(), indent(&std::fs::read_to_string(&policy.path)?));
+    step(&format!("sandbox cgroup {}; starting {} run --cgroup ... --policy ...", sandbox.path.display(), agent_bin.display()));
+    let mut agent = Agent::start(&sandbox, &policy, &[])?;
     println!("    agent listening on 127.0.0.1:{0} and [::1]:{0}", agent.port);
 
-    for ip in [url_host(net.v4.into()), url_host(net.v6.into())] {
+    for ip in [url_host(net.private_v4.into()), url_host(net.private_v6.into())] {
         let url = format!("http://{ip}:{HTTP_PORT}/bytes/1048576");
         step(&format!("sandboxed `curl {url}` (no proxy variables)"));
         let (pid, output) = curl(Some(&sandbox), &url)?;
@@ -34,6 +39,12 @@ pub fn run() -> Result<()> {
     println!("    client: {}", String::from_utf8_lossy(&output.stdout).trim());
     println!("    agent: {}", describe_connection(&agent.wait_connection_of(pid)?));
 
+    let url = format!("http://{}:{HTTP_PORT}/bytes/10", net.v4);
+    step(&format!("sandboxed plain HTTP to a public address is refused: `curl {url}`"));
+    let (pid, output) = e2e::curl_body(&sandbox, &url)?;
+    println!("    curl: {}", String::from_utf8_lossy(&output.stdout).trim());
+    println!("    agent: {}", describe_connection(&agent.wait_connection_of(pid)?));
+
     step("the same curl from outside the sandbox is not intercepted");
     let (pid, output) = curl(None, &format!("http://{}:{HTTP_PORT}/bytes/10", net.v4))?;
     println!("    curl: {}", describe_curl(&output));
@@ -42,13 +53,13 @@ pub fn run() -> Result<()> {
 
     step("SIGKILL the agent: the sandbox fails closed");
     agent.kill();
-    let (_, output) = curl(Some(&sandbox), &format!("http://{}:{HTTP_PORT}/bytes/10", net.v4))?;
+    let (_, output) = curl(Some(&sandbox), &format!("http://{}:{HTTP_PORT}/bytes/10", net.private_v4))?;
     println!("    curl: {}", describe_curl(&output));
     ensure!(!output.status.success(), "the sandbox reached the server with the agent dead");
 
     step("restart the agent: it replaces the pinned links and interception resumes");
-    let agent = Agent::start(&sandbox, &[])?;
-    let (pid, output) = curl(Some(&sandbox), &format!("http://{}:{HTTP_PORT}/bytes/10", net.v4))?;
+    let agent = Agent::start(&sandbox, &policy, &[])?;
+    let (pid, output) = curl(Some(&sandbox), &format!("http://{}:{HTTP_PORT}/bytes/10", net.private_v4))?;
     println!("    curl: {}", describe_curl(&output));
     println!("    agent: {}", describe_connection(&agent.wait_connection_of(pid)?));
 
@@ -71,12 +82,18 @@ fn describe_curl(output: &std::process::Output) -> String {
     }
 }
 
+fn indent(text: &str) -> String {
+    text.lines().map(|line| format!("      {line}")).collect::<Vec<_>>().join("\n")
+}
+
 fn describe_connection(log: &Value) -> String {
+    let reason = log["reason"].as_str().map(|reason| format!(": {reason}")).unwrap_or_default();
     format!(
-        "pid {} {} -> {} {} ({} B up, {} B down, {:.1} ms)",
+        "pid {} {} -> {} {} {}{reason} ({} B up, {} B down, {:.1} ms)",
         log["pid"],
         log["exe"].as_str().unwrap_or("?"),
         log["destination"].as_str().unwrap_or("?"),
+        log["protocol"].as_str().unwrap_or("?"),
         log["verdict"].as_str().unwrap_or("?"),
         log["bytes_up"],
         log["bytes_down"],

@@ -1,20 +1,76 @@
-//! One redirected connection, from accept to its close log line.
+//! One redirected connection, from accept to its close log line:
+//! attribute -> sniff -> decide -> relay (or refuse).
 
-use std::{
-    net::SocketAddr,
-    sync::atomic::Ordering,
-    time::Instant,
+use std::{net::SocketAddr, sync::atomic::Ordering, time::Instant};
+
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+
+use super::{
+    decide::{Allowed, Decider, Denial, Verdict},
+    http_proxy::{self, HttpMode},
+    origin::Origin,
+    respond, Config, Stats,
 };
-
-use tokio::net::TcpStream;
-
-use super::{origin::Origin, Config, Stats};
-use crate::{redirect::Redirect, relay};
+use crate::{
+    redirect::Redirect,
+    relay::{self, Prefill},
+    sniff::{self, host::Host, http::TargetForm, StreamKind},
+};
 
 pub struct Shared {
     pub redirect: Redirect,
     pub config: Config,
     pub stats: Stats,
+    pub decider: Decider,
+}
+
+/// Everything the close log line says about a connection, filled in as it goes.
+#[derive(Default)]
+pub struct CloseLog {
+    pub verdict: &'static str,
+    pub reason: Option<String>,
+    /// tls, http, connect, opaque, silent, closed, invalid.
+    pub protocol: &'static str,
+    pub host: Option<String>,
+    pub upstream: Option<SocketAddr>,
+    pub policy: Option<String>,
+    pub generation: Option<u64>,
+    pub audit: Option<String>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub error: Option<String>,
+}
+
+impl CloseLog {
+    /// Records the decision; returns the allowance if there is one.
+    pub fn decided(&mut self, verdict: Verdict) -> Result<Allowed, Denial> {
+        self.generation = Some(verdict.generation);
+        match verdict.outcome {
+            Ok(allowed) => {
+                self.upstream = Some(allowed.upstream);
+                self.policy.clone_from(&allowed.policy);
+                self.audit.clone_from(&allowed.audit);
+                Ok(allowed)
+            }
+            Err(denial) => {
+                self.verdict = "denied";
+                self.reason = Some(denial.reason.clone());
+                Err(denial)
+            }
+        }
+    }
+
+    pub fn relayed(&mut self, outcome: relay::Outcome) {
+        self.verdict = "relayed";
+        self.bytes_up += outcome.bytes_up;
+        self.bytes_down += outcome.bytes_down;
+        self.error = outcome.error.map(|error| error.to_string());
+    }
+
+    pub fn upstream_failed(&mut self, reason: String) {
+        self.verdict = "upstream_failed";
+        self.reason = Some(reason);
+    }
 }
 
 pub async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) {
@@ -25,22 +81,20 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) {
         return;
     };
     let origin = Origin::from_record(&record);
-
-    let (verdict, reason, outcome) = match check_destination(origin.destination, &shared.config) {
-        Err(reason) => ("denied", Some(reason), relay::Outcome::default()),
-        Ok(()) => match connect_upstream(origin.destination, &shared.config).await {
-            Err(reason) => ("upstream_failed", Some(reason), relay::Outcome::default()),
-            Ok(upstream) => {
-                let _ = client.set_nodelay(true);
-                ("relayed", None, relay::relay(client, upstream).await)
-            }
-        },
-    };
+    let _ = client.set_nodelay(true);
+    let mut log = CloseLog::default();
+    if is_own_listener(origin.destination, shared.config.listen_port) {
+        explicit(client, &origin, shared, &mut log).await;
+    } else {
+        transparent(client, &origin, shared, &mut log).await;
+    }
 
     tracing::info!(
         event = "connection",
-        verdict,
-        reason,
+        verdict = log.verdict,
+        reason = log.reason,
+        protocol = log.protocol,
+        host = log.host,
         pid = origin.pid,
         exe = origin.exe.as_ref().map(|exe| exe.display().to_string()),
         comm = origin.comm,
@@ -48,37 +102,176 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) {
         cgroup_id = origin.cgroup_id,
         client = %peer,
         destination = %origin.destination,
-        bytes_up = outcome.bytes_up,
-        bytes_down = outcome.bytes_down,
+        upstream = log.upstream.map(|upstream| upstream.to_string()),
+        policy = log.policy,
+        policy_generation = log.generation,
+        audit = log.audit,
+        bytes_up = log.bytes_up,
+        bytes_down = log.bytes_down,
         duration_ms = started.elapsed().as_secs_f64() * 1e3,
-        error = outcome.error.map(|error| error.to_string()),
+        error = log.error,
     );
 }
 
-/// Destinations that are never relayed whatever the policy says.
-fn check_destination(destination: SocketAddr, config: &Config) -> Result<(), String> {
-    let ip = destination.ip().to_canonical();
-    if ip.is_unspecified() || destination.port() == 0 {
-        return Err(format!("{destination} is not a valid destination"));
-    }
-    if ip.is_loopback() {
-        if destination.port() == config.listen_port {
-            return Err("the agent's own listener is not a destination".into());
-        }
-        if !config.allowed_loopback_ports.contains(&destination.port()) {
-            return Err(format!("loopback port {} is not allowed (see --allow-loopback-port)", destination.port()));
-        }
-    }
-    Ok(())
+fn is_own_listener(destination: SocketAddr, listen_port: u16) -> bool {
+    destination.ip().to_canonical().is_loopback() && destination.port() == listen_port
 }
 
-async fn connect_upstream(destination: SocketAddr, config: &Config) -> Result<TcpStream, String> {
-    match tokio::time::timeout(config.connect_timeout, TcpStream::connect(destination)).await {
-        Err(_) => Err(format!("connect to {destination} timed out after {:?}", config.connect_timeout)),
-        Ok(Err(error)) => Err(format!("connect to {destination} failed: {error}")),
+/// A connect to some destination, redirected here by the kernel.
+async fn transparent(mut client: TcpStream, origin: &Origin, shared: &Shared, log: &mut CloseLog) {
+    let destination = origin.destination;
+    if destination.ip().is_unspecified() || destination.port() == 0 {
+        log.verdict = "denied";
+        log.reason = Some(format!("{destination} is not a valid destination"));
+        return;
+    }
+    let sniffed = sniff::sniff(&mut client, &shared.config.sniff).await;
+    let host = match sniffed.kind {
+        StreamKind::Closed => {
+            log.protocol = "closed";
+            log.verdict = "closed";
+            return;
+        }
+        StreamKind::Http(head) => {
+            log.protocol = "http";
+            let mode = HttpMode::Transparent { destination };
+            return http_proxy::serve(client, sniffed.buffered, head, mode, origin, shared, log).await;
+        }
+        StreamKind::Invalid { protocol: "http", reason } if looks_like_http(&sniffed.buffered) => {
+            log.protocol = "http";
+            return bad_request(client, log, reason).await;
+        }
+        StreamKind::Invalid { protocol: "tls", reason } => {
+            log.protocol = "tls";
+            log.verdict = "denied";
+            log.reason = Some(format!("invalid TLS ClientHello: {reason}"));
+            return reset(client);
+        }
+        StreamKind::Tls(hello) => {
+            log.protocol = "tls";
+            hello.sni
+        }
+        // Not HTTP nor TLS (including text protocols that start with a
+        // letter, like SSH banners): decided on the destination alone.
+        StreamKind::Opaque | StreamKind::Invalid { .. } => {
+            log.protocol = "opaque";
+            None
+        }
+        StreamKind::Silent => {
+            log.protocol = "silent";
+            None
+        }
+    };
+    log.host.clone_from(&host);
+    let verdict = shared.decider.stream(origin, host.as_deref(), destination).await;
+    match log.decided(verdict) {
+        Ok(allowed) => relay_to(client, allowed.upstream, Prefill { to_upstream: sniffed.buffered, ..Prefill::default() }, shared, log).await,
+        Err(_) => reset(client),
+    }
+}
+
+/// A connect to the agent's own listener: an explicit proxy request
+/// (`CONNECT host:port`, or an absolute-form `GET http://host/...`).
+async fn explicit(mut client: TcpStream, origin: &Origin, shared: &Shared, log: &mut CloseLog) {
+    let mut sniffed = sniff::sniff(&mut client, &shared.config.sniff).await;
+    let head = match sniffed.kind {
+        StreamKind::Http(head) => head,
+        StreamKind::Invalid { protocol: "http", reason } => {
+            log.protocol = "http";
+            return bad_request(client, log, reason).await;
+        }
+        _ => {
+            log.protocol = "invalid";
+            log.verdict = "denied";
+            log.reason = Some("the agent's own listener only takes HTTP proxy requests (CONNECT or absolute-form)".into());
+            return reset(client);
+        }
+    };
+    match (head.form, head.authority.clone()) {
+        (TargetForm::Authority, Some(authority)) => {
+            log.protocol = "connect";
+            let host = authority.host.to_string();
+            let port = authority.port.unwrap_or_default();
+            log.host = Some(host.clone());
+            let target = match &authority.host {
+                Host::Name(name) => name.clone(),
+                Host::Ip(ip) => ip.to_string(),
+            };
+            let verdict = shared.decider.connect(origin, &target, port).await;
+            match log.decided(verdict) {
+                Err(denial) => deny_http(client, &format!("CONNECT {host}:{port}"), &denial).await,
+                Ok(allowed) => {
+                    let Some(upstream) = connect_upstream(allowed.upstream, shared, log).await else {
+                        let detail = format!("CONNECT {host}:{port}");
+                        let reason = log.reason.clone().unwrap_or_default();
+                        let body = respond::ErrorBody { error: "upstream_failed", detail: &detail, reason: &reason, address_class: None };
+                        return respond::error(&mut client, 502, &body).await;
+                    };
+                    if let Err(error) = client.write_all(respond::CONNECT_ESTABLISHED).await {
+                        log.error = Some(error.to_string());
+                        return;
+                    }
+                    // Bytes after the CONNECT head already belong to the tunnel.
+                    let tunnel_start = sniffed.buffered.split_off(head.head_len);
+                    log.relayed(relay::relay(client, upstream, Prefill { to_upstream: tunnel_start, ..Prefill::default() }).await);
+                }
+            }
+        }
+        (TargetForm::Absolute, Some(_)) => {
+            log.protocol = "http";
+            http_proxy::serve(client, sniffed.buffered, head, HttpMode::Explicit, origin, shared, log).await;
+        }
+        _ => {
+            log.protocol = "http";
+            bad_request(client, log, "this is an egress proxy: send CONNECT host:port or an absolute-form request".into()).await;
+        }
+    }
+}
+
+/// A request line that says HTTP/1.x, so the client expects an HTTP answer.
+fn looks_like_http(buffered: &[u8]) -> bool {
+    let first_line = buffered.split(|&b| b == b'\n').next().unwrap_or_default();
+    first_line.windows(7).any(|window| window == b" HTTP/1")
+}
+
+pub async fn bad_request(mut client: TcpStream, log: &mut CloseLog, reason: String) {
+    log.verdict = "denied";
+    let body = respond::ErrorBody { error: "bad_request", detail: "malformed HTTP request", reason: &reason, address_class: None };
+    respond::error(&mut client, 400, &body).await;
+    log.reason = Some(reason);
+}
+
+/// A 403 with the decision's reason; `what` is e.g. `CONNECT h:p` or `GET h:p`.
+pub async fn deny_http<W: tokio::io::AsyncWrite + Unpin>(mut client: W, what: &str, denial: &Denial) {
+    let detail = format!("{what} not permitted by policy");
+    let body = respond::ErrorBody { error: denial.kind, detail: &detail, reason: &denial.reason, address_class: denial.address_class };
+    respond::error(&mut client, 403, &body).await;
+}
+
+/// Closes with a reset: a TLS or opaque client gets no readable answer, and
+/// a RST tells it at once that the connection was refused.
+fn reset(client: TcpStream) {
+    // Deprecated because a non-zero linger blocks on drop; zero resets at once.
+    #[allow(deprecated)]
+    let _ = client.set_linger(Some(std::time::Duration::ZERO));
+}
+
+pub async fn connect_upstream(upstream: SocketAddr, shared: &Shared, log: &mut CloseLog) -> Option<TcpStream> {
+    let timeout = shared.config.connect_timeout;
+    let reason = match tokio::time::timeout(timeout, TcpStream::connect(upstream)).await {
         Ok(Ok(stream)) => {
             let _ = stream.set_nodelay(true);
-            Ok(stream)
+            return Some(stream);
         }
+        Ok(Err(error)) => format!("connect to {upstream} failed: {error}"),
+        Err(_) => format!("connect to {upstream} timed out after {timeout:?}"),
+    };
+    log.upstream_failed(reason);
+    None
+}
+
+async fn relay_to(client: TcpStream, upstream: SocketAddr, prefill: Prefill, shared: &Shared, log: &mut CloseLog) {
+    if let Some(upstream) = connect_upstream(upstream, shared, log).await {
+        log.relayed(relay::relay(client, upstream, prefill).await);
     }
 }

@@ -1,7 +1,11 @@
 //! The userspace proxy: accept -> attribute -> decide -> relay.
 
 mod connection;
+mod decide;
+mod http_proxy;
 mod origin;
+mod policy_store;
+mod respond;
 
 use std::{
     io,
@@ -20,17 +24,19 @@ use tokio::{
     sync::{watch, Semaphore},
 };
 
-use crate::{preflight::Cgroup, redirect::Redirect};
+use crate::{preflight::Cgroup, redirect::Redirect, resolve::Resolver};
 
 /// How long in-flight connections may finish after SIGINT/SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const LISTEN_BACKLOG: u32 = 4096;
 
+pub use policy_store::PolicyStore;
+
 pub struct Config {
     pub listen_port: u16,
-    pub allowed_loopback_ports: Vec<u16>,
     pub max_connections: usize,
     pub connect_timeout: Duration,
+    pub sniff: crate::sniff::Limits,
 }
 
 /// The loopback listeners connects are redirected to: 127.0.0.1:P for IPv4
@@ -80,11 +86,20 @@ pub struct Stats {
     pub over_limit: AtomicU64,
 }
 
-pub async fn serve(listeners: Listeners, redirect: Redirect, config: Config, cgroup: &Cgroup) -> Result<()> {
+pub async fn serve(
+    listeners: Listeners,
+    redirect: Redirect,
+    config: Config,
+    policies: PolicyStore,
+    resolver: Resolver,
+    cgroup: &Cgroup,
+) -> Result<()> {
+    policies.spawn_watch()?;
     let shared = Arc::new(connection::Shared {
         redirect,
         config,
         stats: Stats::default(),
+        decider: decide::Decider { policies, resolver },
     });
     // Installed before "ready": a signal right after it must not kill the agent.
     let shutdown_signal = shutdown_signal()?;

@@ -7,6 +7,9 @@ use std::{
 
 use agent_common::ConnectRecord;
 
+/// Ancestors looked at for `binaries` rules; deeper chains are cut here.
+const MAX_ANCESTORS: usize = 16;
+
 pub struct Origin {
     /// The destination the sandboxed process asked for.
     pub destination: SocketAddr,
@@ -16,6 +19,10 @@ pub struct Origin {
     pub comm: String,
     /// `/proc/<pid>/exe` at accept time; `None` if the process already exited.
     pub exe: Option<PathBuf>,
+    /// Executables of the parent, grandparent... (nearest first), up to but
+    /// excluding pid 1. The pid comes from the kernel's record, never from
+    /// anything the sandbox sends.
+    pub ancestors: Vec<PathBuf>,
 }
 
 impl Origin {
@@ -30,7 +37,36 @@ impl Origin {
             uid: record.uid,
             cgroup_id: record.cgroup_id,
             comm: String::from_utf8_lossy(&record.comm[..comm_len]).into_owned(),
-            exe: std::fs::read_link(format!("/proc/{}/exe", record.tgid)).ok(),
+            exe: exe_of(record.tgid),
+            ancestors: ancestors_of(record.tgid),
         }
     }
+}
+
+fn exe_of(pid: u32) -> Option<PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/exe")).ok()
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": comm may contain spaces and parentheses.
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    after_comm.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn ancestors_of(pid: u32) -> Vec<PathBuf> {
+    let mut ancestors = Vec::new();
+    let mut current = pid;
+    while ancestors.len() < MAX_ANCESTORS {
+        match parent_of(current) {
+            Some(parent) if parent > 1 => {
+                if let Some(exe) = exe_of(parent) {
+                    ancestors.push(exe);
+                }
+                current = parent;
+            }
+            _ => break,
+        }
+    }
+    ancestors
 }

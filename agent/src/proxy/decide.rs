@@ -1,0 +1,227 @@
+//! Decisions: the Rego policy, plus the checks the agent makes itself
+//! whatever the policy says (sensitive addresses, host/address consistency,
+//! the private-IP gate for plain HTTP).
+
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+
+use super::{origin::Origin, policy_store::PolicyStore};
+use crate::{
+    policy::{Decision, Request},
+    resolve::Resolver,
+    ssrf::{sensitive_address_allowed, AddressClass},
+};
+
+pub struct Decider {
+    pub policies: PolicyStore,
+    pub resolver: Resolver,
+}
+
+/// Why a connection was refused; `kind` is the JSON `error` of a 403.
+#[derive(Debug)]
+pub struct Denial {
+    pub kind: &'static str,
+    pub reason: String,
+    pub address_class: Option<&'static str>,
+}
+
+impl Denial {
+    fn policy(reason: String) -> Self {
+        Self { kind: "policy_denied", reason, address_class: None }
+    }
+
+    fn ssrf(ip: IpAddr, reason: String) -> Self {
+        Self { kind: "ssrf_denied", reason, address_class: Some(AddressClass::of(ip).name()) }
+    }
+
+    fn mismatch(reason: String) -> Self {
+        Self { kind: "host_mismatch", reason, address_class: None }
+    }
+
+    pub fn unresolved(reason: String) -> Self {
+        Self { kind: "policy_denied", reason, address_class: None }
+    }
+}
+
+#[derive(Debug)]
+pub struct Allowed {
+    /// The address to connect to: always one the checks ran on.
+    pub upstream: SocketAddr,
+    pub policy: Option<String>,
+    /// Set when only an `enforcement: audit` endpoint let it through: what would have denied.
+    pub audit: Option<String>,
+}
+
+pub struct Verdict {
+    pub outcome: Result<Allowed, Denial>,
+    /// Which policy generation decided (it changes on every reload).
+    pub generation: u64,
+}
+
+impl Decider {
+    /// A stream relayed to the destination the sandbox chose: TLS (host from
+    /// SNI) or opaque TCP (no host).
+    pub async fn stream(&self, origin: &Origin, host: Option<&str>, destination: SocketAddr) -> Verdict {
+        let (generation, decision) = self.evaluate(origin, host, Some(destination.ip()), destination.port());
+        let outcome = async {
+            let allowed = allowed_by_policy(decision)?;
+            allowed.check_sensitive(destination.ip())?;
+            if let Some(host) = host {
+                self.check_consistent(host, destination.ip()).await?;
+            }
+            Ok(allowed.to(destination))
+        };
+        Verdict { outcome: outcome.await, generation }
+    }
+
+    /// An explicit `CONNECT host:port`: the agent resolves the host and
+    /// connects to an address it checked.
+    pub async fn connect(&self, origin: &Origin, host: &str, port: u16) -> Verdict {
+        let addresses = match self.resolver.lookup(host).await {
+            Ok(addresses) => addresses,
+            Err(reason) => return self.unresolved(reason),
+        };
+        let mut last = None;
+        for ip in addresses {
+            let (generation, decision) = self.evaluate(origin, Some(host), Some(ip), port);
+            let outcome = allowed_by_policy(decision).and_then(|allowed| {
+                allowed.check_sensitive(ip)?;
+                Ok(allowed.to(SocketAddr::new(ip, port)))
+            });
+            if outcome.is_ok() {
+                return Verdict { outcome, generation };
+            }
+            last = Some(Verdict { outcome, generation });
+        }
+        last.expect("lookup returns at least one address")
+    }
+
+    /// The private-IP gate: plain HTTP is forwarded only when the policy
+    /// allows the host, its endpoint lists `allowed_ips`, and every address
+    /// the host resolves to is private (or an explicitly listed sensitive
+    /// address) and inside `allowed_ips`. `destination` is the address the
+    /// sandbox connected to (transparent) or `None` (explicit proxy request).
+    pub async fn plain_http(&self, origin: &Origin, host: &str, port: u16, destination: Option<IpAddr>) -> Verdict {
+        let (generation, decision) = self.evaluate(origin, Some(host), destination, port);
+        let outcome = async {
+            let allowed = allowed_by_policy(decision)?;
+            let addresses = self.resolver.lookup(host).await.map_err(Denial::unresolved)?;
+            if let Some(destination) = destination {
+                if !addresses.contains(&destination) {
+                    return Err(mismatch(host, destination));
+                }
+            }
+            if allowed.allowed_ips.is_empty() {
+                return Err(Denial::ssrf(
+                    addresses[0],
+                    format!("plain HTTP to {host}:{port} is forwarded only to endpoints that list allowed_ips"),
+                ));
+            }
+            for &ip in &addresses {
+                allowed.check_sensitive(ip)?;
+                let class = AddressClass::of(ip);
+                if !class.is_sensitive() && class != AddressClass::Private {
+                    return Err(Denial::ssrf(
+                        ip,
+                        format!("plain HTTP to {host}:{port} is forwarded only to private addresses, and {host} resolves to {ip} ({})", class.name()),
+                    ));
+                }
+                if !allowed.allowed_ips.iter().any(|net| net.contains(&ip.to_canonical())) {
+                    return Err(Denial::ssrf(ip, format!("{host} resolves to {ip}, which is outside the endpoint's allowed_ips")));
+                }
+            }
+            Ok(allowed.to(SocketAddr::new(destination.unwrap_or(addresses[0]), port)))
+        };
+        Verdict { outcome: outcome.await, generation }
+    }
+
+    fn evaluate(&self, origin: &Origin, host: Option<&str>, ip: Option<IpAddr>, port: u16) -> (u64, Decision) {
+        let current = self.policies.current();
+        let request = Request {
+            host,
+            ip,
+            port,
+            binary: origin.exe.as_deref(),
+            ancestors: &origin.ancestors,
+            uid: origin.uid,
+            cgroup_id: origin.cgroup_id,
+        };
+        let decision = current.policy.evaluate(&request).unwrap_or_else(|error| {
+            tracing::error!(%error, "policy evaluation failed: denying");
+            Decision {
+                allow: false,
+                audit: false,
+                policy: None,
+                reason: Some(format!("policy evaluation failed: {error}")),
+                endpoint: None,
+                matched_binary: None,
+                matched_exe: None,
+            }
+        });
+        (current.generation, decision)
+    }
+
+    fn unresolved(&self, reason: String) -> Verdict {
+        Verdict { outcome: Err(Denial::unresolved(reason)), generation: self.policies.current().generation }
+    }
+
+    /// A name the sandbox claims (SNI, Host) must stand for the address it
+    /// connected to: an allowed name must not be a ticket to any address.
+    async fn check_consistent(&self, host: &str, destination: IpAddr) -> Result<(), Denial> {
+        let addresses = self.resolver.lookup(host).await.map_err(Denial::unresolved)?;
+        if addresses.iter().any(|ip| ip.to_canonical() == destination.to_canonical()) {
+            Ok(())
+        } else {
+            Err(mismatch(host, destination))
+        }
+    }
+}
+
+fn mismatch(host: &str, destination: IpAddr) -> Denial {
+    Denial::mismatch(format!("{host} does not resolve to {destination}, the address the sandbox connected to"))
+}
+
+/// The policy's allow, before the agent's own checks pick the upstream.
+struct PolicyAllow {
+    policy: Option<String>,
+    audit: Option<String>,
+    /// The matched endpoint's, as listed.
+    allowed_ips: Vec<IpNet>,
+    /// The matched endpoint's host when it is an IP literal.
+    literal_host: Option<IpAddr>,
+}
+
+impl PolicyAllow {
+    fn to(self, upstream: SocketAddr) -> Allowed {
+        Allowed { upstream, policy: self.policy, audit: self.audit }
+    }
+
+    /// Sensitive addresses need an explicit listing: in `allowed_ips`, or as
+    /// the endpoint's own IP-literal host (`host: 127.0.0.1`).
+    fn check_sensitive(&self, ip: IpAddr) -> Result<(), Denial> {
+        let literal = self.literal_host.map(IpNet::from);
+        let listed: Vec<IpNet> = self.allowed_ips.iter().copied().chain(literal).collect();
+        if sensitive_address_allowed(ip, &listed) {
+            return Ok(());
+        }
+        let class = AddressClass::of(ip);
+        Err(Denial::ssrf(ip, format!("{ip} is a {} address and no endpoint lists it explicitly", class.name())))
+    }
+}
+
+fn allowed_by_policy(decision: Decision) -> Result<PolicyAllow, Denial> {
+    if !decision.allow {
+        return Err(Denial::policy(decision.reason.unwrap_or_else(|| "denied by policy".into())));
+    }
+    let (allowed_ips, literal_host) = decision
+        .endpoint
+        .map(|endpoint| (endpoint.allowed_ips, endpoint.host.and_then(|host| host.parse().ok())))
+        .unwrap_or_default();
+    Ok(PolicyAllow {
+        allowed_ips,
+        literal_host,
+        audit: decision.audit.then(|| decision.reason.unwrap_or_default()),
+        policy: decision.policy,
+    })
+}

@@ -1,0 +1,146 @@
+//! Plain HTTP/1.x, request by request: every request on a keep-alive
+//! connection is decided on its own Host (through the private-IP gate),
+//! forwarded with hop-by-hop headers stripped and a Via added, and its
+//! response relayed; a `101 Switching Protocols` turns the connection into a
+//! raw splice, bytes already read past the 101 forwarded first.
+
+use std::{net::SocketAddr, time::Duration};
+
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+
+use super::{
+    connection::{bad_request, connect_upstream, deny_http, CloseLog, Shared},
+    decide::Denial,
+    origin::Origin,
+};
+use crate::{
+    http1::{self, BodyLimits, HeadReader, ResponseLimits, ResponseOutcome},
+    relay::{self, Prefill},
+    sniff::{
+        host::Host,
+        http::{RequestHead, TargetForm},
+    },
+};
+
+const VIA: &str = "sandbox-egress";
+/// How long a keep-alive connection may sit between requests.
+const KEEP_ALIVE_IDLE: Duration = Duration::from_secs(60);
+/// Longest wait for the next bytes of a body.
+const BODY_IDLE: Duration = Duration::from_secs(60);
+/// Longest wait for a response head: servers may think (or long-poll) a while.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[derive(Clone, Copy)]
+pub enum HttpMode {
+    /// Redirected by the kernel: the upstream is the address the sandbox chose.
+    Transparent { destination: SocketAddr },
+    /// Sent to the agent's listener as a proxy request (absolute-form).
+    Explicit,
+}
+
+struct Upstream {
+    address: SocketAddr,
+    reader: HeadReader<TcpStream>,
+}
+
+pub async fn serve(
+    client: TcpStream,
+    mut buffered: Vec<u8>,
+    first: RequestHead,
+    mode: HttpMode,
+    origin: &Origin,
+    shared: &Shared,
+    log: &mut CloseLog,
+) {
+    let after_head = buffered.split_off(first.head_len);
+    let mut client = HeadReader::with_buffered(client, after_head);
+    let mut upstream: Option<Upstream> = None;
+    let mut head = first;
+    loop {
+        if head.form == TargetForm::Authority {
+            let reason = "CONNECT through another proxy is not allowed: this agent is the sandbox's proxy".to_owned();
+            log.verdict = "denied";
+            log.reason = Some(reason.clone());
+            let denial = Denial { kind: "policy_denied", reason, address_class: None };
+            return deny_http(client.into_parts().0, &format!("CONNECT {}", head.target), &denial).await;
+        }
+        let Some(authority) = head.authority.clone() else {
+            return bad_request(client.into_parts().0, log, "request without Host".into()).await;
+        };
+        let host_text = authority.host.to_string();
+        let (port, destination) = match mode {
+            HttpMode::Transparent { destination } => (authority.port.unwrap_or(destination.port()), Some(destination.ip())),
+            HttpMode::Explicit => (authority.port.unwrap_or(80), None),
+        };
+        let lookup_name = match &authority.host {
+            Host::Name(name) => name.clone(),
+            Host::Ip(ip) => ip.to_string(),
+        };
+        log.host = Some(host_text.clone());
+        let verdict = shared.decider.plain_http(origin, &lookup_name, port, destination).await;
+        let allowed = match log.decided(verdict) {
+            Ok(allowed) => allowed,
+            Err(denial) => {
+                let (stream, _) = client.into_parts();
+                return deny_http(stream, &format!("{} {host_text}:{port}", head.method), &denial).await;
+            }
+        };
+        // A keep-alive request for another address needs another upstream.
+        if upstream.as_ref().map(|u| u.address) != Some(allowed.upstream) {
+            let Some(stream) = connect_upstream(allowed.upstream, shared, log).await else {
+                let (mut stream, _) = client.into_parts();
+                let reason = log.reason.clone().unwrap_or_default();
+                let detail = format!("{} {host_text}:{port}", head.method);
+                let body = super::respond::ErrorBody { error: "upstream_failed", detail: &detail, reason: &reason, address_class: None };
+                return super::respond::error(&mut stream, 502, &body).await;
+            };
+            upstream = Some(Upstream { address: allowed.upstream, reader: HeadReader::new(stream) });
+        }
+        let up = upstream.as_mut().expect("connected above");
+
+        let forwarded_head = http1::forward_request_head(&head, matches!(mode, HttpMode::Explicit), VIA);
+        let exchange = async {
+            up.reader.get_mut().write_all(&forwarded_head).await?;
+            log.bytes_up += forwarded_head.len() as u64;
+            let body_limits = BodyLimits { max_body: None, idle: BODY_IDLE };
+            log.bytes_up += http1::copy_body(&mut client, up.reader.get_mut(), http1::request_framing(&head), &body_limits).await?;
+            let response_limits = ResponseLimits { head_timeout: RESPONSE_TIMEOUT, body: body_limits };
+            http1::forward_responses(&mut up.reader, client.get_mut(), &head, VIA, &response_limits).await
+        };
+        match exchange.await {
+            Err(error) => {
+                log.verdict = "relayed";
+                log.error = Some(error.to_string());
+                return;
+            }
+            Ok(ResponseOutcome::SwitchingProtocols { head_bytes }) => {
+                log.bytes_down += head_bytes;
+                let upstream = upstream.take().expect("connected above");
+                let (upstream_stream, to_client) = upstream.reader.into_parts();
+                let (client_stream, to_upstream) = client.into_parts();
+                log.protocol = "http-upgrade";
+                return log.relayed(relay::relay(client_stream, upstream_stream, Prefill { to_upstream, to_client }).await);
+            }
+            Ok(ResponseOutcome::Complete { close, head_bytes, body_bytes, .. }) => {
+                log.verdict = "relayed";
+                log.bytes_down += head_bytes + body_bytes;
+                if close {
+                    return;
+                }
+            }
+        }
+        head = match client.read_request_head(KEEP_ALIVE_IDLE, shared.config.sniff.head_timeout).await {
+            Ok(Some(next)) => next,
+            // The client closed, or left a keep-alive connection idle: a normal end.
+            Ok(None) => return,
+            Err(error) if error.kind() == std::io::ErrorKind::TimedOut => return,
+            Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
+                return bad_request(client.into_parts().0, log, error.to_string()).await;
+            }
+            Err(error) => {
+                log.error = Some(error.to_string());
+                return;
+            }
+        };
+    }
+}

@@ -1,0 +1,89 @@
+//! The policy in force, replaced whole on reload (SIGHUP or a change of the
+//! file). New connections use the new policy; each decision logs the
+//! generation that made it. A policy that fails to load is refused loudly and
+//! the previous one stays in force.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Result;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::policy::Policy;
+
+/// How often the policy file is checked for changes.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+pub struct Loaded {
+    pub policy: Policy,
+    pub generation: u64,
+}
+
+#[derive(Clone)]
+pub struct PolicyStore {
+    path: Arc<PathBuf>,
+    current: Arc<RwLock<Arc<Loaded>>>,
+}
+
+impl PolicyStore {
+    pub fn load(path: &Path) -> Result<Self> {
+        let policy = Policy::from_file(path)?;
+        tracing::info!(policy_file = %path.display(), generation = 1, "policy loaded");
+        Ok(Self { path: Arc::new(path.to_owned()), current: Arc::new(RwLock::new(Arc::new(Loaded { policy, generation: 1 }))) })
+    }
+
+    pub fn current(&self) -> Arc<Loaded> {
+        self.current.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    fn reload(&self, trigger: &str) {
+        match Policy::from_file(&self.path) {
+            Ok(policy) => {
+                let mut current = self.current.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let generation = current.generation + 1;
+                *current = Arc::new(Loaded { policy, generation });
+                tracing::info!(event = "policy_reloaded", trigger, generation, policy_file = %self.path.display(), "policy reloaded");
+            }
+            Err(error) => tracing::error!(
+                event = "policy_reload_failed",
+                trigger,
+                generation = self.current().generation,
+                "policy reload refused, the previous policy stays in force: {error:#}"
+            ),
+        }
+    }
+
+    /// Reloads on SIGHUP and whenever the file's modification time or size changes.
+    pub fn spawn_watch(&self) -> Result<()> {
+        let mut hangup = signal(SignalKind::hangup())?;
+        let store = self.clone();
+        let mut last_seen = file_stamp(&self.path);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(WATCH_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = hangup.recv() => {
+                        last_seen = file_stamp(&store.path);
+                        store.reload("SIGHUP");
+                    }
+                    _ = tick.tick() => {
+                        let stamp = file_stamp(&store.path);
+                        if stamp != last_seen {
+                            last_seen = stamp;
+                            store.reload("file changed");
+                        }
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let metadata = std::fs::metadata(path).ok()?;
+    Some((metadata.modified().ok()?, metadata.len()))
+}
