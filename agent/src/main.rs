@@ -91,7 +91,6 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
-            eprintln!("sandbox-egress: {error:#}");
             ExitCode::FAILURE
         }
     }

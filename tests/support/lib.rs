@@ -29,6 +29,8 @@ pub const CGROUP2_ROOT: &str = "/sys/fs/cgroup/unified";
 pub const PYTHON: &str = "/usr/bin/python3";
 pub const HTTP_PORT: u16 = 8080;
 pub const EXCHANGE_PORT: u16 = 9000;
+pub const TLS_PORT: u16 = 8443;
+pub const WS_PORT: u16 = 8765;
 /// Upper bound for anything a test waits for.
 pub const WAIT: Duration = Duration::from_secs(15);
 
@@ -196,19 +198,33 @@ impl TestNet {
         Ok(dns)
     }
 
-    /// Starts the HTTP and exchange servers inside the namespace.
+    /// Starts the HTTP, HTTPS (self-signed) and exchange servers inside the namespace.
     pub fn start_servers(&self) -> Result<Servers> {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.netns, PYTHON, "-u"])
-            .arg(support_file("servers.py"))
-            .args(["--http-port", &HTTP_PORT.to_string(), "--exchange-port", &EXCHANGE_PORT.to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let events = JsonLines::follow_stdout(child.stdout.take().unwrap());
-        let servers = Servers { child, events };
-        servers.events.wait_for("server ready", |e| e["kind"] == "ready")?;
-        Ok(servers)
+        let cert_dir = std::env::temp_dir().join(format!("{}-{}", self.netns, std::process::id()));
+        std::fs::create_dir_all(&cert_dir)?;
+        let (cert, key) = (cert_dir.join("cert.pem"), cert_dir.join("key.pem"));
+        run(
+            "openssl",
+            &["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"]
+                .into_iter()
+                .chain(["-subj", "/CN=sandbox-egress-test", "-keyout", key.to_str().unwrap(), "-out", cert.to_str().unwrap()])
+                .collect::<Vec<_>>(),
+        )?;
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.netns, PYTHON, "-u"]).arg(support_file("servers.py"));
+        command.args(["--http-port", &HTTP_PORT.to_string(), "--exchange-port", &EXCHANGE_PORT.to_string()]);
+        command.args(["--tls-port", &TLS_PORT.to_string(), "--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap()]);
+        Servers::start(command, Some(cert_dir))
+    }
+
+    /// Starts a WebSocket echo server (`ws-peer`, from the test's own
+    /// binaries) on [`WS_PORT`]; with a greeting, the 101 and a first frame
+    /// leave in one segment.
+    pub fn start_websocket_server(&self, ws_peer: &str, greeting: Option<&str>) -> Result<Servers> {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.netns, ws_peer, "server", &WS_PORT.to_string()]);
+        command.args(greeting);
+        Servers::start(command, None)
     }
 }
 
@@ -282,15 +298,30 @@ impl Drop for PolicyFile {
     }
 }
 
+/// Server processes printing JSON lines; killed (and their files removed) on drop.
 pub struct Servers {
     child: Child,
     pub events: JsonLines,
+    files: Option<PathBuf>,
+}
+
+impl Servers {
+    fn start(mut command: Command, files: Option<PathBuf>) -> Result<Self> {
+        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?;
+        let events = JsonLines::follow_stdout(child.stdout.take().unwrap());
+        let servers = Self { child, events, files };
+        servers.events.wait_for("server ready", |e| e["kind"] == "ready")?;
+        Ok(servers)
+    }
 }
 
 impl Drop for Servers {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(files) = &self.files {
+            let _ = std::fs::remove_dir_all(files);
+        }
     }
 }
 
@@ -450,6 +481,11 @@ impl Agent {
         self.log.wait_for(&format!("connection log of pid {pid}"), |e| e["event"] == "connection" && e["pid"] == pid)
     }
 
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -497,6 +533,37 @@ pub fn curl(sandbox: Option<&Sandbox>, url: &str) -> Result<(u32, Output)> {
     };
     command.args(["-sS", "--noproxy", "*", "-m", "10", "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{size_request} %{size_header}", url]);
     spawn_and_wait(command)
+}
+
+/// Runs `program` in `sandbox` to completion; returns (pid, output).
+pub fn run_in(sandbox: &Sandbox, program: &str, args: &[&str]) -> Result<(u32, Output)> {
+    let mut command = sandbox.command(program);
+    command.args(args);
+    spawn_and_wait(command)
+}
+
+/// An HTTP response as printed by `curl -i`.
+pub struct HttpResponse {
+    pub pid: u32,
+    pub status: u16,
+    pub headers: String,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// Runs sandboxed `curl -i ARGS` and splits its output into status, headers and body.
+pub fn curl_i(sandbox: &Sandbox, args: &[&str]) -> Result<HttpResponse> {
+    let (pid, output) = run_in(sandbox, "curl", &[&["-sS", "-i", "-m", "10"], args].concat())?;
+    ensure!(output.status.success(), "curl {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (headers, body) = text.split_once("\r\n\r\n").context("no header/body separator")?;
+    let status = headers.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("no status")?;
+    Ok(HttpResponse { pid, status, headers: headers.to_owned(), body: body.to_owned() })
 }
 
 /// Runs sandboxed curl printing the response body (error bodies included); returns (pid, output).

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Test "remote" servers, run inside a network namespace the test created.
 
-HTTP (dual-stack): GET /bytes/N answers N pseudo-random bytes.
+HTTP (dual-stack): GET /bytes/N answers N pseudo-random bytes; the same
+over TLS on --tls-port with the given certificate.
 Exchange (dual-stack TCP): the client sends "SEND n RECV m\\n" and n bytes;
 the server answers m bytes and closes.
 Every request or exchange prints one JSON line on stdout, so tests can
@@ -13,6 +14,7 @@ import http.server
 import json
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 
@@ -104,10 +106,18 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--http-port", type=int, required=True)
     parser.add_argument("--exchange-port", type=int, required=True)
+    parser.add_argument("--tls-port", type=int, required=True)
+    parser.add_argument("--cert", required=True)
+    parser.add_argument("--key", required=True)
     args = parser.parse_args()
+    tls = HttpServer(("::", args.tls_port), HttpHandler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(args.cert, args.key)
+    tls.socket = context.wrap_socket(tls.socket, server_side=True)
     servers = [
         HttpServer(("::", args.http_port), HttpHandler),
         ExchangeServer(("::", args.exchange_port), ExchangeHandler),
+        tls,
     ]
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()
