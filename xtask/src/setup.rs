@@ -16,12 +16,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 
 pub fn run() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES.into_iter().filter(|package| !package_installed(package)).collect();
-    if !missing.is_empty() {
-        eprintln!("xtask setup: installing {}", missing.join(" "));
-        status(Command::new("apt-get").args(["update", "-q"]))?;
-        status(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
-    }
+    ensure_packages(&PACKAGES)?;
     if bpf_linker_version().as_deref() != Some(BPF_LINKER_VERSION) {
         eprintln!("xtask setup: installing bpf-linker {BPF_LINKER_VERSION} (LLVM 22)");
         let path = format!("{LLVM_BIN}:{}", std::env::var("PATH").unwrap_or_default());
@@ -33,6 +28,22 @@ pub fn run() -> Result<()> {
         )?;
     }
     check()
+}
+
+/// Installs the Debian packages that are missing (nothing, quickly, when none is).
+pub fn ensure_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|package| !package_installed(package)).collect();
+    if !missing.is_empty() {
+        eprintln!("xtask setup: installing {}", missing.join(" "));
+        status(Command::new("apt-get").args(["update", "-q"]))?;
+        status(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    Ok(())
 }
 
 /// Fails with the fix when something the build needs is missing.
