@@ -2,6 +2,7 @@
 
 mod logging;
 mod http1;
+mod inference;
 mod policy;
 mod sniff;
 mod preflight;

@@ -1,0 +1,1 @@
+//! inference.local: the managed inference route (provider auth injection, model rewrite, streaming).
