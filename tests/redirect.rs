@@ -157,7 +157,8 @@ fn sigkill_fails_closed_and_restart_resumes_interception() -> Result<()> {
     );
 
     let second = Agent::start(&sandbox, &policy, &[])?;
-    second.log.wait_for("links replaced", |e| e["replaced"] == 3)?;
+    // connect4/6, sock_ops, sendmsg4/6 and recvmsg4/6.
+    second.log.wait_for("links replaced", |e| e["replaced"] == 7)?;
     let (pid, output) = curl(Some(&sandbox), &format!("http://{}:{HTTP_PORT}/bytes/3", net.private_v4))?;
     ensure!(output.status.success(), "curl through the restarted agent failed");
     assert_eq!(second.wait_connection_of(pid)?["verdict"], "relayed");

@@ -9,13 +9,21 @@ pub const MAP_BY_COOKIE: &str = "CONNECTS_BY_COOKIE";
 /// Name of the map holding connect records keyed by the client's address,
 /// which the agent looks up with `peer_addr()` after `accept()`.
 pub const MAP_BY_CLIENT: &str = "CONNECTS_BY_CLIENT";
-/// Name of the eBPF global holding the agent's listener port (host order).
+/// Name of the map holding, per UDP socket cookie, the DNS server the
+/// sandbox addressed: replies are made to appear to come from it.
+pub const MAP_DNS_SERVER_BY_COOKIE: &str = "DNS_SERVER_BY_COOKIE";
+/// Name of the eBPF global holding the agent's listener port (host order):
+/// TCP connects go to it, and DNS over UDP to the same port number.
 pub const GLOBAL_LISTEN_PORT: &str = "LISTEN_PORT";
+/// DNS queries to this port, on any address, are answered by the agent.
+pub const DNS_PORT: u16 = 53;
 
 /// Entries of the cookie map live only between connect() and the SYN.
 pub const BY_COOKIE_MAX_ENTRIES: u32 = 16_384;
 /// Entries of the client map live between the SYN and the agent's accept().
 pub const BY_CLIENT_MAX_ENTRIES: u32 = 65_536;
+/// One entry per UDP socket that sent a DNS query, while it lives.
+pub const DNS_SERVER_MAX_ENTRIES: u32 = 16_384;
 
 /// A socket address: IPv4 addresses are stored v4-mapped (`::ffff:a.b.c.d`)
 /// so one key type serves both families.

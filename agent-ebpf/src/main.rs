@@ -1,9 +1,15 @@
-//! Transparent redirect of a sandbox cgroup's TCP connects to the agent.
+//! Transparent redirect of a sandbox cgroup's TCP connects and DNS queries
+//! to the agent.
 //!
 //! connect4/connect6 record the original destination and the caller under
 //! the socket cookie, then rewrite the destination to the agent's loopback
 //! listener. sock_ops, just before the SYN, moves the record under the
 //! client's (ip, port), which is what the agent sees as `peer_addr()`.
+//!
+//! DNS over UDP (sendmsg, or connect on a UDP socket, to port 53 at any
+//! address) goes to the agent's DNS responder on the same loopback port;
+//! recvmsg makes the replies appear to come from the server the program
+//! asked, so resolvers that check the reply's source accept them.
 #![no_std]
 #![no_main]
 
@@ -11,6 +17,7 @@ use core::ptr::{read_volatile, write_volatile};
 
 use agent_common::{
     is_v4_mapped, ConnectRecord, SockAddrKey, BY_CLIENT_MAX_ENTRIES, BY_COOKIE_MAX_ENTRIES,
+    DNS_PORT, DNS_SERVER_MAX_ENTRIES,
 };
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_TCP_CONNECT_CB},
@@ -37,10 +44,16 @@ static CONNECTS_BY_COOKIE: LruHashMap<u64, ConnectRecord> =
 static CONNECTS_BY_CLIENT: LruHashMap<SockAddrKey, ConnectRecord> =
     LruHashMap::with_max_entries(BY_CLIENT_MAX_ENTRIES, 0);
 
+#[map]
+static DNS_SERVER_BY_COOKIE: LruHashMap<u64, SockAddrKey> =
+    LruHashMap::with_max_entries(DNS_SERVER_MAX_ENTRIES, 0);
+
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
 const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
 const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
 const AF_INET: u32 = 2;
 const LOOPBACK_V4_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 const LOOPBACK_V6_BE: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
@@ -51,23 +64,102 @@ const MAPPED_LOOPBACK_V4_BE: [u32; 4] = [
     LOOPBACK_V4_BE,
 ];
 
-enum Stream {
+enum Socket {
     Tcp,
-    /// UDP and friends: not this program's business.
-    NotStream,
+    Udp,
+    /// Other datagram sockets: not this program's business yet.
+    OtherDatagram,
     /// SOCK_STREAM with another protocol (MPTCP, SCTP): the agent cannot
     /// relay it, so it must not leave the sandbox.
-    Unsupported,
+    UnsupportedStream,
 }
 
-fn stream_kind(sa: *const bpf_sock_addr) -> Stream {
+fn socket_kind(sa: *const bpf_sock_addr) -> Socket {
     // SAFETY: the kernel hands a valid context; fields are read once each.
     let (sock_type, protocol) =
         unsafe { (read_volatile(&(*sa).type_), read_volatile(&(*sa).protocol)) };
     match (sock_type, protocol) {
-        (SOCK_STREAM, IPPROTO_TCP) => Stream::Tcp,
-        (SOCK_STREAM, _) => Stream::Unsupported,
-        _ => Stream::NotStream,
+        (SOCK_STREAM, IPPROTO_TCP) => Socket::Tcp,
+        (SOCK_STREAM, _) => Socket::UnsupportedStream,
+        (SOCK_DGRAM, IPPROTO_UDP) => Socket::Udp,
+        _ => Socket::OtherDatagram,
+    }
+}
+
+fn socket_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: the context pointer is the program's own.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// Remembers which DNS server a UDP socket addressed (the latest one).
+fn record_dns_server(ctx: &SockAddrContext, server: SockAddrKey) {
+    let _ = DNS_SERVER_BY_COOKIE.insert(socket_cookie(ctx), server, u64::from(BPF_ANY));
+}
+
+/// Sends a UDP datagram (or connects a UDP socket) for port 53 to the
+/// agent's DNS responder instead. Returns whether it was redirected.
+fn redirect_dns4(ctx: &SockAddrContext) -> bool {
+    let sa = ctx.sock_addr;
+    // SAFETY: valid context; user_ip4/user_port are readable and writable here.
+    unsafe {
+        let port = u16::from_be(read_volatile(&(*sa).user_port) as u16);
+        if port != DNS_PORT {
+            return false;
+        }
+        record_dns_server(ctx, SockAddrKey::from_ipv4(read_volatile(&(*sa).user_ip4), port));
+        write_volatile(&mut (*sa).user_ip4, LOOPBACK_V4_BE);
+        write_volatile(&mut (*sa).user_port, u32::from(LISTEN_PORT.load().to_be()));
+    }
+    true
+}
+
+fn redirect_dns6(ctx: &SockAddrContext) -> bool {
+    let sa = ctx.sock_addr;
+    // SAFETY: valid context; user_ip6 is accessed as four u32 words.
+    unsafe {
+        let port = u16::from_be(read_volatile(&(*sa).user_port) as u16);
+        if port != DNS_PORT {
+            return false;
+        }
+        let ip6 = read_ip6(&(*sa).user_ip6);
+        record_dns_server(ctx, SockAddrKey::from_ipv6(ip6, port));
+        write_ip6(&mut (*sa).user_ip6, loopback_for(ip6));
+        write_volatile(&mut (*sa).user_port, u32::from(LISTEN_PORT.load().to_be()));
+    }
+    true
+}
+
+/// A v4-mapped destination travels over IPv4: it goes to the IPv4 loopback.
+fn loopback_for(ip6: [u32; 4]) -> [u32; 4] {
+    if is_v4_mapped(ip6) {
+        MAPPED_LOOPBACK_V4_BE
+    } else {
+        LOOPBACK_V6_BE
+    }
+}
+
+/// # Safety
+/// `words` must point into a valid bpf_sock_addr context.
+unsafe fn read_ip6(words: &[u32; 4]) -> [u32; 4] {
+    unsafe {
+        [
+            read_volatile(&words[0]),
+            read_volatile(&words[1]),
+            read_volatile(&words[2]),
+            read_volatile(&words[3]),
+        ]
+    }
+}
+
+/// Four u32 stores: the only width the verifier allows for user_ip6 writes.
+/// # Safety
+/// `words` must point into a valid bpf_sock_addr context.
+unsafe fn write_ip6(words: &mut [u32; 4], ip6: [u32; 4]) {
+    unsafe {
+        write_volatile(&mut words[0], ip6[0]);
+        write_volatile(&mut words[1], ip6[1]);
+        write_volatile(&mut words[2], ip6[2]);
+        write_volatile(&mut words[3], ip6[3]);
     }
 }
 
@@ -85,10 +177,8 @@ fn record_connect(ctx: &SockAddrContext, original_dst: SockAddrKey) {
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
-    // SAFETY: the context pointer is the program's own.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if CONNECTS_BY_COOKIE
-        .insert(cookie, record, u64::from(BPF_NOEXIST))
+        .insert(socket_cookie(ctx), record, u64::from(BPF_NOEXIST))
         .is_ok()
     {
         debug!(
@@ -114,10 +204,14 @@ fn comm_str(comm: &[u8; 16]) -> &str {
 #[cgroup_sock_addr(connect4)]
 pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
-    match stream_kind(sa) {
-        Stream::Tcp => {}
-        Stream::NotStream => return ALLOW,
-        Stream::Unsupported => return REJECT,
+    match socket_kind(sa) {
+        Socket::Tcp => {}
+        Socket::Udp => {
+            redirect_dns4(&ctx);
+            return ALLOW;
+        }
+        Socket::OtherDatagram => return ALLOW,
+        Socket::UnsupportedStream => return REJECT,
     }
     // SAFETY: valid context; user_ip4/user_port are readable and writable
     // in connect4 programs.
@@ -134,33 +228,80 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
-    match stream_kind(sa) {
-        Stream::Tcp => {}
-        Stream::NotStream => return ALLOW,
-        Stream::Unsupported => return REJECT,
+    match socket_kind(sa) {
+        Socket::Tcp => {}
+        Socket::Udp => {
+            redirect_dns6(&ctx);
+            return ALLOW;
+        }
+        Socket::OtherDatagram => return ALLOW,
+        Socket::UnsupportedStream => return REJECT,
     }
-    // SAFETY: valid context; user_ip6 is accessed as four u32 words, the
-    // only width the verifier allows for writes.
+    // SAFETY: valid context for a connect6 program.
     unsafe {
-        let ip6 = [
-            read_volatile(&(*sa).user_ip6[0]),
-            read_volatile(&(*sa).user_ip6[1]),
-            read_volatile(&(*sa).user_ip6[2]),
-            read_volatile(&(*sa).user_ip6[3]),
-        ];
+        let ip6 = read_ip6(&(*sa).user_ip6);
         let port = u16::from_be(read_volatile(&(*sa).user_port) as u16);
         record_connect(&ctx, SockAddrKey::from_ipv6(ip6, port));
-        // A v4-mapped destination travels over IPv4: send it to the IPv4 listener.
-        let listener = if is_v4_mapped(ip6) {
-            MAPPED_LOOPBACK_V4_BE
-        } else {
-            LOOPBACK_V6_BE
-        };
-        write_volatile(&mut (*sa).user_ip6[0], listener[0]);
-        write_volatile(&mut (*sa).user_ip6[1], listener[1]);
-        write_volatile(&mut (*sa).user_ip6[2], listener[2]);
-        write_volatile(&mut (*sa).user_ip6[3], listener[3]);
+        write_ip6(&mut (*sa).user_ip6, loopback_for(ip6));
         write_volatile(&mut (*sa).user_port, u32::from(LISTEN_PORT.load().to_be()));
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn redirect_dns_sendmsg4(ctx: SockAddrContext) -> i32 {
+    redirect_dns4(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn redirect_dns_sendmsg6(ctx: SockAddrContext) -> i32 {
+    redirect_dns6(&ctx);
+    ALLOW
+}
+
+/// A reply from the agent's DNS responder is shown as coming from the
+/// server the socket addressed.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn restore_dns_source4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: valid context; recvmsg4 may read and write user_ip4/user_port.
+    unsafe {
+        let ip4 = read_volatile(&(*sa).user_ip4);
+        let port = u16::from_be(read_volatile(&(*sa).user_port) as u16);
+        if ip4 != LOOPBACK_V4_BE || port != LISTEN_PORT.load() {
+            return ALLOW;
+        }
+        if let Some(server) = DNS_SERVER_BY_COOKIE.get(socket_cookie(&ctx)) {
+            let a = server.addr;
+            write_volatile(&mut (*sa).user_ip4, u32::from_ne_bytes([a[12], a[13], a[14], a[15]]));
+            write_volatile(&mut (*sa).user_port, u32::from(server.port.to_be()));
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn restore_dns_source6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: valid context; recvmsg6 may read and write user_ip6/user_port.
+    unsafe {
+        let ip6 = read_ip6(&(*sa).user_ip6);
+        let port = u16::from_be(read_volatile(&(*sa).user_port) as u16);
+        if (ip6 != LOOPBACK_V6_BE && ip6 != MAPPED_LOOPBACK_V4_BE) || port != LISTEN_PORT.load() {
+            return ALLOW;
+        }
+        if let Some(server) = DNS_SERVER_BY_COOKIE.get(socket_cookie(&ctx)) {
+            let a = server.addr;
+            let words = [
+                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+                u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+                u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+            ];
+            write_ip6(&mut (*sa).user_ip6, words);
+            write_volatile(&mut (*sa).user_port, u32::from(server.port.to_be()));
+        }
     }
     ALLOW
 }

@@ -1,5 +1,6 @@
 //! sandbox-egress: transparent egress proxy for sandbox cgroups.
 
+mod dns;
 mod logging;
 mod http1;
 mod inference;
@@ -11,6 +12,7 @@ mod redirect;
 mod relay;
 mod resolve;
 mod ssrf;
+mod tls;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
@@ -53,7 +55,8 @@ struct RunArgs {
     /// Port of the loopback listener connects are redirected to (0: any free port).
     #[arg(long, default_value_t = 15001)]
     listen_port: u16,
-    /// DNS server the agent asks when it checks host names (default: /etc/resolv.conf).
+    /// DNS server the agent asks when it checks host names, and forwards the
+    /// sandbox's queries to (default: /etc/resolv.conf).
     #[arg(long, value_name = "IP:PORT")]
     dns_server: Option<std::net::SocketAddr>,
     /// Connections relayed at once; beyond this new connections are refused.
@@ -106,6 +109,7 @@ fn run(args: RunArgs) -> Result<()> {
         // Bind before touching the cgroup, so a taken port fails without side effects.
         let listeners = proxy::Listeners::bind(args.listen_port).await?;
         let resolver = resolve::Resolver::new(args.dns_server)?;
+        let dns = std::sync::Arc::new(dns::DnsResponder::new(args.dns_server)?);
         preflight::ensure_bpffs()?;
         let redirect = redirect::Redirect::attach(&cgroup, listeners.port(), args.ebpf_log_level)?;
         let config = proxy::Config {
@@ -114,7 +118,7 @@ fn run(args: RunArgs) -> Result<()> {
             connect_timeout: args.connect_timeout,
             sniff: sniff::Limits { first_byte_timeout: args.first_byte_timeout, head_timeout: args.head_timeout },
         };
-        proxy::serve(listeners, redirect, config, policies, resolver, &cgroup).await
+        proxy::serve(listeners, redirect, config, policies, resolver, dns, &cgroup).await
     })
 }
 

@@ -14,7 +14,7 @@ use std::{
 };
 
 use agent_common::{
-    ConnectRecord, SockAddrKey, GLOBAL_LISTEN_PORT, MAP_BY_CLIENT, MAP_BY_COOKIE,
+    ConnectRecord, SockAddrKey, GLOBAL_LISTEN_PORT, MAP_BY_CLIENT, MAP_BY_COOKIE, MAP_DNS_SERVER_BY_COOKIE,
 };
 use anyhow::{Context, Result};
 use aya::{
@@ -31,7 +31,15 @@ use crate::preflight::{Cgroup, BPFFS};
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
 
-const PROGRAMS: [&str; 3] = ["redirect_connect4", "redirect_connect6", "rekey_by_client"];
+const PROGRAMS: [&str; 7] = [
+    "redirect_connect4",
+    "redirect_connect6",
+    "rekey_by_client",
+    "redirect_dns_sendmsg4",
+    "redirect_dns_sendmsg6",
+    "restore_dns_source4",
+    "restore_dns_source6",
+];
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum EbpfLogLevel {
@@ -69,6 +77,7 @@ impl Redirect {
             .override_global(aya_log::LEVEL, &(log_level as u8), false)
             .map_pin_path(MAP_BY_COOKIE, dir.join(MAP_BY_COOKIE))
             .map_pin_path(MAP_BY_CLIENT, dir.join(MAP_BY_CLIENT))
+            .map_pin_path(MAP_DNS_SERVER_BY_COOKIE, dir.join(MAP_DNS_SERVER_BY_COOKIE))
             .load(EBPF_OBJECT)
             .with_context(|| {
                 format!(

@@ -1,7 +1,13 @@
 //! One redirected connection, from accept to its close log line:
 //! attribute -> sniff -> decide -> relay (or refuse).
 
-use std::{net::SocketAddr, sync::atomic::Ordering, time::Instant};
+use std::{
+    net::SocketAddr,
+    sync::{atomic::Ordering, Arc},
+    time::Instant,
+};
+
+use agent_common::DNS_PORT;
 
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
@@ -12,6 +18,7 @@ use super::{
     respond, Config, Stats,
 };
 use crate::{
+    dns::DnsResponder,
     redirect::Redirect,
     relay::{self, Prefill},
     sniff::{self, host::Host, http::TargetForm, StreamKind},
@@ -22,6 +29,7 @@ pub struct Shared {
     pub config: Config,
     pub stats: Stats,
     pub decider: Decider,
+    pub dns: Arc<DnsResponder>,
 }
 
 /// Everything the close log line says about a connection, filled in as it goes.
@@ -123,6 +131,15 @@ async fn transparent(mut client: TcpStream, origin: &Origin, shared: &Shared, lo
     if destination.ip().is_unspecified() || destination.port() == 0 {
         log.verdict = "denied";
         log.reason = Some(format!("{destination} is not a valid destination"));
+        return;
+    }
+    if destination.port() == DNS_PORT {
+        // DNS over TCP: the agent is the sandbox's resolver, whatever address it asked.
+        log.protocol = "dns";
+        log.verdict = "answered";
+        if let Err(error) = shared.dns.serve_tcp(client).await {
+            log.error = Some(error.to_string());
+        }
         return;
     }
     let sniffed = sniff::sniff(&mut client, &shared.config.sniff).await;

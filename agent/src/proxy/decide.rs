@@ -2,12 +2,16 @@
 //! whatever the policy says (sensitive addresses, host/address consistency,
 //! the private-IP gate for plain HTTP).
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use ipnet::IpNet;
 
 use super::{origin::Origin, policy_store::PolicyStore};
 use crate::{
+    dns::DnsRecords,
     policy::{Decision, Request},
     resolve::Resolver,
     ssrf::{sensitive_address_allowed, AddressClass},
@@ -16,6 +20,8 @@ use crate::{
 pub struct Decider {
     pub policies: PolicyStore,
     pub resolver: Resolver,
+    /// What the agent's DNS told the sandbox.
+    pub dns_records: Arc<DnsRecords>,
 }
 
 /// Why a connection was refused; `kind` is the JSON `error` of a 403.
@@ -167,8 +173,12 @@ impl Decider {
     }
 
     /// A name the sandbox claims (SNI, Host) must stand for the address it
-    /// connected to: an allowed name must not be a ticket to any address.
+    /// connected to, by what the agent's DNS told the sandbox or by the
+    /// agent's own lookup: an allowed name must not be a ticket to any address.
     async fn check_consistent(&self, host: &str, destination: IpAddr) -> Result<(), Denial> {
+        if self.dns_records.addresses(host).iter().any(|ip| ip.to_canonical() == destination.to_canonical()) {
+            return Ok(());
+        }
         let addresses = self.resolver.lookup(host).await.map_err(Denial::unresolved)?;
         if addresses.iter().any(|ip| ip.to_canonical() == destination.to_canonical()) {
             Ok(())

@@ -19,12 +19,12 @@ use std::{
 
 use anyhow::{Context, Result};
 use tokio::{
-    net::{TcpListener, TcpSocket},
+    net::{TcpListener, TcpSocket, UdpSocket},
     signal::unix::{signal, SignalKind},
     sync::{watch, Semaphore},
 };
 
-use crate::{preflight::Cgroup, redirect::Redirect, resolve::Resolver};
+use crate::{dns::DnsResponder, preflight::Cgroup, redirect::Redirect, resolve::Resolver};
 
 /// How long in-flight connections may finish after SIGINT/SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -39,31 +39,44 @@ pub struct Config {
     pub sniff: crate::sniff::Limits,
 }
 
-/// The loopback listeners connects are redirected to: 127.0.0.1:P for IPv4
-/// (v4-mapped connects included) and [::1]:P for IPv6.
+/// The loopback sockets the sandbox is redirected to: TCP connects to
+/// 127.0.0.1:P (v4-mapped ones included) and [::1]:P, DNS over UDP to the
+/// same port number.
 pub struct Listeners {
     v4: TcpListener,
     v6: Option<TcpListener>,
+    dns: Vec<UdpSocket>,
 }
 
 impl Listeners {
     pub async fn bind(port: u16) -> Result<Self> {
         let v4 = bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?;
         let port = v4.local_addr()?.port();
+        let mut dns = vec![bind_udp(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await?];
         let v6 = match bind(SocketAddr::from((Ipv6Addr::LOCALHOST, port))) {
-            Ok(listener) => Some(listener),
+            Ok(listener) => {
+                dns.push(bind_udp(SocketAddr::from((Ipv6Addr::LOCALHOST, port))).await?);
+                Some(listener)
+            }
             Err(error) if error.downcast_ref::<io::Error>().map(io::Error::kind) == Some(io::ErrorKind::AddrNotAvailable) => {
                 tracing::warn!("no IPv6 loopback on this host: IPv6 connects from the sandbox will be refused");
                 None
             }
             Err(error) => return Err(error),
         };
-        Ok(Self { v4, v6 })
+        Ok(Self { v4, v6, dns })
     }
 
     pub fn port(&self) -> u16 {
         self.v4.local_addr().map(|a| a.port()).unwrap_or_default()
     }
+}
+
+async fn bind_udp(addr: SocketAddr) -> Result<UdpSocket> {
+    UdpSocket::bind(addr).await.map_err(|error| {
+        let hint = if error.kind() == io::ErrorKind::AddrInUse { ": the UDP port is already in use (choose another with --listen-port)" } else { "" };
+        anyhow::Error::new(error).context(format!("cannot serve DNS on {addr}{hint}"))
+    })
 }
 
 fn bind(addr: SocketAddr) -> Result<TcpListener> {
@@ -92,14 +105,19 @@ pub async fn serve(
     config: Config,
     policies: PolicyStore,
     resolver: Resolver,
+    dns: Arc<DnsResponder>,
     cgroup: &Cgroup,
 ) -> Result<()> {
     policies.spawn_watch()?;
+    for socket in listeners.dns {
+        tokio::spawn(dns.clone().serve_udp(socket));
+    }
     let shared = Arc::new(connection::Shared {
         redirect,
         config,
         stats: Stats::default(),
-        decider: decide::Decider { policies, resolver },
+        decider: decide::Decider { policies, resolver, dns_records: dns.records.clone() },
+        dns,
     });
     // Installed before "ready": a signal right after it must not kill the agent.
     let shutdown_signal = shutdown_signal()?;
