@@ -9,7 +9,9 @@
 //! DNS over UDP (sendmsg, or connect on a UDP socket, to port 53 at any
 //! address) goes to the agent's DNS responder on the same loopback port;
 //! recvmsg makes the replies appear to come from the server the program
-//! asked, so resolvers that check the reply's source accept them.
+//! asked, so resolvers that check the reply's source accept them. Every
+//! other datagram is refused (EPERM): QUIC clients fall back to TCP at once,
+//! and no UDP or ICMP leaves the sandbox around the proxy.
 #![no_std]
 #![no_main]
 
@@ -67,7 +69,7 @@ const MAPPED_LOOPBACK_V4_BE: [u32; 4] = [
 enum Socket {
     Tcp,
     Udp,
-    /// Other datagram sockets: not this program's business yet.
+    /// Other datagram sockets (ICMP ping sockets...): refused.
     OtherDatagram,
     /// SOCK_STREAM with another protocol (MPTCP, SCTP): the agent cannot
     /// relay it, so it must not leave the sandbox.
@@ -206,12 +208,8 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     match socket_kind(sa) {
         Socket::Tcp => {}
-        Socket::Udp => {
-            redirect_dns4(&ctx);
-            return ALLOW;
-        }
-        Socket::OtherDatagram => return ALLOW,
-        Socket::UnsupportedStream => return REJECT,
+        Socket::Udp => return dns_or_reject(redirect_dns4(&ctx)),
+        Socket::OtherDatagram | Socket::UnsupportedStream => return REJECT,
     }
     // SAFETY: valid context; user_ip4/user_port are readable and writable
     // in connect4 programs.
@@ -230,12 +228,8 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     match socket_kind(sa) {
         Socket::Tcp => {}
-        Socket::Udp => {
-            redirect_dns6(&ctx);
-            return ALLOW;
-        }
-        Socket::OtherDatagram => return ALLOW,
-        Socket::UnsupportedStream => return REJECT,
+        Socket::Udp => return dns_or_reject(redirect_dns6(&ctx)),
+        Socket::OtherDatagram | Socket::UnsupportedStream => return REJECT,
     }
     // SAFETY: valid context for a connect6 program.
     unsafe {
@@ -248,16 +242,23 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// Datagrams may only carry DNS (which the agent answers).
+fn dns_or_reject(redirected_to_agent: bool) -> i32 {
+    if redirected_to_agent {
+        ALLOW
+    } else {
+        REJECT
+    }
+}
+
 #[cgroup_sock_addr(sendmsg4)]
 pub fn redirect_dns_sendmsg4(ctx: SockAddrContext) -> i32 {
-    redirect_dns4(&ctx);
-    ALLOW
+    dns_or_reject(redirect_dns4(&ctx))
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn redirect_dns_sendmsg6(ctx: SockAddrContext) -> i32 {
-    redirect_dns6(&ctx);
-    ALLOW
+    dns_or_reject(redirect_dns6(&ctx))
 }
 
 /// A reply from the agent's DNS responder is shown as coming from the

@@ -11,6 +11,7 @@ mod proxy;
 mod redirect;
 mod relay;
 mod resolve;
+mod rewound;
 mod ssrf;
 mod tls;
 
@@ -33,14 +34,29 @@ struct Cli {
 enum Command {
     /// Redirect every TCP connect of a cgroup v2 to this agent and relay it.
     Run(RunArgs),
+    /// Show or change the inference.local route of the running agent.
+    #[command(subcommand)]
+    Inference(inference::cli::InferenceCommand),
     /// Validate or try out a policy file offline.
     #[command(subcommand)]
     Policy(policy::cli::PolicyCommand),
+    /// The agent's certificate authority, which sandboxes trust for inference.local.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Remove the agent's programs from a cgroup (its connects go direct again).
     Detach {
         /// The sandbox's cgroup v2 directory.
         #[arg(long)]
         cgroup: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Print the CA certificate (PEM) for sandbox trust stores, creating the CA on first use.
+    Export {
+        #[arg(long, default_value = tls::DEFAULT_CA_DIR)]
+        ca_dir: PathBuf,
     },
 }
 
@@ -65,6 +81,15 @@ struct RunArgs {
     /// Time allowed to connect to the original destination.
     #[arg(long, value_parser = parse_millis, default_value = "10000", value_name = "MS")]
     connect_timeout: Duration,
+    /// Providers and route of inference.local (see README); without it, inference.local is refused.
+    #[arg(long, value_name = "FILE")]
+    inference_config: Option<PathBuf>,
+    /// Control socket for `sandbox-egress inference set|get|update` (root only, 0600).
+    #[arg(long, default_value = inference::DEFAULT_CONTROL_SOCKET)]
+    control_socket: PathBuf,
+    /// Where the agent's CA lives (created on first run) for inference.local's certificate.
+    #[arg(long, default_value = tls::DEFAULT_CA_DIR)]
+    ca_dir: PathBuf,
     /// Silence longer than this makes a stream "server speaks first" (SSH, SMTP...).
     #[arg(long, value_parser = parse_millis, default_value = "300", value_name = "MS")]
     first_byte_timeout: Duration,
@@ -89,6 +114,8 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Run(args) => run(args),
         Command::Policy(command) => policy::cli::run(command),
+        Command::Inference(command) => inference::cli::run(command),
+        Command::Ca(CaCommand::Export { ca_dir }) => export_ca(&ca_dir),
         Command::Detach { cgroup } => detach(&cgroup),
     };
     match outcome {
@@ -104,6 +131,16 @@ fn run(args: RunArgs) -> Result<()> {
     preflight::require_root("run")?;
     let cgroup = preflight::cgroup_v2_dir(&args.cgroup)?;
     let policies = proxy::PolicyStore::load(&args.policy)?;
+    let inference = match &args.inference_config {
+        None => None,
+        Some(path) => {
+            let ca = tls::AgentCa::load_or_create(&args.ca_dir)?;
+            Some(proxy::InferenceRoute {
+                inference: std::sync::Arc::new(inference::Inference::load(path)?),
+                tls: ca.acceptor(dns::INFERENCE_HOST)?,
+            })
+        }
+    };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         // Bind before touching the cgroup, so a taken port fails without side effects.
@@ -118,8 +155,23 @@ fn run(args: RunArgs) -> Result<()> {
             connect_timeout: args.connect_timeout,
             sniff: sniff::Limits { first_byte_timeout: args.first_byte_timeout, head_timeout: args.head_timeout },
         };
-        proxy::serve(listeners, redirect, config, policies, resolver, dns, &cgroup).await
+        if let Some(route) = &inference {
+            let control = route.inference.clone();
+            let socket = args.control_socket.clone();
+            tokio::spawn(async move {
+                if let Err(error) = control.serve_control(&socket).await {
+                    tracing::error!("inference control socket {}: {error:#}", socket.display());
+                }
+            });
+        }
+        proxy::serve(listeners, redirect, config, policies, resolver, dns, inference, &cgroup).await
     })
+}
+
+fn export_ca(ca_dir: &std::path::Path) -> Result<()> {
+    preflight::require_root("ca export")?;
+    print!("{}", tls::AgentCa::load_or_create(ca_dir)?.cert_pem());
+    Ok(())
 }
 
 fn detach(cgroup: &std::path::Path) -> Result<()> {

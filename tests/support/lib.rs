@@ -31,6 +31,8 @@ pub const HTTP_PORT: u16 = 8080;
 pub const EXCHANGE_PORT: u16 = 9000;
 pub const TLS_PORT: u16 = 8443;
 pub const WS_PORT: u16 = 8765;
+pub const PROVIDER_HTTP_PORT: u16 = 8000;
+pub const PROVIDER_TLS_PORT: u16 = 8001;
 /// Upper bound for anything a test waits for.
 pub const WAIT: Duration = Duration::from_secs(15);
 
@@ -217,6 +219,30 @@ impl TestNet {
         Servers::start(command, Some(cert_dir))
     }
 
+    /// Starts the fake inference provider (tests/support/fake_provider.py)
+    /// on [`PROVIDER_HTTP_PORT`] and, with a certificate for this host's
+    /// public IPv4 address signed by a test CA, [`PROVIDER_TLS_PORT`].
+    /// Returns the servers and the test CA's PEM file (for `ca_file`).
+    pub fn start_fake_provider(&self, dir: &TempDir) -> Result<(Servers, PathBuf)> {
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut ca_params = rcgen::CertificateParams::default();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "sandbox-egress test provider CA");
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let leaf_key = rcgen::KeyPair::generate()?;
+        let leaf = rcgen::CertificateParams::new(vec![self.v4.to_string()])?.signed_by(&leaf_key, &issuer)?;
+        let (ca, cert, key) = (dir.path.join("provider-ca.pem"), dir.path.join("provider.pem"), dir.path.join("provider-key.pem"));
+        std::fs::write(&ca, ca_cert.pem())?;
+        std::fs::write(&cert, leaf.pem())?;
+        std::fs::write(&key, leaf_key.serialize_pem())?;
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.netns, PYTHON, "-u"]).arg(support_file("fake_provider.py"));
+        command.args(["--http-port", &PROVIDER_HTTP_PORT.to_string(), "--tls-port", &PROVIDER_TLS_PORT.to_string()]);
+        command.args(["--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap()]);
+        Ok((Servers::start(command, None)?, ca))
+    }
+
     /// Starts a WebSocket echo server (`ws-peer`, from the test's own
     /// binaries) on [`WS_PORT`]; with a greeting, the 101 and a first frame
     /// leave in one segment.
@@ -264,6 +290,33 @@ impl Drop for Dns {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+static NEXT_TEMP: AtomicU32 = AtomicU32::new(1);
+
+/// A private temporary directory, removed on drop.
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(name: &str) -> Result<Self> {
+        let n = NEXT_TEMP.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("se-test-{}-{name}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)?;
+        Ok(Self { path })
+    }
+
+    pub fn file(&self, name: &str) -> String {
+        self.path.join(name).to_str().unwrap().to_owned()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
     }
 }
 

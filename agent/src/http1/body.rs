@@ -17,7 +17,7 @@ use crate::sniff::http::{MAX_HEADERS, MAX_HEAD_BYTES};
 const MAX_CHUNK_SIZE_DIGITS: usize = 16;
 /// A chunk-size line with its extensions and CRLF. Extensions are rare and
 /// short; the bound keeps an endless line from being buffered.
-const MAX_CHUNK_LINE_BYTES: usize = 4096;
+pub const MAX_CHUNK_LINE_BYTES: usize = 4096;
 
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimits {
@@ -218,7 +218,7 @@ impl ChunkedDecoder {
 }
 
 /// `chunk-size [ chunk-ext ] CRLF` (RFC 9112 §7.1): the size in hex.
-fn parse_chunk_size_line(line: &[u8]) -> Result<u64, String> {
+pub fn parse_chunk_size_line(line: &[u8]) -> Result<u64, String> {
     let shown = || String::from_utf8_lossy(line).into_owned();
     let Some(line) = line.strip_suffix(b"\r\n") else {
         return Err(format!("chunk-size line {:?} does not end in CRLF", shown()));
@@ -301,7 +301,7 @@ fn skip_quoted_string(text: &[u8]) -> Option<&[u8]> {
 
 /// `*( field-line CRLF ) CRLF` after the last chunk (RFC 9112 §7.1.2),
 /// bounded like a head: its length once complete.
-fn parse_trailer_section(section: &[u8]) -> Result<Option<usize>, String> {
+pub fn parse_trailer_section(section: &[u8]) -> Result<Option<usize>, String> {
     let too_large = || format!("trailer section exceeds {MAX_HEAD_BYTES} bytes");
     let mut fields = [EMPTY_HEADER; MAX_HEADERS];
     let len = match httparse::parse_headers(section, &mut fields) {

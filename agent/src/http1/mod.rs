@@ -11,8 +11,8 @@
 //! Request heads come from [`crate::sniff::http::parse_request_head`], which
 //! already refuses ambiguous request framing.
 
-mod body;
-mod forward;
+pub mod body;
+pub mod forward;
 mod reader;
 mod response;
 #[cfg(test)]

@@ -47,11 +47,11 @@ impl<S> HeadReader<S> {
         (self.stream, self.buf)
     }
 
-    pub(super) fn buffered(&self) -> &[u8] {
+    pub fn buffered(&self) -> &[u8] {
         &self.buf
     }
 
-    pub(super) fn consume(&mut self, len: usize) {
+    pub fn consume(&mut self, len: usize) {
         self.buf.drain(..len.min(self.buf.len()));
     }
 }
@@ -131,7 +131,7 @@ impl<S: AsyncRead + Unpin> HeadReader<S> {
 
     /// One read of at most `max_len` (and [`READ_CHUNK`]) bytes appended to
     /// the buffer; `Ok(0)` at EOF.
-    pub(super) async fn read_more(&mut self, max_len: usize) -> io::Result<usize> {
+    pub async fn read_more(&mut self, max_len: usize) -> io::Result<usize> {
         let len = max_len.min(READ_CHUNK);
         self.buf.reserve(len);
         (&mut self.stream).take(len as u64).read_buf(&mut self.buf).await

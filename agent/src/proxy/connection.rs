@@ -14,12 +14,15 @@ use tokio::{io::AsyncWriteExt, net::TcpStream};
 use super::{
     decide::{Allowed, Decider, Denial, Verdict},
     http_proxy::{self, HttpMode},
+    inference_route::{is_inference, names_inference, InferenceRoute},
     origin::Origin,
     respond, Config, Stats,
 };
 use crate::{
-    dns::DnsResponder,
+    dns::{is_inference_address, DnsResponder, INFERENCE_HOST},
+    inference::InferenceLog,
     redirect::Redirect,
+    rewound::Rewound,
     relay::{self, Prefill},
     sniff::{self, host::Host, http::TargetForm, StreamKind},
 };
@@ -30,6 +33,8 @@ pub struct Shared {
     pub stats: Stats,
     pub decider: Decider,
     pub dns: Arc<DnsResponder>,
+    /// `None` when the agent runs without an inference config.
+    pub inference: Option<InferenceRoute>,
 }
 
 /// Everything the close log line says about a connection, filled in as it goes.
@@ -47,6 +52,7 @@ pub struct CloseLog {
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub error: Option<String>,
+    pub inference: Option<InferenceLog>,
 }
 
 impl CloseLog {
@@ -118,6 +124,11 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) {
         bytes_down = log.bytes_down,
         duration_ms = started.elapsed().as_secs_f64() * 1e3,
         error = log.error,
+        inference_requests = log.inference.as_ref().map(|i| i.requests),
+        inference_last_status = log.inference.as_ref().and_then(|i| i.last_status),
+        inference_endpoint = log.inference.as_ref().and_then(|i| i.endpoint),
+        inference_provider = log.inference.as_ref().and_then(|i| i.provider.clone()),
+        inference_model = log.inference.as_ref().and_then(|i| i.model.clone()),
     );
 }
 
@@ -143,16 +154,35 @@ async fn transparent(mut client: TcpStream, origin: &Origin, shared: &Shared, lo
         return;
     }
     let sniffed = sniff::sniff(&mut client, &shared.config.sniff).await;
+    if is_inference_address(destination.ip()) && !matches!(sniffed.kind, StreamKind::Http(_) | StreamKind::Tls(_)) {
+        // Only TLS and HTTP to inference.local are served; nothing else goes anywhere.
+        log.protocol = "inference";
+        log.verdict = "denied";
+        log.reason = Some(format!("{destination} is the inference.local address: only HTTP and TLS are served there"));
+        return reset(client);
+    }
     let host = match sniffed.kind {
         StreamKind::Closed => {
             log.protocol = "closed";
             log.verdict = "closed";
             return;
         }
+        StreamKind::Http(head) if is_inference(destination, None) || names_inference(head.authority.as_ref()) => {
+            let Some(route) = inference_or_refuse(shared, log) else {
+                return deny_http(client, &format!("{} {INFERENCE_HOST}", head.method), &no_inference_route()).await;
+            };
+            let mut buffered = sniffed.buffered;
+            let after_head = buffered.split_off(head.head_len);
+            return route.serve_http(client, after_head, head, log).await;
+        }
         StreamKind::Http(head) => {
             log.protocol = "http";
             let mode = HttpMode::Transparent { destination };
             return http_proxy::serve(client, sniffed.buffered, head, mode, origin, shared, log).await;
+        }
+        StreamKind::Tls(hello) if is_inference(destination, hello.sni.as_deref()) => {
+            let Some(route) = inference_or_refuse(shared, log) else { return reset(client) };
+            return route.serve_tls(client, sniffed.buffered, log).await;
         }
         StreamKind::Invalid { protocol: "http", reason } if looks_like_http(&sniffed.buffered) => {
             log.protocol = "http";
@@ -205,6 +235,38 @@ async fn explicit(mut client: TcpStream, origin: &Origin, shared: &Shared, log: 
         }
     };
     match (head.form, head.authority.clone()) {
+        (TargetForm::Authority, Some(_)) if names_inference(head.authority.as_ref()) => {
+            let Some(route) = inference_or_refuse(shared, log) else {
+                return deny_http(client, &format!("CONNECT {}", head.target), &no_inference_route()).await;
+            };
+            if let Err(error) = client.write_all(respond::CONNECT_ESTABLISHED).await {
+                log.error = Some(error.to_string());
+                return;
+            }
+            // The tunnel carries TLS (terminated here) or plain HTTP.
+            let mut tunnel = Rewound::new(sniffed.buffered.split_off(head.head_len), client);
+            let inner = sniff::sniff(&mut tunnel, &shared.config.sniff).await;
+            match inner.kind {
+                StreamKind::Tls(_) => route.serve_tls(tunnel, inner.buffered, log).await,
+                StreamKind::Http(inner_head) => {
+                    let mut buffered = inner.buffered;
+                    let after_head = buffered.split_off(inner_head.head_len);
+                    route.serve_http(tunnel, after_head, inner_head, log).await;
+                }
+                _ => {
+                    log.protocol = "inference";
+                    log.verdict = "denied";
+                    log.reason = Some("a CONNECT tunnel to inference.local must carry TLS or HTTP".into());
+                }
+            }
+        }
+        (TargetForm::Absolute, Some(_)) if names_inference(head.authority.as_ref()) => {
+            let Some(route) = inference_or_refuse(shared, log) else {
+                return deny_http(client, &format!("{} {INFERENCE_HOST}", head.method), &no_inference_route()).await;
+            };
+            let after_head = sniffed.buffered.split_off(head.head_len);
+            route.serve_http(client, after_head, head, log).await;
+        }
         (TargetForm::Authority, Some(authority)) => {
             log.protocol = "connect";
             let host = authority.host.to_string();
@@ -243,6 +305,20 @@ async fn explicit(mut client: TcpStream, origin: &Origin, shared: &Shared, log: 
             bad_request(client, log, "this is an egress proxy: send CONNECT host:port or an absolute-form request".into()).await;
         }
     }
+}
+
+/// The inference route, or `None` after logging why there is none.
+fn inference_or_refuse<'a>(shared: &'a Shared, log: &mut CloseLog) -> Option<&'a InferenceRoute> {
+    if shared.inference.is_none() {
+        log.protocol = "inference";
+        log.verdict = "denied";
+        log.reason = Some(no_inference_route().reason);
+    }
+    shared.inference.as_ref()
+}
+
+fn no_inference_route() -> Denial {
+    Denial::unresolved("inference.local is not configured: the agent runs without --inference-config".into())
 }
 
 /// A request line that says HTTP/1.x, so the client expects an HTTP answer.

@@ -3,6 +3,7 @@
 mod connection;
 mod decide;
 mod http_proxy;
+mod inference_route;
 mod origin;
 mod policy_store;
 mod respond;
@@ -30,6 +31,7 @@ use crate::{dns::DnsResponder, preflight::Cgroup, redirect::Redirect, resolve::R
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const LISTEN_BACKLOG: u32 = 4096;
 
+pub use inference_route::InferenceRoute;
 pub use policy_store::PolicyStore;
 
 pub struct Config {
@@ -106,6 +108,7 @@ pub async fn serve(
     policies: PolicyStore,
     resolver: Resolver,
     dns: Arc<DnsResponder>,
+    inference: Option<InferenceRoute>,
     cgroup: &Cgroup,
 ) -> Result<()> {
     policies.spawn_watch()?;
@@ -118,6 +121,7 @@ pub async fn serve(
         stats: Stats::default(),
         decider: decide::Decider { policies, resolver, dns_records: dns.records.clone() },
         dns,
+        inference,
     });
     // Installed before "ready": a signal right after it must not kill the agent.
     let shutdown_signal = shutdown_signal()?;
