@@ -334,3 +334,36 @@ fn run_reports_clear_errors() -> Result<()> {
     assert!(!output.status.success() && stderr.contains("must run as root"), "{stderr}");
     Ok(())
 }
+
+#[test]
+fn udp_other_than_dns_is_refused_so_quic_falls_back_to_tcp() -> Result<()> {
+    require_root();
+    let net = TestNet::new()?;
+    let sandbox = Sandbox::new("udp")?;
+    let policy = PolicyFile::new(&net.allow_all_policy())?;
+    let _agent = Agent::start(&sandbox, &policy, &[])?;
+    // sendto (unconnected) and connect (connected UDP), over IPv4 and IPv6, to QUIC's port and another.
+    let script = r#"
+import socket, sys
+results = []
+for family, host in ((socket.AF_INET, sys.argv[1]), (socket.AF_INET6, sys.argv[2])):
+    for port in (443, 5353):
+        for how in ('sendto', 'connect'):
+            s = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                if how == 'sendto':
+                    s.sendto(b'x', (host, port))
+                else:
+                    s.connect((host, port))
+                results.append(f'{how} {host} {port}: sent')
+            except PermissionError:
+                results.append(f'{how} {host} {port}: refused')
+print('\n'.join(results))
+"#;
+    let (_, output) = run_in(&sandbox, PYTHON, &["-c", script, &net.v4.to_string(), &net.v6.to_string()])?;
+    ensure!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(stdout.lines().count(), 8, "{stdout}");
+    assert!(stdout.lines().all(|line| line.ends_with(": refused")), "UDP left the sandbox:\n{stdout}");
+    Ok(())
+}
