@@ -130,6 +130,10 @@ fn main() -> ExitCode {
 fn run(args: RunArgs) -> Result<()> {
     preflight::require_root("run")?;
     let cgroup = preflight::cgroup_v2_dir(&args.cgroup)?;
+    let open_files = preflight::raise_fd_limit()?;
+    if (open_files as usize) < args.max_connections * 6 {
+        tracing::warn!(open_files, max_connections = args.max_connections, "the open-file limit may not cover --max-connections (about 6 fds each while relaying)");
+    }
     let policies = proxy::PolicyStore::load(&args.policy)?;
     let inference = match &args.inference_config {
         None => None,

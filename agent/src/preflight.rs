@@ -44,6 +44,25 @@ pub fn cgroup_v2_dir(path: &Path) -> Result<Cgroup> {
     Ok(Cgroup { path, id })
 }
 
+/// Raises the open-file soft limit to the hard one: every relayed connection
+/// holds two sockets, and two pipes while data flows.
+pub fn raise_fd_limit() -> Result<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error()).context("setrlimit(RLIMIT_NOFILE)");
+            }
+        }
+    }
+    Ok(limit.rlim_cur)
+}
+
 /// Pins need a BPF filesystem; mount one at /sys/fs/bpf if there is none.
 pub fn ensure_bpffs() -> Result<()> {
     std::fs::create_dir_all(BPFFS).with_context(|| format!("create {BPFFS}"))?;

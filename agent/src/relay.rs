@@ -3,30 +3,22 @@
 //! Each direction copies until EOF and then half-closes its writer, so a FIN
 //! travels end to end. Byte counts survive errors: the close log always says
 //! how much went each way. Two plain TCP sockets are joined with splice(2)
-//! through a pipe, so the payload never enters userspace; any other stream
-//! (e.g. TLS terminated by the agent) goes through a userspace buffer.
+//! through a pipe, so the payload never enters userspace; a direction holds
+//! its pipe only while data flows.
 
-use std::{
-    future::poll_fn,
-    io,
-    os::fd::OwnedFd,
-    pin::Pin,
-    task::Poll,
-};
+use std::{io, os::fd::OwnedFd};
 
 use nix::{
-    fcntl::{splice, SpliceFFlags},
+    fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags},
     unistd::pipe2,
 };
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf},
+    io::{AsyncWrite, AsyncWriteExt, Interest},
     net::{
         tcp::{OwnedReadHalf, OwnedWriteHalf},
         TcpStream,
     },
 };
-
-const BUFFER_SIZE: usize = 64 * 1024;
 
 /// Bytes a caller already read from one side, sent before anything relayed.
 #[derive(Debug, Default)]
@@ -47,7 +39,8 @@ pub struct Outcome {
     pub error: Option<io::Error>,
 }
 
-/// Relays two TCP sockets with splice(2), prefill first.
+/// Relays two TCP sockets with splice(2), prefill first, until both
+/// directions reach EOF or either fails.
 pub async fn relay(client: TcpStream, upstream: TcpStream, prefill: Prefill) -> Outcome {
     let (client_read, client_write) = client.into_split();
     let (upstream_read, upstream_write) = upstream.into_split();
@@ -55,24 +48,6 @@ pub async fn relay(client: TcpStream, upstream: TcpStream, prefill: Prefill) -> 
     let result = tokio::try_join!(
         splice_until_eof(client_read, upstream_write, prefill.to_upstream, &mut outcome.bytes_up),
         splice_until_eof(upstream_read, client_write, prefill.to_client, &mut outcome.bytes_down),
-    );
-    outcome.error = result.err();
-    outcome
-}
-
-/// Relays any two streams through a userspace buffer, prefill first.
-#[cfg_attr(not(test), expect(dead_code, reason = "for TLS-terminated streams; the proxy does not terminate TLS yet"))]
-pub async fn relay_streams<C, U>(client: C, upstream: U, prefill: Prefill) -> Outcome
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
-{
-    let (client_read, client_write) = tokio::io::split(client);
-    let (upstream_read, upstream_write) = tokio::io::split(upstream);
-    let mut outcome = Outcome::default();
-    let result = tokio::try_join!(
-        copy_until_eof(client_read, upstream_write, prefill.to_upstream, &mut outcome.bytes_up),
-        copy_until_eof(upstream_read, client_write, prefill.to_client, &mut outcome.bytes_down),
     );
     outcome.error = result.err();
     outcome
@@ -89,6 +64,7 @@ async fn splice_until_eof(
     delivered: &mut u64,
 ) -> io::Result<()> {
     write_all_counted(&mut to, &prefill, delivered).await?;
+    // This future lives as long as the connection: free the prefill now.
     drop(prefill);
     loop {
         // Take a pipe only once data (or EOF) is really there and give it back
@@ -131,18 +107,25 @@ struct Pipe {
     write_end: OwnedFd,
 }
 
+/// Pipe capacity asked for. Against the default 64 KiB it means far fewer
+/// splice calls and measurably less agent CPU per byte; it costs nothing on
+/// idle connections because they hold no pipe. 1 MiB is the default
+/// /proc/sys/fs/pipe-max-size, so an unprivileged agent gets it too.
+const PIPE_SIZE: i32 = 1024 * 1024;
+
 impl Pipe {
     fn new() -> io::Result<Self> {
-        let (read_end, write_end) = pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)?;
-        if let Some(size) = std::env::var("SE_RELAY_PIPE_SIZE").ok().and_then(|v| v.parse::<i32>().ok()) {
-            let _ = nix::fcntl::fcntl(&write_end, nix::fcntl::FcntlArg::F_SETPIPE_SZ(size));
-        }
+        let (read_end, write_end) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        // Refused when pipe-max-size was lowered or the user's pipe quota is
+        // used up: the default size still works, only with more splice calls.
+        let _ = fcntl(&write_end, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
         Ok(Self { read_end, write_end })
     }
 
     /// Moves what `socket` has ready into the pipe, up to the pipe's capacity.
     fn fill_from(&self, socket: &TcpStream) -> io::Result<usize> {
-        // The pipe, not `len`, bounds each call: the kernel stops when the pipe is full.
+        // The pipe, not the length asked for, bounds each call: the kernel
+        // stops when the pipe is full.
         Ok(splice(socket, None, &self.write_end, None, SPLICE_MAX_LEN, SPLICE_FLAGS)?)
     }
 
@@ -152,50 +135,13 @@ impl Pipe {
     }
 }
 
-/// Larger than any pipe; the kernel clamps it anyway (MAX_RW_COUNT).
+/// More than any pipe holds; the kernel clamps it anyway (MAX_RW_COUNT).
 const SPLICE_MAX_LEN: usize = 1 << 30;
 
 /// NONBLOCK: never wait on the pipe (the sockets are non-blocking already).
-/// MOVE: hand over socket pages instead of copying where the kernel can.
+/// MOVE: only a hint, ignored by current kernels, which move socket data
+/// through a pipe by page reference anyway.
 const SPLICE_FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_NONBLOCK.union(SpliceFFlags::SPLICE_F_MOVE);
-
-/// One direction of `relay_streams`: read -> buffer -> write until EOF.
-async fn copy_until_eof<R, W>(mut from: R, mut to: W, prefill: Vec<u8>, delivered: &mut u64) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    write_all_counted(&mut to, &prefill, delivered).await?;
-    drop(prefill);
-    // A generic stream has no readiness to wait on, so the first read takes a
-    // single byte and the buffer is allocated once that byte arrives: an idle
-    // connection holds no buffer.
-    let mut first_byte = [0u8; 1];
-    if from.read(&mut first_byte).await? == 0 {
-        return to.shutdown().await;
-    }
-    let mut buffer = vec![0u8; BUFFER_SIZE];
-    buffer[0] = first_byte[0];
-    let mut filled = 1 + read_without_waiting(&mut from, &mut buffer[1..]).await?;
-    loop {
-        write_all_counted(&mut to, &buffer[..filled], delivered).await?;
-        filled = from.read(&mut buffer).await?;
-        if filled == 0 {
-            return to.shutdown().await;
-        }
-    }
-}
-
-/// Reads what `from` has ready now; 0 if nothing is (EOF shows on the next read).
-async fn read_without_waiting<R: AsyncRead + Unpin>(from: &mut R, buffer: &mut [u8]) -> io::Result<usize> {
-    let mut buffer = ReadBuf::new(buffer);
-    poll_fn(|context| match Pin::new(&mut *from).poll_read(context, &mut buffer) {
-        Poll::Ready(result) => Poll::Ready(result),
-        Poll::Pending => Poll::Ready(Ok(())),
-    })
-    .await?;
-    Ok(buffer.filled().len())
-}
 
 /// `write_all` that counts each write as it lands, so the count stays right
 /// when it fails or is dropped part-way.
@@ -213,10 +159,10 @@ async fn write_all_counted<W: AsyncWrite + Unpin>(to: &mut W, mut bytes: &[u8], 
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::HashSet, time::Duration};
+    use std::{collections::HashSet, os::fd::AsRawFd, time::Duration};
 
     use tokio::{
-        io::{duplex, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+        io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
         net::{TcpListener, TcpStream},
         sync::{RwLock, RwLockReadGuard, RwLockWriteGuard},
         task::JoinHandle,
@@ -227,43 +173,40 @@ mod tests {
 
     const MIB: u64 = 1024 * 1024;
 
-    /// Tests that count this process's pipes and sockets hold it exclusively;
-    /// every other test that opens any holds it shared.
-    static FD_COUNTING: RwLock<()> = RwLock::const_new(());
+    /// Tests that check for leaked pipes hold it exclusively; every other test
+    /// here that opens pipes holds it shared.
+    static PIPE_ACCOUNTING: RwLock<()> = RwLock::const_new(());
 
-    async fn shared_fds() -> RwLockReadGuard<'static, ()> {
-        FD_COUNTING.read().await
+    async fn shared_pipes() -> RwLockReadGuard<'static, ()> {
+        PIPE_ACCOUNTING.read().await
     }
 
-    async fn exclusive_fds() -> RwLockWriteGuard<'static, ()> {
-        FD_COUNTING.write().await
+    async fn exclusive_pipes() -> RwLockWriteGuard<'static, ()> {
+        PIPE_ACCOUNTING.write().await
     }
 
-    /// Distinct open pipes or sockets (`kind` "pipe:" or "socket:"). Counted by
-    /// inode, not fd: each tokio runtime dups one global signal socket, so the
-    /// fd count moves as other tests' runtimes come and go.
-    fn count_open(kind: &str) -> usize {
+    /// Inodes behind this process's fds whose link reads `kind:[inode]`.
+    fn open_inodes(kind: &str) -> HashSet<u64> {
         std::fs::read_dir("/proc/self/fd")
             .expect("list /proc/self/fd")
             .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
-            .filter(|target| target.to_string_lossy().starts_with(kind))
-            .collect::<HashSet<_>>()
-            .len()
+            .filter_map(|target| {
+                target.to_str()?.strip_prefix(kind)?.strip_prefix(":[")?.strip_suffix(']')?.parse().ok()
+            })
+            .collect()
     }
 
-    #[derive(Clone, Copy)]
-    enum Relay {
-        Splice,
-        Streams,
+    /// Pipes opened since `before` and still open.
+    fn new_pipes(before: &HashSet<u64>) -> usize {
+        open_inodes("pipe").difference(before).count()
     }
 
-    impl Relay {
-        async fn run(self, client: TcpStream, upstream: TcpStream, prefill: Prefill) -> Outcome {
-            match self {
-                Relay::Splice => relay(client, upstream, prefill).await,
-                Relay::Streams => relay_streams(client, upstream, prefill).await,
-            }
-        }
+    /// The inode of the socket behind `socket`'s fd: unlike the fd number, it
+    /// is not reused, so it can be checked for after the socket should be gone.
+    fn socket_inode(socket: &TcpStream) -> u64 {
+        let target = std::fs::read_link(format!("/proc/self/fd/{}", socket.as_raw_fd())).expect("read socket fd link");
+        let inode = target.to_str().and_then(|target| target.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok());
+        inode.expect("socket fd links to socket:[inode]")
     }
 
     /// A connected loopback pair: (connecting end, accepted end).
@@ -278,14 +221,17 @@ mod tests {
         client_app: TcpStream,
         upstream_app: TcpStream,
         relay: JoinHandle<Outcome>,
+        /// All four sockets, the relay's two included.
+        socket_inodes: [u64; 4],
     }
 
     impl Relayed {
-        async fn start(relay: Relay, prefill: Prefill) -> Self {
+        async fn start(prefill: Prefill) -> Self {
             let (client_app, client_agent) = tcp_pair().await;
             let (upstream_agent, upstream_app) = tcp_pair().await;
-            let relay = tokio::spawn(relay.run(client_agent, upstream_agent, prefill));
-            Self { client_app, upstream_app, relay }
+            let socket_inodes = [&client_app, &client_agent, &upstream_agent, &upstream_app].map(socket_inode);
+            let relay = tokio::spawn(relay(client_agent, upstream_agent, prefill));
+            Self { client_app, upstream_app, relay, socket_inodes }
         }
     }
 
@@ -319,6 +265,7 @@ mod tests {
             Self { period }
         }
 
+        /// Up to `len` pattern bytes from `offset`, stopping at the period's end.
         fn at(&self, offset: u64, len: usize) -> &[u8] {
             let start = (offset % Self::PERIOD as u64) as usize;
             &self.period[start..(start + len).min(Self::PERIOD)]
@@ -359,10 +306,10 @@ mod tests {
         }
     }
 
-    async fn check_large_transfer_both_ways(relay: Relay) {
-        let _fds = shared_fds().await;
+    async fn check_large_transfer_both_ways() {
+        let _pipes = shared_pipes().await;
         const LEN: u64 = 64 * MIB;
-        let relayed = Relayed::start(relay, Prefill::default()).await;
+        let relayed = Relayed::start(Prefill::default()).await;
         let (mut client_read, mut client_write) = relayed.client_app.into_split();
         let (mut upstream_read, mut upstream_write) = relayed.upstream_app.into_split();
         let (up, down) = (Pattern::new(1), Pattern::new(2));
@@ -380,21 +327,15 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn relay_carries_64_mib_each_way_at_once_intact() {
-        check_large_transfer_both_ways(Relay::Splice).await;
+        check_large_transfer_both_ways().await;
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn relay_streams_carries_64_mib_each_way_at_once_intact() {
-        check_large_transfer_both_ways(Relay::Streams).await;
-    }
 
-    async fn check_prefill_goes_first_and_counts(relay: Relay) {
-        let _fds = shared_fds().await;
-        let prefill = Prefill {
-            to_upstream: b"GET / HTTP/1.1\r\n".to_vec(),
-            to_client: b"bytes past the 101 head|".to_vec(),
-        };
-        let mut relayed = Relayed::start(relay, prefill).await;
+    async fn check_prefill_goes_first_and_counts() {
+        let _pipes = shared_pipes().await;
+        let prefill =
+            Prefill { to_upstream: b"GET / HTTP/1.1\r\n".to_vec(), to_client: b"bytes past the 101 head|".to_vec() };
+        let mut relayed = Relayed::start(prefill).await;
         relayed.client_app.write_all(b"Host: example\r\n\r\n").await.expect("client sends");
         relayed.client_app.shutdown().await.expect("client half-closes");
         relayed.upstream_app.write_all(b"then the upstream's own").await.expect("upstream sends");
@@ -415,19 +356,15 @@ mod tests {
 
     #[tokio::test]
     async fn relay_sends_prefill_first_and_counts_it() {
-        check_prefill_goes_first_and_counts(Relay::Splice).await;
+        check_prefill_goes_first_and_counts().await;
     }
 
-    #[tokio::test]
-    async fn relay_streams_sends_prefill_first_and_counts_it() {
-        check_prefill_goes_first_and_counts(Relay::Streams).await;
-    }
 
     /// One side half-closes; the other must see EOF while its own direction
     /// keeps flowing until it closes too.
-    async fn check_half_close(relay: Relay, client_closes_first: bool) {
-        let _fds = shared_fds().await;
-        let relayed = Relayed::start(relay, Prefill::default()).await;
+    async fn check_half_close(client_closes_first: bool) {
+        let _pipes = shared_pipes().await;
+        let relayed = Relayed::start(Prefill::default()).await;
         let (mut closer, mut other) = if client_closes_first {
             (relayed.client_app, relayed.upstream_app)
         } else {
@@ -455,49 +392,20 @@ mod tests {
 
     #[tokio::test]
     async fn relay_client_half_close_reaches_upstream_while_downstream_flows() {
-        check_half_close(Relay::Splice, true).await;
+        check_half_close(true).await;
     }
 
     #[tokio::test]
     async fn relay_upstream_half_close_reaches_client_while_upstream_flows() {
-        check_half_close(Relay::Splice, false).await;
+        check_half_close(false).await;
     }
 
-    #[tokio::test]
-    async fn relay_streams_client_half_close_reaches_upstream_while_downstream_flows() {
-        check_half_close(Relay::Streams, true).await;
-    }
 
-    #[tokio::test]
-    async fn relay_streams_upstream_half_close_reaches_client_while_upstream_flows() {
-        check_half_close(Relay::Streams, false).await;
-    }
 
-    #[tokio::test]
-    async fn relay_streams_relays_in_memory_streams() {
-        let (mut client_app, client_agent) = duplex(16 * 1024);
-        let (upstream_agent, mut upstream_app) = duplex(16 * 1024);
-        let prefill = Prefill { to_upstream: b"head|".to_vec(), to_client: Vec::new() };
-        let relay = tokio::spawn(relay_streams(client_agent, upstream_agent, prefill));
 
-        client_app.write_all(b"body").await.expect("client sends");
-        client_app.shutdown().await.expect("client half-closes");
-        let mut at_upstream = Vec::new();
-        upstream_app.read_to_end(&mut at_upstream).await.expect("upstream reads to EOF");
-        assert_eq!(at_upstream, b"head|body");
-
-        let reply = Pattern::new(4);
-        let ((), arrived) = tokio::join!(reply.send(&mut upstream_app, 8 * MIB), reply.receive(&mut client_app));
-        assert_eq!(arrived, 8 * MIB);
-        let outcome = finish(relay).await;
-        assert!(outcome.error.is_none(), "{:?}", outcome.error);
-        assert_eq!((outcome.bytes_up, outcome.bytes_down), (9, 8 * MIB));
-    }
-
-    /// Both directions carry `len` bytes (so both hold a pipe), then the
-    /// upstream resets. Returns the outcome and what the client sent in all.
-    async fn reset_upstream_after_exchange(len: u64) -> (Outcome, u64) {
-        let relayed = Relayed::start(Relay::Splice, Prefill::default()).await;
+    /// Both directions carry `len` bytes while the client keeps sending, then
+    /// the upstream resets. Returns the outcome and what the client sent in all.
+    async fn reset_upstream_mid_stream(relayed: Relayed, len: u64) -> (Outcome, u64) {
         let (_client_read, mut client_write) = relayed.client_app.into_split();
         let mut upstream = relayed.upstream_app;
         // The client keeps sending until the relay drops its socket.
@@ -528,8 +436,9 @@ mod tests {
 
     #[tokio::test]
     async fn relay_ends_with_error_when_upstream_resets_mid_stream() {
-        let _fds = shared_fds().await;
-        let (outcome, client_sent) = reset_upstream_after_exchange(MIB).await;
+        let _pipes = shared_pipes().await;
+        let relayed = Relayed::start(Prefill::default()).await;
+        let (outcome, client_sent) = reset_upstream_mid_stream(relayed, MIB).await;
         assert!(outcome.error.is_some(), "a reset must end the relay with an error");
         assert!(
             (MIB..=client_sent).contains(&outcome.bytes_up),
@@ -539,43 +448,69 @@ mod tests {
         assert!(outcome.bytes_down <= MIB, "bytes_down {} > sent", outcome.bytes_down);
     }
 
+    /// The upstream never reads, so client -> upstream stalls holding a full
+    /// pipe; then the client resets and the upstream sends a byte whose
+    /// delivery fails. The relay ends with that error, dropping the stalled
+    /// direction mid-transfer.
+    async fn fail_delivery_while_upstream_never_reads(relayed: Relayed) -> Outcome {
+        let Relayed { mut client_app, mut upstream_app, relay, .. } = relayed;
+        let chunk = vec![1u8; 64 * 1024];
+        // Fill every buffer on the way until the client's writes stall.
+        while let Ok(written) = timeout(Duration::from_millis(100), client_app.write(&chunk)).await {
+            written.expect("client sends");
+        }
+        client_app.set_zero_linger().expect("SO_LINGER 0");
+        drop(client_app);
+        upstream_app.write_all(b"!").await.expect("upstream sends");
+        finish(relay).await
+    }
+
     #[tokio::test]
     async fn relay_closes_its_pipes_and_sockets_after_many_relays() {
-        let _fds = exclusive_fds().await;
-        let (pipes_before, sockets_before) = (count_open("pipe:"), count_open("socket:"));
-        for _ in 0..16 {
-            let (outcome, _) = reset_upstream_after_exchange(256 * 1024).await;
-            assert!(outcome.error.is_some());
-
-            let mut relayed = Relayed::start(Relay::Splice, Prefill::default()).await;
+        let _pipes = exclusive_pipes().await;
+        let pipes_before = open_inodes("pipe");
+        let mut sockets = HashSet::new();
+        for _ in 0..4 {
+            let mut relayed = Relayed::start(Prefill::default()).await;
+            sockets.extend(relayed.socket_inodes);
             relayed.client_app.write_all(b"ping").await.expect("client sends");
             relayed.client_app.shutdown().await.expect("client half-closes");
             relayed.upstream_app.write_all(b"pong").await.expect("upstream sends");
             relayed.upstream_app.shutdown().await.expect("upstream half-closes");
             let outcome = finish(relayed.relay).await;
             assert!(outcome.error.is_none(), "{:?}", outcome.error);
+
+            let relayed = Relayed::start(Prefill::default()).await;
+            sockets.extend(relayed.socket_inodes);
+            let (outcome, _) = reset_upstream_mid_stream(relayed, 256 * 1024).await;
+            assert!(outcome.error.is_some());
+
+            let relayed = Relayed::start(Prefill::default()).await;
+            sockets.extend(relayed.socket_inodes);
+            let outcome = fail_delivery_while_upstream_never_reads(relayed).await;
+            assert!(outcome.error.is_some());
         }
-        assert_eq!(count_open("pipe:"), pipes_before, "pipes leaked");
-        assert_eq!(count_open("socket:"), sockets_before, "sockets leaked");
+        assert_eq!(new_pipes(&pipes_before), 0, "pipes leaked");
+        assert_eq!(open_inodes("socket").intersection(&sockets).count(), 0, "sockets leaked");
     }
 
     #[tokio::test]
     async fn idle_relay_holds_no_pipe_before_or_after_data() {
-        let _fds = exclusive_fds().await;
-        let pipes_before = count_open("pipe:");
-        let mut relayed = Relayed::start(Relay::Splice, Prefill::default()).await;
+        let _pipes = exclusive_pipes().await;
+        let pipes_before = open_inodes("pipe");
+        let mut relayed = Relayed::start(Prefill::default()).await;
         sleep(Duration::from_millis(100)).await;
-        assert_eq!(count_open("pipe:"), pipes_before, "an idle relay opened a pipe");
+        assert_eq!(new_pipes(&pipes_before), 0, "an idle relay opened a pipe");
 
         relayed.client_app.write_all(b"x").await.expect("client sends");
         let mut heard = [0u8; 1];
         relayed.upstream_app.read_exact(&mut heard).await.expect("upstream hears it");
         sleep(Duration::from_millis(100)).await;
-        assert_eq!(count_open("pipe:"), pipes_before, "a relay kept its pipe after going idle");
+        assert_eq!(new_pipes(&pipes_before), 0, "a relay kept its pipe after going idle");
 
         drop(relayed.client_app);
         drop(relayed.upstream_app);
         finish(relayed.relay).await;
-        assert_eq!(count_open("pipe:"), pipes_before, "pipe left open after the relay");
+        assert_eq!(new_pipes(&pipes_before), 0, "pipe left open after the relay");
     }
 }
