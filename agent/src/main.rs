@@ -168,7 +168,8 @@ fn run(args: RunArgs) -> Result<()> {
                 }
             });
         }
-        proxy::serve(listeners, redirect, config, policies, resolver, dns, inference, &cgroup).await
+        let parts = proxy::Parts { redirect, config, policies, resolver, dns, inference };
+        proxy::serve(listeners, parts, &cgroup).await
     })
 }
 

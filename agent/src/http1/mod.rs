@@ -9,10 +9,11 @@
 //! second request gets smuggled past the policy.
 //!
 //! Request heads come from [`crate::sniff::http::parse_request_head`], which
-//! already refuses ambiguous request framing.
+//! already refuses ambiguous request framing with the rules in [`head`].
 
 pub mod body;
 pub mod forward;
+pub mod head;
 mod reader;
 mod response;
 #[cfg(test)]
@@ -57,7 +58,7 @@ pub fn response_framing(request_method: &str, response: &ResponseHead) -> BodyFr
 }
 
 /// The framing the fields declare, `None` if they declare none. Ambiguous
-/// combinations were refused by the head parsers.
+/// combinations were refused by [`head::check_framing`].
 fn framing_from_fields(fields: &Fields) -> Option<BodyFraming> {
     if let Some(last_coding) = list_elements(fields, "transfer-encoding").last() {
         // Rule 4: a final coding other than chunked can only end at close.

@@ -1,13 +1,11 @@
-//! HTTP/1.x response head (RFC 9112 §4) via httparse, as strict as the
-//! request parser in `sniff::http`: the client parses the same bytes after us.
+//! HTTP/1.x response head (RFC 9112 §4) via httparse, with the checks of
+//! [`super::head`] that request heads get too: the client parses the same
+//! bytes after us.
 
-use httparse::{Response, Status, EMPTY_HEADER};
+use httparse::{Response, EMPTY_HEADER};
 
-use super::{field_values, list_elements, parse_content_length, Fields};
-use crate::sniff::{
-    http::{MAX_HEADERS, MAX_HEAD_BYTES},
-    Parse,
-};
+use super::head::{self, Kind};
+use crate::sniff::{http::MAX_HEADERS, Parse};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResponseHead {
@@ -34,29 +32,11 @@ pub fn parse_response_head(buf: &[u8]) -> Parse<ResponseHead> {
 }
 
 fn parse_head(buf: &[u8]) -> Result<Option<ResponseHead>, String> {
-    // httparse skips empty lines before the status line; refusing them keeps
-    // the number of re-parses of a trickled head bounded by the line count.
-    if buf.first().is_some_and(|&b| b == b'\r' || b == b'\n') {
-        return Err("empty line before the status line".into());
-    }
-    let too_large = || format!("response head exceeds {MAX_HEAD_BYTES} bytes");
     let mut headers = [EMPTY_HEADER; MAX_HEADERS];
     let mut response = Response::new(&mut headers);
-    let head_len = match response.parse(buf) {
-        Ok(Status::Complete(len)) if len > MAX_HEAD_BYTES => return Err(too_large()),
-        Ok(Status::Complete(len)) => len,
-        Ok(Status::Partial) if buf.len() >= MAX_HEAD_BYTES => return Err(too_large()),
-        Ok(Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(format!("more than {MAX_HEADERS} headers")),
-        Err(httparse::Error::Version) => return Err("not an HTTP/1.0 or HTTP/1.1 response".into()),
-        Err(error) => return Err(format!("malformed response head: {error}")),
+    let Some(head_len) = head::parse(buf, Kind::Response, |buf| response.parse(buf))? else {
+        return Ok(None);
     };
-    // httparse takes a lone LF as a line end; a client that does not would
-    // see other headers than we checked.
-    let head = buf.get(..head_len).unwrap_or_default();
-    if head.windows(2).any(|pair| matches!(pair, [before, b'\n'] if *before != b'\r')) {
-        return Err("bare LF line ending in response head".into());
-    }
     let (Some(version), Some(status)) = (response.version, response.code) else {
         return Err("incomplete status line".into());
     };
@@ -65,9 +45,8 @@ fn parse_head(buf: &[u8]) -> Result<Option<ResponseHead>, String> {
     if !(100..=599).contains(&status) {
         return Err(format!("status code {status:03} outside 100-599"));
     }
-    let headers: Vec<(String, Vec<u8>)> =
-        response.headers.iter().map(|header| (header.name.to_string(), header.value.to_vec())).collect();
-    check_framing(&headers, version)?;
+    let headers = head::fields(response.headers);
+    head::check_framing(&headers, version, Kind::Response)?;
     Ok(Some(ResponseHead {
         version,
         status,
@@ -77,45 +56,10 @@ fn parse_head(buf: &[u8]) -> Result<Option<ResponseHead>, String> {
     }))
 }
 
-/// Refuses every body framing the client could read differently from us
-/// (RFC 9112 §6). Unlike a request's, a response's Transfer-Encoding may end
-/// in a coding other than chunked: the body then ends at close (§6.3 rule 4).
-fn check_framing(headers: &Fields, version: u8) -> Result<(), String> {
-    let mut content_lengths = field_values(headers, "content-length");
-    let content_length = content_lengths.next();
-    if content_lengths.next().is_some() {
-        return Err("multiple Content-Length headers".into());
-    }
-    if let Some(value) = content_length {
-        if parse_content_length(value).is_none() {
-            return Err(format!("invalid Content-Length {:?}", String::from_utf8_lossy(value)));
-        }
-    }
-    let codings: Vec<&[u8]> = list_elements(headers, "transfer-encoding").collect();
-    let Some((last, earlier)) = codings.split_last() else {
-        return Ok(());
-    };
-    // §6.3 rule 3: a possible response-splitting attempt.
-    if content_length.is_some() {
-        return Err("both Content-Length and Transfer-Encoding".into());
-    }
-    // §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
-    if version == 0 {
-        return Err("Transfer-Encoding in an HTTP/1.0 response".into());
-    }
-    if codings.iter().any(|coding| coding.is_empty()) {
-        return Err("empty element in Transfer-Encoding".into());
-    }
-    // §6.1: chunked is applied once, last; anything else is ambiguous.
-    if earlier.iter().any(|coding| coding.eq_ignore_ascii_case(b"chunked")) {
-        return Err(format!("chunked before the last Transfer-Encoding (last is {:?})", String::from_utf8_lossy(last)));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::{super::testing::fields, *};
+    use crate::sniff::http::MAX_HEAD_BYTES;
 
     fn done(raw: &[u8]) -> ResponseHead {
         match parse_response_head(raw) {

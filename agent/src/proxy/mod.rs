@@ -101,16 +101,18 @@ pub struct Stats {
     pub over_limit: AtomicU64,
 }
 
-pub async fn serve(
-    listeners: Listeners,
-    redirect: Redirect,
-    config: Config,
-    policies: PolicyStore,
-    resolver: Resolver,
-    dns: Arc<DnsResponder>,
-    inference: Option<InferenceRoute>,
-    cgroup: &Cgroup,
-) -> Result<()> {
+/// Everything a connection may need, made by `run` before serving.
+pub struct Parts {
+    pub redirect: Redirect,
+    pub config: Config,
+    pub policies: PolicyStore,
+    pub resolver: Resolver,
+    pub dns: Arc<DnsResponder>,
+    pub inference: Option<InferenceRoute>,
+}
+
+pub async fn serve(listeners: Listeners, parts: Parts, cgroup: &Cgroup) -> Result<()> {
+    let Parts { redirect, config, policies, resolver, dns, inference } = parts;
     policies.spawn_watch()?;
     for socket in listeners.dns {
         tokio::spawn(dns.clone().serve_udp(socket));

@@ -1,10 +1,12 @@
 //! HTTP/1.x request head (RFC 9112) via httparse, plus what a policy proxy
 //! needs on top: one unambiguous destination and one unambiguous body
-//! framing, since the upstream server parses the same bytes after us.
+//! framing, since the upstream server parses the same bytes after us. The
+//! checks a response head gets too are in [`crate::http1::head`].
 
-use httparse::{Header, Request, Status, EMPTY_HEADER};
+use httparse::{Request, EMPTY_HEADER};
 
 use super::{host::Authority, Parse};
+use crate::http1::head::{self, Kind};
 
 pub const MAX_HEADERS: usize = 100;
 pub const MAX_HEAD_BYTES: usize = 32 * 1024;
@@ -79,35 +81,17 @@ pub fn parse_request_head(buf: &[u8]) -> Parse<RequestHead> {
 }
 
 fn parse_head(buf: &[u8]) -> Result<Option<RequestHead>, String> {
-    // httparse skips empty lines before the request line; refusing them keeps
-    // the number of re-parses of a trickled head bounded by the line count.
-    if buf.first().is_some_and(|&b| b == b'\r' || b == b'\n') {
-        return Err("empty line before the request line".into());
-    }
-    let too_large = || format!("request head exceeds {MAX_HEAD_BYTES} bytes");
     let mut headers = [EMPTY_HEADER; MAX_HEADERS];
     let mut request = Request::new(&mut headers);
-    let head_len = match request.parse(buf) {
-        Ok(Status::Complete(len)) if len > MAX_HEAD_BYTES => return Err(too_large()),
-        Ok(Status::Complete(len)) => len,
-        Ok(Status::Partial) if buf.len() >= MAX_HEAD_BYTES => return Err(too_large()),
-        Ok(Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(format!("more than {MAX_HEADERS} headers")),
-        Err(httparse::Error::Version) => return Err("not an HTTP/1.0 or HTTP/1.1 request".into()),
-        Err(error) => return Err(format!("malformed request head: {error}")),
+    let Some(head_len) = head::parse(buf, Kind::Request, |buf| request.parse(buf))? else {
+        return Ok(None);
     };
-    // httparse takes a lone LF as a line end; a server that does not would
-    // see other headers than we checked.
-    let head = buf.get(..head_len).unwrap_or_default();
-    if head.windows(2).any(|pair| matches!(pair, [before, b'\n'] if *before != b'\r')) {
-        return Err("bare LF line ending in request head".into());
-    }
     let (Some(method), Some(target), Some(version)) = (request.method, request.path, request.version) else {
         return Err("incomplete request line".into());
     };
-    let headers = &*request.headers;
+    let headers = head::fields(request.headers);
 
-    let host = single_header(headers, "Host")?
+    let host = head::single_value(&headers, "Host")?
         .map(|value| Authority::parse(value).map_err(|reason| format!("invalid Host header: {reason}")))
         .transpose()?;
     let (form, target_authority) = classify_target(method, target)?;
@@ -121,13 +105,13 @@ fn parse_head(buf: &[u8]) -> Result<Option<RequestHead>, String> {
         None if host.is_none() && version == 1 => return Err("HTTP/1.1 request without Host header".into()),
         None => host,
     };
-    check_framing(headers, version)?;
+    head::check_framing(&headers, version, Kind::Request)?;
 
     Ok(Some(RequestHead {
         method: method.to_string(),
         target: target.to_string(),
         version,
-        headers: headers.iter().map(|header| (header.name.to_string(), header.value.to_vec())).collect(),
+        headers,
         head_len,
         authority,
         form,
@@ -176,60 +160,6 @@ fn check_host_matches(host: &Authority, target: &Authority) -> Result<(), String
     } else {
         Err(format!("Host header {host} does not match request target {target}"))
     }
-}
-
-/// Refuses every body framing two HTTP parsers could disagree on (RFC 9112 §6).
-fn check_framing(headers: &[Header<'_>], version: u8) -> Result<(), String> {
-    let content_length = single_header(headers, "Content-Length")?;
-    if let Some(value) = content_length {
-        // Digits only, and at most 18 of them: a server whose integer parse
-        // overflows would frame the body differently.
-        if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
-            return Err(format!("invalid Content-Length {:?}", String::from_utf8_lossy(value)));
-        }
-    }
-    let mut codings = headers
-        .iter()
-        .filter(|header| header.name.eq_ignore_ascii_case("transfer-encoding"))
-        .flat_map(|header| header.value.split(|&b| b == b','))
-        .map(|coding| coding.trim_ascii())
-        .peekable();
-    if codings.peek().is_none() {
-        return Ok(());
-    }
-    if content_length.is_some() {
-        return Err("both Content-Length and Transfer-Encoding".into());
-    }
-    if version == 0 {
-        return Err("Transfer-Encoding in an HTTP/1.0 request".into());
-    }
-    while let Some(coding) = codings.next() {
-        if coding.is_empty() {
-            return Err("empty element in Transfer-Encoding".into());
-        }
-        let is_chunked = coding.eq_ignore_ascii_case(b"chunked");
-        match (is_chunked, codings.peek().is_none()) {
-            (false, true) => {
-                return Err(format!(
-                    "Transfer-Encoding does not end in chunked (ends in {:?})",
-                    String::from_utf8_lossy(coding)
-                ))
-            }
-            (true, false) => return Err("chunked before the last Transfer-Encoding".into()),
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-/// The value of a header that must not be repeated, if present.
-fn single_header<'b>(headers: &[Header<'b>], name: &str) -> Result<Option<&'b [u8]>, String> {
-    let mut matching = headers.iter().filter(|header| header.name.eq_ignore_ascii_case(name));
-    let first = matching.next().map(|header| header.value);
-    if matching.next().is_some() {
-        return Err(format!("multiple {name} headers"));
-    }
-    Ok(first)
 }
 
 #[cfg(test)]
