@@ -17,10 +17,10 @@ use std::{
 
 use anyhow::{Context, Result};
 use hickory_proto::{
-    op::{Message, MessageType, ResponseCode},
+    op::{Message, MessageType, Query, ResponseCode},
     rr::{
         rdata::{A, AAAA},
-        RData, Record, RecordType,
+        Name, RData, Record, RecordType,
     },
 };
 use tokio::{
@@ -36,8 +36,12 @@ pub const INFERENCE_V4: Ipv4Addr = Ipv4Addr::new(240, 0, 0, 1);
 pub const INFERENCE_V6: Ipv6Addr = Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, 0, 1);
 const INFERENCE_TTL: u32 = 60;
 
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+const DNS_PORT: u16 = 53;
 const MAX_MESSAGE: usize = 4096;
-const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
+/// Well under the 5 s a glibc client waits per try, so a dead upstream
+/// becomes a SERVFAIL the client still hears.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 const TCP_IDLE: Duration = Duration::from_secs(10);
 /// Queries forwarded at once; beyond this a query is dropped and the
 /// client's resolver retries.
@@ -106,9 +110,10 @@ impl DnsResponder {
         let upstream = match upstream {
             Some(server) => server,
             None => {
-                let (config, _) = hickory_resolver::system_conf::read_system_conf().context("read /etc/resolv.conf")?;
-                let server = config.name_servers.first().context("/etc/resolv.conf lists no nameserver")?;
-                SocketAddr::new(server.ip, 53)
+                let text = std::fs::read(RESOLV_CONF).with_context(|| format!("read {RESOLV_CONF}"))?;
+                let config = resolv_conf::Config::parse(text).with_context(|| format!("parse {RESOLV_CONF}"))?;
+                let server = config.nameservers.first().cloned().with_context(|| format!("{RESOLV_CONF} lists no nameserver"))?;
+                SocketAddr::new(server.into(), DNS_PORT)
             }
         };
         tracing::info!(%upstream, "DNS: answering the sandbox, forwarding to this resolver");
@@ -140,6 +145,45 @@ impl DnsResponder {
                 drop(permit);
             });
         }
+    }
+
+    /// Every address `name` has (A and AAAA), asked of the same upstream as
+    /// the sandbox's queries, and recorded like them. An IP literal is its
+    /// own answer. The upstream socket is connected, so a refusing server
+    /// fails at once instead of after a timeout.
+    pub async fn lookup(&self, name: &str) -> Result<Vec<IpAddr>, String> {
+        if let Ok(ip) = name.parse::<IpAddr>() {
+            return Ok(vec![ip]);
+        }
+        // Fully qualified: the answer must not depend on search domains.
+        let fqdn = Name::from_ascii(format!("{}.", name.trim_end_matches('.'))).map_err(|error| format!("cannot resolve {name}: {error}"))?;
+        let (v4, v6) = tokio::join!(self.ask(&fqdn, RecordType::A), self.ask(&fqdn, RecordType::AAAA));
+        let addresses: Vec<IpAddr> = match (v4, v6) {
+            (Err(error), Err(_)) => return Err(format!("cannot resolve {name}: {error}")),
+            (v4, v6) => v4.into_iter().chain(v6).flatten().collect(),
+        };
+        if addresses.is_empty() {
+            return Err(format!("{name} has no addresses"));
+        }
+        Ok(addresses)
+    }
+
+    async fn ask(&self, name: &Name, record_type: RecordType) -> Result<Vec<IpAddr>, String> {
+        let mut query = Message::query();
+        query.metadata.recursion_desired = true;
+        query.queries.push(Query::query(name.clone(), record_type));
+        let bytes = query.to_vec().map_err(|error| error.to_string())?;
+        let reply = self.forward(&bytes).await.map_err(|error| format!("{} ({error})", self.upstream))?;
+        let message = Message::from_vec(&reply).map_err(|error| format!("bad reply from {}: {error}", self.upstream))?;
+        if message.metadata.id != query.metadata.id {
+            return Err(format!("reply from {} answers another query", self.upstream));
+        }
+        match message.metadata.response_code {
+            ResponseCode::NoError | ResponseCode::NXDomain => {}
+            code => return Err(format!("{} answered {code}", self.upstream)),
+        }
+        self.record_answers(&reply);
+        Ok(addresses_in(&message).map(|(ip, _)| ip).collect())
     }
 
     /// Serves DNS over TCP (two-byte length prefixes) on a redirected connection.
@@ -199,19 +243,20 @@ impl DnsResponder {
         let Ok(message) = Message::from_vec(reply) else { return };
         let Some(question) = message.queries.first() else { return };
         // Answers may come through CNAMEs: the name asked for is what the sandbox will claim.
-        let answers: Vec<(IpAddr, u32)> = message
-            .answers
-            .iter()
-            .filter_map(|record| match &record.data {
-                RData::A(A(ip)) => Some((IpAddr::V4(*ip), record.ttl)),
-                RData::AAAA(AAAA(ip)) => Some((IpAddr::V6(*ip), record.ttl)),
-                _ => None,
-            })
-            .collect();
+        let answers: Vec<(IpAddr, u32)> = addresses_in(&message).collect();
         if !answers.is_empty() {
             self.records.record(normalize(&question.name().to_ascii()), answers);
         }
     }
+}
+
+/// The A and AAAA answers of a reply, with their TTLs.
+fn addresses_in(message: &Message) -> impl Iterator<Item = (IpAddr, u32)> + '_ {
+    message.answers.iter().filter_map(|record| match &record.data {
+        RData::A(A(ip)) => Some((IpAddr::V4(*ip), record.ttl)),
+        RData::AAAA(AAAA(ip)) => Some((IpAddr::V6(*ip), record.ttl)),
+        _ => None,
+    })
 }
 
 fn answer_inference(request: &Message) -> Message {
@@ -235,8 +280,6 @@ fn answer_inference(request: &Message) -> Message {
 
 #[cfg(test)]
 mod tests {
-    use hickory_proto::{op::Query, rr::Name};
-
     use super::*;
 
     fn query(name: &str, record_type: RecordType) -> Vec<u8> {
@@ -256,8 +299,10 @@ mod tests {
                 let request = Message::from_vec(&buffer[..len]).unwrap();
                 let mut reply = Message::response(request.metadata.id, request.metadata.op_code);
                 reply.queries = request.queries.clone();
-                let name = request.queries[0].name().clone();
-                reply.answers.push(Record::from_rdata(name, 120, RData::A(A(ip))));
+                let question = &request.queries[0];
+                if question.query_type() == RecordType::A {
+                    reply.answers.push(Record::from_rdata(question.name().clone(), 120, RData::A(A(ip))));
+                }
                 socket.send_to(&reply.to_vec().unwrap(), client).await.unwrap();
             }
         });
@@ -294,6 +339,19 @@ mod tests {
         assert_eq!(reply.answers.len(), 1);
         assert_eq!(responder.records.addresses("API.example.test"), vec![IpAddr::from([10, 1, 2, 3])]);
         assert!(responder.records.addresses("other.test").is_empty());
+    }
+
+    #[tokio::test]
+    async fn lookups_go_to_the_same_upstream_and_are_recorded() {
+        let upstream = fake_upstream(Ipv4Addr::new(10, 9, 8, 7)).await;
+        let responder = DnsResponder::new(Some(upstream)).unwrap();
+        assert_eq!(responder.lookup("svc.test").await.unwrap(), vec![IpAddr::from([10, 9, 8, 7])]);
+        assert_eq!(responder.records.addresses("svc.test"), vec![IpAddr::from([10, 9, 8, 7])]);
+        assert_eq!(responder.lookup("10.0.0.5").await.unwrap(), vec![IpAddr::from([10, 0, 0, 5])]);
+        let refused = DnsResponder::new(Some("127.0.0.1:9".parse().unwrap())).unwrap();
+        let started = Instant::now();
+        assert!(refused.lookup("svc.test").await.unwrap_err().starts_with("cannot resolve svc.test: 127.0.0.1:9"));
+        assert!(started.elapsed() < Duration::from_millis(500), "a refusing upstream must fail at once");
     }
 
     #[tokio::test]

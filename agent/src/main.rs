@@ -10,7 +10,6 @@ mod preflight;
 mod proxy;
 mod redirect;
 mod relay;
-mod resolve;
 mod rewound;
 mod ssrf;
 mod tls;
@@ -149,7 +148,6 @@ fn run(args: RunArgs) -> Result<()> {
     runtime.block_on(async {
         // Bind before touching the cgroup, so a taken port fails without side effects.
         let listeners = proxy::Listeners::bind(args.listen_port).await?;
-        let resolver = resolve::Resolver::new(args.dns_server)?;
         let dns = std::sync::Arc::new(dns::DnsResponder::new(args.dns_server)?);
         preflight::ensure_bpffs()?;
         let redirect = redirect::Redirect::attach(&cgroup, listeners.port(), args.ebpf_log_level)?;
@@ -168,7 +166,7 @@ fn run(args: RunArgs) -> Result<()> {
                 }
             });
         }
-        let parts = proxy::Parts { redirect, config, policies, resolver, dns, inference };
+        let parts = proxy::Parts { redirect, config, policies, dns, inference };
         proxy::serve(listeners, parts, &cgroup).await
     })
 }

@@ -647,3 +647,15 @@ fn spawn_and_wait(mut command: Command) -> Result<(u32, Output)> {
     let pid = child.id();
     Ok((pid, child.wait_with_output()?))
 }
+
+impl TestNet {
+    /// Runs `script` (Python source) inside the namespace as a server, with
+    /// `args`: it prints JSON lines on stdout, `{"kind": "ready"}` once it
+    /// listens, like the servers of [`TestNet::start_servers`]. For servers
+    /// that misbehave on purpose (resets, stalls, banners) written by a test.
+    pub fn start_python_servers(&self, script: &str, args: &[&str]) -> Result<Servers> {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.netns, PYTHON, "-u", "-c", script]).args(args);
+        Servers::start(command, None)
+    }
+}

@@ -89,12 +89,7 @@ impl CloseLog {
 
 pub async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) {
     let started = Instant::now();
-    let Some(record) = shared.redirect.take_record(peer) else {
-        let unattributed = shared.stats.unattributed.fetch_add(1, Ordering::Relaxed) + 1;
-        tracing::warn!(client = %peer, unattributed, "connection closed: no kernel record of its origin");
-        return;
-    };
-    let origin = Origin::from_record(&record);
+    let Some(origin) = attribute(peer, shared) else { return };
     let _ = client.set_nodelay(true);
     let mut log = CloseLog::default();
     if is_own_listener(origin.destination, shared.config.listen_port) {
@@ -102,34 +97,62 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) {
     } else {
         transparent(client, &origin, shared, &mut log).await;
     }
+    log.emit(&origin, peer, started);
+}
 
-    tracing::info!(
-        event = "connection",
-        verdict = log.verdict,
-        reason = log.reason,
-        protocol = log.protocol,
-        host = log.host,
-        pid = origin.pid,
-        exe = origin.exe.as_ref().map(|exe| exe.display().to_string()),
-        comm = origin.comm,
-        uid = origin.uid,
-        cgroup_id = origin.cgroup_id,
-        client = %peer,
-        destination = %origin.destination,
-        upstream = log.upstream.map(|upstream| upstream.to_string()),
-        policy = log.policy,
-        policy_generation = log.generation,
-        audit = log.audit,
-        bytes_up = log.bytes_up,
-        bytes_down = log.bytes_down,
-        duration_ms = started.elapsed().as_secs_f64() * 1e3,
-        error = log.error,
-        inference_requests = log.inference.as_ref().map(|i| i.requests),
-        inference_last_status = log.inference.as_ref().and_then(|i| i.last_status),
-        inference_endpoint = log.inference.as_ref().and_then(|i| i.endpoint),
-        inference_provider = log.inference.as_ref().and_then(|i| i.provider.clone()),
-        inference_model = log.inference.as_ref().and_then(|i| i.model.clone()),
-    );
+/// Turns away a connection beyond `--max-connections`, logged like any other.
+pub fn refuse_over_limit(client: TcpStream, peer: SocketAddr, shared: &Shared) {
+    let started = Instant::now();
+    reset(client);
+    let Some(origin) = attribute(peer, shared) else { return };
+    let reason = format!("too many connections in flight (--max-connections {})", shared.config.max_connections);
+    let log = CloseLog { verdict: "denied", reason: Some(reason), protocol: "unknown", ..CloseLog::default() };
+    log.emit(&origin, peer, started);
+}
+
+/// Who made the connection, from the kernel's record; a connection without
+/// one is closed and counted, never guessed.
+fn attribute(peer: SocketAddr, shared: &Shared) -> Option<Origin> {
+    let Some(record) = shared.redirect.take_record(peer) else {
+        let unattributed = shared.stats.unattributed.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::warn!(client = %peer, unattributed, "connection closed: no kernel record of its origin");
+        return None;
+    };
+    Some(Origin::from_record(&record))
+}
+
+impl CloseLog {
+    /// The one line every connection logs when it ends.
+    fn emit(&self, origin: &Origin, peer: SocketAddr, started: Instant) {
+        let inference = self.inference.as_ref();
+        tracing::info!(
+            event = "connection",
+            verdict = self.verdict,
+            reason = self.reason,
+            protocol = self.protocol,
+            host = self.host,
+            pid = origin.pid,
+            exe = origin.exe.as_ref().map(|exe| exe.display().to_string()),
+            comm = origin.comm,
+            uid = origin.uid,
+            cgroup_id = origin.cgroup_id,
+            client = %peer,
+            destination = %origin.destination,
+            upstream = self.upstream.map(|upstream| upstream.to_string()),
+            policy = self.policy,
+            policy_generation = self.generation,
+            audit = self.audit,
+            bytes_up = self.bytes_up,
+            bytes_down = self.bytes_down,
+            duration_ms = started.elapsed().as_secs_f64() * 1e3,
+            error = self.error,
+            inference_requests = inference.map(|i| i.requests),
+            inference_last_status = inference.and_then(|i| i.last_status),
+            inference_endpoint = inference.and_then(|i| i.endpoint),
+            inference_provider = inference.and_then(|i| i.provider.as_deref()),
+            inference_model = inference.and_then(|i| i.model.as_deref()),
+        );
+    }
 }
 
 fn is_own_listener(destination: SocketAddr, listen_port: u16) -> bool {
@@ -197,6 +220,12 @@ async fn transparent(mut client: TcpStream, origin: &Origin, shared: &Shared, lo
         StreamKind::Tls(hello) => {
             log.protocol = "tls";
             hello.sni
+        }
+        StreamKind::Opaque | StreamKind::Invalid { .. } if starts_with_empty_line(&sniffed.buffered) => {
+            log.protocol = "opaque";
+            log.verdict = "denied";
+            log.reason = Some("a stream that starts with an empty line could be HTTP hidden from the checks".into());
+            return reset(client);
         }
         // Not HTTP nor TLS (including text protocols that start with a
         // letter, like SSH banners): decided on the destination alone.
@@ -321,10 +350,25 @@ fn no_inference_route() -> Denial {
     Denial::unresolved("inference.local is not configured: the agent runs without --inference-config".into())
 }
 
-/// A request line that says HTTP/1.x, so the client expects an HTTP answer.
+/// The start of an HTTP request line (`METHOD /`, `METHOD *`, `METHOD
+/// http://`, `CONNECT host`), complete or not: too long, too slow or
+/// malformed, it is still HTTP, gets a 400, and is never relayed as opaque
+/// bytes around the HTTP checks. SSH banners and the like do not match.
 fn looks_like_http(buffered: &[u8]) -> bool {
-    let first_line = buffered.split(|&b| b == b'\n').next().unwrap_or_default();
-    first_line.windows(7).any(|window| window == b" HTTP/1")
+    let Some(space) = buffered.iter().take(32).position(|&b| b == b' ') else { return false };
+    let (method, target) = (&buffered[..space], &buffered[space + 1..]);
+    let is_token = !method.is_empty() && method.iter().all(|b| b.is_ascii_uppercase() || *b == b'-');
+    is_token
+        && (method == b"CONNECT"
+            || target.first().is_some_and(|&b| b == b'/' || b == b'*')
+            || target.starts_with(b"http://")
+            || target.starts_with(b"https://"))
+}
+
+/// HTTP servers skip empty lines before a request line (RFC 9112 2.2), so
+/// a stream that starts with one may be HTTP that the sniffer cannot see.
+fn starts_with_empty_line(buffered: &[u8]) -> bool {
+    buffered.first().is_some_and(|&b| b == b'\r' || b == b'\n')
 }
 
 pub async fn bad_request(mut client: TcpStream, log: &mut CloseLog, reason: String) {
@@ -366,5 +410,20 @@ pub async fn connect_upstream(upstream: SocketAddr, shared: &Shared, log: &mut C
 async fn relay_to(client: TcpStream, upstream: SocketAddr, prefill: Prefill, shared: &Shared, log: &mut CloseLog) {
     if let Some(upstream) = connect_upstream(upstream, shared, log).await {
         log.relayed(relay::relay(client, upstream, prefill).await);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_lines_are_recognised_even_incomplete() {
+        for http in [&b"GET /"[..], b"POST /v1 HTTP/1.1\r\n", b"OPTIONS *", b"GET http://h/", b"CONNECT h:443", b"M-SEARCH *"] {
+            assert!(looks_like_http(http), "{}", String::from_utf8_lossy(http));
+        }
+        for other in [&b"SSH-2.0-OpenSSH_9.2\r\n"[..], b"GET", b"SET key value", b"get /", b"\x00GET /", b"PING\r\n", b""] {
+            assert!(!looks_like_http(other), "{}", String::from_utf8_lossy(other));
+        }
     }
 }

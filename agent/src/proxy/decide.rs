@@ -11,17 +11,15 @@ use ipnet::IpNet;
 
 use super::{origin::Origin, policy_store::PolicyStore};
 use crate::{
-    dns::DnsRecords,
+    dns::DnsResponder,
     policy::{Decision, Request},
-    resolve::Resolver,
     ssrf::{sensitive_address_allowed, AddressClass},
 };
 
 pub struct Decider {
     pub policies: PolicyStore,
-    pub resolver: Resolver,
-    /// What the agent's DNS told the sandbox.
-    pub dns_records: Arc<DnsRecords>,
+    /// The agent's DNS: what it told the sandbox, and lookups of its own.
+    pub dns: Arc<DnsResponder>,
 }
 
 /// Why a connection was refused; `kind` is the JSON `error` of a 403.
@@ -84,7 +82,7 @@ impl Decider {
     /// An explicit `CONNECT host:port`: the agent resolves the host and
     /// connects to an address it checked.
     pub async fn connect(&self, origin: &Origin, host: &str, port: u16) -> Verdict {
-        let addresses = match self.resolver.lookup(host).await {
+        let addresses = match self.dns.lookup(host).await {
             Ok(addresses) => addresses,
             Err(reason) => return self.unresolved(reason),
         };
@@ -112,7 +110,7 @@ impl Decider {
         let (generation, decision) = self.evaluate(origin, Some(host), destination, port);
         let outcome = async {
             let allowed = allowed_by_policy(decision)?;
-            let addresses = self.resolver.lookup(host).await.map_err(Denial::unresolved)?;
+            let addresses = self.dns.lookup(host).await.map_err(Denial::unresolved)?;
             if let Some(destination) = destination {
                 if !addresses.contains(&destination) {
                     return Err(mismatch(host, destination));
@@ -176,10 +174,10 @@ impl Decider {
     /// connected to, by what the agent's DNS told the sandbox or by the
     /// agent's own lookup: an allowed name must not be a ticket to any address.
     async fn check_consistent(&self, host: &str, destination: IpAddr) -> Result<(), Denial> {
-        if self.dns_records.addresses(host).iter().any(|ip| ip.to_canonical() == destination.to_canonical()) {
+        if self.dns.records.addresses(host).iter().any(|ip| ip.to_canonical() == destination.to_canonical()) {
             return Ok(());
         }
-        let addresses = self.resolver.lookup(host).await.map_err(Denial::unresolved)?;
+        let addresses = self.dns.lookup(host).await.map_err(Denial::unresolved)?;
         if addresses.iter().any(|ip| ip.to_canonical() == destination.to_canonical()) {
             Ok(())
         } else {

@@ -25,7 +25,7 @@ use tokio::{
     sync::{watch, Semaphore},
 };
 
-use crate::{dns::DnsResponder, preflight::Cgroup, redirect::Redirect, resolve::Resolver};
+use crate::{dns::DnsResponder, preflight::Cgroup, redirect::Redirect};
 
 /// How long in-flight connections may finish after SIGINT/SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -106,13 +106,12 @@ pub struct Parts {
     pub redirect: Redirect,
     pub config: Config,
     pub policies: PolicyStore,
-    pub resolver: Resolver,
     pub dns: Arc<DnsResponder>,
     pub inference: Option<InferenceRoute>,
 }
 
 pub async fn serve(listeners: Listeners, parts: Parts, cgroup: &Cgroup) -> Result<()> {
-    let Parts { redirect, config, policies, resolver, dns, inference } = parts;
+    let Parts { redirect, config, policies, dns, inference } = parts;
     policies.spawn_watch()?;
     for socket in listeners.dns {
         tokio::spawn(dns.clone().serve_udp(socket));
@@ -121,7 +120,7 @@ pub async fn serve(listeners: Listeners, parts: Parts, cgroup: &Cgroup) -> Resul
         redirect,
         config,
         stats: Stats::default(),
-        decider: decide::Decider { policies, resolver, dns_records: dns.records.clone() },
+        decider: decide::Decider { policies, dns: dns.clone() },
         dns,
         inference,
     });
@@ -195,14 +194,7 @@ async fn accept_loop(
         shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             shared.stats.over_limit.fetch_add(1, Ordering::Relaxed);
-            // The record must still be consumed, or it lingers in the map.
-            let record = shared.redirect.take_record(peer);
-            tracing::warn!(
-                client = %peer,
-                pid = record.map(|r| r.tgid),
-                max_connections = shared.config.max_connections,
-                "connection refused: too many connections in flight"
-            );
+            connection::refuse_over_limit(stream, peer, &shared);
             continue;
         };
         let shared = shared.clone();
