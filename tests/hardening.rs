@@ -854,7 +854,6 @@ fn client_half_close_first_still_gets_the_whole_answer() -> Result<()> {
 }
 
 #[test]
-#[ignore = "agent bug: relayed streams have no idle timeout (no --idle-timeout): a stalled upstream holds the connection forever"]
 fn stalled_upstream_is_cut_off_after_the_idle_timeout() -> Result<()> {
     let setup = Setup::new("stall", &["--idle-timeout", "1000"])?;
     let result = setup.raw(&setup.v4(), STALL_PORT, 6.0, json!([send(b"\x00hello?"), ["recv_all"]]))?;

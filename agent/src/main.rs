@@ -89,6 +89,9 @@ struct RunArgs {
     /// Where the agent's CA lives (created on first run) for inference.local's certificate.
     #[arg(long, default_value = tls::DEFAULT_CA_DIR)]
     ca_dir: PathBuf,
+    /// A relayed connection with no byte either way for this long is closed.
+    #[arg(long, value_parser = parse_millis, default_value = "3600000", value_name = "MS")]
+    idle_timeout: Duration,
     /// Silence longer than this makes a stream "server speaks first" (SSH, SMTP...).
     #[arg(long, value_parser = parse_millis, default_value = "300", value_name = "MS")]
     first_byte_timeout: Duration,
@@ -155,6 +158,7 @@ fn run(args: RunArgs) -> Result<()> {
             listen_port: listeners.port(),
             max_connections: args.max_connections,
             connect_timeout: args.connect_timeout,
+            idle_timeout: args.idle_timeout,
             sniff: sniff::Limits { first_byte_timeout: args.first_byte_timeout, head_timeout: args.head_timeout },
         };
         if let Some(route) = &inference {

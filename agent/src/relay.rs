@@ -6,7 +6,13 @@
 //! through a pipe, so the payload never enters userspace; a direction holds
 //! its pipe only while data flows.
 
-use std::{io, os::fd::OwnedFd};
+use std::{
+    future::Future,
+    io,
+    os::fd::OwnedFd,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
 
 use nix::{
     fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags},
@@ -40,17 +46,57 @@ pub struct Outcome {
 }
 
 /// Relays two TCP sockets with splice(2), prefill first, until both
-/// directions reach EOF or either fails.
-pub async fn relay(client: TcpStream, upstream: TcpStream, prefill: Prefill) -> Outcome {
+/// directions reach EOF, either fails, or neither moves a byte for
+/// `idle_timeout` (a stalled peer must not hold the connection forever).
+pub async fn relay(client: TcpStream, upstream: TcpStream, prefill: Prefill, idle_timeout: Duration) -> Outcome {
     let (client_read, client_write) = client.into_split();
     let (upstream_read, upstream_write) = upstream.into_split();
+    let idle = Idle::new(idle_timeout);
     let mut outcome = Outcome::default();
     let result = tokio::try_join!(
-        splice_until_eof(client_read, upstream_write, prefill.to_upstream, &mut outcome.bytes_up),
-        splice_until_eof(upstream_read, client_write, prefill.to_client, &mut outcome.bytes_down),
+        splice_until_eof(client_read, upstream_write, prefill.to_upstream, &mut outcome.bytes_up, &idle),
+        splice_until_eof(upstream_read, client_write, prefill.to_client, &mut outcome.bytes_down, &idle),
     );
     outcome.error = result.err();
     outcome
+}
+
+/// When a relay last moved a byte, in either direction.
+struct Idle {
+    started: Instant,
+    /// Milliseconds after `started`; atomic so the relay future stays `Send`.
+    last_active_ms: AtomicU64,
+    limit: Duration,
+}
+
+impl Idle {
+    fn new(limit: Duration) -> Self {
+        Self { started: Instant::now(), last_active_ms: AtomicU64::new(0), limit }
+    }
+
+    fn touch(&self) {
+        self.last_active_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn expires(&self) -> Instant {
+        self.started + Duration::from_millis(self.last_active_ms.load(Ordering::Relaxed)) + self.limit
+    }
+
+    /// Waits for `io`, unless the whole relay has been idle for the limit
+    /// meanwhile (activity in the other direction keeps this wait going).
+    async fn bounded<T>(&self, io: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+        tokio::pin!(io);
+        loop {
+            match tokio::time::timeout_at(self.expires().into(), &mut io).await {
+                Ok(result) => return result,
+                Err(_) if self.expires() <= Instant::now() => {
+                    let message = format!("idle for {:?} in both directions", self.limit);
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, message));
+                }
+                Err(_) => {}
+            }
+        }
+    }
 }
 
 /// One direction of `relay`: socket -> pipe -> socket until EOF.
@@ -62,8 +108,12 @@ async fn splice_until_eof(
     mut to: OwnedWriteHalf,
     prefill: Vec<u8>,
     delivered: &mut u64,
+    idle: &Idle,
 ) -> io::Result<()> {
-    write_all_counted(&mut to, &prefill, delivered).await?;
+    idle.bounded(write_all_counted(&mut to, &prefill, delivered)).await?;
+    if !prefill.is_empty() {
+        idle.touch();
+    }
     // This future lives as long as the connection: free the prefill now.
     drop(prefill);
     loop {
@@ -71,7 +121,7 @@ async fn splice_until_eof(
         // when the socket runs dry, so an idle connection holds none. Readiness
         // alone proves nothing: tokio reports an accepted socket readable
         // before anything has arrived.
-        if from.peek(&mut [0u8; 1]).await? == 0 {
+        if idle.bounded(from.peek(&mut [0u8; 1])).await? == 0 {
             return to.shutdown().await;
         }
         let pipe = Pipe::new()?;
@@ -87,11 +137,12 @@ async fn splice_until_eof(
             // Drain fully before reading again: this keeps the WouldBlock above
             // unambiguous and guarantees nothing is left behind at EOF.
             while in_pipe > 0 {
-                to.writable().await?;
+                idle.bounded(to.writable()).await?;
                 match to.as_ref().try_io(Interest::WRITABLE, || pipe.drain_to(to.as_ref(), in_pipe)) {
                     Ok(spliced) => {
                         in_pipe -= spliced;
                         *delivered += spliced as u64;
+                        idle.touch();
                     }
                     Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
                     Err(error) => return Err(error),
@@ -227,12 +278,42 @@ mod tests {
 
     impl Relayed {
         async fn start(prefill: Prefill) -> Self {
+            Self::start_with_idle_timeout(prefill, Duration::from_secs(3600)).await
+        }
+
+        async fn start_with_idle_timeout(prefill: Prefill, idle_timeout: Duration) -> Self {
             let (client_app, client_agent) = tcp_pair().await;
             let (upstream_agent, upstream_app) = tcp_pair().await;
             let socket_inodes = [&client_app, &client_agent, &upstream_agent, &upstream_app].map(socket_inode);
-            let relay = tokio::spawn(relay(client_agent, upstream_agent, prefill));
+            let relay = tokio::spawn(relay(client_agent, upstream_agent, prefill, idle_timeout));
             Self { client_app, upstream_app, relay, socket_inodes }
         }
+    }
+
+    #[tokio::test]
+    async fn a_relay_idle_both_ways_for_the_limit_ends_with_timed_out() {
+        let relayed = Relayed::start_with_idle_timeout(Prefill::default(), Duration::from_millis(200)).await;
+        let outcome = finish(relayed.relay).await;
+        let error = outcome.error.expect("the idle relay ended with an error");
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert!(error.to_string().contains("idle"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn traffic_in_one_direction_keeps_the_relay_alive() {
+        let mut relayed = Relayed::start_with_idle_timeout(Prefill::default(), Duration::from_millis(300)).await;
+        // Only the client speaks, every 100 ms for a second: the upstream's
+        // silence alone must not end the relay.
+        let mut received = [0u8; 1];
+        for _ in 0..10 {
+            relayed.client_app.write_all(b"x").await.expect("client sends");
+            relayed.upstream_app.read_exact(&mut received).await.expect("upstream receives");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(!relayed.relay.is_finished(), "the relay ended while one direction was busy");
+        drop((relayed.client_app, relayed.upstream_app));
+        let outcome = finish(relayed.relay).await;
+        assert_eq!(outcome.bytes_up, 10);
     }
 
     async fn finish(relay: JoinHandle<Outcome>) -> Outcome {

@@ -321,7 +321,7 @@ async fn explicit(mut client: TcpStream, origin: &Origin, shared: &Shared, log: 
                     }
                     // Bytes after the CONNECT head already belong to the tunnel.
                     let tunnel_start = sniffed.buffered.split_off(head.head_len);
-                    log.relayed(relay::relay(client, upstream, Prefill { to_upstream: tunnel_start, ..Prefill::default() }).await);
+                    log.relayed(relay::relay(client, upstream, Prefill { to_upstream: tunnel_start, ..Prefill::default() }, shared.config.idle_timeout).await);
                 }
             }
         }
@@ -409,7 +409,7 @@ pub async fn connect_upstream(upstream: SocketAddr, shared: &Shared, log: &mut C
 
 async fn relay_to(client: TcpStream, upstream: SocketAddr, prefill: Prefill, shared: &Shared, log: &mut CloseLog) {
     if let Some(upstream) = connect_upstream(upstream, shared, log).await {
-        log.relayed(relay::relay(client, upstream, prefill).await);
+        log.relayed(relay::relay(client, upstream, prefill, shared.config.idle_timeout).await);
     }
 }
 

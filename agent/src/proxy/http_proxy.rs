@@ -119,7 +119,7 @@ pub async fn serve(
                 let (upstream_stream, to_client) = upstream.reader.into_parts();
                 let (client_stream, to_upstream) = client.into_parts();
                 log.protocol = "http-upgrade";
-                return log.relayed(relay::relay(client_stream, upstream_stream, Prefill { to_upstream, to_client }).await);
+                return log.relayed(relay::relay(client_stream, upstream_stream, Prefill { to_upstream, to_client }, shared.config.idle_timeout).await);
             }
             Ok(ResponseOutcome::Complete { close, head_bytes, body_bytes, .. }) => {
                 log.verdict = "relayed";

@@ -38,6 +38,8 @@ pub struct Config {
     pub listen_port: u16,
     pub max_connections: usize,
     pub connect_timeout: Duration,
+    /// A relayed connection with no byte either way for this long is closed.
+    pub idle_timeout: Duration,
     pub sniff: crate::sniff::Limits,
 }
 
