@@ -4,9 +4,17 @@
 //! response relayed; a `101 Switching Protocols` turns the connection into a
 //! raw splice, bytes already read past the 101 forwarded first.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
 
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::{
+    io::{AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
 
 use super::{
     connection::{bad_request, connect_upstream, deny_http, CloseLog, Shared},
@@ -99,31 +107,47 @@ pub async fn serve(
         let up = upstream.as_mut().expect("connected above");
 
         let forwarded_head = http1::forward_request_head(&head, matches!(mode, HttpMode::Explicit), VIA);
+        // Waits are bounded by the idle timeout too: a stalled server is answered 504.
+        let idle = shared.config.idle_timeout;
+        let body_limits = BodyLimits { max_body: None, idle: BODY_IDLE.min(idle) };
+        let response_limits = ResponseLimits { head_timeout: RESPONSE_TIMEOUT.min(idle), body: body_limits };
+        let (mut sent_up, mut sent_down) = (0, 0);
         let exchange = async {
-            up.reader.get_mut().write_all(&forwarded_head).await?;
-            log.bytes_up += forwarded_head.len() as u64;
-            let body_limits = BodyLimits { max_body: None, idle: BODY_IDLE };
-            log.bytes_up += http1::copy_body(&mut client, up.reader.get_mut(), http1::request_framing(&head), &body_limits).await?;
-            let response_limits = ResponseLimits { head_timeout: RESPONSE_TIMEOUT, body: body_limits };
-            http1::forward_responses(&mut up.reader, client.get_mut(), &head, VIA, &response_limits).await
+            {
+                let mut to_upstream = Counted { inner: up.reader.get_mut(), count: &mut sent_up };
+                to_upstream.write_all(&forwarded_head).await?;
+                http1::copy_body(&mut client, &mut to_upstream, http1::request_framing(&head), &body_limits).await?;
+            }
+            let mut to_client = Counted { inner: client.get_mut(), count: &mut sent_down };
+            http1::forward_responses(&mut up.reader, &mut to_client, &head, VIA, &response_limits).await
         };
-        match exchange.await {
+        let result = exchange.await;
+        log.bytes_up += sent_up;
+        log.bytes_down += sent_down;
+        log.verdict = "relayed";
+        match result {
             Err(error) => {
-                log.verdict = "relayed";
                 log.error = Some(error.to_string());
+                // Nothing of a response has reached the client yet: tell it why.
+                if sent_down == 0 {
+                    let (status, kind) = match error.kind() {
+                        std::io::ErrorKind::TimedOut => (504, "upstream_timeout"),
+                        _ => (502, "upstream_failed"),
+                    };
+                    let detail = format!("{} {host_text}:{port}", head.method);
+                    let body = super::respond::ErrorBody { error: kind, detail: &detail, reason: &error.to_string(), address_class: None };
+                    super::respond::error(client.get_mut(), status, &body).await;
+                }
                 return;
             }
-            Ok(ResponseOutcome::SwitchingProtocols { head_bytes }) => {
-                log.bytes_down += head_bytes;
+            Ok(ResponseOutcome::SwitchingProtocols { .. }) => {
                 let upstream = upstream.take().expect("connected above");
                 let (upstream_stream, to_client) = upstream.reader.into_parts();
                 let (client_stream, to_upstream) = client.into_parts();
                 log.protocol = "http-upgrade";
                 return log.relayed(relay::relay(client_stream, upstream_stream, Prefill { to_upstream, to_client }, shared.config.idle_timeout).await);
             }
-            Ok(ResponseOutcome::Complete { close, head_bytes, body_bytes, .. }) => {
-                log.verdict = "relayed";
-                log.bytes_down += head_bytes + body_bytes;
+            Ok(ResponseOutcome::Complete { close, .. }) => {
                 if close {
                     return;
                 }
@@ -142,5 +166,31 @@ pub async fn serve(
                 return;
             }
         };
+    }
+}
+
+/// Counts bytes as each write lands, so an exchange that fails part-way
+/// still logs what got through.
+struct Counted<'a, W> {
+    inner: &'a mut W,
+    count: &'a mut u64,
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Counted<'_, W> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let written = Pin::new(&mut *this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = written {
+            *this.count += n as u64;
+        }
+        written
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
     }
 }
