@@ -1,5 +1,6 @@
-//! Project tasks: `cargo xtask <setup|build|run|demo|test>`.
+//! Project tasks: `cargo xtask <setup|build|run|demo|test|bench>`.
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -43,6 +44,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up, then measure direct vs the agent vs squid/tinyproxy/haproxy (as root).
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
         Task::Run { release, args } => run_agent(release, &args),
         Task::Demo => demo::run(),
         Task::Test { args } => test(&args),
+        Task::Bench(args) => bench::run(&args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -69,7 +73,19 @@ pub fn workspace_root() -> PathBuf {
 pub fn cargo() -> Command {
     let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     command.current_dir(workspace_root());
+    // A relative CARGO_TARGET_DIR names the caller's directory, not the workspace.
+    if std::env::var_os("CARGO_TARGET_DIR").is_some() {
+        command.env("CARGO_TARGET_DIR", target_dir());
+    }
     command
+}
+
+/// Cargo's target directory: `$CARGO_TARGET_DIR` if set, else `target/`.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => std::env::current_dir().unwrap_or_else(|_| workspace_root()).join(dir),
+        None => workspace_root().join("target"),
+    }
 }
 
 pub fn status(command: &mut Command) -> Result<()> {
@@ -90,7 +106,7 @@ pub fn build_agent(release: bool) -> Result<PathBuf> {
     }
     status(&mut build)?;
     let profile = if release { "release" } else { "debug" };
-    Ok(workspace_root().join("target").join(profile).join("sandbox-egress"))
+    Ok(target_dir().join(profile).join("sandbox-egress"))
 }
 
 fn run_agent(release: bool, args: &[String]) -> Result<()> {

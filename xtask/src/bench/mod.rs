@@ -1,0 +1,633 @@
+//! `cargo xtask bench`: the same workloads, in one run on this machine,
+//! direct (the limit), through the agent (transparent redirect and explicit
+//! CONNECT, clients inside the sandbox cgroup) and through peer proxies
+//! (squid and tinyproxy by CONNECT, haproxy in TCP mode) on loopback.
+//!
+//! Servers run in the harness's network namespace (e2e::TestNet), so nothing
+//! leaves the machine; clients and servers are `bench-peer` (release build).
+//! Every process, namespace, cgroup and pin is released on drop, Ctrl-C included.
+
+mod process;
+mod proxies;
+mod report;
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use e2e::{PolicyFile, Sandbox, TestNet};
+use serde_json::{json, Value};
+
+use process::{rss_bytes, AgentProcess, Client};
+use report::{Metric, Results, Sizes};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Runs of every workload; the table shows medians.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Bulk transfer size, each direction.
+    #[arg(long, default_value_t = 1024)]
+    bulk_mib: u64,
+    /// Sequential short HTTP requests (a new connection each).
+    #[arg(long, default_value_t = 3000)]
+    requests: usize,
+    /// Short HTTP requests made `--concurrency` at a time.
+    #[arg(long, default_value_t = 10_000)]
+    concurrent_requests: usize,
+    /// Requests in flight at once in the concurrent workload.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Idle connections held open for the memory figure.
+    #[arg(long, default_value_t = 10_000)]
+    idle: usize,
+}
+
+/// How a client reaches the server.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+pub enum Way {
+    Direct,
+    Transparent,
+    AgentConnect,
+    Squid,
+    Tinyproxy,
+    Haproxy,
+}
+
+impl Way {
+    pub const ALL: [Way; 6] = [Way::Direct, Way::Transparent, Way::AgentConnect, Way::Squid, Way::Tinyproxy, Way::Haproxy];
+
+    pub fn key(self) -> &'static str {
+        match self {
+            Way::Direct => "direct",
+            Way::Transparent => "agent_transparent",
+            Way::AgentConnect => "agent_connect",
+            Way::Squid => "squid_connect",
+            Way::Tinyproxy => "tinyproxy_connect",
+            Way::Haproxy => "haproxy_tcp",
+        }
+    }
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Way::Direct => "direct",
+            Way::Transparent => "agent transparent",
+            Way::AgentConnect => "agent CONNECT",
+            Way::Squid => "squid CONNECT",
+            Way::Tinyproxy => "tinyproxy CONNECT",
+            Way::Haproxy => "haproxy TCP",
+        }
+    }
+
+    fn through_agent(self) -> bool {
+        matches!(self, Way::Transparent | Way::AgentConnect)
+    }
+}
+
+/// Server ports inside the namespace. HTTP and idle get one port per way
+/// and run: the proxy that closes an upstream connection first keeps its
+/// TIME_WAIT for a minute, and distinct ports keep those from exhausting
+/// the ephemeral range towards any one server port.
+const BULK_PORT: u16 = 5201;
+const HTTP_PORT_BASE: u16 = 8000;
+const IDLE_PORT_BASE: u16 = 9000;
+/// Enough for the idle workload: client, agent and squid (two per connection), server.
+const NOFILE: u64 = 65_536;
+/// Idle connections opened and closed before the memory baseline, so lazy
+/// start-up allocations are not counted per connection.
+const MEMORY_WARMUP: usize = 64;
+/// The longest any single client run may take.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(180);
+
+pub fn run(args: &Args) -> Result<()> {
+    let started = Instant::now();
+    crate::require_root("bench")?;
+    ensure!(args.runs > 0 && args.bulk_mib > 0 && args.requests > 0 && args.concurrent_requests > 0, "sizes must be positive");
+    ensure!(args.concurrency > 0 && args.idle > 0, "sizes must be positive");
+    ensure!(args.runs <= 50, "at most 50 runs (one server port per way and run)");
+    crate::setup::run()?;
+    crate::setup::ensure_packages(&proxies::PACKAGES)?;
+    proxies::stop_distro_services();
+    let agent_bin = crate::build_agent(true)?;
+    let peer_bin = build_peer()?;
+    // For e2e::detach, which the agent guard calls.
+    std::env::set_var("SANDBOX_EGRESS_BIN", &agent_bin);
+    let nofile = raise_nofile()?;
+    let idle = args.idle.min(idle_capacity(nofile));
+    ensure!(idle > 0, "RLIMIT_NOFILE is {nofile}: too low to hold idle connections");
+    let idle_note = (idle < args.idle).then(|| {
+        format!(
+            "RLIMIT_NOFILE cannot exceed {nofile} here (no CAP_SYS_RESOURCE), so a proxy holds at most {idle} idle connections \
+             (two sockets each): the memory workload uses {idle}, not {}.",
+            args.idle
+        )
+    });
+    if let Some(note) = &idle_note {
+        eprintln!("bench: {note}");
+    }
+    interrupt::install();
+    refuse_concurrent_run()?;
+
+    let machine = machine();
+    let work = WorkDir::new()?;
+    let net = TestNet::new()?;
+    let bench = Bench::new(args, Limits { nofile, idle }, agent_bin, peer_bin, &net, &work)?;
+    let mut results = Results::default();
+    bench.throughput_and_latency(&mut results)?;
+    bench.memory(&mut results)?;
+    bench.netns.check_alone()?;
+    drop(bench);
+
+    let sizes = Sizes {
+        reps: args.runs,
+        bulk_mib: args.bulk_mib,
+        requests: args.requests,
+        concurrent_requests: args.concurrent_requests,
+        concurrency: args.concurrency,
+        idle,
+        idle_note,
+    };
+    let header = format!(
+        "## Benchmark ({}; Linux {}, {} CPUs, load average {} at the start; {:.0} s in all)",
+        machine["date"].as_str().unwrap_or("?"),
+        machine["kernel"].as_str().unwrap_or("?"),
+        machine["cpus"],
+        machine["load_average_at_start"].as_str().unwrap_or("?"),
+        started.elapsed().as_secs_f64()
+    );
+    let out_dir = crate::target_dir().join("bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let markdown_path = out_dir.join("bench.md");
+    let json_path = out_dir.join("bench.json");
+    std::fs::write(&markdown_path, report::markdown(&results, &sizes, &header, true))?;
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report::json(&results, &sizes, machine))? + "\n")?;
+    println!("\n{}", report::markdown(&results, &sizes, &header, false));
+    println!("Every run: {} and {}", markdown_path.display(), json_path.display());
+    Ok(())
+}
+
+fn build_peer() -> Result<PathBuf> {
+    crate::status(crate::cargo().args(["build", "--release", "--package", "xtask", "--bin", "bench-peer"]))?;
+    Ok(crate::target_dir().join("release/bench-peer"))
+}
+
+/// Raises RLIMIT_NOFILE, which children inherit, as far as this process
+/// may; returns the limit in force. Without CAP_SYS_RESOURCE (as in some
+/// containers) the current hard limit is the ceiling.
+fn raise_nofile() -> Result<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read or write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            bail!("getrlimit(RLIMIT_NOFILE): {}", std::io::Error::last_os_error());
+        }
+        let wanted = libc::rlimit { rlim_cur: NOFILE, rlim_max: NOFILE.max(limit.rlim_max) };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
+            return Ok(NOFILE);
+        }
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            bail!("setrlimit(RLIMIT_NOFILE, {}): {}", limit.rlim_max, std::io::Error::last_os_error());
+        }
+    }
+    Ok(limit.rlim_max)
+}
+
+/// Idle connections a proxy can relay within `nofile` descriptors: two
+/// sockets each, with room for warm-up stragglers and for its listeners,
+/// maps, logs and runtime.
+fn idle_capacity(nofile: u64) -> usize {
+    ((nofile.saturating_sub(200) / 2) as usize).saturating_sub(2 * MEMORY_WARMUP)
+}
+
+/// The harness names its namespaces se-test-N from 1 in every process and
+/// deletes a leftover of the same name: an end-to-end test run beside the
+/// bench would replace our namespace and skew or break both.
+fn refuse_concurrent_run() -> Result<()> {
+    if let Some(name) = test_namespaces()?.first() {
+        bail!("network namespace {name} exists: an end-to-end test run seems active (or crashed: `ip netns del {name}`)");
+    }
+    Ok(())
+}
+
+fn test_namespaces() -> Result<Vec<String>> {
+    let output = e2e::run("ip", &["netns", "list"])?;
+    let names = String::from_utf8_lossy(&output.stdout);
+    Ok(names.split_whitespace().filter(|name| name.starts_with("se-test-")).map(str::to_owned).collect())
+}
+
+/// Our namespace, to notice a test run that started after us and took it over.
+struct Netns {
+    name: String,
+    inode: u64,
+}
+
+impl Netns {
+    fn of(net: &TestNet) -> Result<Self> {
+        Ok(Self { name: net.netns.clone(), inode: Self::inode(&net.netns)? })
+    }
+
+    fn inode(name: &str) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(std::fs::metadata(format!("/run/netns/{name}")).with_context(|| format!("network namespace {name}"))?.ino())
+    }
+
+    /// Fails when another run's namespace exists or ours was replaced: its
+    /// figures would not be ours.
+    fn check_alone(&self) -> Result<()> {
+        let others: Vec<String> = test_namespaces()?.into_iter().filter(|name| *name != self.name).collect();
+        let replaced = Self::inode(&self.name).map_or(true, |inode| inode != self.inode);
+        if replaced || !others.is_empty() {
+            bail!("an end-to-end test run started during the bench (namespaces {others:?}, ours replaced: {replaced}): stopping");
+        }
+        Ok(())
+    }
+}
+
+fn machine() -> Value {
+    let command = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    json!({
+        "date": command("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        "kernel": command("uname", &["-r"]),
+        "cpus": thread::available_parallelism().map_or(0, |n| n.get()),
+        // Other work on the machine skews every figure: say how busy it was.
+        "load_average_at_start": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+    })
+}
+
+/// Configs, logs and pid files of this run; removed on drop.
+struct WorkDir(PathBuf);
+
+impl WorkDir {
+    fn new() -> Result<Self> {
+        let path = std::env::temp_dir().join(format!("se-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What this machine allows.
+struct Limits {
+    /// RLIMIT_NOFILE of every process started.
+    nofile: u64,
+    /// Idle connections to hold: `--idle`, or fewer if `nofile` is short.
+    idle: usize,
+}
+
+struct Bench<'a> {
+    args: &'a Args,
+    limits: Limits,
+    agent_bin: PathBuf,
+    peer_bin: PathBuf,
+    work: &'a Path,
+    server_ip: Ipv4Addr,
+    netns: Netns,
+    /// Numbers the agents' log files.
+    agents_started: std::cell::Cell<usize>,
+    // Dropped in declaration order: clients are gone by then, the server
+    // goes before the namespace, the policy after the agents that read it.
+    _server: Client,
+    sandbox: Sandbox,
+    policy: PolicyFile,
+}
+
+impl<'a> Bench<'a> {
+    fn new(
+        args: &'a Args,
+        limits: Limits,
+        agent_bin: PathBuf,
+        peer_bin: PathBuf,
+        net: &TestNet,
+        work: &'a WorkDir,
+    ) -> Result<Self> {
+        let server_ip = net.private_v4;
+        let ways = Way::ALL.len() * args.runs;
+        let http: Vec<String> = (0..ways).map(|i| format!("0.0.0.0:{}", HTTP_PORT_BASE + i as u16)).collect();
+        let idle: Vec<String> = (0..ways).map(|i| format!("0.0.0.0:{}", IDLE_PORT_BASE + i as u16)).collect();
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &net.netns]).arg(&peer_bin);
+        command.args(["serve", "--bulk", &format!("0.0.0.0:{BULK_PORT}"), "--http", &http.join(","), "--idle", &idle.join(",")]);
+        let mut server = Client::spawn(command, "bench servers".into())?;
+        server.next_json(e2e::WAIT)?;
+        // Plain HTTP through the agent must go to a private address listed
+        // in allowed_ips; one endpoint with every port serves all workloads.
+        let ports: Vec<String> = std::iter::once(BULK_PORT)
+            .chain((0..ways as u16).flat_map(|i| [HTTP_PORT_BASE + i, IDLE_PORT_BASE + i]))
+            .map(|p| p.to_string())
+            .collect();
+        let policy = PolicyFile::new(&format!(
+            "version: 1\nnetwork_policies:\n  bench:\n    endpoints:\n      - host: \"{server_ip}\"\n        ports: [{}]\n        allowed_ips: [\"{server_ip}/32\"]\n",
+            ports.join(", ")
+        ))?;
+        Ok(Self {
+            args,
+            limits,
+            agent_bin,
+            peer_bin,
+            work: &work.0,
+            server_ip,
+            netns: Netns::of(net)?,
+            agents_started: Default::default(),
+            _server: server,
+            sandbox: Sandbox::new("bench")?,
+            policy,
+        })
+    }
+
+    fn bulk_target(&self) -> SocketAddr {
+        SocketAddr::from((self.server_ip, BULK_PORT))
+    }
+
+    fn http_target(&self, way: Way, run: usize) -> SocketAddr {
+        SocketAddr::from((self.server_ip, HTTP_PORT_BASE + self.port_index(way, run)))
+    }
+
+    fn idle_target(&self, way: Way, run: usize) -> SocketAddr {
+        SocketAddr::from((self.server_ip, IDLE_PORT_BASE + self.port_index(way, run)))
+    }
+
+    fn port_index(&self, way: Way, run: usize) -> u16 {
+        (Way::ALL.iter().position(|&w| w == way).expect("a way") * self.args.runs + run) as u16
+    }
+
+    /// Every server address haproxy forwards to.
+    fn haproxy_targets(&self) -> Vec<SocketAddr> {
+        let runs = 0..self.args.runs;
+        std::iter::once(self.bulk_target())
+            .chain(runs.clone().map(|run| self.http_target(Way::Haproxy, run)))
+            .chain(runs.map(|run| self.idle_target(Way::Haproxy, run)))
+            .collect()
+    }
+
+    fn start_agent(&self, extra_args: &[&str]) -> Result<AgentProcess> {
+        let n = self.agents_started.get() + 1;
+        self.agents_started.set(n);
+        AgentProcess::start(&self.agent_bin, &self.sandbox, &self.policy, extra_args, &self.work.join(format!("agent-{n}.log")))
+    }
+
+    /// Bulk throughput and short-request rate/latency, every way in turn in
+    /// each run, against one agent and one instance of each peer.
+    fn throughput_and_latency(&self, results: &mut Results) -> Result<()> {
+        let mut agent = self.start_agent(&[])?;
+        let squid = proxies::squid(self.work, self.limits.nofile)?;
+        let tinyproxy = proxies::tinyproxy(self.work, self.args.concurrency * 2)?;
+        let haproxy_targets = self.haproxy_targets();
+        let (haproxy, haproxy_ports) = proxies::haproxy(self.work, &haproxy_targets, self.args.concurrency * 2)?;
+        let routes = Routes {
+            agent_port: agent.port,
+            squid: squid.port,
+            tinyproxy: tinyproxy.port,
+            haproxy: haproxy_targets.into_iter().zip(haproxy_ports).collect(),
+        };
+        let bytes = (self.args.bulk_mib << 20).to_string();
+        for run in 0..self.args.runs {
+            for way in Way::ALL {
+                self.netns.check_alone()?;
+                let mut summary = Vec::new();
+                let relayed_before = agent.relayed()?;
+
+                let out = self.client(way, "bulk", &routes.route(way, self.bulk_target()), &["--bytes", &bytes])?;
+                for (metric, key) in [(Metric::UploadGbps, "upload_gbps"), (Metric::DownloadGbps, "download_gbps")] {
+                    let value = number(&out, key)?;
+                    results.add(metric, way, value);
+                    summary.push(format!("{} {value:.2} Gbit/s", key.trim_end_matches("_gbps")));
+                }
+
+                // Connections the agent must have relayed: the bulk one and every successful request.
+                let mut expected = 1;
+                let target = self.http_target(way, run);
+                let host = target.to_string();
+                for (count, concurrency, metrics) in [
+                    (self.args.requests, 1, [Metric::SequentialP50, Metric::SequentialP99, Metric::SequentialRate]),
+                    (
+                        self.args.concurrent_requests,
+                        self.args.concurrency,
+                        [Metric::ConcurrentP50, Metric::ConcurrentP99, Metric::ConcurrentRate],
+                    ),
+                ] {
+                    let (count_arg, concurrency_arg) = (count.to_string(), concurrency.to_string());
+                    let out = self.client(
+                        way,
+                        "http",
+                        &routes.route(way, target),
+                        &["--host", &host, "--requests", &count_arg, "--concurrency", &concurrency_arg],
+                    )?;
+                    for (metric, key) in metrics.into_iter().zip(["p50_us", "p99_us", "conn_per_s"]) {
+                        results.add(metric, way, number(&out, key)?);
+                    }
+                    let errors = out["errors"].as_u64().unwrap_or_default();
+                    expected += count - errors as usize;
+                    if errors > 0 {
+                        let first = out["first_error"].as_str().unwrap_or_default();
+                        results.add_errors(metrics[2], way, errors, first);
+                        summary.push(format!("{errors} failed requests, e.g. {first}"));
+                    }
+                    summary.push(format!(
+                        "{concurrency}-way p50 {:.0} µs p99 {:.0} µs {:.0} conn/s",
+                        number(&out, "p50_us")?,
+                        number(&out, "p99_us")?,
+                        number(&out, "conn_per_s")?
+                    ));
+                }
+                if way.through_agent() {
+                    agent.expect_relayed(relayed_before + expected)?;
+                }
+                eprintln!("bench: run {}/{} {}: {}", run + 1, self.args.runs, way.title(), summary.join("; "));
+            }
+        }
+        drop((squid, tinyproxy, haproxy));
+        Ok(())
+    }
+
+    /// Idle connections held through each proxy, a fresh instance per
+    /// measurement: RSS with them open minus RSS before, per connection.
+    fn memory(&self, results: &mut Results) -> Result<()> {
+        // Room for warm-up connections still closing, within what the
+        // descriptor limit allows (haproxy refuses to start otherwise).
+        let capacity = self.limits.idle + 2 * MEMORY_WARMUP;
+        let loopback = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        for run in 0..self.args.runs {
+            for way in Way::ALL {
+                self.netns.check_alone()?;
+                let target = self.idle_target(way, run);
+                let (mut proxy, route) = match way {
+                    Way::Direct => continue,
+                    Way::Transparent => (
+                        Proxy::Agent(self.start_agent(&["--max-connections", &capacity.to_string()])?),
+                        Route { to: target, connect: None },
+                    ),
+                    Way::AgentConnect => {
+                        let agent = self.start_agent(&["--max-connections", &capacity.to_string()])?;
+                        let route = Route { to: loopback(agent.port), connect: Some(target) };
+                        (Proxy::Agent(agent), route)
+                    }
+                    Way::Squid | Way::Tinyproxy => {
+                        let daemon = if way == Way::Squid {
+                            proxies::squid(self.work, self.limits.nofile)?
+                        } else {
+                            proxies::tinyproxy(self.work, capacity)?
+                        };
+                        let route = Route { to: loopback(daemon.port), connect: Some(target) };
+                        (Proxy::Peer(daemon), route)
+                    }
+                    Way::Haproxy => {
+                        let (daemon, ports) = proxies::haproxy(self.work, &[target], capacity)?;
+                        (Proxy::Peer(daemon), Route { to: loopback(ports[0]), connect: None })
+                    }
+                };
+                results.add(Metric::IdleBytes, way, self.measure_idle(way, proxy.pid(), &route)?);
+                if let Proxy::Agent(agent) = &mut proxy {
+                    agent.expect_relayed(MEMORY_WARMUP + self.limits.idle)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Warm up, take the baseline, open the idle connections, measure; bytes per connection.
+    fn measure_idle(&self, way: Way, pid: u32, route: &Route) -> Result<f64> {
+        self.hold_idle(way, route, MEMORY_WARMUP, || Ok(()))?;
+        // Let the proxy finish closing the warm-up connections.
+        thread::sleep(Duration::from_millis(300));
+        let before = rss_bytes(pid)?;
+        let mut after = 0;
+        let secs = self.hold_idle(way, route, self.limits.idle, || {
+            after = rss_bytes(pid)?;
+            Ok(())
+        })?;
+        let per_connection = after.saturating_sub(before) as f64 / self.limits.idle as f64;
+        eprintln!(
+            "bench: {}: {} idle connections opened in {secs:.1} s; RSS {} -> {} KiB: {:.1} KiB per connection",
+            way.title(),
+            self.limits.idle,
+            before / 1024,
+            after / 1024,
+            per_connection / 1024.0
+        );
+        Ok(per_connection)
+    }
+
+    /// Opens `count` idle connections, calls `measure` while they are all
+    /// open, then closes them; returns how long opening took.
+    fn hold_idle(&self, way: Way, route: &Route, count: usize, measure: impl FnOnce() -> Result<()>) -> Result<f64> {
+        let mut client = self.spawn_client(way, "idle", route, &["--count", &count.to_string()])?;
+        let established = client.next_json(CLIENT_TIMEOUT)?;
+        measure()?;
+        client.close_stdin();
+        client.finish(CLIENT_TIMEOUT)?;
+        number(&established, "secs")
+    }
+
+    /// Runs one client to completion; its JSON line.
+    fn client(&self, way: Way, workload: &str, route: &Route, args: &[&str]) -> Result<Value> {
+        let mut client = self.spawn_client(way, workload, route, args)?;
+        let out = client.next_json(CLIENT_TIMEOUT)?;
+        client.finish(CLIENT_TIMEOUT)?;
+        Ok(out)
+    }
+
+    fn spawn_client(&self, way: Way, workload: &str, route: &Route, args: &[&str]) -> Result<Client> {
+        // Through the agent, the client runs in the sandbox cgroup; every other way outside it.
+        let mut command = if way.through_agent() { self.sandbox.command(&self.peer_bin) } else { Command::new(&self.peer_bin) };
+        command.arg(workload).args(["--to", &route.to.to_string()]);
+        if let Some(authority) = route.connect {
+            command.args(["--connect", &authority.to_string()]);
+        }
+        command.args(args);
+        Client::spawn(command, format!("{workload} client via {}", way.title()))
+    }
+}
+
+/// Where a client connects, and what it asks a CONNECT proxy for.
+struct Route {
+    to: SocketAddr,
+    connect: Option<SocketAddr>,
+}
+
+struct Routes {
+    agent_port: u16,
+    squid: u16,
+    tinyproxy: u16,
+    /// haproxy's listening port per server address.
+    haproxy: std::collections::HashMap<SocketAddr, u16>,
+}
+
+impl Routes {
+    fn route(&self, way: Way, target: SocketAddr) -> Route {
+        let loopback = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        match way {
+            // Transparent: the sandboxed client connects to the server; the kernel redirects.
+            Way::Direct | Way::Transparent => Route { to: target, connect: None },
+            Way::AgentConnect => Route { to: loopback(self.agent_port), connect: Some(target) },
+            Way::Squid => Route { to: loopback(self.squid), connect: Some(target) },
+            Way::Tinyproxy => Route { to: loopback(self.tinyproxy), connect: Some(target) },
+            Way::Haproxy => Route { to: loopback(self.haproxy[&target]), connect: None },
+        }
+    }
+}
+
+fn number(value: &Value, key: &str) -> Result<f64> {
+    value[key].as_f64().with_context(|| format!("no {key} in {value}"))
+}
+
+/// A proxy under the memory measurement.
+enum Proxy {
+    Agent(AgentProcess),
+    Peer(proxies::Daemon),
+}
+
+impl Proxy {
+    fn pid(&self) -> u32 {
+        match self {
+            Proxy::Agent(agent) => agent.pid(),
+            Proxy::Peer(daemon) => daemon.pid(),
+        }
+    }
+}
+
+/// Ctrl-C and SIGTERM: the clients and daemons get the terminal's SIGINT
+/// too; this process notices at its next check and unwinds, so every guard
+/// above cleans up (namespace, cgroup, pins, routes, proxies).
+mod interrupt {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use anyhow::{bail, Result};
+
+    static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+    extern "C" fn on_signal(_: libc::c_int) {
+        INTERRUPTED.store(true, Ordering::SeqCst);
+    }
+
+    pub fn install() {
+        for signal in [libc::SIGINT, libc::SIGTERM] {
+            // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+            unsafe { libc::signal(signal, on_signal as *const () as libc::sighandler_t) };
+        }
+    }
+
+    pub fn check() -> Result<()> {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            bail!("interrupted: cleaning up");
+        }
+        Ok(())
+    }
+}

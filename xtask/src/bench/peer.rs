@@ -1,0 +1,432 @@
+//! `bench-peer`: the benchmark's servers and clients, built in release mode
+//! by `cargo xtask bench` so neither end is the bottleneck. Every client
+//! prints one JSON line with its measurements on stdout.
+//!
+//! A client connects to `--to`; with `--connect AUTHORITY` it first asks the
+//! proxy there for a tunnel (`CONNECT AUTHORITY`), so one client covers
+//! direct, transparent (the same connect, made inside the sandbox cgroup),
+//! CONNECT proxies and TCP forwarders.
+
+use std::{
+    io::{Read, Write},
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{TcpListener, TcpStream},
+    task::JoinSet,
+};
+
+/// First byte of bulk and idle streams: neither TLS nor HTTP, so the agent
+/// relays them as opaque TCP without waiting for more.
+const OPAQUE: u8 = 0;
+/// Bulk request: `OPAQUE`, then the upload and download sizes (big-endian u64).
+const BULK_HEADER: usize = 17;
+const CHUNK: usize = 1 << 20;
+/// Bounds every single step (connect, tunnel, request, echo).
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a bulk transfer may take (1 GiB at a crawling 20 MB/s).
+const BULK_TIMEOUT: Duration = Duration::from_secs(60);
+/// Sent on each idle connection at the end: the server then closes first, so
+/// TIME_WAIT lands on its side and not on the proxy's upstream socket (a
+/// proxy that binds before it connects, like squid, would run out of ports).
+const IDLE_CLOSE: u8 = 1;
+/// Longest the idle client holds its connections waiting to be told to stop.
+const HOLD_LIMIT: Duration = Duration::from_secs(120);
+/// Connections being opened at once by the idle client.
+const OPENING_AT_ONCE: usize = 64;
+const HTTP_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the three workloads until killed; prints `{"ready":true}`.
+    Serve {
+        #[arg(long)]
+        bulk: SocketAddr,
+        /// HTTP responders (one per way and run, so TIME_WAITs never run out of ports).
+        #[arg(long, value_delimiter = ',', required = true)]
+        http: Vec<SocketAddr>,
+        /// Echo one byte, then hold the connection open.
+        #[arg(long, value_delimiter = ',', required = true)]
+        idle: Vec<SocketAddr>,
+    },
+    /// One stream: upload `bytes`, then download `bytes`.
+    Bulk {
+        #[command(flatten)]
+        route: Route,
+        #[arg(long)]
+        bytes: u64,
+    },
+    /// Short HTTP/1.1 requests, a new connection each.
+    Http {
+        #[command(flatten)]
+        route: Route,
+        /// The Host header (the server's authority).
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        requests: usize,
+        #[arg(long)]
+        concurrency: usize,
+    },
+    /// Open `count` connections, echo a byte on each, hold them until stdin closes.
+    Idle {
+        #[command(flatten)]
+        route: Route,
+        #[arg(long)]
+        count: usize,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct Route {
+    /// The address connected to.
+    #[arg(long)]
+    to: SocketAddr,
+    /// Send `CONNECT <authority>` first and expect a 200.
+    #[arg(long)]
+    connect: Option<String>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Serve { bulk, http, idle } => runtime(2).and_then(|rt| rt.block_on(serve(bulk, http, idle))),
+        Command::Bulk { route, bytes } => bulk(&route, bytes),
+        // One client thread: enough to outrun any proxy here, and it leaves
+        // the other core to the proxy and the server.
+        Command::Http { route, host, requests, concurrency } => {
+            runtime(1).and_then(|rt| rt.block_on(http(route, host, requests, concurrency)))
+        }
+        Command::Idle { route, count } => runtime(1).and_then(|rt| rt.block_on(idle(route, count))),
+    };
+    if let Err(error) = outcome {
+        eprintln!("bench-peer: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads);
+        builder
+    };
+    Ok(builder.enable_all().build()?)
+}
+
+async fn serve(bulk: SocketAddr, http: Vec<SocketAddr>, idle: Vec<SocketAddr>) -> Result<()> {
+    let mut servers = JoinSet::new();
+    servers.spawn(accept_loop(TcpListener::bind(bulk).await?, serve_bulk));
+    for address in http {
+        servers.spawn(accept_loop(TcpListener::bind(address).await.with_context(|| format!("bind {address}"))?, serve_http));
+    }
+    for address in idle {
+        servers.spawn(accept_loop(TcpListener::bind(address).await.with_context(|| format!("bind {address}"))?, serve_idle));
+    }
+    println!("{}", json!({ "ready": true }));
+    while let Some(done) = servers.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
+async fn accept_loop<F, Fut>(listener: TcpListener, handler: F) -> Result<()>
+where
+    F: Fn(TcpStream) -> Fut,
+    Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        // A client's failure is its own to report; the server carries on.
+        tokio::spawn(handler(stream));
+    }
+}
+
+async fn serve_bulk(mut stream: TcpStream) -> Result<()> {
+    let mut header = [0u8; BULK_HEADER];
+    stream.read_exact(&mut header).await?;
+    ensure!(header[0] == OPAQUE, "not a bulk request");
+    let upload = u64::from_be_bytes(header[1..9].try_into()?);
+    let download = u64::from_be_bytes(header[9..17].try_into()?);
+    let mut buffer = vec![0u8; CHUNK];
+    let mut left = upload;
+    while left > 0 {
+        let n = stream.read(&mut buffer).await?;
+        ensure!(n > 0, "upload ended {left} bytes early");
+        left = left.saturating_sub(n as u64);
+    }
+    let mut left = download;
+    while left > 0 {
+        let n = left.min(CHUNK as u64) as usize;
+        stream.write_all(&buffer[..n]).await?;
+        left -= n as u64;
+    }
+    // The client closes first, once it has everything.
+    let _ = stream.read(&mut buffer).await;
+    Ok(())
+}
+
+/// Answers one request and closes first, so TIME_WAIT stays on this side.
+async fn serve_http(mut stream: TcpStream) -> Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut buffer = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buffer).await?;
+        ensure!(n > 0 && head.len() < 16 * 1024, "bad request head");
+        head.extend_from_slice(&buffer[..n]);
+    }
+    stream.write_all(HTTP_RESPONSE).await?;
+    Ok(())
+}
+
+/// Echoes one byte, then holds the connection until the client sends
+/// `IDLE_CLOSE` (or closes).
+async fn serve_idle(mut stream: TcpStream) -> Result<()> {
+    let mut byte = [0u8; 1];
+    stream.read_exact(&mut byte).await?;
+    stream.write_all(&byte).await?;
+    let _ = stream.read(&mut byte).await?;
+    Ok(())
+}
+
+/// Blocking, one stream: the simplest fastest loop.
+fn bulk(route: &Route, bytes: u64) -> Result<()> {
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&route.to, STEP_TIMEOUT).with_context(|| format!("connect {}", route.to))?;
+    stream.set_read_timeout(Some(BULK_TIMEOUT))?;
+    stream.set_write_timeout(Some(BULK_TIMEOUT))?;
+    if let Some(authority) = &route.connect {
+        stream.write_all(connect_request(authority).as_bytes())?;
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        // Byte by byte, so nothing past the head is consumed; outside the timed part.
+        while !head.ends_with(b"\r\n\r\n") {
+            ensure!(stream.read(&mut byte)? == 1 && head.len() < 16 * 1024, "proxy closed during CONNECT");
+            head.push(byte[0]);
+        }
+        check_connect_response(&head)?;
+    }
+    let deadline = Instant::now() + BULK_TIMEOUT;
+    let mut header = [0u8; BULK_HEADER];
+    header[0] = OPAQUE;
+    header[1..9].copy_from_slice(&bytes.to_be_bytes());
+    header[9..17].copy_from_slice(&bytes.to_be_bytes());
+    let buffer = vec![0u8; CHUNK];
+    let started = Instant::now();
+    stream.write_all(&header)?;
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(CHUNK as u64) as usize;
+        stream.write_all(&buffer[..n])?;
+        left -= n as u64;
+        ensure!(Instant::now() < deadline, "upload took over {BULK_TIMEOUT:?}");
+    }
+    // The upload is done when the server has read it all, i.e. when it starts answering.
+    let mut buffer = buffer;
+    let mut left = bytes;
+    let first = stream.read(&mut buffer)?;
+    ensure!(first > 0, "server closed before the download");
+    let uploaded = started.elapsed();
+    left -= first as u64;
+    while left > 0 {
+        let n = stream.read(&mut buffer)?;
+        ensure!(n > 0, "download ended {left} bytes early");
+        left = left.saturating_sub(n as u64);
+        ensure!(Instant::now() < deadline, "download took over {BULK_TIMEOUT:?}");
+    }
+    let downloaded = started.elapsed() - uploaded;
+    let gbps = |elapsed: Duration| bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e9;
+    println!("{}", json!({ "upload_gbps": gbps(uploaded), "download_gbps": gbps(downloaded) }));
+    Ok(())
+}
+
+async fn http(route: Route, host: String, requests: usize, concurrency: usize) -> Result<()> {
+    ensure!(requests > 0 && concurrency > 0, "requests and concurrency must be positive");
+    let request: Arc<[u8]> = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").into_bytes().into();
+    let next = Arc::new(AtomicUsize::new(0));
+    let route = Arc::new(route);
+    let started = Instant::now();
+    let mut workers = JoinSet::new();
+    for _ in 0..concurrency.min(requests) {
+        let (next, route, request) = (next.clone(), route.clone(), request.clone());
+        workers.spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors: Vec<String> = Vec::new();
+            while next.fetch_add(1, Ordering::Relaxed) < requests {
+                match tokio::time::timeout(STEP_TIMEOUT, one_request(&route, &request)).await {
+                    Ok(Ok(latency)) => latencies.push(latency),
+                    Ok(Err(error)) => errors.push(format!("{error:#}")),
+                    Err(_) => errors.push(format!("request timed out after {STEP_TIMEOUT:?}")),
+                }
+            }
+            (latencies, errors)
+        });
+    }
+    let (mut latencies, mut errors) = (Vec::with_capacity(requests), Vec::new());
+    while let Some(done) = workers.join_next().await {
+        let (more, failed) = done?;
+        latencies.extend(more);
+        errors.extend(failed);
+    }
+    let elapsed = started.elapsed();
+    if latencies.is_empty() {
+        bail!("all {requests} requests failed, e.g.: {}", errors.first().map_or("", String::as_str));
+    }
+    latencies.sort_unstable();
+    let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e6;
+    println!(
+        "{}",
+        json!({
+            "p50_us": percentile(0.50),
+            "p99_us": percentile(0.99),
+            "conn_per_s": latencies.len() as f64 / elapsed.as_secs_f64(),
+            "errors": errors.len(),
+            "first_error": errors.first(),
+        })
+    );
+    Ok(())
+}
+
+/// Connect (and tunnel), send the request, read the whole response: the
+/// latency. Then read on to the server's close, so TIME_WAIT lands there.
+async fn one_request(route: &Route, request: &[u8]) -> Result<Duration> {
+    let started = Instant::now();
+    let mut stream = open(route).await?;
+    stream.write_all(request).await?;
+    let mut response = Vec::with_capacity(512);
+    let mut buffer = [0u8; 4096];
+    let complete = loop {
+        let n = stream.read(&mut buffer).await?;
+        ensure!(n > 0, "connection closed before a complete response ({} bytes)", response.len());
+        response.extend_from_slice(&buffer[..n]);
+        if let Some(length) = complete_response_len(&response)? {
+            ensure!(response.len() == length, "bytes past the response");
+            break started.elapsed();
+        }
+    };
+    while stream.read(&mut buffer).await? > 0 {}
+    Ok(complete)
+}
+
+/// The length of a complete 200 response with a Content-Length body, `None` while incomplete.
+fn complete_response_len(response: &[u8]) -> Result<Option<usize>> {
+    let Some(head_end) = response.windows(4).position(|w| w == b"\r\n\r\n").map(|at| at + 4) else {
+        return Ok(None);
+    };
+    let head = std::str::from_utf8(&response[..head_end]).context("response head is not UTF-8")?;
+    let status = head.split_whitespace().nth(1).unwrap_or_default();
+    ensure!(status == "200", "HTTP {status}: {}", String::from_utf8_lossy(response));
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.split_once(':').filter(|(name, _)| name.eq_ignore_ascii_case("content-length")))
+        .context("response without Content-Length")?
+        .1
+        .trim()
+        .parse()?;
+    Ok((response.len() >= head_end + length).then_some(head_end + length))
+}
+
+async fn open(route: &Route) -> Result<TcpStream> {
+    let mut stream = TcpStream::connect(route.to).await.with_context(|| format!("connect {}", route.to))?;
+    stream.set_nodelay(true)?;
+    if let Some(authority) = &route.connect {
+        stream.write_all(connect_request(authority).as_bytes()).await?;
+        read_head(&mut stream).await?;
+    }
+    Ok(stream)
+}
+
+fn connect_request(authority: &str) -> String {
+    format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n")
+}
+
+/// Reads the proxy's answer to CONNECT, up to the end of its head, and checks it.
+async fn read_head(stream: &mut TcpStream) -> Result<()> {
+    let mut head = Vec::with_capacity(128);
+    let mut buffer = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut buffer).await?;
+        ensure!(n > 0, "proxy closed during CONNECT: {}", String::from_utf8_lossy(&head));
+        head.extend_from_slice(&buffer[..n]);
+        if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            check_connect_response(&head)?;
+            // Our servers never speak first: more bytes would be the proxy's own.
+            ensure!(end + 4 == head.len(), "proxy sent bytes past its CONNECT response: {}", head.escape_ascii());
+            return Ok(());
+        }
+        ensure!(head.len() < 16 * 1024, "CONNECT response head too long");
+    }
+}
+
+fn check_connect_response(head: &[u8]) -> Result<()> {
+    let text = String::from_utf8_lossy(head);
+    ensure!(text.split_whitespace().nth(1) == Some("200"), "CONNECT refused: {}", text.trim());
+    Ok(())
+}
+
+async fn idle(route: Route, count: usize) -> Result<()> {
+    let started = Instant::now();
+    let mut held = Vec::with_capacity(count);
+    let mut opening = JoinSet::new();
+    let route = Arc::new(route);
+    let mut launched = 0;
+    while held.len() < count {
+        while launched < count && opening.len() < OPENING_AT_ONCE {
+            let route = route.clone();
+            opening.spawn(async move {
+                tokio::time::timeout(STEP_TIMEOUT, async {
+                    let mut stream = open(&route).await?;
+                    stream.write_all(&[OPAQUE]).await?;
+                    let mut echo = [0u8; 1];
+                    stream.read_exact(&mut echo).await.context("no echo")?;
+                    anyhow::Ok(stream)
+                })
+                .await
+                .context("opening a connection timed out")?
+            });
+            launched += 1;
+        }
+        let opened = opening.join_next().await.context("no connection being opened")??;
+        held.push(opened.with_context(|| format!("connection {} of {count}", held.len() + 1))?);
+    }
+    println!("{}", json!({ "established": held.len(), "secs": started.elapsed().as_secs_f64() }));
+    // Until the caller has measured: it closes our stdin (or we give up).
+    let mut line = String::new();
+    let _ = tokio::time::timeout(HOLD_LIMIT, BufReader::new(tokio::io::stdin()).read_line(&mut line)).await;
+    let mut closing = JoinSet::new();
+    for mut stream in held {
+        closing.spawn(async move {
+            stream.write_all(&[IDLE_CLOSE]).await?;
+            let mut rest = [0u8; 1];
+            ensure!(stream.read(&mut rest).await? == 0, "the server sent more than its echo");
+            anyhow::Ok(())
+        });
+    }
+    tokio::time::timeout(STEP_TIMEOUT, async {
+        while let Some(closed) = closing.join_next().await {
+            closed??;
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .context("the servers did not close every idle connection")?
+}
