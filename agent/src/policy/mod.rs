@@ -239,6 +239,12 @@ impl Policy {
         self.decision_from(&output).with_context(|| format!("unexpected decision from egress.rego: {output}"))
     }
 
+    /// Whether any policy matches binaries, and so may need the connecting
+    /// process's ancestors (walking /proc for them costs on every connection).
+    pub fn matches_binaries(&self) -> bool {
+        self.policies.values().any(|policy| policy.binaries.is_some())
+    }
+
     /// What `policy check` prints: each policy with its endpoints and
     /// binaries, then the load warnings.
     pub fn summary(&self) -> String {

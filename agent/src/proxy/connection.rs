@@ -118,7 +118,8 @@ fn attribute(peer: SocketAddr, shared: &Shared) -> Option<Origin> {
         tracing::warn!(client = %peer, unattributed, "connection closed: no kernel record of its origin");
         return None;
     };
-    Some(Origin::from_record(&record))
+    let with_ancestors = shared.decider.policies.current().policy.matches_binaries();
+    Some(Origin::from_record(&record, with_ancestors))
 }
 
 impl CloseLog {
@@ -196,7 +197,7 @@ async fn transparent(mut client: TcpStream, origin: &Origin, shared: &Shared, lo
             };
             let mut buffered = sniffed.buffered;
             let after_head = buffered.split_off(head.head_len);
-            return route.serve_http(client, after_head, head, log).await;
+            return Box::pin(route.serve_http(client, after_head, head, log)).await;
         }
         StreamKind::Http(head) => {
             log.protocol = "http";
@@ -205,7 +206,7 @@ async fn transparent(mut client: TcpStream, origin: &Origin, shared: &Shared, lo
         }
         StreamKind::Tls(hello) if is_inference(destination, hello.sni.as_deref()) => {
             let Some(route) = inference_or_refuse(shared, log) else { return reset(client) };
-            return route.serve_tls(client, sniffed.buffered, log).await;
+            return Box::pin(route.serve_tls(client, sniffed.buffered, log)).await;
         }
         StreamKind::Invalid { protocol: "http", reason } if looks_like_http(&sniffed.buffered) => {
             log.protocol = "http";
@@ -276,11 +277,11 @@ async fn explicit(mut client: TcpStream, origin: &Origin, shared: &Shared, log: 
             let mut tunnel = Rewound::new(sniffed.buffered.split_off(head.head_len), client);
             let inner = sniff::sniff(&mut tunnel, &shared.config.sniff).await;
             match inner.kind {
-                StreamKind::Tls(_) => route.serve_tls(tunnel, inner.buffered, log).await,
+                StreamKind::Tls(_) => Box::pin(route.serve_tls(tunnel, inner.buffered, log)).await,
                 StreamKind::Http(inner_head) => {
                     let mut buffered = inner.buffered;
                     let after_head = buffered.split_off(inner_head.head_len);
-                    route.serve_http(tunnel, after_head, inner_head, log).await;
+                    Box::pin(route.serve_http(tunnel, after_head, inner_head, log)).await;
                 }
                 _ => {
                     log.protocol = "inference";
@@ -294,7 +295,7 @@ async fn explicit(mut client: TcpStream, origin: &Origin, shared: &Shared, log: 
                 return deny_http(client, &format!("{} {INFERENCE_HOST}", head.method), &no_inference_route()).await;
             };
             let after_head = sniffed.buffered.split_off(head.head_len);
-            route.serve_http(client, after_head, head, log).await;
+            Box::pin(route.serve_http(client, after_head, head, log)).await;
         }
         (TargetForm::Authority, Some(authority)) => {
             log.protocol = "connect";
@@ -319,8 +320,10 @@ async fn explicit(mut client: TcpStream, origin: &Origin, shared: &Shared, log: 
                         log.error = Some(error.to_string());
                         return;
                     }
-                    // Bytes after the CONNECT head already belong to the tunnel.
-                    let tunnel_start = sniffed.buffered.split_off(head.head_len);
+                    // Bytes after the CONNECT head already belong to the tunnel;
+                    // the sniff buffer is not kept for the tunnel's lifetime.
+                    let tunnel_start = sniffed.buffered[head.head_len..].to_vec();
+                    drop(std::mem::take(&mut sniffed.buffered));
                     log.relayed(relay::relay(client, upstream, Prefill { to_upstream: tunnel_start, ..Prefill::default() }, shared.config.idle_timeout).await);
                 }
             }

@@ -20,13 +20,15 @@ pub struct Origin {
     /// `/proc/<pid>/exe` at accept time; `None` if the process already exited.
     pub exe: Option<PathBuf>,
     /// Executables of the parent, grandparent... (nearest first), up to but
-    /// excluding pid 1. The pid comes from the kernel's record, never from
-    /// anything the sandbox sends.
+    /// excluding pid 1, when the policy matches binaries (empty otherwise).
+    /// The pid comes from the kernel's record, never from anything the
+    /// sandbox sends.
     pub ancestors: Vec<PathBuf>,
 }
 
 impl Origin {
-    pub fn from_record(record: &ConnectRecord) -> Self {
+    /// Read at accept time, while the process most likely still runs.
+    pub fn from_record(record: &ConnectRecord, with_ancestors: bool) -> Self {
         let ip = Ipv6Addr::from(record.original_dst.addr);
         // IPv4 destinations are stored v4-mapped; show and connect them as IPv4.
         let ip = ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4);
@@ -38,7 +40,7 @@ impl Origin {
             cgroup_id: record.cgroup_id,
             comm: String::from_utf8_lossy(&record.comm[..comm_len]).into_owned(),
             exe: exe_of(record.tgid),
-            ancestors: ancestors_of(record.tgid),
+            ancestors: if with_ancestors { ancestors_of(record.tgid) } else { Vec::new() },
         }
     }
 }
