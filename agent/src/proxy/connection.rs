@@ -350,7 +350,8 @@ fn inference_or_refuse<'a>(shared: &'a Shared, log: &mut CloseLog) -> Option<&'a
 }
 
 fn no_inference_route() -> Denial {
-    Denial::unresolved("inference.local is not configured: the agent runs without --inference-config".into())
+    let reason = "inference.local is not configured: the agent runs without --inference-config".into();
+    Denial { kind: "policy_denied", reason, address_class: None }
 }
 
 /// The start of an HTTP request line (`METHOD /`, `METHOD *`, `METHOD
