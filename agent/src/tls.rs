@@ -106,40 +106,49 @@ fn write_private(path: &PathBuf, contents: &str) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn temp_dir(name: &str) -> PathBuf {
+    /// A CA directory for one test, removed on drop (failing tests included).
+    struct TempDir(PathBuf);
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn temp_dir(name: &str) -> TempDir {
         let dir = std::env::temp_dir().join(format!("se-ca-test-{}-{name}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
-        dir
+        TempDir(dir)
     }
 
     #[test]
     fn ca_is_created_private_and_reloaded_unchanged() {
-        let dir = temp_dir("create");
-        let created = AgentCa::load_or_create(&dir).unwrap();
-        assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        let guard = temp_dir("create");
+        let dir = &guard.0;
+        let created = AgentCa::load_or_create(dir).unwrap();
+        assert_eq!(fs::metadata(dir).unwrap().permissions().mode() & 0o777, 0o700);
         for file in [CERT_FILE, KEY_FILE] {
             assert_eq!(fs::metadata(dir.join(file)).unwrap().permissions().mode() & 0o777, 0o600, "{file}");
         }
-        let loaded = AgentCa::load_or_create(&dir).unwrap();
+        let loaded = AgentCa::load_or_create(dir).unwrap();
         assert_eq!(created.cert_pem(), loaded.cert_pem());
         assert!(loaded.acceptor("inference.local").is_ok());
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn a_key_readable_by_others_is_refused() {
-        let dir = temp_dir("perms");
-        AgentCa::load_or_create(&dir).unwrap();
+        let guard = temp_dir("perms");
+        let dir = &guard.0;
+        AgentCa::load_or_create(dir).unwrap();
         fs::set_permissions(dir.join(KEY_FILE), fs::Permissions::from_mode(0o644)).unwrap();
-        let error = AgentCa::load_or_create(&dir).err().unwrap().to_string();
+        let error = AgentCa::load_or_create(dir).err().unwrap().to_string();
         assert!(error.contains("readable by others"), "{error}");
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]
     async fn leaf_certificate_verifies_against_the_ca() {
-        let dir = temp_dir("leaf");
-        let ca = AgentCa::load_or_create(&dir).unwrap();
+        let guard = temp_dir("leaf");
+        let ca = AgentCa::load_or_create(&guard.0).unwrap();
         let acceptor = ca.acceptor("inference.local").unwrap();
         let mut roots = rustls::RootCertStore::empty();
         roots.add(rustls_pemfile_der(ca.cert_pem()).unwrap()).unwrap();
@@ -155,6 +164,5 @@ mod tests {
         let client = connector.connect(name, client_io).await.expect("the client trusts the leaf through the CA");
         server.await.unwrap().unwrap();
         drop(client);
-        fs::remove_dir_all(&dir).unwrap();
     }
 }
