@@ -1,23 +1,10 @@
 //! sandbox-egress: transparent egress proxy for sandbox cgroups.
 
-mod dns;
-mod logging;
-mod http1;
-mod inference;
-mod policy;
-mod sniff;
-mod preflight;
-mod proxy;
-mod redirect;
-mod relay;
-mod rewound;
-mod ssrf;
-mod tls;
-
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use sandbox_egress::{dns, inference, logging, policy, preflight, proxy, redirect, sniff, tls};
 
 #[derive(Parser)]
 #[command(name = "sandbox-egress", version, about = "Transparent egress proxy for sandbox cgroups")]

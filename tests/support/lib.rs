@@ -87,20 +87,28 @@ fn run_quiet(program: &str, args: &[&str]) {
     let _ = Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status();
 }
 
-static BLACKHOLE_USERS: Mutex<usize> = Mutex::new(0);
+/// Held (shared) by every test process while it has test networks, so
+/// test binaries run side by side (by developers; CI runs them in turn)
+/// neither remove each other's blackhole routes nor leave them behind.
+const BLACKHOLE_LOCK: &str = "/run/lock/se-test-blackholes.lock";
+
+static BLACKHOLE_USERS: Mutex<Option<(usize, std::fs::File)>> = Mutex::new(None);
 
 struct Blackholes;
 
 impl Blackholes {
     fn acquire() -> Result<Self> {
         let mut users = BLACKHOLE_USERS.lock().unwrap();
-        if *users == 0 {
-            for range in BLACKHOLED {
-                run_quiet("ip", &["route", "del", "blackhole", range]);
-                run("ip", &["route", "add", "blackhole", range])?;
+        match &mut *users {
+            Some((count, _)) => *count += 1,
+            None => {
+                let lock = lock_file(BLACKHOLE_LOCK, libc::LOCK_SH)?.context("shared lock never fails to wait")?;
+                for range in BLACKHOLED {
+                    run("ip", &["route", "replace", "blackhole", range])?;
+                }
+                *users = Some((1, lock));
             }
         }
-        *users += 1;
         Ok(Self)
     }
 }
@@ -108,16 +116,45 @@ impl Blackholes {
 impl Drop for Blackholes {
     fn drop(&mut self) {
         let mut users = BLACKHOLE_USERS.lock().unwrap();
-        *users -= 1;
-        if *users == 0 {
-            for range in BLACKHOLED {
-                run_quiet("ip", &["route", "del", "blackhole", range]);
+        let Some((count, _)) = &mut *users else { return };
+        *count -= 1;
+        if *count == 0 {
+            // Last user here: remove the routes unless another process still holds the lock.
+            drop(users.take());
+            if let Ok(Some(_exclusive)) = lock_file(BLACKHOLE_LOCK, libc::LOCK_EX | libc::LOCK_NB) {
+                for range in BLACKHOLED {
+                    run_quiet("ip", &["route", "del", "blackhole", range]);
+                }
             }
         }
     }
 }
 
-static NEXT_NET: AtomicU32 = AtomicU32::new(1);
+/// flock(2) on `path` (created if absent): `None` if a non-blocking lock is taken.
+fn lock_file(path: &str, operation: i32) -> Result<Option<std::fs::File>> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).with_context(|| format!("open {path}"))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
+        return Ok(Some(file));
+    }
+    let error = std::io::Error::last_os_error();
+    if error.kind() == std::io::ErrorKind::WouldBlock {
+        return Ok(None);
+    }
+    Err(error).with_context(|| format!("flock {path}"))
+}
+
+/// Takes the lowest free test-network number, held until drop, so test
+/// processes running at once get distinct namespaces and subnets.
+fn claim_network_number() -> Result<(u32, std::fs::File)> {
+    for k in 1..250 {
+        if let Some(lock) = lock_file(&format!("/run/lock/se-test-net-{k}.lock"), libc::LOCK_EX | libc::LOCK_NB)? {
+            return Ok((k, lock));
+        }
+    }
+    bail!("no free test network number (1..250)")
+}
 
 /// A "remote" host: a network namespace behind a veth pair, with public
 /// addresses 198.18.K.2 and 2001:db8:5e:K::2 and private ones 10.231.K.2 and
@@ -130,12 +167,12 @@ pub struct TestNet {
     pub private_v4: Ipv4Addr,
     pub private_v6: Ipv6Addr,
     _blackholes: Blackholes,
+    _number: std::fs::File,
 }
 
 impl TestNet {
     pub fn new() -> Result<Self> {
-        let k = NEXT_NET.fetch_add(1, Ordering::Relaxed);
-        assert!(k < 250, "too many test networks in one run");
+        let (k, number) = claim_network_number()?;
         let blackholes = Blackholes::acquire()?;
         let netns = format!("se-test-{k}");
         let host_if = format!("se{k}h");
@@ -151,6 +188,7 @@ impl TestNet {
             private_v4: Ipv4Addr::new(10, 231, k as u8, 2),
             private_v6: format!("fd5e:231:0:{k:x}::2").parse()?,
             _blackholes: blackholes,
+            _number: number,
         };
         run("ip", &["netns", "add", &netns])?;
         run("ip", &["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if, "netns", &netns])?;

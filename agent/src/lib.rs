@@ -1,0 +1,16 @@
+//! sandbox-egress: the agent's modules, as a library so fuzz targets and
+//! the `sandbox-egress` binary share them.
+
+pub mod dns;
+pub mod http1;
+pub mod inference;
+pub mod logging;
+pub mod policy;
+pub mod preflight;
+pub mod proxy;
+pub mod redirect;
+pub mod relay;
+pub mod rewound;
+pub mod sniff;
+pub mod ssrf;
+pub mod tls;
