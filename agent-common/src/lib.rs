@@ -15,6 +15,9 @@ pub const MAP_DNS_SERVER_BY_COOKIE: &str = "DNS_SERVER_BY_COOKIE";
 /// Name of the eBPF global holding the agent's listener port (host order):
 /// TCP connects go to it, and DNS over UDP to the same port number.
 pub const GLOBAL_LISTEN_PORT: &str = "LISTEN_PORT";
+/// Name of the eBPF global holding the cookie of the agent's network
+/// namespace: the only one where its loopback listener exists.
+pub const GLOBAL_AGENT_NETNS_COOKIE: &str = "AGENT_NETNS_COOKIE";
 /// DNS queries to this port, on any address, are answered by the agent.
 pub const DNS_PORT: u16 = 53;
 

@@ -12,6 +12,11 @@
 //! asked, so resolvers that check the reply's source accept them. Every
 //! other datagram is refused (EPERM): QUIC clients fall back to TCP at once,
 //! and no UDP or ICMP leaves the sandbox around the proxy.
+//!
+//! The listener exists only in the agent's network namespace, so a sandboxed
+//! process in another namespace (unshare -n, a container's netns) cannot be
+//! redirected: its connects and datagrams are refused (EPERM) with a trace
+//! naming the process, rather than reaching whatever that namespace routes.
 #![no_std]
 #![no_main]
 
@@ -25,18 +30,23 @@ use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_TCP_CONNECT_CB},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, generated::bpf_get_socket_cookie,
+        bpf_get_current_uid_gid,
+        generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     },
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::LruHashMap,
     programs::{SockAddrContext, SockOpsContext},
     EbpfContext, Global,
 };
-use aya_log_ebpf::debug;
+use aya_log_ebpf::{debug, warn};
 
 /// Set by the agent at load time (host order).
 #[unsafe(no_mangle)]
 static LISTEN_PORT: Global<u16> = Global::new(0);
+
+/// Set by the agent at load time: the network namespace its listener is in.
+#[unsafe(no_mangle)]
+static AGENT_NETNS_COOKIE: Global<u64> = Global::new(0);
 
 #[map]
 static CONNECTS_BY_COOKIE: LruHashMap<u64, ConnectRecord> =
@@ -91,6 +101,24 @@ fn socket_kind(sa: *const bpf_sock_addr) -> Socket {
 fn socket_cookie(ctx: &SockAddrContext) -> u64 {
     // SAFETY: the context pointer is the program's own.
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// Whether the caller shares the agent's network namespace; if not, traces
+/// the refusal (the only place it can be explained from).
+fn in_agent_netns(ctx: &SockAddrContext) -> bool {
+    // SAFETY: the context pointer is the program's own.
+    if unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == AGENT_NETNS_COOKIE.load() {
+        return true;
+    }
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    warn!(
+        ctx,
+        "refused pid={} comm={}: it is in another network namespace than the agent; run sandboxes in the agent's network namespace",
+        pid,
+        comm_str(&comm)
+    );
+    false
 }
 
 /// Remembers which DNS server a UDP socket addressed (the latest one).
@@ -205,6 +233,9 @@ fn comm_str(comm: &[u8; 16]) -> &str {
 
 #[cgroup_sock_addr(connect4)]
 pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
+    if !in_agent_netns(&ctx) {
+        return REJECT;
+    }
     let sa = ctx.sock_addr;
     match socket_kind(sa) {
         Socket::Tcp => {}
@@ -225,6 +256,9 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(connect6)]
 pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
+    if !in_agent_netns(&ctx) {
+        return REJECT;
+    }
     let sa = ctx.sock_addr;
     match socket_kind(sa) {
         Socket::Tcp => {}
@@ -253,11 +287,17 @@ fn dns_or_reject(redirected_to_agent: bool) -> i32 {
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn redirect_dns_sendmsg4(ctx: SockAddrContext) -> i32 {
+    if !in_agent_netns(&ctx) {
+        return REJECT;
+    }
     dns_or_reject(redirect_dns4(&ctx))
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn redirect_dns_sendmsg6(ctx: SockAddrContext) -> i32 {
+    if !in_agent_netns(&ctx) {
+        return REJECT;
+    }
     dns_or_reject(redirect_dns6(&ctx))
 }
 

@@ -14,7 +14,7 @@ use std::{
 };
 
 use agent_common::{
-    ConnectRecord, SockAddrKey, GLOBAL_LISTEN_PORT, MAP_BY_CLIENT, MAP_BY_COOKIE, MAP_DNS_SERVER_BY_COOKIE,
+    ConnectRecord, SockAddrKey, GLOBAL_AGENT_NETNS_COOKIE, GLOBAL_LISTEN_PORT, MAP_BY_CLIENT, MAP_BY_COOKIE, MAP_DNS_SERVER_BY_COOKIE,
 };
 use anyhow::{Context, Result};
 use aya::{
@@ -72,8 +72,10 @@ impl Redirect {
             .filter_map(|name| PinnedLink::from_pin(dir.join(name)).ok())
             .collect();
 
+        let netns_cookie = own_netns_cookie()?;
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_LISTEN_PORT, &listen_port, true)
+            .override_global(GLOBAL_AGENT_NETNS_COOKIE, &netns_cookie, true)
             .override_global(aya_log::LEVEL, &(log_level as u8), false)
             .map_pin_path(MAP_BY_COOKIE, dir.join(MAP_BY_COOKIE))
             .map_pin_path(MAP_BY_CLIENT, dir.join(MAP_BY_CLIENT))
@@ -100,7 +102,9 @@ impl Redirect {
             link.pin(&staged).with_context(|| format!("pin {}", staged.display()))?;
             std::fs::rename(&staged, dir.join(name))?;
         }
-        if !previous.is_empty() {
+        if previous.is_empty() {
+            warn_about_earlier_members(cgroup);
+        } else {
             tracing::info!(replaced = previous.len(), "replaced the links of a previous agent");
         }
         drop(previous); // Their pins are gone: closing the fds detaches them.
@@ -123,6 +127,46 @@ impl Redirect {
         let _ = map.remove(&key);
         Some(record)
     }
+}
+
+/// Connections opened before the first attach, and sockets created before
+/// their process joined the cgroup, are never seen by the programs: the
+/// kernel checks a socket's cgroup at connect time, and a socket keeps the
+/// cgroup it was created in. Sandboxes must start inside the cgroup after
+/// the agent is ready; say so when processes were there first.
+fn warn_about_earlier_members(cgroup: &Cgroup) {
+    let processes = count_processes(&cgroup.path);
+    if processes > 0 {
+        tracing::warn!(
+            processes,
+            cgroup = %cgroup.path.display(),
+            "processes were in the cgroup before the agent attached: connections they already opened, \
+             and sockets created before they joined the cgroup, are not intercepted; start sandboxes inside the cgroup once the agent is ready"
+        );
+    }
+}
+
+/// Processes in `dir` and its descendant cgroups.
+fn count_processes(dir: &Path) -> usize {
+    let members = std::fs::read_to_string(dir.join("cgroup.procs")).map_or(0, |procs| procs.lines().count());
+    let children = std::fs::read_dir(dir).into_iter().flatten().flatten();
+    members + children.filter(|entry| entry.path().is_dir()).map(|entry| count_processes(&entry.path())).sum::<usize>()
+}
+
+/// The kernel's cookie for the agent's network namespace (SO_NETNS_COOKIE, Linux 5.14+).
+fn own_netns_cookie() -> Result<u64> {
+    use std::os::fd::AsRawFd;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_NETNS_COOKIE, (&raw mut cookie).cast(), &mut len)
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("read the network namespace cookie (SO_NETNS_COOKIE needs Linux 5.14+)");
+    }
+    Ok(cookie)
 }
 
 fn attach_program(ebpf: &mut Ebpf, name: &str, cgroup_dir: &std::fs::File) -> Result<FdLink> {

@@ -459,12 +459,18 @@ impl JsonLines {
 
     /// Waits (bounded) for the first event matching `predicate`.
     pub fn wait_for(&self, what: &str, predicate: impl Fn(&Value) -> bool) -> Result<Value> {
+        Ok(self.wait_for_count(what, 1, predicate)?.swap_remove(0))
+    }
+
+    /// Waits (bounded) until at least `count` events match `predicate`; returns them all.
+    pub fn wait_for_count(&self, what: &str, count: usize, predicate: impl Fn(&Value) -> bool) -> Result<Vec<Value>> {
         let deadline = Instant::now() + WAIT;
         let (events, ready) = &*self.inner;
         let mut guard = events.lock().unwrap();
         loop {
-            if let Some(found) = guard.iter().find(|v| predicate(v)) {
-                return Ok(found.clone());
+            let found: Vec<Value> = guard.iter().filter(|v| predicate(v)).cloned().collect();
+            if found.len() >= count {
+                return Ok(found);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
