@@ -959,3 +959,104 @@ fn dns_upstream_that_never_answers_gets_servfail_before_the_client_gives_up() ->
     assert!(elapsed < 3.0, "SERVFAIL after {elapsed} s");
     setup.assert_still_serving()
 }
+
+/// Opens `count` connections (argv), holds them silent until a line on
+/// stdin, then runs a small exchange on each; prints how many answered.
+const HOLDING_CLIENT: &str = r#"
+import json, socket, sys, time
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+held = []
+for _ in range(count):
+    held.append(socket.create_connection((host, port), timeout=10))
+    time.sleep(0.05)
+print(json.dumps({"held": count}), flush=True)
+sys.stdin.readline()
+answered = 0
+for sock in held:
+    try:
+        sock.sendall(b"SEND 0 RECV 10\n")
+        data = b""
+        while chunk := sock.recv(100):
+            data += chunk
+        answered += len(data) == 10
+    except OSError:
+        pass
+print(json.dumps({"answered": answered}), flush=True)
+"#;
+
+struct Holder {
+    child: Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Holder {
+    fn start(sandbox: &Sandbox, host: &str, count: u32) -> Result<Self> {
+        let mut child = sandbox
+            .command(PYTHON)
+            .args(["-c", HOLDING_CLIENT, host, &EXCHANGE_PORT.to_string(), &count.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut holder = Self { child, stdout };
+        ensure!(holder.line()?["held"] == count, "holding client did not open its connections");
+        Ok(holder)
+    }
+
+    fn line(&mut self) -> Result<Value> {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut self.stdout, &mut line)?;
+        serde_json::from_str(&line).with_context(|| format!("holding client said {line:?}"))
+    }
+
+    /// Lets it run its exchanges; returns how many connections answered.
+    fn release(mut self) -> Result<u64> {
+        std::io::Write::write_all(self.child.stdin.as_mut().unwrap(), b"go\n")?;
+        let answered = self.line()?["answered"].as_u64().context("no count")?;
+        self.child.wait()?;
+        Ok(answered)
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn connections_beyond_the_per_sandbox_and_total_limits_are_refused_and_logged() -> Result<()> {
+    require_root();
+    let net = TestNet::new()?;
+    let servers = net.start_servers()?;
+    // One agent on a parent cgroup serves two sandboxes below it.
+    let parent = Sandbox::new("limits")?;
+    let (first, second) = (parent.child("first")?, parent.child("second")?);
+    let policy = PolicyFile::new(&net.allow_all_policy())?;
+    let agent = Agent::start(&parent, &policy, &["--max-connections", "6", "--max-connections-per-sandbox", "4"])?;
+    let host = net.v4.to_string();
+    let refusal = |limit: &'static str| {
+        move |e: &Value| e["event"] == "connection" && e["verdict"] == "denied" && e["reason"].as_str().is_some_and(|r| r.contains(limit))
+    };
+
+    let first_holder = Holder::start(&first, &host, 5)?;
+    let refused = agent.log.wait_for("the per-sandbox refusal", refusal("--max-connections-per-sandbox 4"))?;
+    assert_eq!(refused["cgroup_id"], std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&first.path)?));
+    let second_holder = Holder::start(&second, &host, 3)?;
+    let refused = agent.log.wait_for("the total refusal", refusal("--max-connections 6"))?;
+    assert_eq!(refused["cgroup_id"], std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&second.path)?));
+    agent.log.wait_for("the refusals' warnings", |e| e["level"] == "WARN" && e["message"].as_str().is_some_and(|m| m.starts_with("connection refused: too many")))?;
+
+    assert_eq!(second_holder.release()?, 2, "the second sandbox's connections within the total");
+    assert_eq!(first_holder.release()?, 4, "the first sandbox's connections within its own limit");
+    let denied = agent.log.matching(|e| e["event"] == "connection" && e["verdict"] == "denied");
+    assert_eq!(denied.len(), 2, "exactly the two over the limits: {denied:?}");
+    servers.events.wait_for_count("the six exchanges", 6, |e| e["kind"] == "exchange")?;
+
+    // Slots come back when connections close.
+    let (pid, output) = exchange(Some(&first), "inet", &host, 10, 10)?;
+    ensure!(output.status.success(), "exchange after the limits: {}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(agent.wait_connection_of(pid)?["verdict"], "relayed");
+    Ok(())
+}

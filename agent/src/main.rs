@@ -64,6 +64,10 @@ struct RunArgs {
     /// Connections relayed at once; beyond this new connections are refused.
     #[arg(long, default_value_t = 4096)]
     max_connections: usize,
+    /// Connections relayed at once for one sandbox: the attached cgroup or
+    /// any cgroup below it (each counts apart); beyond this they are refused.
+    #[arg(long, default_value_t = 1024)]
+    max_connections_per_sandbox: usize,
     /// Time allowed to connect to the original destination.
     #[arg(long, value_parser = parse_millis, default_value = "10000", value_name = "MS")]
     connect_timeout: Duration,
@@ -144,6 +148,7 @@ fn run(args: RunArgs) -> Result<()> {
         let config = proxy::Config {
             listen_port: listeners.port(),
             max_connections: args.max_connections,
+            max_connections_per_sandbox: args.max_connections_per_sandbox,
             connect_timeout: args.connect_timeout,
             idle_timeout: args.idle_timeout,
             sniff: sniff::Limits { first_byte_timeout: args.first_byte_timeout, head_timeout: args.head_timeout },

@@ -502,6 +502,16 @@ impl Sandbox {
         self.path.to_str().unwrap()
     }
 
+    /// A cgroup below this one: another sandbox the same agent serves.
+    /// (Drop it before its parent.)
+    pub fn child(&self, name: &str) -> Result<Self> {
+        let path = self.path.join(name);
+        std::fs::create_dir(&path).with_context(|| format!("create cgroup {}", path.display()))?;
+        let procs = CString::new(path.join("cgroup.procs").into_os_string().into_encoded_bytes())?;
+        Ok(Self { path, procs })
+    }
+
+
     /// A command whose process joins this cgroup before it execs, so the
     /// program is sandboxed from its first instruction.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {

@@ -15,6 +15,7 @@ use super::{
     decide::{Allowed, Decider, Denial, Verdict},
     http_proxy::{self, HttpMode},
     inference_route::{is_inference, names_inference, InferenceRoute},
+    limits::SandboxSlots,
     origin::Origin,
     respond, Config, Stats,
 };
@@ -31,6 +32,7 @@ pub struct Shared {
     pub redirect: Redirect,
     pub config: Config,
     pub stats: Stats,
+    pub sandbox_slots: SandboxSlots,
     pub decider: Decider,
     pub dns: Arc<DnsResponder>,
     /// `None` when the agent runs without an inference config.
@@ -90,6 +92,11 @@ impl CloseLog {
 pub async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) {
     let started = Instant::now();
     let Some(origin) = attribute(peer, shared) else { return };
+    let Some(_sandbox_slot) = shared.sandbox_slots.try_acquire(origin.cgroup_id) else {
+        let max = shared.sandbox_slots.max_per_sandbox();
+        refuse(client, &origin, peer, started, shared, format!("too many connections in flight from this sandbox (--max-connections-per-sandbox {max})"));
+        return;
+    };
     let _ = client.set_nodelay(true);
     let mut log = CloseLog::default();
     if is_own_listener(origin.destination, shared.config.listen_port) {
@@ -103,11 +110,19 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) {
 /// Turns away a connection beyond `--max-connections`, logged like any other.
 pub fn refuse_over_limit(client: TcpStream, peer: SocketAddr, shared: &Shared) {
     let started = Instant::now();
-    reset(client);
-    let Some(origin) = attribute(peer, shared) else { return };
+    let Some(origin) = attribute(peer, shared) else { return reset(client) };
     let reason = format!("too many connections in flight (--max-connections {})", shared.config.max_connections);
+    refuse(client, &origin, peer, started, shared, reason);
+}
+
+/// Resets a connection over a limit and logs it (a warning too: the
+/// sandbox sees only a reset).
+fn refuse(client: TcpStream, origin: &Origin, peer: SocketAddr, started: Instant, shared: &Shared, reason: String) {
+    reset(client);
+    shared.stats.over_limit.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(pid = origin.pid, cgroup_id = origin.cgroup_id, "connection refused: {reason}");
     let log = CloseLog { verdict: "denied", reason: Some(reason), protocol: "unknown", ..CloseLog::default() };
-    log.emit(&origin, peer, started);
+    log.emit(origin, peer, started);
 }
 
 /// Who made the connection, from the kernel's record; a connection without

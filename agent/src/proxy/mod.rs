@@ -4,6 +4,7 @@ mod connection;
 mod decide;
 mod http_proxy;
 mod inference_route;
+mod limits;
 mod origin;
 mod policy_store;
 mod respond;
@@ -37,6 +38,8 @@ pub use policy_store::PolicyStore;
 pub struct Config {
     pub listen_port: u16,
     pub max_connections: usize,
+    /// Per cgroup (sandbox) below and including the attached one.
+    pub max_connections_per_sandbox: usize,
     pub connect_timeout: Duration,
     /// A relayed connection with no byte either way for this long is closed.
     pub idle_timeout: Duration,
@@ -99,7 +102,8 @@ pub struct Stats {
     pub accepted: AtomicU64,
     /// Connections with no kernel record: closed, never guessed.
     pub unattributed: AtomicU64,
-    /// Connections refused because `max_connections` were in flight.
+    /// Connections refused because `max_connections` (in total or from
+    /// their sandbox) were in flight.
     pub over_limit: AtomicU64,
 }
 
@@ -119,6 +123,7 @@ pub async fn serve(listeners: Listeners, parts: Parts, cgroup: &Cgroup) -> Resul
         tokio::spawn(dns.clone().serve_udp(socket));
     }
     let shared = Arc::new(connection::Shared {
+        sandbox_slots: limits::SandboxSlots::new(config.max_connections_per_sandbox),
         redirect,
         config,
         stats: Stats::default(),
@@ -195,7 +200,6 @@ async fn accept_loop(
         };
         shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            shared.stats.over_limit.fetch_add(1, Ordering::Relaxed);
             connection::refuse_over_limit(stream, peer, &shared);
             continue;
         };

@@ -471,11 +471,11 @@ impl<'a> Bench<'a> {
                 let (mut proxy, route) = match way {
                     Way::Direct => continue,
                     Way::Transparent => (
-                        Proxy::Agent(self.start_agent(&["--max-connections", &capacity.to_string()])?),
+                        Proxy::Agent(self.start_agent(&["--max-connections", &capacity.to_string(), "--max-connections-per-sandbox", &capacity.to_string()])?),
                         Route { to: target, connect: None },
                     ),
                     Way::AgentConnect => {
-                        let agent = self.start_agent(&["--max-connections", &capacity.to_string()])?;
+                        let agent = self.start_agent(&["--max-connections", &capacity.to_string(), "--max-connections-per-sandbox", &capacity.to_string()])?;
                         let route = Route { to: loopback(agent.port), connect: Some(target) };
                         (Proxy::Agent(agent), route)
                     }
