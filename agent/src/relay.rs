@@ -4,7 +4,9 @@
 //! travels end to end. Byte counts survive errors: the close log always says
 //! how much went each way. Two plain TCP sockets are joined with splice(2)
 //! through a pipe, so the payload never enters userspace; a direction holds
-//! its pipe only while data flows.
+//! its pipe only while data flows. When one side fails (reset, idle
+//! timeout), the other is reset too, once what it was sent is acknowledged:
+//! a FIN would let a truncated close-delimited response pass for complete.
 
 use std::{
     future::Future,
@@ -21,7 +23,7 @@ use nix::{
 use tokio::{
     io::{AsyncWrite, AsyncWriteExt, Interest},
     net::{
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
+        tcp::{ReadHalf, WriteHalf},
         TcpStream,
     },
 };
@@ -48,17 +50,47 @@ pub struct Outcome {
 /// Relays two TCP sockets with splice(2), prefill first, until both
 /// directions reach EOF, either fails, or neither moves a byte for
 /// `idle_timeout` (a stalled peer must not hold the connection forever).
-pub async fn relay(client: TcpStream, upstream: TcpStream, prefill: Prefill, idle_timeout: Duration) -> Outcome {
-    let (client_read, client_write) = client.into_split();
-    let (upstream_read, upstream_write) = upstream.into_split();
+pub async fn relay(mut client: TcpStream, mut upstream: TcpStream, prefill: Prefill, idle_timeout: Duration) -> Outcome {
     let idle = Idle::new(idle_timeout);
     let mut outcome = Outcome::default();
-    let result = tokio::try_join!(
-        splice_until_eof(client_read, upstream_write, prefill.to_upstream, &mut outcome.bytes_up, &idle),
-        splice_until_eof(upstream_read, client_write, prefill.to_client, &mut outcome.bytes_down, &idle),
-    );
-    outcome.error = result.err();
+    let result = {
+        let (client_read, client_write) = client.split();
+        let (upstream_read, upstream_write) = upstream.split();
+        tokio::try_join!(
+            splice_until_eof(client_read, upstream_write, prefill.to_upstream, &mut outcome.bytes_up, &idle),
+            splice_until_eof(upstream_read, client_write, prefill.to_client, &mut outcome.bytes_down, &idle),
+        )
+    };
+    if let Err(error) = result {
+        tokio::join!(reset_when_flushed(&client), reset_when_flushed(&upstream));
+        outcome.error = Some(error);
+    }
     outcome
+}
+
+/// How long a failed relay waits for a peer to acknowledge what it was sent
+/// before resetting it anyway (a stalled peer may never do so).
+const FLUSH_BEFORE_RESET: Duration = Duration::from_secs(1);
+
+/// Makes the coming close of `socket` a reset, once its peer acknowledged
+/// everything sent (a reset discards unsent data), or after FLUSH_BEFORE_RESET.
+pub async fn reset_when_flushed(socket: &TcpStream) {
+    let deadline = Instant::now() + FLUSH_BEFORE_RESET;
+    while unacknowledged_bytes(socket) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Deprecated because a non-zero linger blocks on drop; zero resets at once.
+    #[allow(deprecated)]
+    let _ = socket.set_linger(Some(Duration::ZERO));
+}
+
+/// Bytes sent on `socket` but not yet acknowledged (SIOCOUTQ); 0 if unknown.
+fn unacknowledged_bytes(socket: &TcpStream) -> i32 {
+    use std::os::fd::AsRawFd;
+    let mut queued: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ for TCP) writes one int.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    if rc == 0 { queued } else { 0 }
 }
 
 /// When a relay last moved a byte, in either direction.
@@ -104,8 +136,8 @@ impl Idle {
 /// `delivered` counts bytes spliced out of the pipe into `to`, updated as they
 /// go, so it stays right when this future fails or is dropped part-way.
 async fn splice_until_eof(
-    mut from: OwnedReadHalf,
-    mut to: OwnedWriteHalf,
+    mut from: ReadHalf<'_>,
+    mut to: WriteHalf<'_>,
     prefill: Vec<u8>,
     delivered: &mut u64,
     idle: &Idle,
@@ -527,6 +559,50 @@ mod tests {
             outcome.bytes_up
         );
         assert!(outcome.bytes_down <= MIB, "bytes_down {} > sent", outcome.bytes_down);
+    }
+
+    /// Reads until the stream ends; returns the bytes and how it ended.
+    async fn read_to_end_or_error(stream: &mut TcpStream) -> (Vec<u8>, io::Result<()>) {
+        let mut received = Vec::new();
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) => return (received, Ok(())),
+                Ok(read) => received.extend_from_slice(&buffer[..read]),
+                Err(error) => return (received, Err(error)),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_upstream_reset_reaches_the_client_as_a_reset_after_what_was_relayed() {
+        let _pipes = shared_pipes().await;
+        let Relayed { mut client_app, mut upstream_app, relay, .. } = Relayed::start(Prefill::default()).await;
+        upstream_app.write_all(&[9u8; 200_000]).await.expect("upstream sends");
+        let mut first = vec![0u8; 200_000];
+        client_app.read_exact(&mut first).await.expect("client receives what was sent before the reset");
+        upstream_app.set_zero_linger().expect("SO_LINGER 0");
+        drop(upstream_app);
+        let (rest, end) = timeout(Duration::from_secs(10), read_to_end_or_error(&mut client_app)).await.expect("client sees the end");
+        assert!(rest.is_empty(), "{} unexpected bytes", rest.len());
+        assert_eq!(end.map_err(|error| error.kind()), Err(io::ErrorKind::ConnectionReset), "a reset, not a clean FIN");
+        let outcome = finish(relay).await;
+        assert_eq!(outcome.bytes_down, 200_000);
+        assert!(outcome.error.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_client_reset_reaches_the_upstream_as_a_reset() {
+        let _pipes = shared_pipes().await;
+        let Relayed { mut client_app, mut upstream_app, relay, .. } = Relayed::start(Prefill::default()).await;
+        client_app.write_all(b"request").await.expect("client sends");
+        let mut heard = [0u8; 7];
+        upstream_app.read_exact(&mut heard).await.expect("upstream hears it");
+        client_app.set_zero_linger().expect("SO_LINGER 0");
+        drop(client_app);
+        let (_, end) = timeout(Duration::from_secs(10), read_to_end_or_error(&mut upstream_app)).await.expect("upstream sees the end");
+        assert_eq!(end.map_err(|error| error.kind()), Err(io::ErrorKind::ConnectionReset));
+        assert!(finish(relay).await.error.is_some());
     }
 
     /// The upstream never reads, so client -> upstream stalls holding a full

@@ -511,7 +511,6 @@ impl Sandbox {
         Ok(Self { path, procs })
     }
 
-
     /// A command whose process joins this cgroup before it execs, so the
     /// program is sandboxed from its first instruction.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
@@ -712,4 +711,37 @@ impl TestNet {
         command.args(["netns", "exec", &self.netns, PYTHON, "-u", "-c", script]).args(args);
         Servers::start(command, None)
     }
+}
+
+impl Agent {
+    /// The agent's process id (for /proc/<pid>/status and /proc/<pid>/fd).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Starts an agent listening on `port` rather than any free one: a
+    /// restarted agent takes over the port its predecessor's pinned
+    /// redirect points at.
+    pub fn start_on_port(sandbox: &Sandbox, policy: &PolicyFile, port: u16, extra_args: &[&str]) -> Result<Self> {
+        let mut child = Command::new(agent_bin())
+            .args(["--log-format", "json", "run", "--cgroup", sandbox.path_str(), "--listen-port", &port.to_string(), "--policy"])
+            .arg(&policy.path)
+            .args(extra_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let log = JsonLines::follow_stderr(child.stderr.take().unwrap());
+        let agent = Self { child, log, port, cgroup: sandbox.path_str().to_owned() };
+        agent.log.wait_for("agent ready", |e| e["event"] == "ready")?;
+        Ok(agent)
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: one clock for the test and the clients it
+/// runs, so events in both can be put in order.
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }

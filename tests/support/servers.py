@@ -40,10 +40,18 @@ class DualStack:
     address_family = socket.AF_INET6
     allow_reuse_address = True
     daemon_threads = True
+    # socketserver's default backlog of 5 overflows under concurrent clients
+    # (tests/load.rs runs 64): the kernel then drops handshakes and resets.
+    request_queue_size = 256
 
     def server_bind(self):
         self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
+
+    def handle_error(self, request, client_address):
+        """A connection that failed (say, the agent was killed mid-transfer):
+        an event tests can count, instead of a traceback on stderr."""
+        emit(kind="server_error", peer=client_address[0], error=repr(sys.exc_info()[1]))
 
 
 class HttpServer(DualStack, http.server.ThreadingHTTPServer):

@@ -1,8 +1,9 @@
-//! Project tasks: `cargo xtask <setup|build|run|demo|test|bench>`.
+//! Project tasks: `cargo xtask <setup|build|run|demo|test|bench|soak>`.
 
 mod bench;
 mod demo;
 mod setup;
+mod soak;
 
 use std::{
     io::{BufRead, BufReader},
@@ -46,6 +47,12 @@ enum Task {
     },
     /// Set up, then measure direct vs the agent vs squid/tinyproxy/haproxy (as root).
     Bench(bench::Args),
+    /// Set up, then run the load soak of tests/load.rs for longer than CI does (as root).
+    Soak {
+        /// How long the 64 sandboxed clients keep transferring.
+        #[arg(long, default_value_t = soak::DEFAULT_SECONDS)]
+        seconds: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -56,6 +63,7 @@ fn main() -> ExitCode {
         Task::Demo => demo::run(),
         Task::Test { args } => test(&args),
         Task::Bench(args) => bench::run(&args),
+        Task::Soak { seconds } => soak::run(seconds),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -137,6 +137,10 @@ pub async fn serve(
                     let detail = format!("{} {host_text}:{port}", head.method);
                     let body = super::respond::ErrorBody { error: kind, detail: &detail, reason: &error.to_string(), address_class: None };
                     super::respond::error(client.get_mut(), status, &body).await;
+                } else {
+                    // Part of a response went out: a reset, not a close, tells the
+                    // client it is incomplete (a close-delimited body would pass).
+                    relay::reset_when_flushed(client.get_mut()).await;
                 }
                 return;
             }
