@@ -1,7 +1,8 @@
-//! Project tasks: `cargo xtask <setup|build|run|demo|test|bench|soak>`.
+//! Project tasks: `cargo xtask <setup|build|run|demo|test|fuzz|bench|soak>`.
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 mod soak;
 
@@ -45,6 +46,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build the fuzz targets (fuzz/) and run them side by side for a bounded time.
+    Fuzz(fuzz::Args),
     /// Set up, then measure direct vs the agent vs squid/tinyproxy/haproxy (as root).
     Bench(bench::Args),
     /// Set up, then run the load soak of tests/load.rs for longer than CI does (as root).
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
         Task::Run { release, args } => run_agent(release, &args),
         Task::Demo => demo::run(),
         Task::Test { args } => test(&args),
+        Task::Fuzz(args) => fuzz::run(&args),
         Task::Bench(args) => bench::run(&args),
         Task::Soak { seconds } => soak::run(seconds),
     };
@@ -152,9 +156,22 @@ fn test(args: &[String]) -> Result<()> {
         }
     }
     let exit = child.wait()?;
+    // A short run of every fuzz target, each counted as one test.
+    let fuzzed = fuzz::build_and_run(&fuzz::TARGETS, fuzz::TEST_SECONDS);
+    match &fuzzed {
+        Ok(outcomes) => {
+            let fuzz_passed = outcomes.iter().filter(|&&passed| passed).count() as u64;
+            passed += fuzz_passed;
+            failed += outcomes.len() as u64 - fuzz_passed;
+        }
+        Err(_) => failed += fuzz::TARGETS.len() as u64,
+    }
     println!("tests: {passed} passed, {failed} failed");
     if !exit.success() {
         bail!("cargo test failed: {exit}");
+    }
+    if fuzzed?.contains(&false) {
+        bail!("a fuzz target failed");
     }
     Ok(())
 }

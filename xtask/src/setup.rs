@@ -1,5 +1,5 @@
-//! Installs what building and testing need, idempotently: Debian packages
-//! and bpf-linker. The eBPF recipe itself lives in agent/build.rs.
+//! Installs what building and testing need, idempotently: Debian packages,
+//! bpf-linker and cargo-fuzz. The eBPF recipe itself lives in agent/build.rs.
 
 use std::{path::Path, process::Command};
 
@@ -14,10 +14,11 @@ const PACKAGES: [&str; 10] =
     ["rustc-web", "cargo-web", "rust-web-src", "llvm-22-dev", "curl", "iproute2", "python3", "util-linux", "dnsmasq-base", "openssl"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 pub fn run() -> Result<()> {
     ensure_packages(&PACKAGES)?;
-    if bpf_linker_version().as_deref() != Some(BPF_LINKER_VERSION) {
+    if installed_version("bpf-linker").as_deref() != Some(BPF_LINKER_VERSION) {
         eprintln!("xtask setup: installing bpf-linker {BPF_LINKER_VERSION} (LLVM 22)");
         let path = format!("{LLVM_BIN}:{}", std::env::var("PATH").unwrap_or_default());
         status(
@@ -27,7 +28,18 @@ pub fn run() -> Result<()> {
                 .env("PATH", path),
         )?;
     }
-    check()
+    if installed_version("cargo-fuzz").as_deref() != Some(CARGO_FUZZ_VERSION) {
+        eprintln!("xtask setup: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+        // A debug build installs in half the time, and cargo-fuzz only
+        // launches cargo and the fuzz targets.
+        status(
+            Command::new("cargo")
+                .args(["install", "cargo-fuzz", "--locked", "--force", "--version", CARGO_FUZZ_VERSION])
+                .arg("--debug"),
+        )?;
+    }
+    check()?;
+    check_cargo_fuzz()
 }
 
 /// Installs the Debian packages that are missing (nothing, quickly, when none is).
@@ -52,7 +64,7 @@ pub fn check() -> Result<()> {
     if !missing.is_empty() {
         bail!("missing Debian packages {}: run `cargo xtask setup` (as root)", missing.join(" "));
     }
-    if bpf_linker_version().is_none() {
+    if installed_version("bpf-linker").is_none() {
         bail!("bpf-linker not found on PATH: run `cargo xtask setup`");
     }
     if !Path::new("/usr/lib/rustlib/src/rust/library/core").exists() {
@@ -68,8 +80,20 @@ fn package_installed(package: &str) -> bool {
         .is_ok_and(|output| output.stdout.ends_with(b"install ok installed"))
 }
 
-fn bpf_linker_version() -> Option<String> {
-    let output = Command::new("bpf-linker").arg("--version").output().ok()?;
+/// Fails with the fix unless the pinned cargo-fuzz is installed.
+pub fn check_cargo_fuzz() -> Result<()> {
+    match installed_version("cargo-fuzz") {
+        Some(version) if version == CARGO_FUZZ_VERSION => Ok(()),
+        found => bail!(
+            "cargo-fuzz {CARGO_FUZZ_VERSION} needed, {} found: run `cargo xtask setup`",
+            found.as_deref().unwrap_or("none")
+        ),
+    }
+}
+
+/// The version `program --version` prints as "<name> <version>".
+fn installed_version(program: &str) -> Option<String> {
+    let output = Command::new(program).arg("--version").output().ok()?;
     let text = String::from_utf8(output.stdout).ok()?;
     text.split_whitespace().nth(1).map(str::to_owned)
 }

@@ -126,7 +126,7 @@ struct Protocol<T> {
     message: &'static str,
     max_len: usize,
     parse: fn(&[u8]) -> Parse<T>,
-    /// Whether newly read bytes can change the parser's answer. Re-parsing a
+    /// Whether newly read bytes can complete the message. Re-parsing a
     /// trickled 32 KiB head on every read would cost quadratic time.
     may_decide: fn(&[u8]) -> bool,
 }
@@ -141,8 +141,9 @@ const TLS: Protocol<ClientHello> = Protocol {
     may_decide: always,
 };
 
-/// A head completes, or fails in httparse, only at a line end, and the
-/// header count bounds the lines.
+/// A head completes only at a line end, and the header count bounds the
+/// lines. httparse can fail mid-line; that is noticed at the next line end,
+/// or when the stream ends or times out.
 const HTTP: Protocol<RequestHead> = Protocol {
     name: "http",
     message: "request head",
@@ -184,13 +185,24 @@ async fn read_until_parsed<S: AsyncRead + Unpin, T>(
             return Err(format!("{message} exceeds {max_len} bytes"));
         }
         let before = buffered.len();
-        match timeout_at(deadline, read_more(stream, buffered, max_len)).await {
-            Err(_elapsed) => return Err(format!("{message} not complete after {head_timeout:?}")),
-            Ok(Ok(0)) => return Err(format!("connection closed before the {message} was complete")),
-            Ok(Err(error)) => return Err(format!("read failed before the {message} was complete: {error}")),
-            Ok(Ok(_)) => {}
+        let stream_end = match timeout_at(deadline, read_more(stream, buffered, max_len)).await {
+            Err(_elapsed) => format!("{message} not complete after {head_timeout:?}"),
+            Ok(Ok(0)) => format!("connection closed before the {message} was complete"),
+            Ok(Err(error)) => format!("read failed before the {message} was complete: {error}"),
+            Ok(Ok(_)) => {
+                worth_parsing =
+                    buffered.len() >= max_len || (protocol.may_decide)(buffered.get(before..).unwrap_or_default());
+                continue;
+            }
+        };
+        // Bytes skipped as unable to complete the message may still have made
+        // it invalid: that is the reason to give, not the stream's end.
+        if !worth_parsing {
+            if let Parse::Invalid(reason) = (protocol.parse)(buffered) {
+                return Err(reason);
+            }
         }
-        worth_parsing = buffered.len() >= max_len || (protocol.may_decide)(buffered.get(before..).unwrap_or_default());
+        return Err(stream_end);
     }
 }
 
@@ -400,6 +412,18 @@ mod tests {
         let sniffed = sniff(&mut stream, &PATIENT).await;
         assert_invalid(&sniffed.kind, "http", "request head exceeds 32768 bytes");
         assert_eq!(sniffed.buffered, oversized[..MAX_HEAD_BYTES]);
+    }
+
+    #[tokio::test]
+    async fn head_broken_mid_line_is_refused_as_such_at_close_or_timeout() {
+        // Found by fuzz/fuzz_targets/sniff_classify.rs: the bytes after "G" hold
+        // no line end, so they were never parsed and the refusal blamed the end.
+        let pieces: [&[u8]; 2] = [b"G", b"ET /\x01"];
+        let mut closed = pieces[0].chain(pieces[1]);
+        assert_invalid(&sniff(&mut closed, &PATIENT).await.kind, "http", "malformed request head");
+        let mut stalled = Chunks::new(&pieces);
+        let limits = Limits { head_timeout: Duration::from_millis(50), ..PATIENT };
+        assert_invalid(&sniff(&mut stalled, &limits).await.kind, "http", "malformed request head");
     }
 
     #[tokio::test]
