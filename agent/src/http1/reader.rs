@@ -107,25 +107,30 @@ impl<S: AsyncRead + Unpin> HeadReader<S> {
                 return Err(invalid(format!("{} exceeds {MAX_HEAD_BYTES} bytes", H::NAME)));
             }
             let before = self.buf.len();
-            match timeout_at(deadline, self.read_more(room)).await {
-                Err(_elapsed) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("{} not complete after {head_timeout:?}", H::NAME),
-                    ))
+            let stream_end = match timeout_at(deadline, self.read_more(room)).await {
+                Err(_elapsed) => io::Error::new(io::ErrorKind::TimedOut, format!("{} not complete after {head_timeout:?}", H::NAME)),
+                Ok(Ok(0)) => io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("connection closed before the {} was complete", H::NAME),
+                ),
+                Ok(Err(error)) => error,
+                Ok(Ok(_)) => {
+                    // A head completes only at a line end, and the header count
+                    // bounds the lines: re-parsing only then keeps a trickled
+                    // head from costing quadratic time. httparse can fail
+                    // mid-line; that is noticed at the next line end, or below.
+                    worth_parsing = self.buf.get(before..).unwrap_or_default().contains(&b'\n');
+                    continue;
                 }
-                Ok(Ok(0)) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("connection closed before the {} was complete", H::NAME),
-                    ))
-                }
-                Ok(result) => result?,
             };
-            // A head completes, or fails in httparse, only at a line end, and
-            // the header count bounds the lines: re-parsing only then keeps a
-            // trickled head from costing quadratic time.
-            worth_parsing = self.buf.get(before..).unwrap_or_default().contains(&b'\n');
+            // Bytes skipped as unable to complete the head may still have made
+            // it invalid: that is the reason to give, not the stream's end.
+            if !worth_parsing {
+                if let Parse::Invalid(reason) = H::parse(&self.buf) {
+                    return Err(invalid(reason));
+                }
+            }
+            return Err(stream_end);
         }
     }
 
@@ -179,6 +184,17 @@ mod tests {
     };
 
     const PATIENT: Duration = Duration::from_secs(10);
+
+    #[tokio::test]
+    async fn a_head_broken_mid_line_is_refused_as_such_when_the_stream_ends() {
+        // As in sniff: the bytes after "G" hold no line end, so they are only
+        // parsed again when the stream ends.
+        let pieces: [&[u8]; 2] = [b"G", b"ET /\x01"];
+        let mut reader = HeadReader::new((&pieces[0][..]).chain(&pieces[1][..]));
+        let error = reader.read_request_head(PATIENT, PATIENT).await.expect_err("a malformed head");
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
+        assert!(error.to_string().contains("malformed request head"), "{error}");
+    }
 
     #[tokio::test]
     async fn pipelined_requests_come_out_one_after_the_other() {
