@@ -21,10 +21,8 @@ fn main() {
         println!("cargo:rerun-if-changed={}", workspace.join(watched).display());
     }
 
-    let missing: Vec<&str> = [DEBIAN_CARGO, DEBIAN_RUSTC, RUST_SRC]
-        .into_iter()
-        .filter(|path| !Path::new(path).exists())
-        .collect();
+    let missing: Vec<&str> =
+        [DEBIAN_CARGO, DEBIAN_RUSTC, RUST_SRC].into_iter().filter(|path| !Path::new(path).exists()).collect();
     let linker = find_in_path("bpf-linker");
     if !missing.is_empty() || linker.is_none() {
         panic!(
@@ -63,13 +61,10 @@ fn main() {
 
     let object = target_dir.join("bpfel-unknown-none/release/agent-ebpf");
     let out = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join("agent-ebpf.o");
-    std::fs::copy(&object, &out)
-        .unwrap_or_else(|e| panic!("copy {} -> {}: {e}", object.display(), out.display()));
+    std::fs::copy(&object, &out).unwrap_or_else(|e| panic!("copy {} -> {}: {e}", object.display(), out.display()));
 }
 
 fn find_in_path(program: &str) -> Option<PathBuf> {
     let path = env::var_os("PATH")?;
-    env::split_paths(&path)
-        .map(|dir| dir.join(program))
-        .find(|candidate| candidate.is_file())
+    env::split_paths(&path).map(|dir| dir.join(program)).find(|candidate| candidate.is_file())
 }

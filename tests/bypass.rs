@@ -15,8 +15,14 @@ use e2e::*;
 use serde_json::Value;
 
 fn probe_output(output: &Output) -> Result<Value> {
-    ensure!(output.status.success(), "probe failed: {}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    serde_json::from_slice(&output.stdout).with_context(|| format!("probe output: {}", String::from_utf8_lossy(&output.stdout)))
+    ensure!(
+        output.status.success(),
+        "probe failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout)
+        .with_context(|| format!("probe output: {}", String::from_utf8_lossy(&output.stdout)))
 }
 
 /// Runs `bypass_probe.py PROBE ARGS` in the sandbox; returns (pid, its JSON line).
@@ -33,7 +39,9 @@ fn assert_intact(outcome: &Value, what: &str) {
 
 /// The connection logs of `pid`, once there are `count` (bounded wait).
 fn wait_connections(agent: &Agent, pid: u32, count: usize) -> Result<Vec<Value>> {
-    agent.log.wait_for_count(&format!("{count} connection logs of pid {pid}"), count, |e| e["event"] == "connection" && e["pid"] == pid)
+    agent.log.wait_for_count(&format!("{count} connection logs of pid {pid}"), count, |e| {
+        e["event"] == "connection" && e["pid"] == pid
+    })
 }
 
 fn exchanges_seen(servers: &Servers) -> usize {
@@ -101,7 +109,8 @@ fn tcp_fast_open_connects_are_intercepted() -> Result<()> {
 #[test]
 fn threads_and_children_are_attributed_to_their_process() -> Result<()> {
     let setup = Setup::new("threads")?;
-    let (pid, result) = probe(&setup.sandbox, &["threads-and-child", &setup.net.v4.to_string(), &setup.exchange_port(), "4"])?;
+    let (pid, result) =
+        probe(&setup.sandbox, &["threads-and-child", &setup.net.v4.to_string(), &setup.exchange_port(), "4"])?;
     assert_eq!(result["pid"], pid);
     let thread_ids: Vec<u64> = result["thread_ids"].as_array().unwrap().iter().map(|id| id.as_u64().unwrap()).collect();
     assert_eq!(thread_ids.len(), 4);
@@ -112,11 +121,13 @@ fn threads_and_children_are_attributed_to_their_process() -> Result<()> {
     assert_intact(&result["child"], "exchange from a forked child");
     let child_pid = result["child_pid"].as_u64().unwrap();
 
-    let child_log = setup.agent.log.wait_for("the child's connection", |e| e["event"] == "connection" && e["pid"] == child_pid)?;
+    let child_log =
+        setup.agent.log.wait_for("the child's connection", |e| e["event"] == "connection" && e["pid"] == child_pid)?;
     assert_eq!(child_log["verdict"], "relayed");
     let process_logs = wait_connections(&setup.agent, pid, 4)?;
     assert_eq!(process_logs.len(), 4, "the threads' connections carry the process id: {process_logs:?}");
-    let by_thread_id = setup.agent.log.matching(|e| e["event"] == "connection" && thread_ids.iter().any(|&id| e["pid"] == id));
+    let by_thread_id =
+        setup.agent.log.matching(|e| e["event"] == "connection" && thread_ids.iter().any(|&id| e["pid"] == id));
     assert!(by_thread_id.is_empty(), "connections attributed to thread ids: {by_thread_id:?}");
     Ok(())
 }
@@ -191,7 +202,9 @@ fn the_agent_warns_when_processes_were_in_the_cgroup_before_it() -> Result<()> {
     require_root();
     let net = TestNet::new()?;
     let policy = PolicyFile::new(&net.allow_all_policy())?;
-    let warning = |e: &Value| e["level"] == "WARN" && e["message"].as_str().is_some_and(|m| m.contains("before the agent attached"));
+    let warning = |e: &Value| {
+        e["level"] == "WARN" && e["message"].as_str().is_some_and(|m| m.contains("before the agent attached"))
+    };
 
     let empty = Sandbox::new("empty-first")?;
     let agent = Agent::start(&empty, &policy, &[])?;
@@ -225,7 +238,10 @@ fn a_sandbox_in_its_own_network_namespace_is_refused_with_a_clear_error() -> Res
     }
     assert_eq!(result["decoy_accepted"], false, "a connect was redirected into the sandbox's own namespace");
     let expected = format!("refused pid={pid} comm=python3: it is in another network namespace than the agent");
-    let trace = setup.agent.log.wait_for("the refusal's trace", |e| e["message"].as_str().is_some_and(|m| m.starts_with(&expected)))?;
+    let trace = setup
+        .agent
+        .log
+        .wait_for("the refusal's trace", |e| e["message"].as_str().is_some_and(|m| m.starts_with(&expected)))?;
     assert_eq!(trace["level"], "WARN");
     assert!(setup.agent.connections_of(pid).is_empty());
     assert_eq!(exchanges_seen(&setup.servers), 0);
@@ -256,7 +272,17 @@ fn the_control_socket_is_out_of_reach_of_sandboxed_users() -> Result<()> {
     let mode = std::fs::metadata(&socket)?.permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "control socket mode");
     let script = support_file("bypass_probe.py");
-    let as_nobody = ["--reuid", "65534", "--regid", "65534", "--clear-groups", PYTHON, script.to_str().unwrap(), "unix-connect", &socket];
+    let as_nobody = [
+        "--reuid",
+        "65534",
+        "--regid",
+        "65534",
+        "--clear-groups",
+        PYTHON,
+        script.to_str().unwrap(),
+        "unix-connect",
+        &socket,
+    ];
     let (_, output) = run_in(&sandbox, "setpriv", &as_nobody)?;
     let result = probe_output(&output)?;
     assert_eq!(result["error"], "EACCES", "a sandboxed user reached the control socket: {result}");

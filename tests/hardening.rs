@@ -360,7 +360,8 @@ impl Setup {
         let url = format!("http://{}:{HTTP_PORT}/bytes/{size}", self.net.private_v4);
         let (pid, output) = curl(Some(&self.sandbox), &url)?;
         ensure!(output.status.success(), "normal request failed: {}", String::from_utf8_lossy(&output.stderr));
-        let fields: Vec<u64> = String::from_utf8_lossy(&output.stdout).split_whitespace().filter_map(|f| f.parse().ok()).collect();
+        let fields: Vec<u64> =
+            String::from_utf8_lossy(&output.stdout).split_whitespace().filter_map(|f| f.parse().ok()).collect();
         assert_eq!(fields.get(..2), Some(&[200, u64::from(size)][..]), "normal request after the hostile one");
         let log = self.agent.wait_connection_of(pid)?;
         assert_eq!(log["verdict"], "relayed", "{log}");
@@ -419,7 +420,9 @@ impl RawResult {
         let Some((head, body)) = text.split_once("\r\n\r\n") else { return Value::Null };
         let length: usize = head
             .lines()
-            .find_map(|line| line.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap_or(0)))
+            .find_map(|line| {
+                line.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap_or(0))
+            })
             .unwrap_or(body.len());
         serde_json::from_str(body.get(..length).unwrap_or(body)).unwrap_or(Value::Null)
     }
@@ -519,7 +522,10 @@ fn oversized_request_line_gets_a_400_and_is_never_forwarded() -> Result<()> {
     let result = setup.raw(&setup.private(), HTTP_PORT, 10.0, json!([send(&request), ["recv_all"]]))?;
     let log = assert_bad_request(&setup, &result, "request head exceeds 32768 bytes")?;
     assert_eq!(log["protocol"], "http");
-    let seen = setup.servers.events.matching(|e| e["kind"] == "http" && e["path"].as_str().is_some_and(|p| p.starts_with("/bytes/103")));
+    let seen = setup
+        .servers
+        .events
+        .matching(|e| e["kind"] == "http" && e["path"].as_str().is_some_and(|p| p.starts_with("/bytes/103")));
     assert!(seen.is_empty(), "an oversized request line reached the server");
     setup.assert_still_serving()
 }
@@ -606,7 +612,8 @@ fn garbage_first_bytes_are_opaque_and_decided_on_the_destination() -> Result<()>
     // client banner) but is no request line.
     for garbage in [&b"\x00\xff\x13\x37\xfe\x80garbage\r\n\r\n"[..], b"SSH-2.0-garbage\x00\xff\r\n"] {
         let n = garbage.len();
-        let result = setup.raw(&setup.v4(), ECHO_PORT, 10.0, json!([send(garbage), ["recv", n], ["shut_wr"], ["recv_all"]]))?;
+        let result =
+            setup.raw(&setup.v4(), ECHO_PORT, 10.0, json!([send(garbage), ["recv", n], ["shut_wr"], ["recv_all"]]))?;
         assert_eq!((result.received.as_slice(), result.end.as_str()), (garbage, "eof"), "{result:?}");
         let log = setup.agent.wait_connection_of(result.pid)?;
         assert_eq!((log["verdict"].as_str(), log["protocol"].as_str()), (Some("relayed"), Some("opaque")), "{log}");
@@ -618,7 +625,10 @@ fn garbage_first_bytes_are_opaque_and_decided_on_the_destination() -> Result<()>
         let log = setup.agent.wait_connection_of(result.pid)?;
         assert_eq!((log["verdict"].as_str(), log["protocol"].as_str()), (Some("denied"), Some("opaque")), "{log}");
     }
-    assert!(setup.faults.events.matching(|e| e["port"] == DENIED_PORT).is_empty(), "a denied stream reached its server");
+    assert!(
+        setup.faults.events.matching(|e| e["port"] == DENIED_PORT).is_empty(),
+        "a denied stream reached its server"
+    );
     setup.assert_still_serving()
 }
 
@@ -634,7 +644,11 @@ fn malformed_or_truncated_client_hello_is_reset_with_the_reason() -> Result<()> 
         (&garbage_inside, false, "invalid TLS ClientHello: "),
         // A hello announcing 508 bytes, cut after 16, then EOF.
         (&cut_short, true, "invalid TLS ClientHello: connection closed before the ClientHello was complete"),
-        (b"\x16\x07\x01\x00\x10garbage-garbage!", false, "invalid TLS ClientHello: TLS record version major 7 is not 3"),
+        (
+            b"\x16\x07\x01\x00\x10garbage-garbage!",
+            false,
+            "invalid TLS ClientHello: TLS record version major 7 is not 3",
+        ),
     ];
     for (hello, eof, reason) in cases {
         let mut steps = vec![send(hello)];
@@ -658,7 +672,23 @@ fn malformed_or_truncated_client_hello_is_reset_with_the_reason() -> Result<()> 
 fn client_hello_without_sni_is_decided_like_opaque() -> Result<()> {
     let setup = Setup::new("no-sni", &[])?;
     // curl sends no SNI for an IP literal (RFC 6066 §3).
-    let https = |ip: String, path: &str| run_in(&setup.sandbox, "curl", &["-sS", "-k", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}", &format!("https://{ip}:{TLS_PORT}{path}")]);
+    let https = |ip: String, path: &str| {
+        run_in(
+            &setup.sandbox,
+            "curl",
+            &[
+                "-sS",
+                "-k",
+                "-m",
+                "10",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &format!("https://{ip}:{TLS_PORT}{path}"),
+            ],
+        )
+    };
 
     let (pid, output) = https(setup.v4(), "/bytes/106")?;
     assert_eq!(String::from_utf8_lossy(&output.stdout), "200", "{}", String::from_utf8_lossy(&output.stderr));
@@ -715,7 +745,11 @@ fn smuggling_and_header_injection_get_a_400_and_are_never_forwarded() -> Result<
     let setup = Setup::new("smuggling", &[])?;
     let host = format!("{}:{HTTP_PORT}", setup.private());
     let cases: [(&str, &[u8], &str); 11] = [
-        ("/bytes/110", b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", "both Content-Length and Transfer-Encoding"),
+        (
+            "/bytes/110",
+            b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+            "both Content-Length and Transfer-Encoding",
+        ),
         ("/bytes/111", b"Content-Length: 5\r\nContent-Length: 6\r\n", "multiple Content-Length headers"),
         ("/bytes/112", b"Content-Length: 5\r\nContent-Length: 5\r\n", "multiple Content-Length headers"),
         ("/bytes/113", b"Content-Length: +5\r\n", "invalid Content-Length \"+5\""),
@@ -730,7 +764,8 @@ fn smuggling_and_header_injection_get_a_400_and_are_never_forwarded() -> Result<
     for (path, extra, reason) in cases {
         let request = [format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n").as_bytes(), extra, b"\r\n"].concat();
         let result = setup.raw(&setup.private(), HTTP_PORT, 10.0, json!([send(&request), ["recv_all"]]))?;
-        assert_bad_request(&setup, &result, reason).with_context(|| format!("{path}: {:?}", String::from_utf8_lossy(extra)))?;
+        assert_bad_request(&setup, &result, reason)
+            .with_context(|| format!("{path}: {:?}", String::from_utf8_lossy(extra)))?;
     }
     // Invalid UTF-8 in Host.
     let request = b"GET /bytes/120 HTTP/1.1\r\nHost: ex\xffample.test\r\n\r\n";
@@ -772,7 +807,10 @@ fn upstream_refusal_is_a_502_for_http_and_a_close_for_streams() -> Result<()> {
     assert!(response.headers.to_ascii_lowercase().contains("content-type: application/json"), "{}", response.headers);
     let upstream = format!("{}:{CLOSED_PORT}", setup.net.private_v4);
     let reason = format!("connect to {upstream} failed: Connection refused (os error 111)");
-    assert_eq!(response.json(), json!({ "error": "upstream_failed", "detail": format!("GET {upstream}"), "reason": reason }));
+    assert_eq!(
+        response.json(),
+        json!({ "error": "upstream_failed", "detail": format!("GET {upstream}"), "reason": reason })
+    );
     let log = setup.agent.wait_connection_of(response.pid)?;
     assert_eq!((log["verdict"].as_str(), log["protocol"].as_str()), (Some("upstream_failed"), Some("http")), "{log}");
     assert_eq!(log["reason"], reason.as_str());
@@ -797,7 +835,12 @@ fn upstream_refusal_is_a_502_for_http_and_a_close_for_streams() -> Result<()> {
 fn upstream_reset_mid_stream_resets_the_client_and_logs_the_counts() -> Result<()> {
     let setup = Setup::new("reset", &[])?;
     let (hello, ack) = (b"\x00hello\n", b"\x00ack\n");
-    let result = setup.raw(&setup.v4(), RESET_PORT, 10.0, json!([send(hello), ["recv", RESET_AFTER], send(ack), ["recv_all"]]))?;
+    let result = setup.raw(
+        &setup.v4(),
+        RESET_PORT,
+        10.0,
+        json!([send(hello), ["recv", RESET_AFTER], send(ack), ["recv_all"]]),
+    )?;
     assert_eq!(result.received.len(), RESET_AFTER, "{result:?}");
     assert_eq!(result.end, "reset", "the upstream's reset is passed on, not turned into a clean close: {result:?}");
     setup.faults.events.wait_for("the server reset", |e| e["kind"] == "reset")?;
@@ -823,7 +866,11 @@ fn upstream_reset_mid_http_response_resets_the_client_and_logs_the_counts() -> R
     assert_eq!((log["verdict"].as_str(), log["protocol"].as_str()), (Some("relayed"), Some("http")), "{log}");
     let error = log["error"].as_str().unwrap_or_default();
     assert!(error.contains("reset"), "error {error:?}");
-    assert_eq!(log["bytes_down"].as_u64(), Some(result.received.len() as u64), "bytes forwarded before the reset: {log}");
+    assert_eq!(
+        log["bytes_down"].as_u64(),
+        Some(result.received.len() as u64),
+        "bytes forwarded before the reset: {log}"
+    );
     setup.assert_still_serving()
 }
 
@@ -838,10 +885,16 @@ fn client_half_close_first_still_gets_the_whole_answer() -> Result<()> {
     let header = format!("received {}\n", data.len());
     assert!(result.text().starts_with(&header), "{:?}", &result.text()[..result.text().len().min(80)]);
     assert_eq!(result.received.len(), header.len() + DRAIN_ANSWER);
-    setup.faults.events.wait_for("drain server saw the FIN", |e| e["kind"] == "drain" && e["received"] == data.len())?;
+    setup
+        .faults
+        .events
+        .wait_for("drain server saw the FIN", |e| e["kind"] == "drain" && e["received"] == data.len())?;
     let log = setup.agent.wait_connection_of(result.pid)?;
     assert_eq!((log["verdict"].as_str(), log["protocol"].as_str()), (Some("relayed"), Some("opaque")), "{log}");
-    assert_eq!((log["bytes_up"].as_u64(), log["bytes_down"].as_u64()), (Some(data.len() as u64), Some(result.received.len() as u64)));
+    assert_eq!(
+        (log["bytes_up"].as_u64(), log["bytes_down"].as_u64()),
+        (Some(data.len() as u64), Some(result.received.len() as u64))
+    );
     assert!(log["error"].is_null(), "{log}");
 
     // Plain HTTP: the request, then FIN, then the whole response.
@@ -887,7 +940,8 @@ fn stalled_http_upstream_gets_a_504() -> Result<()> {
 
 /// Runs DNS_CLIENT in the sandbox; returns (rcode, seconds).
 fn dns_query(setup: &Setup, transport: &str, name: &str, timeout_s: f64) -> Result<(Value, f64)> {
-    let (_, output) = run_in(&setup.sandbox, PYTHON, &["-c", DNS_CLIENT, transport, &setup.v4(), name, &timeout_s.to_string()])?;
+    let (_, output) =
+        run_in(&setup.sandbox, PYTHON, &["-c", DNS_CLIENT, transport, &setup.v4(), name, &timeout_s.to_string()])?;
     ensure!(output.status.success(), "DNS client failed: {}", String::from_utf8_lossy(&output.stderr));
     let result: Value = serde_json::from_slice(&output.stdout)?;
     Ok((result["rcode"].clone(), result["elapsed"].as_f64().unwrap_or_default()))
@@ -919,7 +973,11 @@ fn dns_upstream_down_gives_servfail_at_once_and_an_unresolvable_sni_is_denied() 
     // (How long that takes: `unresolvable_sni_is_denied_without_waiting_out_resolver_timeouts`.)
     let (pid, took) = unresolvable_sni(&setup, "/bytes/130")?;
     let log = setup.agent.wait_connection_of(pid)?;
-    assert_eq!((log["verdict"].as_str(), log["protocol"].as_str(), log["host"].as_str()), (Some("denied"), Some("tls"), Some("down.test")), "{log}");
+    assert_eq!(
+        (log["verdict"].as_str(), log["protocol"].as_str(), log["host"].as_str()),
+        (Some("denied"), Some("tls"), Some("down.test")),
+        "{log}"
+    );
     let reason = log["reason"].as_str().unwrap_or_default();
     assert!(reason.starts_with("cannot resolve down.test: "), "reason {reason:?} (after {took:?})");
     assert_server_saw_none(&setup, "an unresolvable SNI", &["/bytes/130".into()]);
@@ -933,7 +991,15 @@ fn unresolvable_sni(setup: &Setup, path: &str) -> Result<(u32, Duration)> {
     let (pid, output) = run_in(
         &setup.sandbox,
         "curl",
-        &["-sS", "-k", "-m", "20", "--resolve", &format!("down.test:{TLS_PORT}:{}", setup.net.v4), &format!("https://down.test:{TLS_PORT}{path}")],
+        &[
+            "-sS",
+            "-k",
+            "-m",
+            "20",
+            "--resolve",
+            &format!("down.test:{TLS_PORT}:{}", setup.net.v4),
+            &format!("https://down.test:{TLS_PORT}{path}"),
+        ],
     )?;
     let took = started.elapsed();
     ensure!(!output.status.success(), "TLS with an unresolvable SNI succeeded");
@@ -1045,7 +1111,11 @@ fn connections_beyond_the_per_sandbox_and_total_limits_are_refused_and_logged() 
     let agent = Agent::start(&parent, &policy, &["--max-connections", "6", "--max-connections-per-sandbox", "4"])?;
     let host = net.v4.to_string();
     let refusal = |limit: &'static str| {
-        move |e: &Value| e["event"] == "connection" && e["verdict"] == "denied" && e["reason"].as_str().is_some_and(|r| r.contains(limit))
+        move |e: &Value| {
+            e["event"] == "connection"
+                && e["verdict"] == "denied"
+                && e["reason"].as_str().is_some_and(|r| r.contains(limit))
+        }
     };
 
     let first_holder = Holder::start(&first, &host, 5)?;
@@ -1054,7 +1124,9 @@ fn connections_beyond_the_per_sandbox_and_total_limits_are_refused_and_logged() 
     let second_holder = Holder::start(&second, &host, 3)?;
     let refused = agent.log.wait_for("the total refusal", refusal("--max-connections 6"))?;
     assert_eq!(refused["cgroup_id"], std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&second.path)?));
-    agent.log.wait_for("the refusals' warnings", |e| e["level"] == "WARN" && e["message"].as_str().is_some_and(|m| m.starts_with("connection refused: too many")))?;
+    agent.log.wait_for("the refusals' warnings", |e| {
+        e["level"] == "WARN" && e["message"].as_str().is_some_and(|m| m.starts_with("connection refused: too many"))
+    })?;
 
     assert_eq!(second_holder.release()?, 2, "the second sandbox's connections within the total");
     assert_eq!(first_holder.release()?, 4, "the first sandbox's connections within its own limit");

@@ -41,13 +41,22 @@ fn the_sandboxes_dns_is_answered_by_the_agent() -> Result<()> {
     let _agent = Agent::start(&sandbox, &policy, &[dns_args[0].as_str(), dns_args[1].as_str()])?;
 
     // glibc's resolver, through /etc/resolv.conf, whatever server it names.
-    for (name, expected) in [("inference.local", "240.0.0.1".to_owned()), ("allowed.test", net.private_v4.to_string())] {
+    for (name, expected) in [("inference.local", "240.0.0.1".to_owned()), ("allowed.test", net.private_v4.to_string())]
+    {
         let (_, output) = run_in(&sandbox, "getent", &["ahostsv4", name])?;
         let stdout = String::from_utf8_lossy(&output.stdout);
-        ensure!(stdout.starts_with(&format!("{expected} ")), "getent ahostsv4 {name}: {stdout}{}", String::from_utf8_lossy(&output.stderr));
+        ensure!(
+            stdout.starts_with(&format!("{expected} ")),
+            "getent ahostsv4 {name}: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     let (_, output) = run_in(&sandbox, "getent", &["ahostsv6", "inference.local"])?;
-    assert!(String::from_utf8_lossy(&output.stdout).starts_with("100::1 "), "{}", String::from_utf8_lossy(&output.stdout));
+    assert!(
+        String::from_utf8_lossy(&output.stdout).starts_with("100::1 "),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
 
     // Any resolver address (one in the blackholed test range, so nothing
     // could leave the machine if interception failed); the reply appears to
@@ -88,7 +97,9 @@ impl InferenceSetup {
         let dir = TempDir::new(test)?;
         let (provider, provider_ca) = net.start_fake_provider(&dir)?;
         std::fs::write(dir.path.join("openai.key"), OPENAI_KEY)?;
-        let route = route.map(|(provider, model)| format!("route: {{ provider: {provider}, model: {model} }}\n")).unwrap_or_default();
+        let route = route
+            .map(|(provider, model)| format!("route: {{ provider: {provider}, model: {model} }}\n"))
+            .unwrap_or_default();
         let config = format!(
             "providers:\n\
              \x20 - name: openai\n    type: openai\n    base_url: https://{ip}:{PROVIDER_TLS_PORT}\n\
@@ -106,14 +117,18 @@ impl InferenceSetup {
             &sandbox,
             &policy,
             &[
-                "--inference-config", &dir.file("inference.yaml"),
-                "--control-socket", &dir.file("control.sock"),
-                "--ca-dir", &dir.file("ca"),
+                "--inference-config",
+                &dir.file("inference.yaml"),
+                "--control-socket",
+                &dir.file("control.sock"),
+                "--ca-dir",
+                &dir.file("ca"),
             ],
             &[("SE_TEST_ANTHROPIC_KEY", ANTHROPIC_KEY)],
         )?;
         // What a sandbox would be given to trust inference.local.
-        let ca = std::process::Command::new(agent_bin()).args(["ca", "export", "--ca-dir", &dir.file("ca")]).output()?;
+        let ca =
+            std::process::Command::new(agent_bin()).args(["ca", "export", "--ca-dir", &dir.file("ca")]).output()?;
         ensure!(ca.status.success(), "ca export: {}", String::from_utf8_lossy(&ca.stderr));
         std::fs::write(dir.path.join("agent-ca.pem"), &ca.stdout)?;
         drop(policy);
@@ -142,10 +157,14 @@ fn inference_local_over_tls_gets_the_providers_credential_and_the_configured_mod
     let response = curl_i(
         &setup.sandbox,
         &[
-            "--cacert", &setup.dir.file("agent-ca.pem"),
-            "-H", "Authorization: Bearer client-supplied-key",
-            "-H", "Content-Type: application/json",
-            "-d", r#"{"model":"whatever-the-client-said","messages":[{"role":"user","content":"hi"}]}"#,
+            "--cacert",
+            &setup.dir.file("agent-ca.pem"),
+            "-H",
+            "Authorization: Bearer client-supplied-key",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            r#"{"model":"whatever-the-client-said","messages":[{"role":"user","content":"hi"}]}"#,
             "https://inference.local/v1/chat/completions",
         ],
     )?;
@@ -160,14 +179,20 @@ fn inference_local_over_tls_gets_the_providers_credential_and_the_configured_mod
 
     let log = setup.agent.wait_connection_of(response.pid)?;
     assert_eq!((log["protocol"].as_str(), log["verdict"].as_str()), (Some("inference-tls"), Some("inference")));
-    assert_eq!((log["inference_provider"].as_str(), log["inference_model"].as_str()), (Some("openai"), Some("served-model")));
+    assert_eq!(
+        (log["inference_provider"].as_str(), log["inference_model"].as_str()),
+        (Some("openai"), Some("served-model"))
+    );
     assert_eq!(log["inference_last_status"], 200);
     let destination = log["destination"].as_str().unwrap_or_default();
     assert!(
         ["240.0.0.1:443", "[100::1]:443"].contains(&destination),
         "curl resolved inference.local through the agent's DNS to a reserved address, not {destination}"
     );
-    assert!(!setup.agent.log.all().iter().any(|line| line.to_string().contains(OPENAI_KEY)), "a credential reached the log");
+    assert!(
+        !setup.agent.log.all().iter().any(|line| line.to_string().contains(OPENAI_KEY)),
+        "a credential reached the log"
+    );
     Ok(())
 }
 

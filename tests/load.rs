@@ -114,7 +114,11 @@ impl Setup {
 /// The policy of every test here: exchanges to both public addresses (the
 /// IPv4 one only with `v4_exchange`), plain HTTP to the private IPv4 address.
 fn policy(net: &TestNet, v4_exchange: bool) -> String {
-    let v4 = if v4_exchange { format!("      - host: \"{}\"\n        port: {EXCHANGE_PORT}\n", net.v4) } else { String::new() };
+    let v4 = if v4_exchange {
+        format!("      - host: \"{}\"\n        port: {EXCHANGE_PORT}\n", net.v4)
+    } else {
+        String::new()
+    };
     format!(
         "version: 1\nnetwork_policies:\n  load:\n    endpoints:\n{v4}\
          \x20     - host: \"{v6}\"\n        port: {EXCHANGE_PORT}\n\
@@ -176,7 +180,12 @@ impl LoadRun {
             thread::sleep(Duration::from_millis(100));
         }
         let output = self.child.wait_with_output()?;
-        ensure!(output.status.success(), "load client failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr));
+        ensure!(
+            output.status.success(),
+            "load client failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
         let summary: Value = serde_json::from_slice(&output.stdout).context("load client summary")?;
         let text = std::fs::read_to_string(&self.records)?;
         let conns = text.lines().map(Conn::parse).collect::<Result<Vec<_>>>()?;
@@ -205,7 +214,8 @@ struct Conn {
 impl Conn {
     fn parse(line: &str) -> Result<Self> {
         let v: Value = serde_json::from_str(line)?;
-        let text = |key: &str| v[key].as_str().map(str::to_owned).with_context(|| format!("record without {key}: {line}"));
+        let text =
+            |key: &str| v[key].as_str().map(str::to_owned).with_context(|| format!("record without {key}: {line}"));
         let number = |key: &str| v[key].as_u64().with_context(|| format!("record without {key}: {line}"));
         Ok(Self {
             mix: text("mix")?,
@@ -287,7 +297,10 @@ fn pair<'a>(conns: impl IntoIterator<Item = &'a Conn>, lines: &'a [Value]) -> Pa
     }
     let mut pairing = Pairing { pairs: vec![], unlogged: vec![], unknown: vec![] };
     for line in lines {
-        let key = (line["client"].as_str().unwrap_or_default().to_owned(), line["destination"].as_str().unwrap_or_default().to_owned());
+        let key = (
+            line["client"].as_str().unwrap_or_default().to_owned(),
+            line["destination"].as_str().unwrap_or_default().to_owned(),
+        );
         match by_key.get_mut(&key).and_then(VecDeque::pop_front) {
             Some(conn) => pairing.pairs.push((conn, line)),
             None => pairing.unknown.push(line),
@@ -333,7 +346,12 @@ impl Problems {
         }
         let mut text = format!("{} problem(s)", self.0.len());
         for (kind, problems) in kinds {
-            let _ = write!(text, "\n{} x {kind}, e.g.:\n    {}", problems.len(), problems.iter().take(3).copied().collect::<Vec<_>>().join("\n    "));
+            let _ = write!(
+                text,
+                "\n{} x {kind}, e.g.:\n    {}",
+                problems.len(),
+                problems.iter().take(3).copied().collect::<Vec<_>>().join("\n    ")
+            );
         }
         bail!("{text}\n{context}")
     }
@@ -389,11 +407,15 @@ fn check_uploads(problems: &mut Problems, events: &[Value], intact: &[&Conn], ab
     for conn in intact.iter().chain(abandoned.unwrap_or_default()) {
         let seen = by_sha.get(conn.sent_sha256.as_str()).map(Vec::as_slice).unwrap_or_default();
         let whole = seen.len() == 1 && seen[0]["received"] == conn.payload && seen[0]["sent"] == conn.expect;
-        problems.check(whole || (seen.is_empty() && conn.outcome == "abandoned"), || format!("server events {seen:?} for the upload of {conn}"));
+        problems.check(whole || (seen.is_empty() && conn.outcome == "abandoned"), || {
+            format!("server events {seen:?} for the upload of {conn}")
+        });
         accounted += seen.len();
     }
     if abandoned.is_some() {
-        problems.check(events.len() == accounted, || format!("{} exchange events at the server, {accounted} of them for the client's transfers", events.len()));
+        problems.check(events.len() == accounted, || {
+            format!("{} exchange events at the server, {accounted} of them for the client's transfers", events.len())
+        });
     }
 }
 
@@ -409,7 +431,8 @@ fn check_http_served(problems: &mut Problems, servers: &Servers, target: &str, i
         *served.entry(format!("/bytes/{}", conn.expect)).or_default() -= 1;
     }
     let short: Vec<_> = served.iter().filter(|(_, n)| **n < 0 || (exactly && **n > 0)).take(5).collect();
-    problems.check(short.is_empty(), || format!("HTTP requests to {target}, server count minus intact count: {short:?}"));
+    problems
+        .check(short.is_empty(), || format!("HTTP requests to {target}, server count minus intact count: {short:?}"));
 }
 
 /// Agent WARN/ERROR lines once it was ready: under load nothing should be one.
@@ -421,7 +444,8 @@ fn agent_warnings(agent: &Agent) -> Vec<Value> {
 
 fn log_excerpt(agent: &Agent) -> String {
     let all = agent.log.all();
-    let tail: Vec<String> = all.iter().rev().filter(|e| e["event"] != "connection").take(10).map(Value::to_string).collect();
+    let tail: Vec<String> =
+        all.iter().rev().filter(|e| e["event"] != "connection").take(10).map(Value::to_string).collect();
     format!("agent log ({} lines), last non-connection lines:\n  {}", all.len(), tail.join("\n  "))
 }
 
@@ -480,7 +504,8 @@ fn check_soak_run(problems: &mut Problems, agent: &Agent, run: &Finished) {
     let connected = run.conns.iter().filter(|c| c.local.is_some()).count();
     let lines = wait_logged(agent, run.pid, connected);
     let pairing = pair(&run.conns, &lines);
-    problems.check(lines.len() == connected, || format!("{} connection lines for {connected} connections", lines.len()));
+    problems
+        .check(lines.len() == connected, || format!("{} connection lines for {connected} connections", lines.len()));
     for conn in pairing.unlogged.iter().take(3) {
         problems.check(false, || format!("not logged: {conn}"));
     }
@@ -489,7 +514,9 @@ fn check_soak_run(problems: &mut Problems, agent: &Agent, run: &Finished) {
     }
     for (conn, line) in pairing.pairs {
         let verdict = if conn.mix.starts_with("denied-") { "denied" } else { "relayed" };
-        problems.check(line["verdict"] == verdict && conn.matches_verdict(verdict), || format!("expected {verdict}: {conn} logged {line}"));
+        problems.check(line["verdict"] == verdict && conn.matches_verdict(verdict), || {
+            format!("expected {verdict}: {conn} logged {line}")
+        });
         let abandoned = conn.outcome == "abandoned";
         problems.check(abandoned || line.get("error").is_none_or(Value::is_null), || format!("relay error: {line}"));
         if conn.is_exchange() && verdict == "relayed" {
@@ -497,7 +524,9 @@ fn check_soak_run(problems: &mut Problems, agent: &Agent, run: &Finished) {
             let down = line["bytes_down"].as_u64().unwrap_or(u64::MAX);
             // An abandoned download: at least what the client read reached it.
             let down_ok = if abandoned { (conn.received..=conn.expect).contains(&down) } else { down == conn.expect };
-            problems.check(line["bytes_up"] == header + conn.payload && down_ok, || format!("byte counts of {conn}: {line}"));
+            problems.check(line["bytes_up"] == header + conn.payload && down_ok, || {
+                format!("byte counts of {conn}: {line}")
+            });
         }
     }
 }
@@ -528,7 +557,9 @@ fn soak_mixed_transfers_arrive_intact_are_logged_once_and_leave_no_leak() -> Res
     let mut problems = Problems::default();
     check_soak_run(&mut problems, &setup.agent, &warm_up);
     let baseline = settled_usage(agent_pid, idle_fds)?;
-    problems.check(baseline.fds == idle_fds, || format!("agent fds: {idle_fds} before any load, {} after the warm-up", baseline.fds));
+    problems.check(baseline.fds == idle_fds, || {
+        format!("agent fds: {idle_fds} before any load, {} after the warm-up", baseline.fds)
+    });
 
     let soak = setup.start_load("soak", seconds, 2, mix)?.finish()?;
     check_soak_run(&mut problems, &setup.agent, &soak);
@@ -540,30 +571,51 @@ fn soak_mixed_transfers_arrive_intact_are_logged_once_and_leave_no_leak() -> Res
     check_uploads(&mut problems, &events, &intact_exchanges, Some(&abandoned));
     let denied_peer = setup.denied_exchange_peer();
     let leaked: Vec<&Value> = events.iter().filter(|e| e["peer"] == denied_peer.as_str()).collect();
-    problems.check(leaked.is_empty(), || format!("{} denied exchanges reached the server: {:?}", leaked.len(), leaked.first()));
+    problems.check(leaked.is_empty(), || {
+        format!("{} denied exchanges reached the server: {:?}", leaked.len(), leaked.first())
+    });
     let intact_web: Vec<&Conn> = conns().filter(|c| !c.is_exchange() && c.outcome == "intact").collect();
     check_http_served(&mut problems, &setup.servers, &setup.web(), &intact_web, true);
     let leaked_web = setup.servers.events.matching(|e| e["kind"] == "http" && e["host"] == setup.denied_web().as_str());
-    problems.check(leaked_web.is_empty(), || format!("{} denied HTTP requests reached the server: {:?}", leaked_web.len(), leaked_web.first()));
+    problems.check(leaked_web.is_empty(), || {
+        format!("{} denied HTTP requests reached the server: {:?}", leaked_web.len(), leaked_web.first())
+    });
 
     // Only a server answering a client that hung up may fail, and only on the
     // connection closed under it (a write or its final shutdown).
     let server_errors = setup.servers.events.matching(|e| e["kind"] == "server_error");
     let closed_under_it = |e: &&Value| {
-        e["error"].as_str().is_some_and(|error| ["BrokenPipe", "ConnectionReset", "Transport endpoint is not connected"].iter().any(|kind| error.contains(kind)))
+        e["error"].as_str().is_some_and(|error| {
+            ["BrokenPipe", "ConnectionReset", "Transport endpoint is not connected"]
+                .iter()
+                .any(|kind| error.contains(kind))
+        })
     };
     problems.check(server_errors.len() <= abandoned.len() && server_errors.iter().all(|e| closed_under_it(&e)), || {
-        format!("{} server errors for {} abandoned downloads, the first: {}", server_errors.len(), abandoned.len(), server_errors[0])
+        format!(
+            "{} server errors for {} abandoned downloads, the first: {}",
+            server_errors.len(),
+            abandoned.len(),
+            server_errors[0]
+        )
     });
 
     let after = settled_usage(agent_pid, idle_fds)?;
-    problems.check(after.fds == idle_fds, || format!("agent fds: {idle_fds} before any load, {} after the soak", after.fds));
+    problems.check(after.fds == idle_fds, || {
+        format!("agent fds: {idle_fds} before any load, {} after the soak", after.fds)
+    });
     problems.check(after.rss_kib <= baseline.rss_kib + RSS_TOLERANCE_KIB, || {
-        format!("agent VmRSS: {} KiB at baseline, {} KiB after the soak (tolerance {RSS_TOLERANCE_KIB} KiB)", baseline.rss_kib, after.rss_kib)
+        format!(
+            "agent VmRSS: {} KiB at baseline, {} KiB after the soak (tolerance {RSS_TOLERANCE_KIB} KiB)",
+            baseline.rss_kib, after.rss_kib
+        )
     });
     // Attribution held under load: every connection the agent saw was one of the clients'.
-    let strangers = setup.agent.log.matching(|e| e["event"] == "connection" && e["pid"] != warm_up.pid && e["pid"] != soak.pid);
-    problems.check(strangers.is_empty(), || format!("{} connection lines of other pids, the first: {}", strangers.len(), strangers[0]));
+    let strangers =
+        setup.agent.log.matching(|e| e["event"] == "connection" && e["pid"] != warm_up.pid && e["pid"] != soak.pid);
+    problems.check(strangers.is_empty(), || {
+        format!("{} connection lines of other pids, the first: {}", strangers.len(), strangers[0])
+    });
     let warnings = agent_warnings(&setup.agent);
     problems.check(warnings.is_empty(), || format!("{} agent warnings, the first: {}", warnings.len(), warnings[0]));
 
@@ -595,7 +647,10 @@ fn port_below_ephemeral_range() -> Result<u16> {
             && UdpSocket::bind(("127.0.0.1", port)).is_ok()
             && UdpSocket::bind(("::1", port)).is_ok()
     };
-    (0..span).map(|i| low - span + (offset + i) % span).find(|&port| free(port)).context("no free port below the ephemeral range")
+    (0..span)
+        .map(|i| low - span + (offset + i) % span)
+        .find(|&port| free(port))
+        .context("no free port below the ephemeral range")
 }
 
 #[test]
@@ -608,7 +663,13 @@ fn sigkill_under_load_cuts_in_flight_transfers_fails_closed_and_a_restart_resume
         transfer("small", "exchange", setup.exchange_v4(), 4, (1, 16 * KIB), (1, 16 * KIB)),
         transfer("large", "exchange", setup.exchange_v6(), 2, (256 * KIB, 2 * MIB), (256 * KIB, 2 * MIB)),
         // Uploads lasting 3 to 6 s on threads of their own: 8 are under way when the agent dies.
-        dedicated(paced(transfer("slow", "exchange", setup.exchange_v4(), 0, (64 * KIB, 256 * KIB), (1, 64 * KIB)), (3000, 6000)), 8),
+        dedicated(
+            paced(
+                transfer("slow", "exchange", setup.exchange_v4(), 0, (64 * KIB, 256 * KIB), (1, 64 * KIB)),
+                (3000, 6000)
+            ),
+            8
+        ),
         transfer("web", "http", setup.web(), 2, (0, 0), (0, 256 * KIB)),
     ]);
     let load = setup.start_load("kill", 10.0, 3, mix)?;
@@ -639,7 +700,8 @@ fn sigkill_under_load_cuts_in_flight_transfers_fails_closed_and_a_restart_resume
     }
     // Fail closed: a connect that went direct would succeed; refused, it met
     // the pinned redirect to a port nobody listens on.
-    let dead_window: Vec<&Conn> = run.conns.iter().filter(|c| c.start_ns >= dead_at && c.end_ns <= restarted_at).collect();
+    let dead_window: Vec<&Conn> =
+        run.conns.iter().filter(|c| c.start_ns >= dead_at && c.end_ns <= restarted_at).collect();
     problems.check(!dead_window.is_empty(), || "no connect was tried while the agent was dead".into());
     for conn in dead_window.iter().filter(|c| c.outcome != "refused") {
         problems.check(false, || format!("connect with the agent dead was not refused: {conn}"));
@@ -658,19 +720,27 @@ fn sigkill_under_load_cuts_in_flight_transfers_fails_closed_and_a_restart_resume
         problems.check(false, || format!("not logged by the restarted agent: {conn}"));
     }
     for line in pairing.unknown.iter().take(3) {
-        problems.check(false, || format!("restarted agent logged a connection the client did not make after the kill: {line}"));
+        problems.check(false, || {
+            format!("restarted agent logged a connection the client did not make after the kill: {line}")
+        });
     }
     for (conn, line) in &pairing.pairs {
-        problems.check(line["verdict"] == "relayed" && conn.outcome == "intact", || format!("after restart: {conn} logged {line}"));
+        problems.check(line["verdict"] == "relayed" && conn.outcome == "intact", || {
+            format!("after restart: {conn} logged {line}")
+        });
     }
     let first_lines = first.log.matching(|e| e["event"] == "connection" && e["pid"] == run.pid);
     let before_kill = run.conns.iter().filter(|c| c.start_ns < killed_at);
     let first_pairing = pair(before_kill, &first_lines);
     for line in first_pairing.unknown.iter().take(3) {
-        problems.check(false, || format!("first agent logged a connection the client did not make before the kill: {line}"));
+        problems.check(false, || {
+            format!("first agent logged a connection the client did not make before the kill: {line}")
+        });
     }
     for (conn, line) in &first_pairing.pairs {
-        problems.check(line["verdict"] == "relayed" && conn.outcome == "intact", || format!("before the kill: {conn} logged {line}"));
+        problems.check(line["verdict"] == "relayed" && conn.outcome == "intact", || {
+            format!("before the kill: {conn} logged {line}")
+        });
     }
 
     // Whatever completed reached the server whole, through an agent.
@@ -682,7 +752,9 @@ fn sigkill_under_load_cuts_in_flight_transfers_fails_closed_and_a_restart_resume
 
     // The restarted agent, same configuration, back to what the first one held idle.
     let after = settled_usage(setup.agent.pid(), idle_fds)?;
-    problems.check(after.fds == idle_fds, || format!("agent fds: {idle_fds} for the first agent idle, {} for the restarted one after the load", after.fds));
+    problems.check(after.fds == idle_fds, || {
+        format!("agent fds: {idle_fds} for the first agent idle, {} for the restarted one after the load", after.fds)
+    });
 
     let report = format!(
         "kill under load: {} | outcomes {} | cut by the kill {cut_by_kill} ({} server-side errors), refused while dead {}, after restart {} ({} logged by it) | restarted agent after the load {after:?} | {:.1} s in all",
@@ -708,7 +780,13 @@ fn policy_reload_under_load_decides_new_connections_by_the_new_generation_and_sp
     let mix = json!([
         transfer("flip", "exchange", flipped.clone(), 6, (1, 16 * KIB), (1, 16 * KIB)),
         // Uploads lasting 3 to 6 s on threads of their own: 8 are under way at each reload.
-        dedicated(paced(transfer("flip-slow", "exchange", flipped.clone(), 0, (64 * KIB, 256 * KIB), (1, 64 * KIB)), (3000, 6000)), 8),
+        dedicated(
+            paced(
+                transfer("flip-slow", "exchange", flipped.clone(), 0, (64 * KIB, 256 * KIB), (1, 64 * KIB)),
+                (3000, 6000)
+            ),
+            8
+        ),
         transfer("steady", "exchange", setup.exchange_v6(), 2, (64 * KIB, MIB), (64 * KIB, MIB)),
         transfer("steady-web", "http", setup.web(), 3, (0, 0), (0, 64 * KIB)),
     ]);
@@ -719,7 +797,9 @@ fn policy_reload_under_load_decides_new_connections_by_the_new_generation_and_sp
     let reload = |generation: u64, v4_exchange: bool| -> Result<(u64, u64)> {
         let written_at = monotonic_ns();
         setup.policy.write(&policy(&setup.net, v4_exchange))?;
-        setup.agent.log.wait_for(&format!("reload to generation {generation}"), |e| e["event"] == "policy_reloaded" && e["generation"] == generation)?;
+        setup.agent.log.wait_for(&format!("reload to generation {generation}"), |e| {
+            e["event"] == "policy_reloaded" && e["generation"] == generation
+        })?;
         let seen_at = monotonic_ns();
         thread::sleep(Duration::from_millis(2500));
         Ok((written_at, seen_at))
@@ -745,25 +825,42 @@ fn policy_reload_under_load_decides_new_connections_by_the_new_generation_and_sp
     let lines = wait_logged(&setup.agent, run.pid, connected);
     let pairing = pair(&run.conns, &lines);
     problems.check(pairing.unlogged.is_empty() && pairing.unknown.is_empty() && connected == run.conns.len(), || {
-        format!("{} connections, {connected} connected, {} unlogged (first {}), {} unknown lines", run.conns.len(), pairing.unlogged.len(), pairing.unlogged.first().map(|c| c.to_string()).unwrap_or_default(), pairing.unknown.len())
+        format!(
+            "{} connections, {connected} connected, {} unlogged (first {}), {} unknown lines",
+            run.conns.len(),
+            pairing.unlogged.len(),
+            pairing.unlogged.first().map(|c| c.to_string()).unwrap_or_default(),
+            pairing.unknown.len()
+        )
     });
     let mut per_generation = [0u64; 4];
     let mut spanning_intact = 0;
     for (conn, line) in &pairing.pairs {
         let generation = line["policy_generation"].as_u64().unwrap_or_default();
         let verdict = if conn.target == flipped && generation == 2 { "denied" } else { "relayed" };
-        problems.check(line["verdict"] == verdict && conn.matches_verdict(verdict), || format!("generation {generation} expects {verdict}: {conn} logged {line}"));
-        problems.check(generation_by_time(conn).is_none_or(|g| g == generation), || format!("decided by generation {generation}, expected {:?}: {conn}", generation_by_time(conn)));
+        problems.check(line["verdict"] == verdict && conn.matches_verdict(verdict), || {
+            format!("generation {generation} expects {verdict}: {conn} logged {line}")
+        });
+        problems.check(generation_by_time(conn).is_none_or(|g| g == generation), || {
+            format!("decided by generation {generation}, expected {:?}: {conn}", generation_by_time(conn))
+        });
         problems.check(line.get("error").is_none_or(Value::is_null), || format!("relay error: {line}"));
         if let Some(count) = per_generation.get_mut(generation as usize) {
             *count += 1;
         }
         // Allowed by generation 1, still relaying when generation 2 (which denies it) was in force.
-        if conn.target == flipped && generation == 1 && conn.start_ns < written_2 && conn.end_ns > seen_2 && conn.outcome == "intact" {
+        if conn.target == flipped
+            && generation == 1
+            && conn.start_ns < written_2
+            && conn.end_ns > seen_2
+            && conn.outcome == "intact"
+        {
             spanning_intact += 1;
         }
     }
-    problems.check(per_generation[1..].iter().all(|&n| n > 0), || format!("connections per generation 1..3: {:?}", &per_generation[1..]));
+    problems.check(per_generation[1..].iter().all(|&n| n > 0), || {
+        format!("connections per generation 1..3: {:?}", &per_generation[1..])
+    });
     problems.check(spanning_intact > 0, || "no allowed transfer was in flight across the reload that denied it".into());
 
     // Denied connections never reached the server; allowed ones arrived whole.
@@ -773,12 +870,16 @@ fn policy_reload_under_load_decides_new_connections_by_the_new_generation_and_sp
     let intact_web: Vec<&Conn> = run.conns.iter().filter(|c| !c.is_exchange() && c.outcome == "intact").collect();
     check_http_served(&mut problems, &setup.servers, &setup.web(), &intact_web, true);
     let server_errors = setup.servers.events.matching(|e| e["kind"] == "server_error");
-    problems.check(server_errors.is_empty(), || format!("{} server errors, the first: {}", server_errors.len(), server_errors[0]));
+    problems.check(server_errors.is_empty(), || {
+        format!("{} server errors, the first: {}", server_errors.len(), server_errors[0])
+    });
     let warnings = agent_warnings(&setup.agent);
     problems.check(warnings.is_empty(), || format!("{} agent warnings, the first: {}", warnings.len(), warnings[0]));
 
     let after = settled_usage(setup.agent.pid(), idle_fds)?;
-    problems.check(after.fds == idle_fds, || format!("agent fds: {idle_fds} idle, {} after the load and reloads", after.fds));
+    problems.check(after.fds == idle_fds, || {
+        format!("agent fds: {idle_fds} idle, {} after the load and reloads", after.fds)
+    });
 
     let report = format!(
         "reload under load: {} | outcomes {} | per generation 1..3 {:?} | allowed and intact across the denying reload {spanning_intact} | agent fds {idle_fds} idle, after {after:?} | {:.1} s in all",

@@ -22,7 +22,11 @@ struct Setup {
 
 impl Setup {
     /// `names`: (name, address) for the agent's DNS; `policy`: YAML, given the net.
-    fn new(test: &str, names: impl Fn(&TestNet) -> Vec<(&'static str, IpAddr)>, policy: impl Fn(&TestNet) -> String) -> Result<Self> {
+    fn new(
+        test: &str,
+        names: impl Fn(&TestNet) -> Vec<(&'static str, IpAddr)>,
+        policy: impl Fn(&TestNet) -> String,
+    ) -> Result<Self> {
         require_root();
         let net = TestNet::new()?;
         let servers = net.start_servers()?;
@@ -59,22 +63,35 @@ fn plain_http_to_an_allowed_host_passes_and_a_denied_host_gets_a_readable_403() 
     let setup = Setup::new(
         "http-allow-deny",
         |net| vec![("allowed.test", net.private_v4.into()), ("denied.test", net.private_v4.into())],
-        |net| format!(
+        |net| {
+            format!(
             "version: 1\nnetwork_policies:\n  internal:\n    endpoints:\n      - host: allowed.test\n        port: {HTTP_PORT}\n        allowed_ips: [\"{}/24\"]\n",
             net.private_v4
-        ),
+        )
+        },
     )?;
     let ip = setup.net.private_v4;
-    let allowed = setup.curl(&["--resolve", &format!("allowed.test:{HTTP_PORT}:{ip}"), &format!("http://allowed.test:{HTTP_PORT}/bytes/5")])?;
+    let allowed = setup.curl(&[
+        "--resolve",
+        &format!("allowed.test:{HTTP_PORT}:{ip}"),
+        &format!("http://allowed.test:{HTTP_PORT}/bytes/5"),
+    ])?;
     assert_eq!(allowed.status, 200);
     let seen = setup.servers.events.wait_for("allowed request", |e| e["path"] == "/bytes/5")?;
     assert_eq!(seen["host"], format!("allowed.test:{HTTP_PORT}"));
     let log = setup.agent.wait_connection_of(allowed.pid)?;
-    assert_eq!((log["verdict"].as_str(), log["protocol"].as_str(), log["host"].as_str()), (Some("relayed"), Some("http"), Some("allowed.test")));
+    assert_eq!(
+        (log["verdict"].as_str(), log["protocol"].as_str(), log["host"].as_str()),
+        (Some("relayed"), Some("http"), Some("allowed.test"))
+    );
     assert_eq!(log["policy"], "internal");
     assert_eq!(log["policy_generation"], 1);
 
-    let denied = setup.curl(&["--resolve", &format!("denied.test:{HTTP_PORT}:{ip}"), &format!("http://denied.test:{HTTP_PORT}/bytes/6")])?;
+    let denied = setup.curl(&[
+        "--resolve",
+        &format!("denied.test:{HTTP_PORT}:{ip}"),
+        &format!("http://denied.test:{HTTP_PORT}/bytes/6"),
+    ])?;
     assert_denied_json(
         &denied,
         json!({
@@ -86,7 +103,10 @@ fn plain_http_to_an_allowed_host_passes_and_a_denied_host_gets_a_readable_403() 
     let log = setup.agent.wait_connection_of(denied.pid)?;
     assert_eq!(log["verdict"], "denied");
     assert_eq!(log["exe"], canonical("/usr/bin/curl"));
-    assert!(setup.servers.events.matching(|e| e["path"] == "/bytes/6").is_empty(), "a denied request reached the server");
+    assert!(
+        setup.servers.events.matching(|e| e["path"] == "/bytes/6").is_empty(),
+        "a denied request reached the server"
+    );
     Ok(())
 }
 
@@ -102,17 +122,38 @@ fn tls_is_decided_by_sni_and_the_name_must_stand_for_the_address() -> Result<()>
                 ("elsewhere.test", IpAddr::from([198, 18, net.v4.octets()[2], 99])),
             ]
         },
-        |_| format!("version: 1\nnetwork_policies:\n  web:\n    endpoints:\n      - host: tls.test\n        port: {TLS_PORT}\n      - host: elsewhere.test\n        port: {TLS_PORT}\n"),
+        |_| {
+            format!("version: 1\nnetwork_policies:\n  web:\n    endpoints:\n      - host: tls.test\n        port: {TLS_PORT}\n      - host: elsewhere.test\n        port: {TLS_PORT}\n")
+        },
     )?;
     let ip = setup.net.v4;
     let https = |name: &str, path: &str| -> Result<(u32, std::process::Output)> {
-        run_in(&setup.sandbox, "curl", &["-sS", "-k", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}", "--resolve", &format!("{name}:{TLS_PORT}:{ip}"), &format!("https://{name}:{TLS_PORT}{path}")])
+        run_in(
+            &setup.sandbox,
+            "curl",
+            &[
+                "-sS",
+                "-k",
+                "-m",
+                "10",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--resolve",
+                &format!("{name}:{TLS_PORT}:{ip}"),
+                &format!("https://{name}:{TLS_PORT}{path}"),
+            ],
+        )
     };
 
     let (pid, output) = https("tls.test", "/bytes/7")?;
     assert_eq!(String::from_utf8_lossy(&output.stdout), "200", "{}", String::from_utf8_lossy(&output.stderr));
     let log = setup.agent.wait_connection_of(pid)?;
-    assert_eq!((log["verdict"].as_str(), log["protocol"].as_str(), log["host"].as_str()), (Some("relayed"), Some("tls"), Some("tls.test")));
+    assert_eq!(
+        (log["verdict"].as_str(), log["protocol"].as_str(), log["host"].as_str()),
+        (Some("relayed"), Some("tls"), Some("tls.test"))
+    );
 
     let (pid, output) = https("other.test", "/bytes/8")?;
     assert!(!output.status.success(), "TLS to a denied SNI succeeded");
@@ -136,14 +177,32 @@ fn explicit_proxy_connect_and_absolute_form_requests_are_decided_by_policy() -> 
     let setup = Setup::new(
         "explicit",
         |net| vec![("tls.test", net.v4.into()), ("other.test", net.v4.into()), ("allowed.test", net.private_v4.into())],
-        |net| format!(
+        |net| {
+            format!(
             "version: 1\nnetwork_policies:\n  web:\n    endpoints:\n      - host: tls.test\n        port: {TLS_PORT}\n      - host: allowed.test\n        port: {HTTP_PORT}\n        allowed_ips: [\"{}/24\"]\n",
             net.private_v4
-        ),
+        )
+        },
     )?;
     let proxy = setup.proxy();
 
-    let (pid, output) = run_in(&setup.sandbox, "curl", &["-sS", "-k", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}", "-x", &proxy, &format!("https://tls.test:{TLS_PORT}/bytes/10")])?;
+    let (pid, output) = run_in(
+        &setup.sandbox,
+        "curl",
+        &[
+            "-sS",
+            "-k",
+            "-m",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-x",
+            &proxy,
+            &format!("https://tls.test:{TLS_PORT}/bytes/10"),
+        ],
+    )?;
     assert_eq!(String::from_utf8_lossy(&output.stdout), "200", "{}", String::from_utf8_lossy(&output.stderr));
     let log = setup.agent.wait_connection_of(pid)?;
     assert_eq!((log["verdict"].as_str(), log["protocol"].as_str()), (Some("relayed"), Some("connect")));
@@ -175,7 +234,10 @@ fn explicit_proxy_connect_and_absolute_form_requests_are_decided_by_policy() -> 
     let seen = setup.servers.events.wait_for("absolute-form request", |e| e["path"] == "/bytes/11")?;
     assert_eq!(seen["host"], format!("allowed.test:{HTTP_PORT}"), "the request reached the server in origin-form");
     assert_eq!(seen["via"], "1.1 sandbox-egress");
-    assert_eq!(setup.agent.wait_connection_of(absolute.pid)?["upstream"], format!("{}:{HTTP_PORT}", setup.net.private_v4));
+    assert_eq!(
+        setup.agent.wait_connection_of(absolute.pid)?["upstream"],
+        format!("{}:{HTTP_PORT}", setup.net.private_v4)
+    );
     Ok(())
 }
 
@@ -184,7 +246,9 @@ fn opaque_tcp_is_decided_on_the_destination_address_and_port() -> Result<()> {
     let setup = Setup::new(
         "opaque",
         |_| vec![],
-        |net| format!("version: 1\nnetwork_policies:\n  raw:\n    endpoints:\n      - host: \"{}\"\n        port: {EXCHANGE_PORT}\n", net.v4),
+        |net| {
+            format!("version: 1\nnetwork_policies:\n  raw:\n    endpoints:\n      - host: \"{}\"\n        port: {EXCHANGE_PORT}\n", net.v4)
+        },
     )?;
     let ip = setup.net.v4;
     let (pid, output) = exchange(Some(&setup.sandbox), "inet", &ip.to_string(), 1000, 2000)?;
@@ -195,7 +259,11 @@ fn opaque_tcp_is_decided_on_the_destination_address_and_port() -> Result<()> {
     let script = format!("import socket; s=socket.create_connection(('{ip}', {}), timeout=5); s.sendall(b'\\x00ping'); print(repr(s.recv(10)))", EXCHANGE_PORT + 1);
     let (pid, output) = run_in(&setup.sandbox, PYTHON, &["-c", &script])?;
     assert!(!output.status.success(), "denied port answered: {}", String::from_utf8_lossy(&output.stdout));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("ConnectionResetError"), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("ConnectionResetError"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let log = setup.agent.wait_connection_of(pid)?;
     assert_eq!(log["verdict"], "denied");
     assert_eq!(log["reason"], format!("endpoint {ip}:{} is not allowed by any policy", EXCHANGE_PORT + 1));
@@ -251,10 +319,17 @@ fn private_ip_gate_forwards_plain_http_only_to_listed_private_addresses() -> Res
     }
 
     // Transparent plain HTTP to the public address is refused the same way.
-    let response = setup.curl(&["--resolve", &format!("public.test:{HTTP_PORT}:{}", setup.net.v4), &format!("http://public.test:{HTTP_PORT}/bytes/13")])?;
+    let response = setup.curl(&[
+        "--resolve",
+        &format!("public.test:{HTTP_PORT}:{}", setup.net.v4),
+        &format!("http://public.test:{HTTP_PORT}/bytes/13"),
+    ])?;
     assert_eq!(response.status, 403);
     assert_eq!(response.json()["address_class"], "public");
-    assert!(setup.servers.events.matching(|e| e["path"] == "/bytes/13" || e["path"] == "/x").is_empty(), "a gated request reached the server");
+    assert!(
+        setup.servers.events.matching(|e| e["path"] == "/bytes/13" || e["path"] == "/x").is_empty(),
+        "a gated request reached the server"
+    );
     Ok(())
 }
 
@@ -263,13 +338,19 @@ fn binaries_rule_allows_curl_and_denies_python_for_the_same_host() -> Result<()>
     let setup = Setup::new(
         "binaries",
         |net| vec![("allowed.test", net.private_v4.into())],
-        |net| format!(
+        |net| {
+            format!(
             "version: 1\nnetwork_policies:\n  tools:\n    endpoints:\n      - host: allowed.test\n        port: {HTTP_PORT}\n        allowed_ips: [\"{}/24\"]\n    binaries:\n      - path: /usr/bin/curl\n",
             net.private_v4
-        ),
+        )
+        },
     )?;
     let ip = setup.net.private_v4;
-    let response = setup.curl(&["--resolve", &format!("allowed.test:{HTTP_PORT}:{ip}"), &format!("http://allowed.test:{HTTP_PORT}/bytes/14")])?;
+    let response = setup.curl(&[
+        "--resolve",
+        &format!("allowed.test:{HTTP_PORT}:{ip}"),
+        &format!("http://allowed.test:{HTTP_PORT}/bytes/14"),
+    ])?;
     assert_eq!(response.status, 200);
 
     let script = format!(
@@ -293,10 +374,12 @@ fn websocket_upgrade(test: &str, greeting: Option<&str>) -> Result<()> {
     let setup = Setup::new(
         test,
         |_| vec![],
-        |net| format!(
+        |net| {
+            format!(
             "version: 1\nnetwork_policies:\n  ws:\n    endpoints:\n      - host: \"{0}\"\n        port: {WS_PORT}\n        allowed_ips: [\"{0}/32\"]\n",
             net.private_v4
-        ),
+        )
+        },
     )?;
     let ws_peer = env!("CARGO_BIN_EXE_ws-peer");
     let _ws = setup.net.start_websocket_server(ws_peer, greeting)?;
@@ -331,7 +414,11 @@ fn policy_reload_applies_to_new_connections_and_logs_the_generation() -> Result<
             net.private_v4
         )
     };
-    let setup = Setup::new("reload", |net| vec![("allowed.test", net.private_v4.into())], |_| "version: 1\nnetwork_policies: {}\n".into())?;
+    let setup = Setup::new(
+        "reload",
+        |net| vec![("allowed.test", net.private_v4.into())],
+        |_| "version: 1\nnetwork_policies: {}\n".into(),
+    )?;
     let resolve = format!("allowed.test:{HTTP_PORT}:{}", setup.net.private_v4);
     let url = format!("http://allowed.test:{HTTP_PORT}/bytes/16");
     let request = || setup.curl(&["--resolve", &resolve, &url]);
@@ -347,9 +434,13 @@ fn policy_reload_applies_to_new_connections_and_logs_the_generation() -> Result<
     assert_eq!(setup.agent.wait_connection_of(allowed.pid)?["policy_generation"], 2);
 
     setup.agent.signal(libc::SIGHUP);
-    setup.agent.log.wait_for("reload on SIGHUP", |e| e["event"] == "policy_reloaded" && e["trigger"] == "SIGHUP" && e["generation"] == 3)?;
+    setup.agent.log.wait_for("reload on SIGHUP", |e| {
+        e["event"] == "policy_reloaded" && e["trigger"] == "SIGHUP" && e["generation"] == 3
+    })?;
 
-    setup.policy.write("version: 1\nnetwork_policies:\n  broken:\n    endpoints:\n      - host: \"*\"\n        port: 1\n")?;
+    setup
+        .policy
+        .write("version: 1\nnetwork_policies:\n  broken:\n    endpoints:\n      - host: \"*\"\n        port: 1\n")?;
     setup.agent.log.wait_for("refused reload", |e| e["event"] == "policy_reload_failed")?;
     let still_allowed = request()?;
     assert_eq!(still_allowed.status, 200, "a broken policy file must leave the previous policy in force");
@@ -371,14 +462,25 @@ fn policy_cli_checks_and_evaluates_offline() -> Result<()> {
         .args(["--host", "api.github.com", "--port", "443", "--binary", "/usr/bin/gh"])
         .output()?;
     let decision: Value = serde_json::from_slice(
-        eval.stdout.split(|&b| b == b'\n').take_while(|line| !line.starts_with(b"allow") && !line.starts_with(b"deny")).collect::<Vec<_>>().join(&b'\n').as_slice(),
+        eval.stdout
+            .split(|&b| b == b'\n')
+            .take_while(|line| !line.starts_with(b"allow") && !line.starts_with(b"deny"))
+            .collect::<Vec<_>>()
+            .join(&b'\n')
+            .as_slice(),
     )?;
     assert_eq!(decision["allow"], true);
     assert_eq!(decision["policy"], "github_api");
 
-    let bad = PolicyFile::new("version: 1\nnetwork_policies:\n  x:\n    endpoints:\n      - host: a.test\n        prot: 80\n")?;
+    let bad = PolicyFile::new(
+        "version: 1\nnetwork_policies:\n  x:\n    endpoints:\n      - host: a.test\n        prot: 80\n",
+    )?;
     let check = std::process::Command::new(&agent).args(["policy", "check"]).arg(&bad.path).output()?;
     assert!(!check.status.success());
-    assert!(String::from_utf8_lossy(&check.stderr).contains("unknown field `prot`"), "{}", String::from_utf8_lossy(&check.stderr));
+    assert!(
+        String::from_utf8_lossy(&check.stderr).contains("unknown field `prot`"),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
     Ok(())
 }

@@ -93,7 +93,8 @@ fn raw_tcp_client_bytes_arrive_intact_over_ipv4_ipv6_and_v4_mapped() -> Result<(
         let client = exchange_result(&output)?;
         assert_eq!(client["received"], recv, "{family} {host}");
         assert_eq!(client["received_intact"], true, "{family} {host}");
-        let server = servers.events.wait_for("exchange", |e| e["kind"] == "exchange" && e["sha256"] == client["sent_sha256"])?;
+        let server =
+            servers.events.wait_for("exchange", |e| e["kind"] == "exchange" && e["sha256"] == client["sent_sha256"])?;
         assert_eq!(server["received"], send);
 
         let log = agent.wait_connection_of(pid)?;
@@ -253,7 +254,11 @@ fn loopback_destinations_are_denied_unless_a_policy_lists_them() -> Result<()> {
     ))?;
     let agent = Agent::start(&sandbox, &listed, &[])?;
     let (pid, output) = loopback_exchange(&sandbox, port)?;
-    assert!(String::from_utf8_lossy(&output.stdout).starts_with("HTTP/1.1 200 OK"), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        String::from_utf8_lossy(&output.stdout).starts_with("HTTP/1.1 200 OK"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert_eq!(agent.wait_connection_of(pid)?["verdict"], "relayed");
     assert!(server.join().unwrap());
     Ok(())
@@ -308,7 +313,8 @@ fn run_reports_clear_errors() -> Result<()> {
     let (ok, stderr) = run_agent(&["run", "--cgroup", "/tmp", "--policy", "/dev/null"])?;
     assert!(!ok && stderr.contains("/tmp is not a cgroup v2 directory"), "{stderr}");
 
-    let (ok, stderr) = run_agent(&["run", "--cgroup", "/sys/fs/cgroup/unified/does-not-exist", "--policy", "/dev/null"])?;
+    let (ok, stderr) =
+        run_agent(&["run", "--cgroup", "/sys/fs/cgroup/unified/does-not-exist", "--policy", "/dev/null"])?;
     assert!(!ok && stderr.contains("does not exist"), "{stderr}");
 
     let sandbox = Sandbox::new("errors")?;
@@ -319,7 +325,8 @@ fn run_reports_clear_errors() -> Result<()> {
 
     let taken = TcpListener::bind("127.0.0.1:0")?;
     let port = taken.local_addr()?.port().to_string();
-    let (ok, stderr) = run_agent(&["run", "--cgroup", sandbox.path_str(), "--listen-port", &port, "--policy", policy_path])?;
+    let (ok, stderr) =
+        run_agent(&["run", "--cgroup", sandbox.path_str(), "--listen-port", &port, "--policy", policy_path])?;
     assert!(!ok && stderr.contains("already in use"), "{stderr}");
     let pins = Path::new("/sys/fs/bpf/sandbox-egress").join(std::fs::metadata(&sandbox.path)?.ino().to_string());
     assert!(!pins.exists(), "a failed start left pins at {}", pins.display());

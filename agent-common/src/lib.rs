@@ -48,10 +48,7 @@ impl SockAddrKey {
     /// `ip4_be` is an IPv4 address as the kernel stores it (network order).
     pub const fn from_ipv4(ip4_be: u32, port: u16) -> Self {
         let b = ip4_be.to_ne_bytes();
-        Self::new(
-            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]],
-            port,
-        )
+        Self::new([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]], port)
     }
 
     /// `ip6_be` is an IPv6 address as the kernel stores it (four network-order words).
@@ -62,8 +59,8 @@ impl SockAddrKey {
         let w3 = ip6_be[3].to_ne_bytes();
         Self::new(
             [
-                w0[0], w0[1], w0[2], w0[3], w1[0], w1[1], w1[2], w1[3], w2[0], w2[1], w2[2],
-                w2[3], w3[0], w3[1], w3[2], w3[3],
+                w0[0], w0[1], w0[2], w0[3], w1[0], w1[1], w1[2], w1[3], w2[0], w2[1], w2[2], w2[3], w3[0], w3[1],
+                w3[2], w3[3],
             ],
             port,
         )

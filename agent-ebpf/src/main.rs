@@ -23,14 +23,13 @@
 use core::ptr::{read_volatile, write_volatile};
 
 use agent_common::{
-    is_v4_mapped, ConnectRecord, SockAddrKey, BY_CLIENT_MAX_ENTRIES, BY_COOKIE_MAX_ENTRIES,
-    DNS_PORT, DNS_SERVER_MAX_ENTRIES,
+    is_v4_mapped, ConnectRecord, SockAddrKey, BY_CLIENT_MAX_ENTRIES, BY_COOKIE_MAX_ENTRIES, DNS_PORT,
+    DNS_SERVER_MAX_ENTRIES,
 };
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_TCP_CONNECT_CB},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     },
     macros::{cgroup_sock_addr, map, sock_ops},
@@ -49,16 +48,14 @@ static LISTEN_PORT: Global<u16> = Global::new(0);
 static AGENT_NETNS_COOKIE: Global<u64> = Global::new(0);
 
 #[map]
-static CONNECTS_BY_COOKIE: LruHashMap<u64, ConnectRecord> =
-    LruHashMap::with_max_entries(BY_COOKIE_MAX_ENTRIES, 0);
+static CONNECTS_BY_COOKIE: LruHashMap<u64, ConnectRecord> = LruHashMap::with_max_entries(BY_COOKIE_MAX_ENTRIES, 0);
 
 #[map]
 static CONNECTS_BY_CLIENT: LruHashMap<SockAddrKey, ConnectRecord> =
     LruHashMap::with_max_entries(BY_CLIENT_MAX_ENTRIES, 0);
 
 #[map]
-static DNS_SERVER_BY_COOKIE: LruHashMap<u64, SockAddrKey> =
-    LruHashMap::with_max_entries(DNS_SERVER_MAX_ENTRIES, 0);
+static DNS_SERVER_BY_COOKIE: LruHashMap<u64, SockAddrKey> = LruHashMap::with_max_entries(DNS_SERVER_MAX_ENTRIES, 0);
 
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
@@ -69,12 +66,7 @@ const IPPROTO_UDP: u32 = 17;
 const AF_INET: u32 = 2;
 const LOOPBACK_V4_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 const LOOPBACK_V6_BE: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
-const MAPPED_LOOPBACK_V4_BE: [u32; 4] = [
-    0,
-    0,
-    u32::from_ne_bytes([0, 0, 0xff, 0xff]),
-    LOOPBACK_V4_BE,
-];
+const MAPPED_LOOPBACK_V4_BE: [u32; 4] = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), LOOPBACK_V4_BE];
 
 enum Socket {
     Tcp,
@@ -88,8 +80,7 @@ enum Socket {
 
 fn socket_kind(sa: *const bpf_sock_addr) -> Socket {
     // SAFETY: the kernel hands a valid context; fields are read once each.
-    let (sock_type, protocol) =
-        unsafe { (read_volatile(&(*sa).type_), read_volatile(&(*sa).protocol)) };
+    let (sock_type, protocol) = unsafe { (read_volatile(&(*sa).type_), read_volatile(&(*sa).protocol)) };
     match (sock_type, protocol) {
         (SOCK_STREAM, IPPROTO_TCP) => Socket::Tcp,
         (SOCK_STREAM, _) => Socket::UnsupportedStream,
@@ -171,14 +162,7 @@ fn loopback_for(ip6: [u32; 4]) -> [u32; 4] {
 /// # Safety
 /// `words` must point into a valid bpf_sock_addr context.
 unsafe fn read_ip6(words: &[u32; 4]) -> [u32; 4] {
-    unsafe {
-        [
-            read_volatile(&words[0]),
-            read_volatile(&words[1]),
-            read_volatile(&words[2]),
-            read_volatile(&words[3]),
-        ]
-    }
+    unsafe { [read_volatile(&words[0]), read_volatile(&words[1]), read_volatile(&words[2]), read_volatile(&words[3])] }
 }
 
 /// Four u32 stores: the only width the verifier allows for user_ip6 writes.
@@ -207,10 +191,7 @@ fn record_connect(ctx: &SockAddrContext, original_dst: SockAddrKey) {
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
-    if CONNECTS_BY_COOKIE
-        .insert(socket_cookie(ctx), record, u64::from(BPF_NOEXIST))
-        .is_ok()
-    {
+    if CONNECTS_BY_COOKIE.insert(socket_cookie(ctx), record, u64::from(BPF_NOEXIST)).is_ok() {
         debug!(
             ctx,
             "redirect pid={} comm={} dst=[{:i}]:{}",

@@ -112,7 +112,11 @@ impl DnsResponder {
             None => {
                 let text = std::fs::read(RESOLV_CONF).with_context(|| format!("read {RESOLV_CONF}"))?;
                 let config = resolv_conf::Config::parse(text).with_context(|| format!("parse {RESOLV_CONF}"))?;
-                let server = config.nameservers.first().cloned().with_context(|| format!("{RESOLV_CONF} lists no nameserver"))?;
+                let server = config
+                    .nameservers
+                    .first()
+                    .cloned()
+                    .with_context(|| format!("{RESOLV_CONF} lists no nameserver"))?;
                 SocketAddr::new(server.into(), DNS_PORT)
             }
         };
@@ -156,7 +160,8 @@ impl DnsResponder {
             return Ok(vec![ip]);
         }
         // Fully qualified: the answer must not depend on search domains.
-        let fqdn = Name::from_ascii(format!("{}.", name.trim_end_matches('.'))).map_err(|error| format!("cannot resolve {name}: {error}"))?;
+        let fqdn = Name::from_ascii(format!("{}.", name.trim_end_matches('.')))
+            .map_err(|error| format!("cannot resolve {name}: {error}"))?;
         let (v4, v6) = tokio::join!(self.ask(&fqdn, RecordType::A), self.ask(&fqdn, RecordType::AAAA));
         let addresses: Vec<IpAddr> = match (v4, v6) {
             (Err(error), Err(_)) => return Err(format!("cannot resolve {name}: {error}")),
@@ -174,7 +179,8 @@ impl DnsResponder {
         query.queries.push(Query::query(name.clone(), record_type));
         let bytes = query.to_vec().map_err(|error| error.to_string())?;
         let reply = self.forward(&bytes).await.map_err(|error| format!("{} ({error})", self.upstream))?;
-        let message = Message::from_vec(&reply).map_err(|error| format!("bad reply from {}: {error}", self.upstream))?;
+        let message =
+            Message::from_vec(&reply).map_err(|error| format!("bad reply from {}: {error}", self.upstream))?;
         if message.metadata.id != query.metadata.id {
             return Err(format!("reply from {} answers another query", self.upstream));
         }
@@ -196,7 +202,9 @@ impl DnsResponder {
                 Err(_) => return Ok(()),
             };
             let mut query = vec![0u8; len];
-            tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut query)).await.map_err(|_| io::ErrorKind::TimedOut)??;
+            tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut query))
+                .await
+                .map_err(|_| io::ErrorKind::TimedOut)??;
             let Some(reply) = self.answer(&query).await else { return Ok(()) };
             let len = u16::try_from(reply.len()).map_err(|_| io::ErrorKind::InvalidData)?;
             stream.write_all(&[&len.to_be_bytes()[..], &reply].concat()).await?;
@@ -221,7 +229,8 @@ impl DnsResponder {
             }
             Err(error) => {
                 tracing::warn!(%error, upstream = %self.upstream, "DNS: upstream resolver failed");
-                let mut failure = Message::error_msg(request.metadata.id, request.metadata.op_code, ResponseCode::ServFail);
+                let mut failure =
+                    Message::error_msg(request.metadata.id, request.metadata.op_code, ResponseCode::ServFail);
                 failure.queries = request.queries.clone();
                 failure.to_vec().ok()
             }
@@ -229,12 +238,15 @@ impl DnsResponder {
     }
 
     async fn forward(&self, query: &[u8]) -> io::Result<Vec<u8>> {
-        let bind: SocketAddr = if self.upstream.is_ipv4() { "0.0.0.0:0".parse() } else { "[::]:0".parse() }.expect("valid");
+        let bind: SocketAddr =
+            if self.upstream.is_ipv4() { "0.0.0.0:0".parse() } else { "[::]:0".parse() }.expect("valid");
         let socket = UdpSocket::bind(bind).await?;
         socket.connect(self.upstream).await?;
         socket.send(query).await?;
         let mut reply = vec![0u8; MAX_MESSAGE];
-        let len = tokio::time::timeout(UPSTREAM_TIMEOUT, socket.recv(&mut reply)).await.map_err(|_| io::ErrorKind::TimedOut)??;
+        let len = tokio::time::timeout(UPSTREAM_TIMEOUT, socket.recv(&mut reply))
+            .await
+            .map_err(|_| io::ErrorKind::TimedOut)??;
         reply.truncate(len);
         Ok(reply)
     }
@@ -312,8 +324,11 @@ mod tests {
     #[tokio::test]
     async fn inference_local_gets_the_reserved_addresses() {
         let responder = DnsResponder::new(Some("127.0.0.1:9".parse().unwrap())).unwrap();
-        for (record_type, expected) in [(RecordType::A, IpAddr::V4(INFERENCE_V4)), (RecordType::AAAA, IpAddr::V6(INFERENCE_V6))] {
-            let reply = Message::from_vec(&responder.answer(&query("Inference.Local.", record_type)).await.unwrap()).unwrap();
+        for (record_type, expected) in
+            [(RecordType::A, IpAddr::V4(INFERENCE_V4)), (RecordType::AAAA, IpAddr::V6(INFERENCE_V6))]
+        {
+            let reply =
+                Message::from_vec(&responder.answer(&query("Inference.Local.", record_type)).await.unwrap()).unwrap();
             assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
             let addresses: Vec<IpAddr> = reply
                 .answers
@@ -327,7 +342,8 @@ mod tests {
             assert_eq!(addresses, vec![expected]);
             assert!(is_inference_address(expected));
         }
-        let mx = Message::from_vec(&responder.answer(&query("inference.local.", RecordType::MX)).await.unwrap()).unwrap();
+        let mx =
+            Message::from_vec(&responder.answer(&query("inference.local.", RecordType::MX)).await.unwrap()).unwrap();
         assert!(mx.answers.is_empty());
     }
 
@@ -335,7 +351,8 @@ mod tests {
     async fn other_names_are_forwarded_and_their_answers_recorded() {
         let upstream = fake_upstream(Ipv4Addr::new(10, 1, 2, 3)).await;
         let responder = DnsResponder::new(Some(upstream)).unwrap();
-        let reply = Message::from_vec(&responder.answer(&query("api.example.test.", RecordType::A)).await.unwrap()).unwrap();
+        let reply =
+            Message::from_vec(&responder.answer(&query("api.example.test.", RecordType::A)).await.unwrap()).unwrap();
         assert_eq!(reply.answers.len(), 1);
         assert_eq!(responder.records.addresses("API.example.test"), vec![IpAddr::from([10, 1, 2, 3])]);
         assert!(responder.records.addresses("other.test").is_empty());

@@ -95,10 +95,7 @@ struct RunArgs {
 }
 
 fn parse_millis(value: &str) -> Result<Duration, String> {
-    value
-        .parse::<u64>()
-        .map(Duration::from_millis)
-        .map_err(|e| format!("expected milliseconds: {e}"))
+    value.parse::<u64>().map(Duration::from_millis).map_err(|e| format!("expected milliseconds: {e}"))
 }
 
 fn main() -> ExitCode {
@@ -125,7 +122,11 @@ fn run(args: RunArgs) -> Result<()> {
     let cgroup = preflight::cgroup_v2_dir(&args.cgroup)?;
     let open_files = preflight::raise_fd_limit()?;
     if (open_files as usize) < args.max_connections * 6 {
-        tracing::warn!(open_files, max_connections = args.max_connections, "the open-file limit may not cover --max-connections (about 6 fds each while relaying)");
+        tracing::warn!(
+            open_files,
+            max_connections = args.max_connections,
+            "the open-file limit may not cover --max-connections (about 6 fds each while relaying)"
+        );
     }
     let policies = proxy::PolicyStore::load(&args.policy)?;
     let inference = match &args.inference_config {

@@ -29,9 +29,7 @@ pub struct Cgroup {
 }
 
 pub fn cgroup_v2_dir(path: &Path) -> Result<Cgroup> {
-    let path = path
-        .canonicalize()
-        .with_context(|| format!("cgroup {} does not exist", path.display()))?;
+    let path = path.canonicalize().with_context(|| format!("cgroup {} does not exist", path.display()))?;
     let fs = statfs(&path).with_context(|| format!("statfs {}", path.display()))?;
     if fs.filesystem_type() != CGROUP2_SUPER_MAGIC {
         bail!(

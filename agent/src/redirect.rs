@@ -14,7 +14,8 @@ use std::{
 };
 
 use agent_common::{
-    ConnectRecord, SockAddrKey, GLOBAL_AGENT_NETNS_COOKIE, GLOBAL_LISTEN_PORT, MAP_BY_CLIENT, MAP_BY_COOKIE, MAP_DNS_SERVER_BY_COOKIE,
+    ConnectRecord, SockAddrKey, GLOBAL_AGENT_NETNS_COOKIE, GLOBAL_LISTEN_PORT, MAP_BY_CLIENT, MAP_BY_COOKIE,
+    MAP_DNS_SERVER_BY_COOKIE,
 };
 use anyhow::{Context, Result};
 use aya::{
@@ -67,10 +68,8 @@ impl Redirect {
     pub fn attach(cgroup: &Cgroup, listen_port: u16, log_level: EbpfLogLevel) -> Result<Self> {
         let dir = pin_dir(cgroup);
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-        let previous: Vec<PinnedLink> = PROGRAMS
-            .iter()
-            .filter_map(|name| PinnedLink::from_pin(dir.join(name)).ok())
-            .collect();
+        let previous: Vec<PinnedLink> =
+            PROGRAMS.iter().filter_map(|name| PinnedLink::from_pin(dir.join(name)).ok()).collect();
 
         let netns_cookie = own_netns_cookie()?;
         let mut ebpf = EbpfLoader::new()
@@ -161,10 +160,17 @@ fn own_netns_cookie() -> Result<u64> {
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
     let rc = unsafe {
-        libc::getsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_NETNS_COOKIE, (&raw mut cookie).cast(), &mut len)
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
     };
     if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("read the network namespace cookie (SO_NETNS_COOKIE needs Linux 5.14+)");
+        return Err(std::io::Error::last_os_error())
+            .context("read the network namespace cookie (SO_NETNS_COOKIE needs Linux 5.14+)");
     }
     Ok(cookie)
 }

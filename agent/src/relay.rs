@@ -50,7 +50,12 @@ pub struct Outcome {
 /// Relays two TCP sockets with splice(2), prefill first, until both
 /// directions reach EOF, either fails, or neither moves a byte for
 /// `idle_timeout` (a stalled peer must not hold the connection forever).
-pub async fn relay(mut client: TcpStream, mut upstream: TcpStream, prefill: Prefill, idle_timeout: Duration) -> Outcome {
+pub async fn relay(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    prefill: Prefill,
+    idle_timeout: Duration,
+) -> Outcome {
     let idle = Idle::new(idle_timeout);
     let mut outcome = Outcome::default();
     let result = {
@@ -90,7 +95,11 @@ fn unacknowledged_bytes(socket: &TcpStream) -> i32 {
     let mut queued: libc::c_int = 0;
     // SAFETY: TIOCOUTQ (SIOCOUTQ for TCP) writes one int.
     let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
-    if rc == 0 { queued } else { 0 }
+    if rc == 0 {
+        queued
+    } else {
+        0
+    }
 }
 
 /// When a relay last moved a byte, in either direction.
@@ -443,7 +452,6 @@ mod tests {
         check_large_transfer_both_ways().await;
     }
 
-
     async fn check_prefill_goes_first_and_counts() {
         let _pipes = shared_pipes().await;
         let prefill =
@@ -471,7 +479,6 @@ mod tests {
     async fn relay_sends_prefill_first_and_counts_it() {
         check_prefill_goes_first_and_counts().await;
     }
-
 
     /// One side half-closes; the other must see EOF while its own direction
     /// keeps flowing until it closes too.
@@ -512,9 +519,6 @@ mod tests {
     async fn relay_upstream_half_close_reaches_client_while_upstream_flows() {
         check_half_close(false).await;
     }
-
-
-
 
     /// Both directions carry `len` bytes while the client keeps sending, then
     /// the upstream resets. Returns the outcome and what the client sent in all.
@@ -583,7 +587,8 @@ mod tests {
         client_app.read_exact(&mut first).await.expect("client receives what was sent before the reset");
         upstream_app.set_zero_linger().expect("SO_LINGER 0");
         drop(upstream_app);
-        let (rest, end) = timeout(Duration::from_secs(10), read_to_end_or_error(&mut client_app)).await.expect("client sees the end");
+        let (rest, end) =
+            timeout(Duration::from_secs(10), read_to_end_or_error(&mut client_app)).await.expect("client sees the end");
         assert!(rest.is_empty(), "{} unexpected bytes", rest.len());
         assert_eq!(end.map_err(|error| error.kind()), Err(io::ErrorKind::ConnectionReset), "a reset, not a clean FIN");
         let outcome = finish(relay).await;
@@ -600,7 +605,9 @@ mod tests {
         upstream_app.read_exact(&mut heard).await.expect("upstream hears it");
         client_app.set_zero_linger().expect("SO_LINGER 0");
         drop(client_app);
-        let (_, end) = timeout(Duration::from_secs(10), read_to_end_or_error(&mut upstream_app)).await.expect("upstream sees the end");
+        let (_, end) = timeout(Duration::from_secs(10), read_to_end_or_error(&mut upstream_app))
+            .await
+            .expect("upstream sees the end");
         assert_eq!(end.map_err(|error| error.kind()), Err(io::ErrorKind::ConnectionReset));
         assert!(finish(relay).await.error.is_some());
     }

@@ -14,7 +14,9 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio_rustls::TlsAcceptor;
 
@@ -34,13 +36,18 @@ impl AgentCa {
         if key_path.exists() {
             return Self::load(&cert_path, &key_path);
         }
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).with_context(|| format!("create {}", dir.display()))?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("create {}", dir.display()))?;
         let key = KeyPair::generate().context("generate the CA key")?;
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, "sandbox-egress agent CA");
         params.distinguished_name.push(DnType::OrganizationName, "sandbox-egress");
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let cert = params.self_signed(&key).context("self-sign the CA certificate")?;
         write_private(&key_path, &key.serialize_pem())?;
         write_private(&cert_path, &cert.pem())?;
@@ -53,8 +60,9 @@ impl AgentCa {
         if mode & 0o077 != 0 {
             bail!("{} is readable by others (mode {:o}): chmod 600 it", key_path.display(), mode & 0o777);
         }
-        let key = KeyPair::from_pem(&fs::read_to_string(key_path).with_context(|| format!("read {}", key_path.display()))?)
-            .with_context(|| format!("parse {}", key_path.display()))?;
+        let key =
+            KeyPair::from_pem(&fs::read_to_string(key_path).with_context(|| format!("read {}", key_path.display()))?)
+                .with_context(|| format!("parse {}", key_path.display()))?;
         let cert_pem = fs::read_to_string(cert_path).with_context(|| format!("read {}", cert_path.display()))?;
         Ok(Self { cert_pem, key })
     }
@@ -76,10 +84,11 @@ impl AgentCa {
         let ca_der = rustls_pemfile_der(&self.cert_pem)?;
         let chain = vec![leaf.der().clone(), ca_der];
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(chain, key)?;
+        let mut config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()?
+                .with_no_client_auth()
+                .with_single_cert(chain, key)?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(TlsAcceptor::from(Arc::new(config)))
     }

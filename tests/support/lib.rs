@@ -133,7 +133,12 @@ impl Drop for Blackholes {
 /// flock(2) on `path` (created if absent): `None` if a non-blocking lock is taken.
 fn lock_file(path: &str, operation: i32) -> Result<Option<std::fs::File>> {
     use std::os::fd::AsRawFd;
-    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).with_context(|| format!("open {path}"))?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("open {path}"))?;
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
         return Ok(Some(file));
@@ -192,7 +197,12 @@ impl TestNet {
         };
         run("ip", &["netns", "add", &netns])?;
         run("ip", &["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if, "netns", &netns])?;
-        for subnet in [format!("198.18.{k}."), format!("10.231.{k}."), format!("2001:db8:5e:{k:x}::"), format!("fd5e:231:0:{k:x}::")] {
+        for subnet in [
+            format!("198.18.{k}."),
+            format!("10.231.{k}."),
+            format!("2001:db8:5e:{k:x}::"),
+            format!("fd5e:231:0:{k:x}::"),
+        ] {
             let prefix_len = if subnet.contains(':') { 64 } else { 24 };
             add_address(None, &host_if, &format!("{subnet}1/{prefix_len}"))?;
             add_address(Some(&netns), &ns_if, &format!("{subnet}2/{prefix_len}"))?;
@@ -211,7 +221,10 @@ impl TestNet {
         for host in [self.v4.to_string(), self.v6.to_string()] {
             endpoints += &format!("      - host: \"{host}\"\n        ports: [{HTTP_PORT}, {EXCHANGE_PORT}]\n");
         }
-        for (host, subnet) in [(self.private_v4.to_string(), format!("{}/24", self.private_v4)), (self.private_v6.to_string(), format!("{}/64", self.private_v6))] {
+        for (host, subnet) in [
+            (self.private_v4.to_string(), format!("{}/24", self.private_v4)),
+            (self.private_v6.to_string(), format!("{}/64", self.private_v6)),
+        ] {
             endpoints += &format!("      - host: \"{host}\"\n        ports: [{HTTP_PORT}, {EXCHANGE_PORT}]\n        allowed_ips: [\"{subnet}\"]\n");
         }
         format!("version: 1\nnetwork_policies:\n  test-host:\n    endpoints:\n{endpoints}")
@@ -247,13 +260,27 @@ impl TestNet {
             "openssl",
             &["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"]
                 .into_iter()
-                .chain(["-subj", "/CN=sandbox-egress-test", "-keyout", key.to_str().unwrap(), "-out", cert.to_str().unwrap()])
+                .chain([
+                    "-subj",
+                    "/CN=sandbox-egress-test",
+                    "-keyout",
+                    key.to_str().unwrap(),
+                    "-out",
+                    cert.to_str().unwrap(),
+                ])
                 .collect::<Vec<_>>(),
         )?;
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &self.netns, PYTHON, "-u"]).arg(support_file("servers.py"));
         command.args(["--http-port", &HTTP_PORT.to_string(), "--exchange-port", &EXCHANGE_PORT.to_string()]);
-        command.args(["--tls-port", &TLS_PORT.to_string(), "--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap()]);
+        command.args([
+            "--tls-port",
+            &TLS_PORT.to_string(),
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ]);
         Servers::start(command, Some(cert_dir))
     }
 
@@ -270,7 +297,8 @@ impl TestNet {
         let issuer = rcgen::Issuer::new(ca_params, ca_key);
         let leaf_key = rcgen::KeyPair::generate()?;
         let leaf = rcgen::CertificateParams::new(vec![self.v4.to_string()])?.signed_by(&leaf_key, &issuer)?;
-        let (ca, cert, key) = (dir.path.join("provider-ca.pem"), dir.path.join("provider.pem"), dir.path.join("provider-key.pem"));
+        let (ca, cert, key) =
+            (dir.path.join("provider-ca.pem"), dir.path.join("provider.pem"), dir.path.join("provider-key.pem"));
         std::fs::write(&ca, ca_cert.pem())?;
         std::fs::write(&cert, leaf.pem())?;
         std::fs::write(&key, leaf_key.serialize_pem())?;
@@ -562,7 +590,12 @@ impl Agent {
         Self::start_with_env(sandbox, policy, extra_args, &[])
     }
 
-    pub fn start_with_env(sandbox: &Sandbox, policy: &PolicyFile, extra_args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+    pub fn start_with_env(
+        sandbox: &Sandbox,
+        policy: &PolicyFile,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let mut child = Command::new(agent_bin())
             .args(["--log-format", "json", "run", "--cgroup", sandbox.path_str(), "--listen-port", "0", "--policy"])
             .arg(&policy.path)
@@ -637,7 +670,18 @@ pub fn curl(sandbox: Option<&Sandbox>, url: &str) -> Result<(u32, Output)> {
         Some(sandbox) => sandbox.command("curl"),
         None => Command::new("curl"),
     };
-    command.args(["-sS", "--noproxy", "*", "-m", "10", "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{size_request} %{size_header}", url]);
+    command.args([
+        "-sS",
+        "--noproxy",
+        "*",
+        "-m",
+        "10",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{size_download} %{size_request} %{size_header}",
+        url,
+    ]);
     spawn_and_wait(command)
 }
 
@@ -724,7 +768,16 @@ impl Agent {
     /// redirect points at.
     pub fn start_on_port(sandbox: &Sandbox, policy: &PolicyFile, port: u16, extra_args: &[&str]) -> Result<Self> {
         let mut child = Command::new(agent_bin())
-            .args(["--log-format", "json", "run", "--cgroup", sandbox.path_str(), "--listen-port", &port.to_string(), "--policy"])
+            .args([
+                "--log-format",
+                "json",
+                "run",
+                "--cgroup",
+                sandbox.path_str(),
+                "--listen-port",
+                &port.to_string(),
+                "--policy",
+            ])
             .arg(&policy.path)
             .args(extra_args)
             .stdout(Stdio::null())

@@ -21,7 +21,11 @@ pub fn run() -> Result<()> {
         net.private_v4, net.private_v6, net.v4, net.netns
     ));
     println!("    policy {}:\n{}", policy.path.display(), indent(&std::fs::read_to_string(&policy.path)?));
-    step(&format!("sandbox cgroup {}; starting {} run --cgroup ... --policy ...", sandbox.path.display(), agent_bin.display()));
+    step(&format!(
+        "sandbox cgroup {}; starting {} run --cgroup ... --policy ...",
+        sandbox.path.display(),
+        agent_bin.display()
+    ));
     let mut agent = Agent::start(&sandbox, &policy, &[])?;
     println!("    agent listening on 127.0.0.1:{0} and [::1]:{0}", agent.port);
 

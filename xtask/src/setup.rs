@@ -10,8 +10,18 @@ use crate::status;
 /// rustc-web/cargo-web/rust-web-src: a compiler whose library source matches
 /// exactly, so `core` can be built for bpfel-unknown-none. llvm-22-dev: what
 /// bpf-linker links against. The rest: what the tests and the demo run.
-const PACKAGES: [&str; 10] =
-    ["rustc-web", "cargo-web", "rust-web-src", "llvm-22-dev", "curl", "iproute2", "python3", "util-linux", "dnsmasq-base", "openssl"];
+const PACKAGES: [&str; 10] = [
+    "rustc-web",
+    "cargo-web",
+    "rust-web-src",
+    "llvm-22-dev",
+    "curl",
+    "iproute2",
+    "python3",
+    "util-linux",
+    "dnsmasq-base",
+    "openssl",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";

@@ -108,7 +108,9 @@ impl<S: AsyncRead + Unpin> HeadReader<S> {
             }
             let before = self.buf.len();
             let stream_end = match timeout_at(deadline, self.read_more(room)).await {
-                Err(_elapsed) => io::Error::new(io::ErrorKind::TimedOut, format!("{} not complete after {head_timeout:?}", H::NAME)),
+                Err(_elapsed) => {
+                    io::Error::new(io::ErrorKind::TimedOut, format!("{} not complete after {head_timeout:?}", H::NAME))
+                }
                 Ok(Ok(0)) => io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     format!("connection closed before the {} was complete", H::NAME),

@@ -23,8 +23,8 @@ use crate::{
     dns::{is_inference_address, DnsResponder, INFERENCE_HOST},
     inference::InferenceLog,
     redirect::Redirect,
-    rewound::Rewound,
     relay::{self, Prefill},
+    rewound::Rewound,
     sniff::{self, host::Host, http::TargetForm, StreamKind},
 };
 
@@ -94,7 +94,14 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) {
     let Some(origin) = attribute(peer, shared) else { return };
     let Some(_sandbox_slot) = shared.sandbox_slots.try_acquire(origin.cgroup_id) else {
         let max = shared.sandbox_slots.max_per_sandbox();
-        refuse(client, &origin, peer, started, shared, format!("too many connections in flight from this sandbox (--max-connections-per-sandbox {max})"));
+        refuse(
+            client,
+            &origin,
+            peer,
+            started,
+            shared,
+            format!("too many connections in flight from this sandbox (--max-connections-per-sandbox {max})"),
+        );
         return;
     };
     let _ = client.set_nodelay(true);
@@ -257,7 +264,16 @@ async fn transparent(mut client: TcpStream, origin: &Origin, shared: &Shared, lo
     log.host.clone_from(&host);
     let verdict = shared.decider.stream(origin, host.as_deref(), destination).await;
     match log.decided(verdict) {
-        Ok(allowed) => relay_to(client, allowed.upstream, Prefill { to_upstream: sniffed.buffered, ..Prefill::default() }, shared, log).await,
+        Ok(allowed) => {
+            relay_to(
+                client,
+                allowed.upstream,
+                Prefill { to_upstream: sniffed.buffered, ..Prefill::default() },
+                shared,
+                log,
+            )
+            .await
+        }
         Err(_) => reset(client),
     }
 }
@@ -275,7 +291,8 @@ async fn explicit(mut client: TcpStream, origin: &Origin, shared: &Shared, log: 
         _ => {
             log.protocol = "invalid";
             log.verdict = "denied";
-            log.reason = Some("the agent's own listener only takes HTTP proxy requests (CONNECT or absolute-form)".into());
+            log.reason =
+                Some("the agent's own listener only takes HTTP proxy requests (CONNECT or absolute-form)".into());
             return reset(client);
         }
     };
@@ -328,7 +345,12 @@ async fn explicit(mut client: TcpStream, origin: &Origin, shared: &Shared, log: 
                     let Some(upstream) = connect_upstream(allowed.upstream, shared, log).await else {
                         let detail = format!("CONNECT {host}:{port}");
                         let reason = log.reason.clone().unwrap_or_default();
-                        let body = respond::ErrorBody { error: "upstream_failed", detail: &detail, reason: &reason, address_class: None };
+                        let body = respond::ErrorBody {
+                            error: "upstream_failed",
+                            detail: &detail,
+                            reason: &reason,
+                            address_class: None,
+                        };
                         return respond::error(&mut client, 502, &body).await;
                     };
                     if let Err(error) = client.write_all(respond::CONNECT_ESTABLISHED).await {
@@ -339,7 +361,15 @@ async fn explicit(mut client: TcpStream, origin: &Origin, shared: &Shared, log: 
                     // the sniff buffer is not kept for the tunnel's lifetime.
                     let tunnel_start = sniffed.buffered[head.head_len..].to_vec();
                     drop(std::mem::take(&mut sniffed.buffered));
-                    log.relayed(relay::relay(client, upstream, Prefill { to_upstream: tunnel_start, ..Prefill::default() }, shared.config.idle_timeout).await);
+                    log.relayed(
+                        relay::relay(
+                            client,
+                            upstream,
+                            Prefill { to_upstream: tunnel_start, ..Prefill::default() },
+                            shared.config.idle_timeout,
+                        )
+                        .await,
+                    );
                 }
             }
         }
@@ -349,7 +379,12 @@ async fn explicit(mut client: TcpStream, origin: &Origin, shared: &Shared, log: 
         }
         _ => {
             log.protocol = "http";
-            bad_request(client, log, "this is an egress proxy: send CONNECT host:port or an absolute-form request".into()).await;
+            bad_request(
+                client,
+                log,
+                "this is an egress proxy: send CONNECT host:port or an absolute-form request".into(),
+            )
+            .await;
         }
     }
 }
@@ -392,7 +427,12 @@ fn starts_with_empty_line(buffered: &[u8]) -> bool {
 
 pub async fn bad_request(mut client: TcpStream, log: &mut CloseLog, reason: String) {
     log.verdict = "denied";
-    let body = respond::ErrorBody { error: "bad_request", detail: "malformed HTTP request", reason: &reason, address_class: None };
+    let body = respond::ErrorBody {
+        error: "bad_request",
+        detail: "malformed HTTP request",
+        reason: &reason,
+        address_class: None,
+    };
     respond::error(&mut client, 400, &body).await;
     log.reason = Some(reason);
 }
@@ -400,7 +440,12 @@ pub async fn bad_request(mut client: TcpStream, log: &mut CloseLog, reason: Stri
 /// A 403 with the decision's reason; `what` is e.g. `CONNECT h:p` or `GET h:p`.
 pub async fn deny_http<W: tokio::io::AsyncWrite + Unpin>(mut client: W, what: &str, denial: &Denial) {
     let detail = format!("{what} not permitted by policy");
-    let body = respond::ErrorBody { error: denial.kind, detail: &detail, reason: &denial.reason, address_class: denial.address_class };
+    let body = respond::ErrorBody {
+        error: denial.kind,
+        detail: &detail,
+        reason: &denial.reason,
+        address_class: denial.address_class,
+    };
     respond::error(&mut client, 403, &body).await;
 }
 
@@ -438,10 +483,14 @@ mod tests {
 
     #[test]
     fn request_lines_are_recognised_even_incomplete() {
-        for http in [&b"GET /"[..], b"POST /v1 HTTP/1.1\r\n", b"OPTIONS *", b"GET http://h/", b"CONNECT h:443", b"M-SEARCH *"] {
+        for http in
+            [&b"GET /"[..], b"POST /v1 HTTP/1.1\r\n", b"OPTIONS *", b"GET http://h/", b"CONNECT h:443", b"M-SEARCH *"]
+        {
             assert!(looks_like_http(http), "{}", String::from_utf8_lossy(http));
         }
-        for other in [&b"SSH-2.0-OpenSSH_9.2\r\n"[..], b"GET", b"SET key value", b"get /", b"\x00GET /", b"PING\r\n", b""] {
+        for other in
+            [&b"SSH-2.0-OpenSSH_9.2\r\n"[..], b"GET", b"SET key value", b"get /", b"\x00GET /", b"PING\r\n", b""]
+        {
             assert!(!looks_like_http(other), "{}", String::from_utf8_lossy(other));
         }
     }

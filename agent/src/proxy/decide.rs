@@ -132,7 +132,10 @@ impl Decider {
                     ));
                 }
                 if !allowed.allowed_ips.iter().any(|net| net.contains(&ip.to_canonical())) {
-                    return Err(Denial::ssrf(ip, format!("{host} resolves to {ip}, which is outside the endpoint's allowed_ips")));
+                    return Err(Denial::ssrf(
+                        ip,
+                        format!("{host} resolves to {ip}, which is outside the endpoint's allowed_ips"),
+                    ));
                 }
             }
             Ok(allowed.to(SocketAddr::new(destination.unwrap_or(addresses[0]), port)))

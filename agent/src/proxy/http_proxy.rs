@@ -77,7 +77,9 @@ pub async fn serve(
         };
         let host_text = authority.host.to_string();
         let (port, destination) = match mode {
-            HttpMode::Transparent { destination } => (authority.port.unwrap_or(destination.port()), Some(destination.ip())),
+            HttpMode::Transparent { destination } => {
+                (authority.port.unwrap_or(destination.port()), Some(destination.ip()))
+            }
             HttpMode::Explicit => (authority.port.unwrap_or(80), None),
         };
         let lookup_name = match &authority.host {
@@ -99,7 +101,12 @@ pub async fn serve(
                 let (mut stream, _) = client.into_parts();
                 let reason = log.reason.clone().unwrap_or_default();
                 let detail = format!("{} {host_text}:{port}", head.method);
-                let body = super::respond::ErrorBody { error: "upstream_failed", detail: &detail, reason: &reason, address_class: None };
+                let body = super::respond::ErrorBody {
+                    error: "upstream_failed",
+                    detail: &detail,
+                    reason: &reason,
+                    address_class: None,
+                };
                 return super::respond::error(&mut stream, 502, &body).await;
             };
             upstream = Some(Upstream { address: allowed.upstream, reader: HeadReader::new(stream) });
@@ -135,7 +142,12 @@ pub async fn serve(
                         _ => (502, "upstream_failed"),
                     };
                     let detail = format!("{} {host_text}:{port}", head.method);
-                    let body = super::respond::ErrorBody { error: kind, detail: &detail, reason: &error.to_string(), address_class: None };
+                    let body = super::respond::ErrorBody {
+                        error: kind,
+                        detail: &detail,
+                        reason: &error.to_string(),
+                        address_class: None,
+                    };
                     super::respond::error(client.get_mut(), status, &body).await;
                 } else {
                     // Part of a response went out: a reset, not a close, tells the
@@ -149,7 +161,15 @@ pub async fn serve(
                 let (upstream_stream, to_client) = upstream.reader.into_parts();
                 let (client_stream, to_upstream) = client.into_parts();
                 log.protocol = "http-upgrade";
-                return log.relayed(relay::relay(client_stream, upstream_stream, Prefill { to_upstream, to_client }, shared.config.idle_timeout).await);
+                return log.relayed(
+                    relay::relay(
+                        client_stream,
+                        upstream_stream,
+                        Prefill { to_upstream, to_client },
+                        shared.config.idle_timeout,
+                    )
+                    .await,
+                );
             }
             Ok(ResponseOutcome::Complete { close, .. }) => {
                 if close {

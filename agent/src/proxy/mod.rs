@@ -65,7 +65,9 @@ impl Listeners {
                 dns.push(bind_udp(SocketAddr::from((Ipv6Addr::LOCALHOST, port))).await?);
                 Some(listener)
             }
-            Err(error) if error.downcast_ref::<io::Error>().map(io::Error::kind) == Some(io::ErrorKind::AddrNotAvailable) => {
+            Err(error)
+                if error.downcast_ref::<io::Error>().map(io::Error::kind) == Some(io::ErrorKind::AddrNotAvailable) =>
+            {
                 tracing::warn!("no IPv6 loopback on this host: IPv6 connects from the sandbox will be refused");
                 None
             }
@@ -81,7 +83,11 @@ impl Listeners {
 
 async fn bind_udp(addr: SocketAddr) -> Result<UdpSocket> {
     UdpSocket::bind(addr).await.map_err(|error| {
-        let hint = if error.kind() == io::ErrorKind::AddrInUse { ": the UDP port is already in use (choose another with --listen-port)" } else { "" };
+        let hint = if error.kind() == io::ErrorKind::AddrInUse {
+            ": the UDP port is already in use (choose another with --listen-port)"
+        } else {
+            ""
+        };
         anyhow::Error::new(error).context(format!("cannot serve DNS on {addr}{hint}"))
     })
 }
@@ -90,7 +96,11 @@ fn bind(addr: SocketAddr) -> Result<TcpListener> {
     let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
     socket.bind(addr).map_err(|error| {
-        let hint = if error.kind() == io::ErrorKind::AddrInUse { ": the port is already in use (choose another with --listen-port)" } else { "" };
+        let hint = if error.kind() == io::ErrorKind::AddrInUse {
+            ": the port is already in use (choose another with --listen-port)"
+        } else {
+            ""
+        };
         anyhow::Error::new(error).context(format!("cannot listen on {addr}{hint}"))
     })?;
     Ok(socket.listen(LISTEN_BACKLOG)?)
@@ -136,7 +146,8 @@ pub async fn serve(listeners: Listeners, parts: Parts, cgroup: &Cgroup) -> Resul
     let slots = Arc::new(Semaphore::new(shared.config.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
 
-    let mut accept_loops = vec![tokio::spawn(accept_loop(listeners.v4, shared.clone(), slots.clone(), stop_rx.clone()))];
+    let mut accept_loops =
+        vec![tokio::spawn(accept_loop(listeners.v4, shared.clone(), slots.clone(), stop_rx.clone()))];
     if let Some(v6) = listeners.v6 {
         accept_loops.push(tokio::spawn(accept_loop(v6, shared.clone(), slots.clone(), stop_rx.clone())));
     }

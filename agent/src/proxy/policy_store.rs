@@ -32,7 +32,10 @@ impl PolicyStore {
     pub fn load(path: &Path) -> Result<Self> {
         let policy = Policy::from_file(path)?;
         tracing::info!(policy_file = %path.display(), generation = 1, "policy loaded");
-        Ok(Self { path: Arc::new(path.to_owned()), current: Arc::new(RwLock::new(Arc::new(Loaded { policy, generation: 1 }))) })
+        Ok(Self {
+            path: Arc::new(path.to_owned()),
+            current: Arc::new(RwLock::new(Arc::new(Loaded { policy, generation: 1 }))),
+        })
     }
 
     pub fn current(&self) -> Arc<Loaded> {

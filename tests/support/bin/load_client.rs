@@ -97,7 +97,10 @@ fn main() -> Result<()> {
     let dedicated: Vec<&Mix> = mix.iter().flat_map(|m| std::iter::repeat_n(m, m.threads as usize)).collect();
     let shared: Vec<&Mix> = mix.iter().filter(|m| m.threads == 0).collect();
     ensure!(dedicated.len() as u64 <= threads, "more dedicated threads than threads");
-    ensure!(dedicated.len() as u64 == threads || shared.iter().any(|m| m.weight > 0), "threads left without a weighted entry");
+    ensure!(
+        dedicated.len() as u64 == threads || shared.iter().any(|m| m.weight > 0),
+        "threads left without a weighted entry"
+    );
     thread::scope(|scope| -> Result<()> {
         let workers: Vec<_> = (0..threads)
             .map(|thread_index| {
@@ -180,7 +183,14 @@ impl Summary {
 }
 
 /// One thread's connections, each from `entries` (by weight, unless there is just one).
-fn worker(seed: u64, thread_index: u64, deadline: Instant, entries: &[&Mix], pattern: &[u8; 32], records: &Mutex<BufWriter<File>>) -> Result<Summary> {
+fn worker(
+    seed: u64,
+    thread_index: u64,
+    deadline: Instant,
+    entries: &[&Mix],
+    pattern: &[u8; 32],
+    records: &Mutex<BufWriter<File>>,
+) -> Result<Summary> {
     // Mixed, not just offset: threads seeded `seed + k` would walk shifted copies of one sequence.
     let mut rng = Rng::new(mix64(seed ^ mix64(thread_index + 1)));
     let total_weight: u64 = entries.iter().map(|m| m.weight).sum();
@@ -190,7 +200,17 @@ fn worker(seed: u64, thread_index: u64, deadline: Instant, entries: &[&Mix], pat
             [only] => only,
             _ => {
                 let mut pick = rng.below(total_weight);
-                entries.iter().find(|m| if pick < m.weight { true } else { pick -= m.weight; false }).expect("pick < total weight")
+                entries
+                    .iter()
+                    .find(|m| {
+                        if pick < m.weight {
+                            true
+                        } else {
+                            pick -= m.weight;
+                            false
+                        }
+                    })
+                    .expect("pick < total weight")
             }
         };
         let send = rng.between(chosen.send);
@@ -275,7 +295,8 @@ fn connect(record: &mut Record) -> Option<TcpStream> {
     match TcpStream::connect_timeout(&record.target, CONNECT_TIMEOUT) {
         Ok(stream) => {
             record.local = stream.local_addr().ok();
-            let timeouts = stream.set_read_timeout(Some(SOCKET_TIMEOUT)).and(stream.set_write_timeout(Some(SOCKET_TIMEOUT)));
+            let timeouts =
+                stream.set_read_timeout(Some(SOCKET_TIMEOUT)).and(stream.set_write_timeout(Some(SOCKET_TIMEOUT)));
             if let Err(error) = timeouts {
                 record.fail("error", error);
                 return None;
@@ -335,7 +356,10 @@ fn send_payload(stream: &mut TcpStream, record: &mut Record, pace: Duration, see
 fn http_get(record: &mut Record, mix: &Mix, pattern: &[u8; 32]) {
     let Some(mut stream) = connect(record) else { return };
     let deadline = Instant::now() + CONNECTION_DEADLINE;
-    let request = format!("GET /bytes/{} HTTP/1.1\r\nHost: {}\r\nUser-Agent: load-client\r\nConnection: close\r\n\r\n", record.expect, mix.target);
+    let request = format!(
+        "GET /bytes/{} HTTP/1.1\r\nHost: {}\r\nUser-Agent: load-client\r\nConnection: close\r\n\r\n",
+        record.expect, mix.target
+    );
     if let Err(error) = stream.write_all(request.as_bytes()) {
         return record.fail(io_outcome(&error), format!("send request: {error}"));
     }
@@ -352,7 +376,9 @@ fn http_get(record: &mut Record, mix: &Mix, pattern: &[u8; 32]) {
         match read_some(&mut stream, &mut buffer, deadline) {
             Ok(0) => return record.fail("cut", format!("EOF after {} bytes of the response head", answer.len())),
             Ok(n) => answer.extend_from_slice(&buffer[..n]),
-            Err(error) => return record.fail(io_outcome(&error), format!("recv head after {} bytes: {error}", answer.len())),
+            Err(error) => {
+                return record.fail(io_outcome(&error), format!("recv head after {} bytes: {error}", answer.len()))
+            }
         }
     };
     let body_start = answer.split_off(head_end + 4);
@@ -388,7 +414,14 @@ fn http_get(record: &mut Record, mix: &Mix, pattern: &[u8; 32]) {
 
 /// Reads the answer to EOF, `arrived` being its start, checking it against
 /// the pattern as it comes; with `hang_up_at`, closes once that much arrived.
-fn receive_answer(stream: &mut TcpStream, record: &mut Record, pattern: &[u8; 32], arrived: &[u8], hang_up_at: Option<u64>, deadline: Instant) {
+fn receive_answer(
+    stream: &mut TcpStream,
+    record: &mut Record,
+    pattern: &[u8; 32],
+    arrived: &[u8],
+    hang_up_at: Option<u64>,
+    deadline: Instant,
+) {
     let mut checker = PatternCheck::new(pattern, record.expect);
     let mut buffer = vec![0u8; 64 * 1024];
     let mut pending = Some(arrived);
@@ -398,7 +431,10 @@ fn receive_answer(stream: &mut TcpStream, record: &mut Record, pattern: &[u8; 32
             None => match read_some(stream, &mut buffer, deadline) {
                 Ok(0) => break,
                 Ok(n) => &buffer[..n],
-                Err(error) => return record.fail(io_outcome(&error), format!("recv after {} answer bytes: {error}", record.received)),
+                Err(error) => {
+                    return record
+                        .fail(io_outcome(&error), format!("recv after {} answer bytes: {error}", record.received))
+                }
             },
         };
         record.received += data.len() as u64;
@@ -469,7 +505,11 @@ impl<'a> PatternCheck<'a> {
 
     fn feed(&mut self, data: &[u8]) -> std::result::Result<(), String> {
         if self.offset + data.len() as u64 > self.limit {
-            return Err(format!("{} bytes past the {} expected", self.offset + data.len() as u64 - self.limit, self.limit));
+            return Err(format!(
+                "{} bytes past the {} expected",
+                self.offset + data.len() as u64 - self.limit,
+                self.limit
+            ));
         }
         for (i, &byte) in data.iter().enumerate() {
             let at = self.offset + i as u64;

@@ -60,7 +60,8 @@ pub enum Way {
 }
 
 impl Way {
-    pub const ALL: [Way; 6] = [Way::Direct, Way::Transparent, Way::AgentConnect, Way::Squid, Way::Tinyproxy, Way::Haproxy];
+    pub const ALL: [Way; 6] =
+        [Way::Direct, Way::Transparent, Way::AgentConnect, Way::Squid, Way::Tinyproxy, Way::Haproxy];
 
     pub fn key(self) -> &'static str {
         match self {
@@ -107,7 +108,10 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(180);
 pub fn run(args: &Args) -> Result<()> {
     let started = Instant::now();
     crate::require_root("bench")?;
-    ensure!(args.runs > 0 && args.bulk_mib > 0 && args.requests > 0 && args.concurrent_requests > 0, "sizes must be positive");
+    ensure!(
+        args.runs > 0 && args.bulk_mib > 0 && args.requests > 0 && args.concurrent_requests > 0,
+        "sizes must be positive"
+    );
     ensure!(args.concurrency > 0 && args.idle > 0, "sizes must be positive");
     ensure!(args.runs <= 50, "at most 50 runs (one server port per way and run)");
     crate::setup::run()?;
@@ -210,7 +214,9 @@ fn idle_capacity(nofile: u64) -> usize {
 /// bench would replace our namespace and skew or break both.
 fn refuse_concurrent_run() -> Result<()> {
     if let Some(name) = test_namespaces()?.first() {
-        bail!("network namespace {name} exists: an end-to-end test run seems active (or crashed: `ip netns del {name}`)");
+        bail!(
+            "network namespace {name} exists: an end-to-end test run seems active (or crashed: `ip netns del {name}`)"
+        );
     }
     Ok(())
 }
@@ -324,7 +330,15 @@ impl<'a> Bench<'a> {
         let idle: Vec<String> = (0..ways).map(|i| format!("0.0.0.0:{}", IDLE_PORT_BASE + i as u16)).collect();
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &net.netns]).arg(&peer_bin);
-        command.args(["serve", "--bulk", &format!("0.0.0.0:{BULK_PORT}"), "--http", &http.join(","), "--idle", &idle.join(",")]);
+        command.args([
+            "serve",
+            "--bulk",
+            &format!("0.0.0.0:{BULK_PORT}"),
+            "--http",
+            &http.join(","),
+            "--idle",
+            &idle.join(","),
+        ]);
         let mut server = Client::spawn(command, "bench servers".into())?;
         server.next_json(e2e::WAIT)?;
         // Plain HTTP through the agent must go to a private address listed
@@ -380,7 +394,13 @@ impl<'a> Bench<'a> {
     fn start_agent(&self, extra_args: &[&str]) -> Result<AgentProcess> {
         let n = self.agents_started.get() + 1;
         self.agents_started.set(n);
-        AgentProcess::start(&self.agent_bin, &self.sandbox, &self.policy, extra_args, &self.work.join(format!("agent-{n}.log")))
+        AgentProcess::start(
+            &self.agent_bin,
+            &self.sandbox,
+            &self.policy,
+            extra_args,
+            &self.work.join(format!("agent-{n}.log")),
+        )
     }
 
     /// Bulk throughput and short-request rate/latency, every way in turn in
@@ -471,11 +491,21 @@ impl<'a> Bench<'a> {
                 let (mut proxy, route) = match way {
                     Way::Direct => continue,
                     Way::Transparent => (
-                        Proxy::Agent(self.start_agent(&["--max-connections", &capacity.to_string(), "--max-connections-per-sandbox", &capacity.to_string()])?),
+                        Proxy::Agent(self.start_agent(&[
+                            "--max-connections",
+                            &capacity.to_string(),
+                            "--max-connections-per-sandbox",
+                            &capacity.to_string(),
+                        ])?),
                         Route { to: target, connect: None },
                     ),
                     Way::AgentConnect => {
-                        let agent = self.start_agent(&["--max-connections", &capacity.to_string(), "--max-connections-per-sandbox", &capacity.to_string()])?;
+                        let agent = self.start_agent(&[
+                            "--max-connections",
+                            &capacity.to_string(),
+                            "--max-connections-per-sandbox",
+                            &capacity.to_string(),
+                        ])?;
                         let route = Route { to: loopback(agent.port), connect: Some(target) };
                         (Proxy::Agent(agent), route)
                     }
@@ -546,7 +576,8 @@ impl<'a> Bench<'a> {
 
     fn spawn_client(&self, way: Way, workload: &str, route: &Route, args: &[&str]) -> Result<Client> {
         // Through the agent, the client runs in the sandbox cgroup; every other way outside it.
-        let mut command = if way.through_agent() { self.sandbox.command(&self.peer_bin) } else { Command::new(&self.peer_bin) };
+        let mut command =
+            if way.through_agent() { self.sandbox.command(&self.peer_bin) } else { Command::new(&self.peer_bin) };
         command.arg(workload).args(["--to", &route.to.to_string()]);
         if let Some(authority) = route.connect {
             command.args(["--connect", &authority.to_string()]);

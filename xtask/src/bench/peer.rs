@@ -136,10 +136,16 @@ async fn serve(bulk: SocketAddr, http: Vec<SocketAddr>, idle: Vec<SocketAddr>) -
     let mut servers = JoinSet::new();
     servers.spawn(accept_loop(TcpListener::bind(bulk).await?, serve_bulk));
     for address in http {
-        servers.spawn(accept_loop(TcpListener::bind(address).await.with_context(|| format!("bind {address}"))?, serve_http));
+        servers.spawn(accept_loop(
+            TcpListener::bind(address).await.with_context(|| format!("bind {address}"))?,
+            serve_http,
+        ));
     }
     for address in idle {
-        servers.spawn(accept_loop(TcpListener::bind(address).await.with_context(|| format!("bind {address}"))?, serve_idle));
+        servers.spawn(accept_loop(
+            TcpListener::bind(address).await.with_context(|| format!("bind {address}"))?,
+            serve_idle,
+        ));
     }
     println!("{}", json!({ "ready": true }));
     while let Some(done) = servers.join_next().await {
@@ -210,8 +216,8 @@ async fn serve_idle(mut stream: TcpStream) -> Result<()> {
 
 /// Blocking, one stream: the simplest fastest loop.
 fn bulk(route: &Route, bytes: u64) -> Result<()> {
-    let mut stream =
-        std::net::TcpStream::connect_timeout(&route.to, STEP_TIMEOUT).with_context(|| format!("connect {}", route.to))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&route.to, STEP_TIMEOUT)
+        .with_context(|| format!("connect {}", route.to))?;
     stream.set_read_timeout(Some(BULK_TIMEOUT))?;
     stream.set_write_timeout(Some(BULK_TIMEOUT))?;
     if let Some(authority) = &route.connect {

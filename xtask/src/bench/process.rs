@@ -62,7 +62,9 @@ impl Client {
         loop {
             interrupt::check()?;
             match self.lines.recv_timeout(Duration::from_millis(100)) {
-                Ok(line) => return serde_json::from_str(&line).with_context(|| format!("{}: not JSON: {line}", self.what)),
+                Ok(line) => {
+                    return serde_json::from_str(&line).with_context(|| format!("{}: not JSON: {line}", self.what))
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
                 Err(mpsc::RecvTimeoutError::Timeout) => bail!("{} gave no result within {timeout:?}", self.what),
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -140,8 +142,14 @@ impl AgentProcess {
             .stderr(File::create(log)?)
             .spawn()
             .with_context(|| format!("spawn {}", bin.display()))?;
-        let mut agent =
-            Self { child, port: 0, cgroup: sandbox.path_str().to_owned(), log: log.to_owned(), relayed: 0, log_offset: 0 };
+        let mut agent = Self {
+            child,
+            port: 0,
+            cgroup: sandbox.path_str().to_owned(),
+            log: log.to_owned(),
+            relayed: 0,
+            log_offset: 0,
+        };
         let deadline = Instant::now() + e2e::WAIT;
         loop {
             interrupt::check()?;
@@ -241,7 +249,9 @@ pub fn rss_bytes(pid: u32) -> Result<u64> {
         let Some(child) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else { continue };
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
         // The parent is the second field after the parenthesised command name.
-        if let Some(parent) = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok()) {
+        if let Some(parent) =
+            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+        {
             parents.push((child, parent));
         }
     }
@@ -253,8 +263,8 @@ pub fn rss_bytes(pid: u32) -> Result<u64> {
     }
     let mut total = 0;
     for pid in family {
-        let status =
-            std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("read /proc/{pid}/status"))?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .with_context(|| format!("read /proc/{pid}/status"))?;
         let kib: u64 = status
             .lines()
             .find_map(|line| line.strip_prefix("VmRSS:"))

@@ -23,7 +23,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// port and take no CPU while we measure (our instances use free ports anyway).
 pub fn stop_distro_services() {
     for name in PACKAGES {
-        let running = Command::new("service").args([name, "status"]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        let running =
+            Command::new("service").args([name, "status"]).stdout(Stdio::null()).stderr(Stdio::null()).status();
         if running.is_ok_and(|status| status.success()) {
             eprintln!("bench: stopping the {name} service apt started");
             let _ = Command::new("service").args([name, "stop"]).stdout(Stdio::null()).stderr(Stdio::null()).status();
@@ -55,7 +56,10 @@ impl Daemon {
         while TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_err() {
             interrupt::check()?;
             if let Some(status) = daemon.child.try_wait()? {
-                bail!("{name} exited ({status}) before listening: {}", std::fs::read_to_string(&output).unwrap_or_default());
+                bail!(
+                    "{name} exited ({status}) before listening: {}",
+                    std::fs::read_to_string(&output).unwrap_or_default()
+                );
             }
             if Instant::now() > deadline {
                 bail!(

@@ -202,7 +202,8 @@ fn short(metric: Metric) -> &'static str {
     }
 }
 
-pub const NOT_MEASURED: &str = "inference.local: not measured (no column): this bench has no fake model provider to route it to.";
+pub const NOT_MEASURED: &str =
+    "inference.local: not measured (no column): this bench has no fake model provider to route it to.";
 
 /// The summary table, the targets, and (with `raw`) every run.
 pub fn markdown(results: &Results, sizes: &Sizes, header: &str, raw: bool) -> String {
@@ -287,8 +288,10 @@ pub fn json(results: &Results, sizes: &Sizes, machine: Value) -> Value {
             "first_error": errors.map(|e| e.1.clone()),
         }));
     }
-    let targets: Vec<Value> =
-        targets(results).into_iter().map(|t| json!({ "target": t.what, "measured": t.measured, "met": t.met })).collect();
+    let targets: Vec<Value> = targets(results)
+        .into_iter()
+        .map(|t| json!({ "target": t.what, "measured": t.measured, "met": t.met }))
+        .collect();
     json!({
         "machine": machine,
         "sizes": {
