@@ -137,6 +137,7 @@ pub fn require_root(task: &str) -> Result<()> {
 fn test(args: &[String]) -> Result<()> {
     require_root("test")?;
     setup::run()?;
+    lint()?;
     let agent = build_agent(false)?;
     let mut child = cargo()
         .args(["test", "--workspace", "--exclude", "agent-ebpf"])
@@ -172,6 +173,30 @@ fn test(args: &[String]) -> Result<()> {
     }
     if fuzzed?.contains(&false) {
         bail!("a fuzz target failed");
+    }
+    Ok(())
+}
+
+/// Formatting and lints, before anything slow: fails with the command that fixes it.
+fn lint() -> Result<()> {
+    let fuzz_manifest = workspace_root().join("fuzz/Cargo.toml");
+    let formatted = cargo().args(["fmt", "--all", "--", "--check"]).status()?.success()
+        && cargo().arg("fmt").arg("--manifest-path").arg(&fuzz_manifest).args(["--", "--check"]).status()?.success();
+    if !formatted {
+        bail!("the tree is not rustfmt-formatted: run `cargo fmt --all && cargo fmt --manifest-path fuzz/Cargo.toml`");
+    }
+    // agent-ebpf is not linted: clippy would have to build `core` for
+    // bpfel-unknown-none, which only Debian's rustc-web can (it ships the
+    // matching library source) and Debian ships no clippy for it; rustup's
+    // clippy has no rust-src here.
+    let clippy = cargo()
+        .args(["clippy", "--workspace", "--exclude", "agent-ebpf", "--all-targets", "--", "-D", "warnings"])
+        .status()?;
+    if !clippy.success() {
+        bail!(
+            "clippy found warnings: fix them (see above; `cargo clippy --workspace --exclude agent-ebpf --all-targets` \
+             lists them, `--fix` applies the suggested ones)"
+        );
     }
     Ok(())
 }
