@@ -12,6 +12,10 @@ pub const MAP_BY_CLIENT: &str = "CONNECTS_BY_CLIENT";
 /// Name of the map holding, per UDP socket cookie, the DNS server the
 /// sandbox addressed: replies are made to appear to come from it.
 pub const MAP_DNS_SERVER_BY_COOKIE: &str = "DNS_SERVER_BY_COOKIE";
+/// Name of the map holding, per UDP client address of a DNS query sent to
+/// the agent, the cgroup id of the sandbox socket that sent it (written by
+/// the packet program on the way out).
+pub const MAP_DNS_CLIENTS: &str = "DNS_CLIENTS";
 /// Name of the eBPF global holding the agent's listener port (host order):
 /// TCP connects go to it, and DNS over UDP to the same port number.
 pub const GLOBAL_LISTEN_PORT: &str = "LISTEN_PORT";
@@ -27,6 +31,9 @@ pub const BY_COOKIE_MAX_ENTRIES: u32 = 16_384;
 pub const BY_CLIENT_MAX_ENTRIES: u32 = 65_536;
 /// One entry per UDP socket that sent a DNS query, while it lives.
 pub const DNS_SERVER_MAX_ENTRIES: u32 = 16_384;
+
+/// One entry per UDP socket that sent a query to the agent, while it lives.
+pub const DNS_CLIENTS_MAX_ENTRIES: u32 = 16_384;
 
 /// A socket address: IPv4 addresses are stored v4-mapped (`::ffff:a.b.c.d`)
 /// so one key type serves both families.

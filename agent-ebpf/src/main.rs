@@ -23,8 +23,8 @@
 use core::ptr::{read_volatile, write_volatile};
 
 use agent_common::{
-    is_v4_mapped, ConnectRecord, SockAddrKey, BY_CLIENT_MAX_ENTRIES, BY_COOKIE_MAX_ENTRIES, DNS_PORT,
-    DNS_SERVER_MAX_ENTRIES,
+    is_v4_mapped, ConnectRecord, SockAddrKey, BY_CLIENT_MAX_ENTRIES, BY_COOKIE_MAX_ENTRIES, DNS_CLIENTS_MAX_ENTRIES,
+    DNS_PORT, DNS_SERVER_MAX_ENTRIES,
 };
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_TCP_CONNECT_CB},
@@ -56,6 +56,9 @@ static CONNECTS_BY_CLIENT: LruHashMap<SockAddrKey, ConnectRecord> =
 
 #[map]
 static DNS_SERVER_BY_COOKIE: LruHashMap<u64, SockAddrKey> = LruHashMap::with_max_entries(DNS_SERVER_MAX_ENTRIES, 0);
+
+#[map]
+static DNS_CLIENTS: LruHashMap<SockAddrKey, u64> = LruHashMap::with_max_entries(DNS_CLIENTS_MAX_ENTRIES, 0);
 
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;

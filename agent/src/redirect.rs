@@ -15,7 +15,7 @@ use std::{
 
 use agent_common::{
     ConnectRecord, SockAddrKey, GLOBAL_AGENT_NETNS_COOKIE, GLOBAL_LISTEN_PORT, MAP_BY_CLIENT, MAP_BY_COOKIE,
-    MAP_DNS_SERVER_BY_COOKIE,
+    MAP_DNS_CLIENTS, MAP_DNS_SERVER_BY_COOKIE,
 };
 use anyhow::{Context, Result};
 use aya::{
@@ -54,6 +54,7 @@ pub enum EbpfLogLevel {
 
 pub struct Redirect {
     by_client: Mutex<HashMap<MapData, SockAddrKey, ConnectRecord>>,
+    dns_clients: HashMap<MapData, SockAddrKey, u64>,
     /// Keeps the programs and the log ring buffer alive.
     _ebpf: Ebpf,
 }
@@ -79,6 +80,7 @@ impl Redirect {
             .map_pin_path(MAP_BY_COOKIE, dir.join(MAP_BY_COOKIE))
             .map_pin_path(MAP_BY_CLIENT, dir.join(MAP_BY_CLIENT))
             .map_pin_path(MAP_DNS_SERVER_BY_COOKIE, dir.join(MAP_DNS_SERVER_BY_COOKIE))
+            .map_pin_path(MAP_DNS_CLIENTS, dir.join(MAP_DNS_CLIENTS))
             .load(EBPF_OBJECT)
             .with_context(|| {
                 format!(
@@ -109,23 +111,36 @@ impl Redirect {
         drop(previous); // Their pins are gone: closing the fds detaches them.
 
         let by_client = HashMap::try_from(ebpf.take_map(MAP_BY_CLIENT).context("map missing from eBPF object")?)?;
+        let dns_clients = HashMap::try_from(ebpf.take_map(MAP_DNS_CLIENTS).context("map missing from eBPF object")?)?;
         tracing::info!(cgroup = %cgroup.path.display(), pins = %dir.display(), "redirect attached");
-        Ok(Self { by_client: Mutex::new(by_client), _ebpf: ebpf })
+        Ok(Self { by_client: Mutex::new(by_client), dns_clients, _ebpf: ebpf })
     }
 
     /// Takes the record the kernel wrote for the connection whose client end
     /// is `client`. Each record is handed out once.
     pub fn take_record(&self, client: SocketAddr) -> Option<ConnectRecord> {
-        let ip = match client.ip() {
-            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-            IpAddr::V6(v6) => v6,
-        };
-        let key = SockAddrKey::new(ip.octets(), client.port());
+        let key = key_of(client);
         let mut map = self.by_client.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let record = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);
         Some(record)
     }
+}
+
+impl Redirect {
+    /// The cgroup id of the sandbox socket that sent a DNS query from
+    /// `client` (as the agent's UDP socket saw it), if a sandbox sent it.
+    pub fn dns_client_sandbox(&self, client: SocketAddr) -> Option<u64> {
+        self.dns_clients.get(&key_of(client), 0).ok()
+    }
+}
+
+fn key_of(client: SocketAddr) -> SockAddrKey {
+    let ip = match client.ip() {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    SockAddrKey::new(ip.octets(), client.port())
 }
 
 /// Connections opened before the first attach, and sockets created before
