@@ -16,6 +16,20 @@ pub const MAP_DNS_SERVER_BY_COOKIE: &str = "DNS_SERVER_BY_COOKIE";
 /// the agent, the cgroup id of the sandbox socket that sent it (written by
 /// the packet program on the way out).
 pub const MAP_DNS_CLIENTS: &str = "DNS_CLIENTS";
+/// Name of the map holding, per process (tgid) of the sandbox, when it was
+/// forked and when it last tried to exec (written by tracepoints).
+pub const MAP_PROCESS_TIMES: &str = "PROCESS_TIMES";
+/// Name of the map listing the abstract unix socket names sandboxes may
+/// reach (`run --allow-abstract-unix`); every other one is refused.
+pub const MAP_ABSTRACT_UNIX_ALLOWED: &str = "ABSTRACT_UNIX_ALLOWED";
+/// Name of the eBPF global holding the attached cgroup's id, and of the one
+/// holding its level (depth below the cgroup root): process tracking keeps
+/// only the processes in that cgroup or below it.
+pub const GLOBAL_SANDBOX_CGROUP_ID: &str = "SANDBOX_CGROUP_ID";
+pub const GLOBAL_SANDBOX_CGROUP_LEVEL: &str = "SANDBOX_CGROUP_LEVEL";
+/// Name of the ring buffer of [`KernelEvent`]s: refusals and drops the
+/// agent logs (kernel-side warnings are rate limited there, per sandbox).
+pub const MAP_EVENTS: &str = "EVENTS";
 /// Name of the eBPF global holding the agent's listener port (host order):
 /// TCP connects go to it, and DNS over UDP to the same port number.
 pub const GLOBAL_LISTEN_PORT: &str = "LISTEN_PORT";
@@ -34,6 +48,13 @@ pub const DNS_SERVER_MAX_ENTRIES: u32 = 16_384;
 
 /// One entry per UDP socket that sent a query to the agent, while it lives.
 pub const DNS_CLIENTS_MAX_ENTRIES: u32 = 16_384;
+
+/// One entry per sandboxed process, while it (or a later one with its pid) lives.
+pub const PROCESS_TIMES_MAX_ENTRIES: u32 = 65_536;
+/// Names given with `--allow-abstract-unix`.
+pub const ABSTRACT_UNIX_ALLOWED_MAX_ENTRIES: u32 = 64;
+/// An abstract unix name is at most 107 bytes (sun_path less its leading NUL).
+pub const ABSTRACT_NAME_MAX: usize = 107;
 
 /// A socket address: IPv4 addresses are stored v4-mapped (`::ffff:a.b.c.d`)
 /// so one key type serves both families.
@@ -92,6 +113,58 @@ pub struct ConnectRecord {
     pub cgroup_id: u64,
     /// `comm` of the calling thread, NUL padded.
     pub comm: [u8; 16],
+    /// The process's times when it connected: the agent refuses the
+    /// connection if they changed before it read the process's identity
+    /// (an exec, or its pid taken by another process).
+    pub times: ProcessTimes,
+}
+
+/// When a sandboxed process was forked and when it last tried to exec,
+/// in CLOCK_MONOTONIC nanoseconds; 0 where it happened before tracking
+/// began (before the agent first attached).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessTimes {
+    pub forked_ns: u64,
+    pub exec_ns: u64,
+}
+
+/// What a [`KernelEvent`] reports.
+pub mod event_kind {
+    /// A connect or datagram from another network namespace, refused.
+    pub const OTHER_NETNS: u32 = 1;
+    /// A packet of a sandbox socket leaving over a device other than loopback, dropped.
+    pub const PACKET_EGRESS: u32 = 2;
+    /// A packet for a sandbox socket arriving over a device other than loopback, dropped.
+    pub const PACKET_INGRESS: u32 = 3;
+    /// A connect or send to an abstract unix socket not allowed, refused.
+    pub const ABSTRACT_UNIX: u32 = 4;
+}
+
+/// A refusal or drop, at most one per second per sandbox and kind; the ones
+/// in between are only counted (`suppressed`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct KernelEvent {
+    pub kind: u32,
+    /// The calling process, or 0 for packets (no process context).
+    pub pid: u32,
+    pub cgroup_id: u64,
+    /// The device's ifindex for packets, else 0.
+    pub ifindex: u32,
+    pub _pad: u32,
+    /// Events of this kind and sandbox not reported since the last one.
+    pub suppressed: u64,
+    /// `comm` of the calling thread (NUL padded; zero for packets).
+    pub comm: [u8; 16],
+}
+
+/// An abstract unix socket name: `len` bytes of `name`, zero padded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AbstractName {
+    pub len: u8,
+    pub name: [u8; ABSTRACT_NAME_MAX],
 }
 
 #[cfg(feature = "user")]
@@ -100,4 +173,6 @@ mod user {
     // byte arrays with explicit padding fields: every bit pattern is valid.
     unsafe impl aya::Pod for super::SockAddrKey {}
     unsafe impl aya::Pod for super::ConnectRecord {}
+    unsafe impl aya::Pod for super::ProcessTimes {}
+    unsafe impl aya::Pod for super::AbstractName {}
 }

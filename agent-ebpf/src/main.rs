@@ -20,11 +20,15 @@
 #![no_std]
 #![no_main]
 
+mod containment;
+mod identity;
+mod trace;
+
 use core::ptr::{read_volatile, write_volatile};
 
 use agent_common::{
-    is_v4_mapped, ConnectRecord, SockAddrKey, BY_CLIENT_MAX_ENTRIES, BY_COOKIE_MAX_ENTRIES, DNS_CLIENTS_MAX_ENTRIES,
-    DNS_PORT, DNS_SERVER_MAX_ENTRIES,
+    event_kind, is_v4_mapped, ConnectRecord, SockAddrKey, BY_CLIENT_MAX_ENTRIES, BY_COOKIE_MAX_ENTRIES,
+    DNS_CLIENTS_MAX_ENTRIES, DNS_PORT, DNS_SERVER_MAX_ENTRIES,
 };
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_TCP_CONNECT_CB},
@@ -37,11 +41,13 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext},
     EbpfContext, Global,
 };
-use aya_log_ebpf::{debug, warn};
+use aya_log_ebpf::debug;
+use identity::current_times;
+use trace::report_refusal;
 
 /// Set by the agent at load time (host order).
 #[unsafe(no_mangle)]
-static LISTEN_PORT: Global<u16> = Global::new(0);
+pub(crate) static LISTEN_PORT: Global<u16> = Global::new(0);
 
 /// Set by the agent at load time: the network namespace its listener is in.
 #[unsafe(no_mangle)]
@@ -58,7 +64,7 @@ static CONNECTS_BY_CLIENT: LruHashMap<SockAddrKey, ConnectRecord> =
 static DNS_SERVER_BY_COOKIE: LruHashMap<u64, SockAddrKey> = LruHashMap::with_max_entries(DNS_SERVER_MAX_ENTRIES, 0);
 
 #[map]
-static DNS_CLIENTS: LruHashMap<SockAddrKey, u64> = LruHashMap::with_max_entries(DNS_CLIENTS_MAX_ENTRIES, 0);
+pub(crate) static DNS_CLIENTS: LruHashMap<SockAddrKey, u64> = LruHashMap::with_max_entries(DNS_CLIENTS_MAX_ENTRIES, 0);
 
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
@@ -104,14 +110,8 @@ fn in_agent_netns(ctx: &SockAddrContext) -> bool {
     if unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == AGENT_NETNS_COOKIE.load() {
         return true;
     }
-    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    warn!(
-        ctx,
-        "refused pid={} comm={}: it is in another network namespace than the agent; run sandboxes in the agent's network namespace",
-        pid,
-        comm_str(&comm)
-    );
+    // SAFETY: helper without pointer arguments.
+    report_refusal(unsafe { bpf_get_current_cgroup_id() }, event_kind::OTHER_NETNS);
     false
 }
 
@@ -193,26 +193,11 @@ fn record_connect(ctx: &SockAddrContext, original_dst: SockAddrKey) {
         // SAFETY: helper without pointer arguments.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        times: current_times(),
     };
     if CONNECTS_BY_COOKIE.insert(socket_cookie(ctx), record, u64::from(BPF_NOEXIST)).is_ok() {
-        debug!(
-            ctx,
-            "redirect pid={} comm={} dst=[{:i}]:{}",
-            record.tgid,
-            comm_str(&record.comm),
-            original_dst.addr,
-            original_dst.port
-        );
+        debug!(ctx, "redirect pid={} dst=[{:i}]:{}", record.tgid, original_dst.addr, original_dst.port);
     }
-}
-
-fn comm_str(comm: &[u8; 16]) -> &str {
-    let mut len = 0;
-    while len < comm.len() && comm[len] != 0 {
-        len += 1;
-    }
-    // SAFETY: comm is what the task named itself; aya-log copies bytes as is.
-    unsafe { core::str::from_utf8_unchecked(&comm[..len]) }
 }
 
 #[cgroup_sock_addr(connect4)]

@@ -89,6 +89,10 @@ struct RunArgs {
     /// Time for a whole TLS ClientHello or HTTP request head, from its first byte.
     #[arg(long, value_parser = parse_millis, default_value = "10000", value_name = "MS")]
     head_timeout: Duration,
+    /// An abstract unix socket name sandboxes may connect or send to (with or
+    /// without the leading `@`); repeatable. Every other abstract name is refused.
+    #[arg(long, value_name = "NAME")]
+    allow_abstract_unix: Vec<String>,
     /// Level of the eBPF programs' own traces (redirect decisions are `debug`).
     #[arg(long, value_enum, default_value_t = redirect::EbpfLogLevel::Info)]
     ebpf_log_level: redirect::EbpfLogLevel,
@@ -145,7 +149,9 @@ fn run(args: RunArgs) -> Result<()> {
         let listeners = proxy::Listeners::bind(args.listen_port).await?;
         let dns = std::sync::Arc::new(dns::DnsResponder::new(args.dns_server)?);
         preflight::ensure_bpffs()?;
-        let redirect = redirect::Redirect::attach(&cgroup, listeners.port(), args.ebpf_log_level)?;
+        preflight::ensure_tracefs()?;
+        let redirect =
+            redirect::Redirect::attach(&cgroup, listeners.port(), args.ebpf_log_level, &args.allow_abstract_unix)?;
         let config = proxy::Config {
             listen_port: listeners.port(),
             max_connections: args.max_connections,

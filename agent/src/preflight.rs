@@ -9,10 +9,11 @@ use std::{
 use anyhow::{bail, Context, Result};
 use nix::{
     mount::{mount, MsFlags},
-    sys::statfs::{statfs, BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC},
+    sys::statfs::{statfs, BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC, TRACEFS_MAGIC},
 };
 
 pub const BPFFS: &str = "/sys/fs/bpf";
+const TRACEFS: &str = "/sys/kernel/tracing";
 
 pub fn require_root(command: &str) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
@@ -26,6 +27,8 @@ pub fn require_root(command: &str) -> Result<()> {
 pub struct Cgroup {
     pub path: PathBuf,
     pub id: u64,
+    /// Depth below the cgroup v2 root (the root is level 0).
+    pub level: u32,
 }
 
 pub fn cgroup_v2_dir(path: &Path) -> Result<Cgroup> {
@@ -39,7 +42,12 @@ pub fn cgroup_v2_dir(path: &Path) -> Result<Cgroup> {
         );
     }
     let id = std::fs::metadata(&path)?.ino();
-    Ok(Cgroup { path, id })
+    let level = path
+        .ancestors()
+        .skip(1)
+        .take_while(|ancestor| statfs(*ancestor).is_ok_and(|fs| fs.filesystem_type() == CGROUP2_SUPER_MAGIC))
+        .count() as u32;
+    Ok(Cgroup { path, id, level })
 }
 
 /// Raises the open-file soft limit to the hard one: every relayed connection
@@ -62,6 +70,21 @@ pub fn raise_fd_limit() -> Result<u64> {
 }
 
 /// Pins need a BPF filesystem; mount one at /sys/fs/bpf if there is none.
+/// Tracepoints (process tracking) are found through tracefs.
+pub fn ensure_tracefs() -> Result<()> {
+    ensure_mounted(TRACEFS, "tracefs", TRACEFS_MAGIC)
+}
+
+fn ensure_mounted(dir: &str, fstype: &str, magic: nix::sys::statfs::FsType) -> Result<()> {
+    if statfs(dir).is_ok_and(|fs| fs.filesystem_type() == magic) {
+        return Ok(());
+    }
+    mount(Some(fstype), dir, Some(fstype), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None::<&str>)
+        .with_context(|| format!("mount {fstype} at {dir}"))?;
+    tracing::info!("mounted {fstype} at {dir}");
+    Ok(())
+}
+
 pub fn ensure_bpffs() -> Result<()> {
     std::fs::create_dir_all(BPFFS).with_context(|| format!("create {BPFFS}"))?;
     if statfs(BPFFS)?.filesystem_type() == BPF_FS_MAGIC {

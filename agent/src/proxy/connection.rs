@@ -92,6 +92,12 @@ impl CloseLog {
 pub async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) {
     let started = Instant::now();
     let Some(origin) = attribute(peer, shared) else { return };
+    if let Some(reason) = origin.identity_lost {
+        reset(client);
+        let log =
+            CloseLog { verdict: "denied", reason: Some(reason.into()), protocol: "unknown", ..CloseLog::default() };
+        return log.emit(&origin, peer, started);
+    }
     let Some(_sandbox_slot) = shared.sandbox_slots.try_acquire(origin.cgroup_id) else {
         let max = shared.sandbox_slots.max_per_sandbox();
         refuse(
@@ -141,7 +147,7 @@ fn attribute(peer: SocketAddr, shared: &Shared) -> Option<Origin> {
         return None;
     };
     let with_ancestors = shared.decider.policies.current().policy.matches_binaries();
-    Some(Origin::from_record(&record, with_ancestors))
+    Some(Origin::from_record(&record, with_ancestors, |pid| shared.redirect.process_times(pid)))
 }
 
 impl CloseLog {

@@ -1,11 +1,12 @@
-//! Who connected where: the kernel's connect record, made readable.
+//! Who connected where: the kernel's connect record, made readable, with
+//! the process's identity checked against the times the kernel recorded.
 
 use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
     path::PathBuf,
 };
 
-use agent_common::ConnectRecord;
+use agent_common::{ConnectRecord, ProcessTimes};
 
 /// Ancestors looked at for `binaries` rules; deeper chains are cut here.
 const MAX_ANCESTORS: usize = 16;
@@ -21,26 +22,48 @@ pub struct Origin {
     pub exe: Option<PathBuf>,
     /// Executables of the parent, grandparent... (nearest first), up to but
     /// excluding pid 1, when the policy matches binaries (empty otherwise).
-    /// The pid comes from the kernel's record, never from anything the
-    /// sandbox sends.
+    /// An ancestor counts only with the executable it had when it forked
+    /// the next one down. The pid comes from the kernel's record, never from
+    /// anything the sandbox sends.
     pub ancestors: Vec<PathBuf>,
+    /// Set when `exe` may not be what connected: the process tried to exec,
+    /// or its pid went to another process, after the connect. Such a
+    /// connection is refused.
+    pub identity_lost: Option<&'static str>,
 }
 
 impl Origin {
-    /// Read at accept time, while the process most likely still runs.
-    pub fn from_record(record: &ConnectRecord, with_ancestors: bool) -> Self {
+    /// Read at accept time; `times_of` gives the kernel's process times.
+    pub fn from_record(
+        record: &ConnectRecord,
+        with_ancestors: bool,
+        times_of: impl Fn(u32) -> Option<ProcessTimes>,
+    ) -> Self {
         let ip = Ipv6Addr::from(record.original_dst.addr);
         // IPv4 destinations are stored v4-mapped; show and connect them as IPv4.
         let ip = ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4);
         let comm_len = record.comm.iter().position(|&b| b == 0).unwrap_or(record.comm.len());
+        // The executable first, the times after: an exec is stamped before
+        // it swaps the executable, so unchanged times vouch for what was read.
+        let exe = exe_of(record.tgid);
+        let ancestors = if with_ancestors { ancestors_of(record.tgid, &times_of) } else { Vec::new() };
+        let identity_lost = match times_of(record.tgid) {
+            Some(times) if times == record.times => None,
+            Some(times) if times.forked_ns != record.times.forked_ns => {
+                Some("the process's pid went to another process after it connected")
+            }
+            Some(_) => Some("the process tried to exec another program after it connected"),
+            None => Some("the process is no longer tracked, so what connected cannot be told"),
+        };
         Self {
             destination: SocketAddr::new(ip, record.original_dst.port),
             pid: record.tgid,
             uid: record.uid,
             cgroup_id: record.cgroup_id,
             comm: String::from_utf8_lossy(&record.comm[..comm_len]).into_owned(),
-            exe: exe_of(record.tgid),
-            ancestors: if with_ancestors { ancestors_of(record.tgid) } else { Vec::new() },
+            exe,
+            ancestors,
+            identity_lost,
         }
     }
 }
@@ -56,19 +79,22 @@ fn parent_of(pid: u32) -> Option<u32> {
     after_comm.split_whitespace().nth(1)?.parse().ok()
 }
 
-fn ancestors_of(pid: u32) -> Vec<PathBuf> {
+/// Untracked processes (outside the sandbox, or there before the agent)
+/// have times of 0: "before anything tracked".
+fn ancestors_of(pid: u32, times_of: &impl Fn(u32) -> Option<ProcessTimes>) -> Vec<PathBuf> {
     let mut ancestors = Vec::new();
-    let mut current = pid;
-    while ancestors.len() < MAX_ANCESTORS {
-        match parent_of(current) {
-            Some(parent) if parent > 1 => {
-                if let Some(exe) = exe_of(parent) {
-                    ancestors.push(exe);
-                }
-                current = parent;
-            }
-            _ => break,
+    let mut child = (pid, times_of(pid).unwrap_or_default());
+    for _ in 0..MAX_ANCESTORS {
+        let Some(parent) = parent_of(child.0).filter(|&parent| parent > 1) else { break };
+        let exe = exe_of(parent);
+        let parent_times = times_of(parent).unwrap_or_default();
+        if parent_times.forked_ns > child.1.forked_ns {
+            break; // Forked after its "child": the real parent died and its pid was reused.
         }
+        if let Some(exe) = exe.filter(|_| parent_times.exec_ns <= child.1.forked_ns) {
+            ancestors.push(exe);
+        }
+        child = (parent, parent_times);
     }
     ancestors
 }
