@@ -23,18 +23,25 @@ package sandbox_egress
 
 import rego.v1
 
-matching_endpoints contains endpoint if {
+# Endpoints whose host (exact or wildcard) names input.host, whatever their
+# ports: the agent's DNS answers a name only if this is not empty.
+host_endpoints contains endpoint if {
 	by_host := data.endpoints_by_host
 	some endpoint in by_host[input.host]
-	input.port in endpoint.ports
 }
 
-matching_endpoints contains endpoint if {
+host_endpoints contains endpoint if {
 	by_domain := data.endpoints_by_domain
 	some domain in input.host_domains
 	some endpoint in by_domain[domain]
-	input.port in endpoint.ports
 	wildcard_matches(endpoint)
+}
+
+host_named := count(host_endpoints) > 0
+
+matching_endpoints contains endpoint if {
+	some endpoint in host_endpoints
+	input.port in endpoint.ports
 }
 
 matching_endpoints contains endpoint if {

@@ -34,11 +34,14 @@ print(socket.inet_ntoa(reply[-4:]))
 fn the_sandboxes_dns_is_answered_by_the_agent() -> Result<()> {
     require_root();
     let net = TestNet::new()?;
-    let dns = net.start_dns(&[("allowed.test", net.private_v4.into())])?;
+    // The resolver knows both names; the policy names only allowed.test.
+    let dns = net.start_dns(&[("allowed.test", net.private_v4.into()), ("unlisted.test", net.private_v4.into())])?;
     let sandbox = Sandbox::new("dns")?;
-    let policy = PolicyFile::new("version: 1\nnetwork_policies: {}\n")?;
+    let policy = PolicyFile::new(
+        "version: 1\nnetwork_policies:\n  web:\n    endpoints:\n      - host: allowed.test\n        port: 443\n",
+    )?;
     let dns_args = dns.agent_args();
-    let _agent = Agent::start(&sandbox, &policy, &[dns_args[0].as_str(), dns_args[1].as_str()])?;
+    let agent = Agent::start(&sandbox, &policy, &[dns_args[0].as_str(), dns_args[1].as_str()])?;
 
     // glibc's resolver, through /etc/resolv.conf, whatever server it names.
     for (name, expected) in [("inference.local", "240.0.0.1".to_owned()), ("allowed.test", net.private_v4.to_string())]
@@ -51,6 +54,14 @@ fn the_sandboxes_dns_is_answered_by_the_agent() -> Result<()> {
             String::from_utf8_lossy(&output.stderr)
         );
     }
+    // A name of no policy endpoint is refused, not forwarded.
+    let (_, output) = run_in(&sandbox, "getent", &["ahostsv4", "unlisted.test"])?;
+    assert!(!output.status.success(), "unlisted.test resolved: {}", String::from_utf8_lossy(&output.stdout));
+    agent.log.wait_for("the refusal logged", |e| {
+        e["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("DNS: refused unlisted.test") && m.ends_with("not a host of any policy"))
+    })?;
     let (_, output) = run_in(&sandbox, "getent", &["ahostsv6", "inference.local"])?;
     assert!(
         String::from_utf8_lossy(&output.stdout).starts_with("100::1 "),

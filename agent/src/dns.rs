@@ -2,10 +2,20 @@
 //! query to port 53 here, and TCP connects to port 53 reach the proxy).
 //!
 //! `inference.local` gets reserved addresses that the proxy recognises as
-//! the managed inference route. Every other query goes to the host's
-//! resolver unchanged; the A/AAAA answers are recorded, so the proxy can
-//! check that a name the sandbox claims (SNI, Host) stands for the address
-//! it connected to, as the sandbox itself was told.
+//! the managed inference route. Otherwise only names the policy could allow
+//! are answered (a host or wildcard of some endpoint, whatever its ports and
+//! binaries: DNS has no process to check), for the query types a client
+//! needs to connect (A, AAAA, CNAME, HTTPS, SVCB, SRV): those queries go to
+//! the host's resolver unchanged. Anything else gets REFUSED without leaving
+//! the machine, so DNS cannot carry data out (tunnelling encodes it in the
+//! names asked, and reads TXT or NULL answers).
+//!
+//! Each sandbox (cgroup) has its own query rate and queries in flight, so
+//! one flooding sandbox is refused while the others are still answered.
+//!
+//! The A/AAAA answers are recorded, so the proxy can check that a name the
+//! sandbox claims (SNI, Host) stands for the address it connected to, as
+//! the sandbox itself was told.
 
 use std::{
     collections::HashMap,
@@ -17,17 +27,19 @@ use std::{
 
 use anyhow::{Context, Result};
 use hickory_proto::{
-    op::{Message, MessageType, Query, ResponseCode},
+    op::{Message, MessageType, OpCode, Query, ResponseCode},
     rr::{
         rdata::{A, AAAA},
-        Name, RData, Record, RecordType,
+        DNSClass, Name, RData, Record, RecordType,
     },
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpStream, UdpSocket},
-    sync::Semaphore,
+    sync::{OwnedSemaphorePermit, Semaphore},
 };
+
+use crate::proxy::PolicyStore;
 
 pub const INFERENCE_HOST: &str = "inference.local";
 /// From 240.0.0.0/4 (class E) and 100::/64 (RFC 6666, discard-only): never
@@ -43,9 +55,18 @@ const MAX_MESSAGE: usize = 4096;
 /// becomes a SERVFAIL the client still hears.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 const TCP_IDLE: Duration = Duration::from_secs(10);
-/// Queries forwarded at once; beyond this a query is dropped and the
-/// client's resolver retries.
-const MAX_IN_FLIGHT: usize = 256;
+/// What a client needs to connect to a name; TXT, NULL, MX, ANY and the
+/// rest are refused (TXT and NULL are what DNS tunnels read data from).
+const ANSWERED_TYPES: [RecordType; 6] =
+    [RecordType::A, RecordType::AAAA, RecordType::CNAME, RecordType::HTTPS, RecordType::SVCB, RecordType::SRV];
+/// Sandboxes with budget state kept; idle ones (no query in flight, a full
+/// bucket) are forgotten first, as they equal a fresh entry.
+const MAX_SANDBOXES: usize = 4096;
+/// A refused name is logged once per sandbox in this interval...
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
+const MAX_LOGGED_NAMES: usize = 4096;
+/// ...and each sandbox logs at most this many refusal lines a second.
+const LOG_LINES_PER_SECOND: u32 = 5;
 /// Names remembered for consistency checks; TTLs are clamped to this range.
 const MAX_RECORDED_NAMES: usize = 16_384;
 const MIN_RECORD_TTL: u64 = 5;
@@ -98,15 +119,56 @@ fn normalize(name: &str) -> String {
     name.trim_end_matches('.').to_ascii_lowercase()
 }
 
+/// The cgroup id of the sandbox that sent a query; `None` when unknown
+/// (such queries share one budget of their own).
+pub type Sandbox = Option<u64>;
+
+/// Which sandbox sent a UDP query, from its source address.
+pub type SandboxOf = Arc<dyn Fn(SocketAddr) -> Sandbox + Send + Sync>;
+
+/// Budgets for the sandboxes' queries; over one, a query gets REFUSED at
+/// once instead of being forwarded.
+#[derive(Clone, Copy, Debug)]
+pub struct DnsLimits {
+    /// Queries forwarded at once, all sandboxes together.
+    pub max_in_flight: usize,
+    /// Queries forwarded at once for one sandbox.
+    pub max_in_flight_per_sandbox: usize,
+    /// Each sandbox's sustained rate, with bursts of as many queries.
+    pub queries_per_second: u32,
+}
+
 pub struct DnsResponder {
     upstream: SocketAddr,
     pub records: Arc<DnsRecords>,
-    in_flight: Arc<Semaphore>,
+    policies: PolicyStore,
+    budgets: Arc<Budgets>,
+}
+
+/// What to do with one query.
+enum Step {
+    /// Unparseable, or not a query: stay silent.
+    Silent,
+    Reply(Vec<u8>),
+    /// Forward it upstream, holding its place in the budgets meanwhile.
+    Forward(QueryPermit, Message),
+}
+
+#[derive(Clone, Copy)]
+enum Refusal {
+    /// Not a single IN-class question of an answered type.
+    Unanswered,
+    /// The name is no host of any policy.
+    NotNamed,
+    OverRate,
+    OverInFlight,
 }
 
 impl DnsResponder {
-    /// `upstream`: where other queries go (default: the first nameserver of /etc/resolv.conf).
-    pub fn new(upstream: Option<SocketAddr>) -> Result<Self> {
+    /// `upstream`: where allowed queries go (default: the first nameserver
+    /// of /etc/resolv.conf). `policies`: read per query, so a reload changes
+    /// which names are answered at once.
+    pub fn new(upstream: Option<SocketAddr>, policies: PolicyStore, limits: DnsLimits) -> Result<Self> {
         let upstream = match upstream {
             Some(server) => server,
             None => {
@@ -120,12 +182,18 @@ impl DnsResponder {
                 SocketAddr::new(server.into(), DNS_PORT)
             }
         };
-        tracing::info!(%upstream, "DNS: answering the sandbox, forwarding to this resolver");
-        Ok(Self { upstream, records: Arc::default(), in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)) })
+        tracing::info!(
+            %upstream,
+            max_in_flight = limits.max_in_flight,
+            max_in_flight_per_sandbox = limits.max_in_flight_per_sandbox,
+            queries_per_second = limits.queries_per_second,
+            "DNS: answering the sandbox for the policy's hosts, forwarding to this resolver"
+        );
+        Ok(Self { upstream, records: Arc::default(), policies, budgets: Arc::new(Budgets::new(limits)) })
     }
 
     /// Serves DNS over UDP on `socket` (the agent's loopback port).
-    pub async fn serve_udp(self: Arc<Self>, socket: UdpSocket) {
+    pub async fn serve_udp(self: Arc<Self>, socket: UdpSocket, sandbox_of: SandboxOf) {
         let socket = Arc::new(socket);
         let mut buffer = vec![0u8; MAX_MESSAGE];
         loop {
@@ -136,18 +204,23 @@ impl DnsResponder {
                     continue;
                 }
             };
-            let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
-                tracing::warn!(%client, "DNS: too many queries in flight, dropping one");
-                continue;
-            };
-            let query = buffer[..len].to_vec();
-            let (responder, socket) = (self.clone(), socket.clone());
-            tokio::spawn(async move {
-                if let Some(reply) = responder.answer(&query).await {
+            // Decided here, so refusals cost no task and tasks are bounded by the budgets.
+            match self.prepare(&buffer[..len], sandbox_of(client)) {
+                Step::Silent => {}
+                Step::Reply(reply) => {
                     let _ = socket.send_to(&reply, client).await;
                 }
-                drop(permit);
-            });
+                Step::Forward(permit, request) => {
+                    let query = buffer[..len].to_vec();
+                    let (responder, socket) = (self.clone(), socket.clone());
+                    tokio::spawn(async move {
+                        if let Some(reply) = responder.forward_answer(&query, &request).await {
+                            let _ = socket.send_to(&reply, client).await;
+                        }
+                        drop(permit);
+                    });
+                }
+            }
         }
     }
 
@@ -192,8 +265,9 @@ impl DnsResponder {
         Ok(addresses_in(&message).map(|(ip, _)| ip).collect())
     }
 
-    /// Serves DNS over TCP (two-byte length prefixes) on a redirected connection.
-    pub async fn serve_tcp(&self, mut stream: TcpStream) -> io::Result<()> {
+    /// Serves DNS over TCP (two-byte length prefixes) on a redirected
+    /// connection of `sandbox`.
+    pub async fn serve_tcp(&self, mut stream: TcpStream, sandbox: Sandbox) -> io::Result<()> {
         loop {
             let len = match tokio::time::timeout(TCP_IDLE, stream.read_u16()).await {
                 Ok(Ok(len)) => usize::from(len),
@@ -205,23 +279,106 @@ impl DnsResponder {
             tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut query))
                 .await
                 .map_err(|_| io::ErrorKind::TimedOut)??;
-            let Some(reply) = self.answer(&query).await else { return Ok(()) };
+            let Some(reply) = self.answer(&query, sandbox).await else { return Ok(()) };
             let len = u16::try_from(reply.len()).map_err(|_| io::ErrorKind::InvalidData)?;
             stream.write_all(&[&len.to_be_bytes()[..], &reply].concat()).await?;
         }
     }
 
     /// The reply to one query, or `None` to stay silent (unparseable query).
-    async fn answer(&self, query: &[u8]) -> Option<Vec<u8>> {
-        let request = Message::from_vec(query).ok()?;
+    async fn answer(&self, query: &[u8], sandbox: Sandbox) -> Option<Vec<u8>> {
+        match self.prepare(query, sandbox) {
+            Step::Silent => None,
+            Step::Reply(reply) => Some(reply),
+            Step::Forward(_permit, request) => self.forward_answer(query, &request).await,
+        }
+    }
+
+    /// Everything but the forwarding: parse, budgets, policy.
+    fn prepare(&self, query: &[u8], sandbox: Sandbox) -> Step {
+        let Ok(request) = Message::from_vec(query) else { return Step::Silent };
         if request.metadata.message_type != MessageType::Query {
-            return None;
+            return Step::Silent;
         }
-        if let Some(question) = request.queries.first() {
-            if normalize(&question.name().to_ascii()) == INFERENCE_HOST {
-                return answer_inference(&request).to_vec().ok();
+        // Every query costs a token, refused or not: refusals are work and log lines too.
+        if !self.budgets.take_token(sandbox, Instant::now()) {
+            return self.refuse(&request, sandbox, Refusal::OverRate);
+        }
+        let [question] = request.queries.as_slice() else {
+            return self.refuse(&request, sandbox, Refusal::Unanswered);
+        };
+        let name = normalize(&question.name().to_ascii());
+        if name == INFERENCE_HOST {
+            return answer_inference(&request).to_vec().map_or(Step::Silent, Step::Reply);
+        }
+        if request.metadata.op_code != OpCode::Query
+            || question.query_class() != DNSClass::IN
+            || !ANSWERED_TYPES.contains(&question.query_type())
+        {
+            return self.refuse(&request, sandbox, Refusal::Unanswered);
+        }
+        if !self.names_host(&name) {
+            return self.refuse(&request, sandbox, Refusal::NotNamed);
+        }
+        match self.budgets.acquire(sandbox) {
+            Some(permit) => Step::Forward(permit, request),
+            None => self.refuse(&request, sandbox, Refusal::OverInFlight),
+        }
+    }
+
+    fn names_host(&self, name: &str) -> bool {
+        let current = self.policies.current();
+        current.policy.names_host(name).unwrap_or_else(|error| {
+            tracing::error!(generation = current.generation, "DNS: policy evaluation failed, refusing: {error:#}");
+            false
+        })
+    }
+
+    /// REFUSED, with the question echoed, and a log line within the limits.
+    fn refuse(&self, request: &Message, sandbox: Sandbox, why: Refusal) -> Step {
+        self.log_refusal(request, sandbox, why);
+        let mut reply = Message::error_msg(request.metadata.id, request.metadata.op_code, ResponseCode::Refused);
+        reply.metadata.recursion_desired = request.metadata.recursion_desired;
+        reply.queries = request.queries.clone();
+        reply.to_vec().map_or(Step::Silent, Step::Reply)
+    }
+
+    fn log_refusal(&self, request: &Message, sandbox: Sandbox, why: Refusal) {
+        let question = request.queries.first();
+        let name = question.map(|question| question.name().to_ascii()).unwrap_or_default();
+        let record_type = question.map(|question| question.query_type().to_string()).unwrap_or_default();
+        let per_name = matches!(why, Refusal::Unanswered | Refusal::NotNamed);
+        let Some(suppressed) = self.budgets.may_log(sandbox, per_name.then_some(name.as_str()), Instant::now()) else {
+            return;
+        };
+        if suppressed > 0 {
+            tracing::warn!(cgroup_id = sandbox, suppressed, "DNS: {suppressed} refusal lines suppressed");
+        }
+        let limits = self.budgets.limits;
+        match why {
+            Refusal::Unanswered => {
+                tracing::warn!(cgroup_id = sandbox, "DNS: refused {name} ({record_type}): query type not answered")
             }
+            Refusal::NotNamed => {
+                tracing::warn!(cgroup_id = sandbox, "DNS: refused {name} ({record_type}): not a host of any policy")
+            }
+            Refusal::OverRate => tracing::warn!(
+                cgroup_id = sandbox,
+                "DNS: refused {name} ({record_type}): over the sandbox's rate (--dns-queries-per-second {})",
+                limits.queries_per_second
+            ),
+            Refusal::OverInFlight => tracing::warn!(
+                cgroup_id = sandbox,
+                "DNS: refused {name} ({record_type}): too many queries in flight \
+                 (--dns-max-in-flight-per-sandbox {}, --dns-max-in-flight {})",
+                limits.max_in_flight_per_sandbox,
+                limits.max_in_flight
+            ),
         }
+    }
+
+    /// The upstream's answer to a query `prepare` let through, or SERVFAIL.
+    async fn forward_answer(&self, query: &[u8], request: &Message) -> Option<Vec<u8>> {
         match self.forward(query).await {
             Ok(reply) => {
                 self.record_answers(&reply);
@@ -262,6 +419,148 @@ impl DnsResponder {
     }
 }
 
+/// Per-sandbox query budgets and log limits, beside the total in flight.
+struct Budgets {
+    limits: DnsLimits,
+    total: Arc<Semaphore>,
+    state: Mutex<BudgetState>,
+}
+
+#[derive(Default)]
+struct BudgetState {
+    sandboxes: HashMap<Sandbox, SandboxBudget>,
+    /// When each (sandbox, refused name) was last logged.
+    logged: HashMap<(Sandbox, String), Instant>,
+}
+
+struct SandboxBudget {
+    /// Token bucket: one per query, refilled at `queries_per_second`.
+    tokens: f64,
+    refilled: Instant,
+    in_flight: usize,
+    /// Refusal lines logged in the second from `log_window`, and those not.
+    log_window: Instant,
+    log_lines: u32,
+    suppressed: u64,
+}
+
+/// A query's place in its sandbox's and the total in-flight counts.
+struct QueryPermit {
+    budgets: Arc<Budgets>,
+    sandbox: Sandbox,
+    _total: OwnedSemaphorePermit,
+}
+
+impl Drop for QueryPermit {
+    fn drop(&mut self) {
+        let mut state = self.budgets.lock();
+        if let Some(budget) = state.sandboxes.get_mut(&self.sandbox) {
+            budget.in_flight -= 1;
+        }
+    }
+}
+
+impl Budgets {
+    fn new(limits: DnsLimits) -> Self {
+        Self { limits, total: Arc::new(Semaphore::new(limits.max_in_flight)), state: Mutex::default() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BudgetState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn burst(&self) -> f64 {
+        f64::from(self.limits.queries_per_second)
+    }
+
+    fn take_token(&self, sandbox: Sandbox, now: Instant) -> bool {
+        // The rate and the burst are the same number.
+        let burst = self.burst();
+        let mut state = self.lock();
+        let budget = state.entry(sandbox, now, burst);
+        budget.tokens = (budget.tokens + now.duration_since(budget.refilled).as_secs_f64() * burst).min(burst);
+        budget.refilled = now;
+        if budget.tokens < 1.0 {
+            return false;
+        }
+        budget.tokens -= 1.0;
+        true
+    }
+
+    fn acquire(self: &Arc<Self>, sandbox: Sandbox) -> Option<QueryPermit> {
+        let mut state = self.lock();
+        let budget = state.entry(sandbox, Instant::now(), self.burst());
+        if budget.in_flight >= self.limits.max_in_flight_per_sandbox {
+            return None;
+        }
+        let total = self.total.clone().try_acquire_owned().ok()?;
+        budget.in_flight += 1;
+        Some(QueryPermit { budgets: self.clone(), sandbox, _total: total })
+    }
+
+    /// Whether a refusal line may be logged: `None` if `name` was logged
+    /// for this sandbox within the interval, or the sandbox is over its
+    /// lines this second; else the lines suppressed since the last one.
+    fn may_log(&self, sandbox: Sandbox, name: Option<&str>, now: Instant) -> Option<u64> {
+        let burst = self.burst();
+        let mut state = self.lock();
+        if let Some(name) = name {
+            let key = (sandbox, name.to_owned());
+            if state.logged.get(&key).is_some_and(|&at| now.duration_since(at) < REFUSAL_LOG_INTERVAL) {
+                return None;
+            }
+            if state.logged.len() >= MAX_LOGGED_NAMES {
+                state.logged.retain(|_, at| now.duration_since(*at) < REFUSAL_LOG_INTERVAL);
+                if state.logged.len() >= MAX_LOGGED_NAMES {
+                    // All recent: forgetting them only repeats some lines, still rate-limited.
+                    state.logged.clear();
+                }
+            }
+            state.logged.insert(key, now);
+        }
+        let budget = state.entry(sandbox, now, burst);
+        if now.duration_since(budget.log_window) >= Duration::from_secs(1) {
+            budget.log_window = now;
+            budget.log_lines = 0;
+        }
+        if budget.log_lines >= LOG_LINES_PER_SECOND {
+            budget.suppressed += 1;
+            return None;
+        }
+        budget.log_lines += 1;
+        Some(std::mem::take(&mut budget.suppressed))
+    }
+}
+
+impl BudgetState {
+    fn entry(&mut self, sandbox: Sandbox, now: Instant, burst: f64) -> &mut SandboxBudget {
+        if self.sandboxes.len() >= MAX_SANDBOXES && !self.sandboxes.contains_key(&sandbox) {
+            self.sandboxes.retain(|_, budget| !budget.is_idle(now, burst));
+            if self.sandboxes.len() >= MAX_SANDBOXES {
+                // Busy refilling: forget a bucket (it starts full again) rather than grow.
+                // Entries with queries in flight stay, and are at most --dns-max-in-flight.
+                self.sandboxes.retain(|_, budget| budget.in_flight > 0);
+            }
+        }
+        self.sandboxes.entry(sandbox).or_insert_with(|| SandboxBudget {
+            tokens: burst,
+            refilled: now,
+            in_flight: 0,
+            log_window: now,
+            log_lines: 0,
+            suppressed: 0,
+        })
+    }
+}
+
+impl SandboxBudget {
+    /// As good as a new entry: nothing in flight or suppressed, the bucket full again.
+    fn is_idle(&self, now: Instant, burst: f64) -> bool {
+        let refill = now.duration_since(self.refilled).as_secs_f64() * burst;
+        self.in_flight == 0 && self.suppressed == 0 && self.tokens + refill >= burst
+    }
+}
+
 /// The A and AAAA answers of a reply, with their TTLs.
 fn addresses_in(message: &Message) -> impl Iterator<Item = (IpAddr, u32)> + '_ {
     message.answers.iter().filter_map(|record| match &record.data {
@@ -292,7 +591,46 @@ fn answer_inference(request: &Message) -> Message {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
     use super::*;
+
+    const POLICY: &str = r#"
+version: 1
+network_policies:
+  api:
+    endpoints:
+      - host: api.example.test
+        port: 443
+      - host: "*.cdn.example.test"
+        port: 443
+      - host: 192.0.2.1
+        port: 22
+      - allowed_ips: [10.0.0.0/8]
+        port: 5432
+    binaries:
+      - path: /usr/bin/curl
+"#;
+
+    const LIMITS: DnsLimits = DnsLimits { max_in_flight: 256, max_in_flight_per_sandbox: 64, queries_per_second: 100 };
+
+    /// A policy file of its own, and the store reading it.
+    fn store(yaml: &str) -> (PolicyStore, std::path::PathBuf) {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "sandbox-egress-dns-{}-{}.yaml",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, yaml).unwrap();
+        (PolicyStore::load(&path).unwrap(), path)
+    }
+
+    fn responder(upstream: SocketAddr, limits: DnsLimits) -> DnsResponder {
+        let (policies, path) = store(POLICY);
+        std::fs::remove_file(path).unwrap();
+        DnsResponder::new(Some(upstream), policies, limits).unwrap()
+    }
 
     fn query(name: &str, record_type: RecordType) -> Vec<u8> {
         let mut message = Message::query();
@@ -301,10 +639,23 @@ mod tests {
         message.to_vec().unwrap()
     }
 
-    /// A fake upstream resolver on loopback answering every A query with `ip`.
-    async fn fake_upstream(ip: Ipv4Addr) -> SocketAddr {
+    async fn ask(responder: &DnsResponder, name: &str, record_type: RecordType, sandbox: Sandbox) -> Message {
+        Message::from_vec(&responder.answer(&query(name, record_type), sandbox).await.unwrap()).unwrap()
+    }
+
+    fn assert_refused(reply: &Message, name: &str) {
+        assert_eq!(reply.metadata.response_code, ResponseCode::Refused, "{name}");
+        assert_eq!(reply.queries.len(), 1, "the question is echoed");
+        assert_eq!(reply.queries[0].name().to_ascii(), name);
+    }
+
+    /// A fake upstream resolver on loopback answering every A query with
+    /// `ip`; returns its address and the names it was asked.
+    async fn fake_upstream(ip: Ipv4Addr) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let address = socket.local_addr().unwrap();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let seen = asked.clone();
         tokio::spawn(async move {
             let mut buffer = vec![0u8; MAX_MESSAGE];
             while let Ok((len, client)) = socket.recv_from(&mut buffer).await {
@@ -312,23 +663,23 @@ mod tests {
                 let mut reply = Message::response(request.metadata.id, request.metadata.op_code);
                 reply.queries = request.queries.clone();
                 let question = &request.queries[0];
+                seen.lock().unwrap().push(question.name().to_ascii());
                 if question.query_type() == RecordType::A {
                     reply.answers.push(Record::from_rdata(question.name().clone(), 120, RData::A(A(ip))));
                 }
                 socket.send_to(&reply.to_vec().unwrap(), client).await.unwrap();
             }
         });
-        address
+        (address, asked)
     }
 
     #[tokio::test]
     async fn inference_local_gets_the_reserved_addresses() {
-        let responder = DnsResponder::new(Some("127.0.0.1:9".parse().unwrap())).unwrap();
+        let responder = responder("127.0.0.1:9".parse().unwrap(), LIMITS);
         for (record_type, expected) in
             [(RecordType::A, IpAddr::V4(INFERENCE_V4)), (RecordType::AAAA, IpAddr::V6(INFERENCE_V6))]
         {
-            let reply =
-                Message::from_vec(&responder.answer(&query("Inference.Local.", record_type)).await.unwrap()).unwrap();
+            let reply = ask(&responder, "Inference.Local.", record_type, None).await;
             assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
             let addresses: Vec<IpAddr> = reply
                 .answers
@@ -342,30 +693,185 @@ mod tests {
             assert_eq!(addresses, vec![expected]);
             assert!(is_inference_address(expected));
         }
-        let mx =
-            Message::from_vec(&responder.answer(&query("inference.local.", RecordType::MX)).await.unwrap()).unwrap();
+        let mx = ask(&responder, "inference.local.", RecordType::MX, None).await;
         assert!(mx.answers.is_empty());
     }
 
     #[tokio::test]
-    async fn other_names_are_forwarded_and_their_answers_recorded() {
-        let upstream = fake_upstream(Ipv4Addr::new(10, 1, 2, 3)).await;
-        let responder = DnsResponder::new(Some(upstream)).unwrap();
-        let reply =
-            Message::from_vec(&responder.answer(&query("api.example.test.", RecordType::A)).await.unwrap()).unwrap();
+    async fn policy_hosts_are_forwarded_and_their_answers_recorded() {
+        let (upstream, asked) = fake_upstream(Ipv4Addr::new(10, 1, 2, 3)).await;
+        let responder = responder(upstream, LIMITS);
+        let reply = ask(&responder, "API.example.test.", RecordType::A, Some(1)).await;
         assert_eq!(reply.answers.len(), 1);
-        assert_eq!(responder.records.addresses("API.example.test"), vec![IpAddr::from([10, 1, 2, 3])]);
+        assert_eq!(responder.records.addresses("api.example.test"), vec![IpAddr::from([10, 1, 2, 3])]);
+        for record_type in [RecordType::AAAA, RecordType::HTTPS, RecordType::SVCB, RecordType::CNAME, RecordType::SRV] {
+            let reply = ask(&responder, "api.example.test.", record_type, Some(1)).await;
+            assert_eq!(reply.metadata.response_code, ResponseCode::NoError, "{record_type}");
+        }
+        assert_eq!(asked.lock().unwrap().len(), 6);
+    }
+
+    #[tokio::test]
+    async fn other_names_are_refused_and_never_reach_the_upstream() {
+        let (upstream, asked) = fake_upstream(Ipv4Addr::new(10, 1, 2, 3)).await;
+        let responder = responder(upstream, LIMITS);
+        for name in [
+            "other.test.",
+            "example.test.",
+            "deadbeef.api.example.test.",
+            "cdn.example.test.",
+            "a.b.cdn.example.test.",
+            "192.0.2.1.",
+            "1.0.0.10.in-addr.arpa.",
+        ] {
+            assert_refused(&ask(&responder, name, RecordType::A, Some(1)).await, name);
+        }
+        assert!(asked.lock().unwrap().is_empty());
         assert!(responder.records.addresses("other.test").is_empty());
     }
 
     #[tokio::test]
+    async fn wildcard_patterns_are_answered_as_the_policy_matches_them() {
+        let (upstream, asked) = fake_upstream(Ipv4Addr::new(10, 1, 2, 3)).await;
+        let responder = responder(upstream, LIMITS);
+        let reply = ask(&responder, "img.cdn.example.test.", RecordType::A, Some(1)).await;
+        assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(*asked.lock().unwrap(), vec!["img.cdn.example.test.".to_owned()]);
+    }
+
+    #[tokio::test]
+    async fn tunnelling_query_types_are_refused_even_for_policy_hosts() {
+        let (upstream, asked) = fake_upstream(Ipv4Addr::new(10, 1, 2, 3)).await;
+        let responder = responder(upstream, LIMITS);
+        for record_type in [RecordType::TXT, RecordType::NULL, RecordType::MX, RecordType::ANY, RecordType::PTR] {
+            assert_refused(&ask(&responder, "api.example.test.", record_type, Some(1)).await, "api.example.test.");
+        }
+        let mut chaos = Message::query();
+        let mut question = Query::query(Name::from_ascii("api.example.test.").unwrap(), RecordType::A);
+        question.set_query_class(DNSClass::CH);
+        chaos.queries.push(question);
+        let reply = Message::from_vec(&responder.answer(&chaos.to_vec().unwrap(), Some(1)).await.unwrap()).unwrap();
+        assert_eq!(reply.metadata.response_code, ResponseCode::Refused);
+        assert!(asked.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_reload_changes_the_answered_names() {
+        let (upstream, asked) = fake_upstream(Ipv4Addr::new(10, 1, 2, 3)).await;
+        let (policies, path) = store(POLICY);
+        let responder = DnsResponder::new(Some(upstream), policies.clone(), LIMITS).unwrap();
+        assert_refused(&ask(&responder, "new.test.", RecordType::A, None).await, "new.test.");
+        std::fs::write(&path, POLICY.replace("api.example.test", "new.test")).unwrap();
+        policies.reload("test");
+        std::fs::remove_file(path).unwrap();
+        assert_eq!(
+            ask(&responder, "new.test.", RecordType::A, None).await.metadata.response_code,
+            ResponseCode::NoError
+        );
+        assert_refused(&ask(&responder, "api.example.test.", RecordType::A, None).await, "api.example.test.");
+        assert_eq!(*asked.lock().unwrap(), vec!["new.test.".to_owned()]);
+    }
+
+    #[tokio::test]
+    async fn a_sandbox_over_its_queries_in_flight_does_not_stop_another() {
+        let (upstream, asked) = fake_upstream(Ipv4Addr::new(10, 1, 2, 3)).await;
+        let limits = DnsLimits { max_in_flight_per_sandbox: 2, ..LIMITS };
+        let responder = responder(upstream, limits);
+        // Sandbox 1's queries wait on a slow upstream: they hold their places until answered.
+        let waiting: Vec<_> = (0..2)
+            .map(|_| match responder.prepare(&query("api.example.test.", RecordType::A), Some(1)) {
+                Step::Forward(permit, _) => permit,
+                _ => panic!("the first two queries are forwarded"),
+            })
+            .collect();
+        assert_refused(&ask(&responder, "api.example.test.", RecordType::A, Some(1)).await, "api.example.test.");
+        let other = ask(&responder, "api.example.test.", RecordType::A, Some(2)).await;
+        assert_eq!(other.answers.len(), 1, "another sandbox is still answered");
+        let unknown = ask(&responder, "api.example.test.", RecordType::A, None).await;
+        assert_eq!(unknown.answers.len(), 1, "so are queries from no known sandbox");
+        drop(waiting);
+        let again = ask(&responder, "api.example.test.", RecordType::A, Some(1)).await;
+        assert_eq!(again.answers.len(), 1, "answered queries give their places back");
+        assert_eq!(asked.lock().unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn the_total_in_flight_is_shared() {
+        let (upstream, _) = fake_upstream(Ipv4Addr::new(10, 1, 2, 3)).await;
+        let responder = responder(upstream, DnsLimits { max_in_flight: 1, ..LIMITS });
+        let Step::Forward(_waiting, _) = responder.prepare(&query("api.example.test.", RecordType::A), Some(1)) else {
+            panic!("forwarded")
+        };
+        assert_refused(&ask(&responder, "api.example.test.", RecordType::A, Some(2)).await, "api.example.test.");
+    }
+
+    #[tokio::test]
+    async fn each_sandbox_has_its_own_query_rate() {
+        let (upstream, asked) = fake_upstream(Ipv4Addr::new(10, 1, 2, 3)).await;
+        let responder = responder(upstream, DnsLimits { queries_per_second: 3, ..LIMITS });
+        for _ in 0..3 {
+            let reply = ask(&responder, "api.example.test.", RecordType::A, Some(1)).await;
+            assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+        }
+        assert_refused(&ask(&responder, "api.example.test.", RecordType::A, Some(1)).await, "api.example.test.");
+        let other = ask(&responder, "api.example.test.", RecordType::A, Some(2)).await;
+        assert_eq!(other.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(asked.lock().unwrap().len(), 4);
+    }
+
+    #[test]
+    fn the_bucket_refills_at_the_rate() {
+        let budgets = Budgets::new(DnsLimits { queries_per_second: 2, ..LIMITS });
+        let start = Instant::now();
+        assert!(budgets.take_token(Some(1), start));
+        assert!(budgets.take_token(Some(1), start));
+        assert!(!budgets.take_token(Some(1), start));
+        assert!(budgets.take_token(Some(1), start + Duration::from_millis(500)), "one token in half a second");
+        assert!(!budgets.take_token(Some(1), start + Duration::from_millis(500)));
+        let later = start + Duration::from_secs(60);
+        assert!(budgets.take_token(Some(1), later) && budgets.take_token(Some(1), later));
+        assert!(!budgets.take_token(Some(1), later), "the burst is capped");
+    }
+
+    #[test]
+    fn refusal_lines_are_limited_per_name_and_per_sandbox() {
+        let budgets = Budgets::new(LIMITS);
+        let start = Instant::now();
+        assert_eq!(budgets.may_log(Some(1), Some("a.test."), start), Some(0));
+        assert_eq!(budgets.may_log(Some(1), Some("a.test."), start), None, "once per name");
+        assert_eq!(budgets.may_log(Some(2), Some("a.test."), start), Some(0), "per sandbox");
+        for i in 1..LOG_LINES_PER_SECOND {
+            assert_eq!(budgets.may_log(Some(1), Some(&format!("n{i}.test.")), start), Some(0));
+        }
+        assert_eq!(budgets.may_log(Some(1), Some("over.test."), start), None, "over the lines per second");
+        assert_eq!(budgets.may_log(Some(1), None, start), None);
+        let next_second = start + Duration::from_secs(1);
+        assert_eq!(budgets.may_log(Some(1), None, next_second), Some(2), "the next line says how many were not");
+        let later = start + REFUSAL_LOG_INTERVAL;
+        assert_eq!(budgets.may_log(Some(1), Some("a.test."), later), Some(0), "logged again after the interval");
+    }
+
+    #[test]
+    fn budget_state_is_bounded() {
+        let budgets = Budgets::new(LIMITS);
+        let now = Instant::now();
+        for sandbox in 0..MAX_SANDBOXES as u64 + 10 {
+            budgets.take_token(Some(sandbox), now);
+            budgets.may_log(Some(sandbox), Some(&format!("n{sandbox}.test.")), now);
+        }
+        let state = budgets.lock();
+        assert!(state.sandboxes.len() <= MAX_SANDBOXES);
+        assert!(state.logged.len() <= MAX_LOGGED_NAMES);
+    }
+
+    #[tokio::test]
     async fn lookups_go_to_the_same_upstream_and_are_recorded() {
-        let upstream = fake_upstream(Ipv4Addr::new(10, 9, 8, 7)).await;
-        let responder = DnsResponder::new(Some(upstream)).unwrap();
+        let (upstream, _) = fake_upstream(Ipv4Addr::new(10, 9, 8, 7)).await;
+        let responder = responder(upstream, LIMITS);
         assert_eq!(responder.lookup("svc.test").await.unwrap(), vec![IpAddr::from([10, 9, 8, 7])]);
         assert_eq!(responder.records.addresses("svc.test"), vec![IpAddr::from([10, 9, 8, 7])]);
         assert_eq!(responder.lookup("10.0.0.5").await.unwrap(), vec![IpAddr::from([10, 0, 0, 5])]);
-        let refused = DnsResponder::new(Some("127.0.0.1:9".parse().unwrap())).unwrap();
+        let refused = self::responder("127.0.0.1:9".parse().unwrap(), LIMITS);
         let started = Instant::now();
         assert!(refused.lookup("svc.test").await.unwrap_err().starts_with("cannot resolve svc.test: 127.0.0.1:9"));
         assert!(started.elapsed() < Duration::from_millis(500), "a refusing upstream must fail at once");
@@ -374,15 +880,15 @@ mod tests {
     #[tokio::test]
     async fn a_dead_upstream_gives_servfail() {
         // Nothing answers on the discard port of loopback.
-        let responder = DnsResponder::new(Some("127.0.0.1:9".parse().unwrap())).unwrap();
-        let reply = Message::from_vec(&responder.answer(&query("x.test.", RecordType::A)).await.unwrap()).unwrap();
+        let responder = responder("127.0.0.1:9".parse().unwrap(), LIMITS);
+        let reply = ask(&responder, "api.example.test.", RecordType::A, None).await;
         assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
     }
 
     #[tokio::test]
     async fn garbage_gets_no_reply() {
-        let responder = DnsResponder::new(Some("127.0.0.1:9".parse().unwrap())).unwrap();
-        assert!(responder.answer(b"\x00\x01garbage").await.is_none());
+        let responder = responder("127.0.0.1:9".parse().unwrap(), LIMITS);
+        assert!(responder.answer(b"\x00\x01garbage", None).await.is_none());
     }
 
     #[test]

@@ -1,9 +1,24 @@
 //! `tracing` set-up. eBPF traces (aya-log) reach tracing through the `log`
 //! bridge that `init()` installs.
+//!
+//! Log lines carry strings the sandbox chose (comm, SNI, Host, request
+//! targets, DNS names, and errors quoting them). None may forge a line or
+//! drive the reader's terminal: JSON output escapes control characters by
+//! itself, and the text format writes every field and message through
+//! [`EscapeControls`].
 
-use std::io::IsTerminal;
+use std::{
+    fmt::{self, Write as _},
+    io::IsTerminal,
+};
 
-use tracing_subscriber::EnvFilter;
+use tracing::{field::Field, Subscriber};
+use tracing_subscriber::{
+    field::{RecordFields, Visit},
+    fmt::{format::Writer, FormatFields, MakeWriter},
+    util::SubscriberInitExt,
+    EnvFilter,
+};
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum Format {
@@ -14,12 +29,156 @@ pub enum Format {
 
 pub fn init(format: Format) {
     let filter = EnvFilter::try_from_env("SANDBOX_EGRESS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+    subscriber(format, filter, std::io::stderr, std::io::stderr().is_terminal()).init();
+}
+
+fn subscriber<W>(format: Format, filter: EnvFilter, writer: W, ansi: bool) -> Box<dyn Subscriber + Send + Sync>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
     match format {
-        Format::Text => builder.init(),
-        Format::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        Format::Text => Box::new(builder.fmt_fields(EscapedFields).finish()),
+        Format::Json => Box::new(builder.json().flatten_event(true).with_current_span(false).finish()),
+    }
+}
+
+/// The text format's fields, as tracing-subscriber's default writes them
+/// (`message key=value ...`, `log.*` metadata left out), with control and
+/// invisible characters escaped: tracing-subscriber escapes `Debug` string
+/// values, but neither messages nor `%` (Display) values.
+struct EscapedFields;
+
+impl<'w> FormatFields<'w> for EscapedFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'w>, fields: R) -> fmt::Result {
+        let mut visitor = EscapingVisitor { writer, first: true, result: Ok(()) };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct EscapingVisitor<'w> {
+    writer: Writer<'w>,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl Visit for EscapingVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.record_debug(field, &format_args!("{value}"));
+        } else {
+            self.record_debug(field, &value);
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        let name = field.name();
+        if self.result.is_err() || name.starts_with("log.") {
+            return;
+        }
+        let separator = if std::mem::take(&mut self.first) { "" } else { " " };
+        self.result = match name {
+            "message" => write!(self.writer, "{separator}"),
+            name => write!(self.writer, "{separator}{}=", name.trim_start_matches("r#")),
+        }
+        .and_then(|()| write!(EscapeControls(&mut self.writer), "{value:?}"));
+    }
+}
+
+/// Writes through to `W` with control characters (`\n`, `\r`, ESC, DEL, C1),
+/// line separators and invisible formatting characters (bidi overrides)
+/// written as Rust escapes (`\n`, `\u{1b}`). Backslashes and quotes pass
+/// unchanged, so `Debug` output that already escaped them is not escaped
+/// twice.
+struct EscapeControls<W>(W);
+
+impl<W: fmt::Write> fmt::Write for EscapeControls<W> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        for c in text.chars() {
+            match c {
+                '\\' | '\'' | '"' => self.0.write_char(c)?,
+                c => write!(self.0, "{}", c.escape_debug())?,
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io,
+        sync::{Arc, Mutex},
+    };
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// One event carrying sandbox strings everywhere one can go, logged in `format`.
+    fn log_sandbox_strings(format: Format) -> String {
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = subscriber(format, EnvFilter::new("info"), move || writer.clone(), false);
+        let lossy = String::from_utf8_lossy(b"bad\xff\nFORGED");
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(
+                comm = "x\nFORGED",
+                host = %"h\x1b[31mred",
+                target = ?"t\r\nFORGED",
+                name = lossy.as_ref(),
+                "DNS: refused {} (A)",
+                "n\nFORGED \u{202e}\u{85}"
+            );
+        });
+        let output = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        output
+    }
+
+    #[test]
+    fn text_lines_cannot_be_forged_nor_carry_terminal_escapes() {
+        let line = log_sandbox_strings(Format::Text);
+        assert_eq!(line.matches('\n').count(), 1, "{line}");
+        assert!(line.ends_with('\n'));
+        assert!(!line.chars().any(|c| c != '\n' && (c.is_control() || c == '\u{202e}')), "{line:?}");
+        for expected in [
+            r"DNS: refused n\nFORGED \u{202e}\u{85} (A)",
+            r#"comm="x\nFORGED""#,
+            r"host=h\u{1b}[31mred",
+            r#"target="t\r\nFORGED""#,
+            "name=\"bad\u{fffd}\\nFORGED\"",
+        ] {
+            assert!(line.contains(expected), "{expected} in {line}");
+        }
+    }
+
+    #[test]
+    fn json_lines_cannot_be_forged() {
+        let line = log_sandbox_strings(Format::Json);
+        assert_eq!(line.matches('\n').count(), 1, "{line}");
+        assert!(!line.contains('\x1b'));
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(event["comm"], "x\nFORGED");
+        assert_eq!(event["host"], "h\x1b[31mred");
+    }
+
+    #[test]
+    fn escaping_leaves_quotes_and_backslashes() {
+        let mut out = String::new();
+        fmt::Write::write_str(&mut EscapeControls(&mut out), "a\\n'b\"\tc\u{7f}é").unwrap();
+        assert_eq!(out, r#"a\n'b"\tc\u{7f}é"#);
     }
 }

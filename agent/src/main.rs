@@ -61,6 +61,16 @@ struct RunArgs {
     /// sandbox's queries to (default: /etc/resolv.conf).
     #[arg(long, value_name = "IP:PORT")]
     dns_server: Option<std::net::SocketAddr>,
+    /// DNS queries of all sandboxes forwarded at once; beyond this they get REFUSED.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    dns_max_in_flight: u32,
+    /// DNS queries of one sandbox (cgroup) forwarded at once; beyond this they get REFUSED.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    dns_max_in_flight_per_sandbox: u32,
+    /// DNS queries one sandbox may send per second, in bursts of as many;
+    /// beyond this they get REFUSED.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    dns_queries_per_second: u32,
     /// Connections relayed at once; beyond this new connections are refused.
     #[arg(long, default_value_t = 4096)]
     max_connections: usize,
@@ -147,7 +157,12 @@ fn run(args: RunArgs) -> Result<()> {
     runtime.block_on(async {
         // Bind before touching the cgroup, so a taken port fails without side effects.
         let listeners = proxy::Listeners::bind(args.listen_port).await?;
-        let dns = std::sync::Arc::new(dns::DnsResponder::new(args.dns_server)?);
+        let limits = dns::DnsLimits {
+            max_in_flight: args.dns_max_in_flight as usize,
+            max_in_flight_per_sandbox: args.dns_max_in_flight_per_sandbox as usize,
+            queries_per_second: args.dns_queries_per_second,
+        };
+        let dns = std::sync::Arc::new(dns::DnsResponder::new(args.dns_server, policies.clone(), limits)?);
         preflight::ensure_bpffs()?;
         preflight::ensure_tracefs()?;
         let redirect =

@@ -122,6 +122,7 @@ use normalize::{canonical_host, validate_dns_name, NetworkPolicy};
 
 const EGRESS_REGO: &str = include_str!("../../../policies/egress.rego");
 const DECISION_RULE: &str = "data.sandbox_egress.decision";
+const HOST_NAMED_RULE: &str = "data.sandbox_egress.host_named";
 const PATH_GLOB_EXTENSION: &str = "sandbox_egress.path_glob";
 
 /// One connection to decide on.
@@ -201,6 +202,8 @@ pub enum Enforcement {
 /// behind an `Arc` and replace it whole to reload.
 pub struct Policy {
     compiled: CompiledPolicy,
+    /// `host_named`, from the same engine: the DNS side of the host matcher.
+    host_named: CompiledPolicy,
     policies: BTreeMap<String, NetworkPolicy>,
     warnings: Vec<String>,
 }
@@ -221,8 +224,8 @@ impl Policy {
         for warning in &normalized.warnings {
             tracing::warn!("{warning}");
         }
-        let compiled = compile(normalized.data, normalized.globs)?;
-        Ok(Policy { compiled, policies: normalized.policies, warnings: normalized.warnings })
+        let (compiled, host_named) = compile(normalized.data, normalized.globs)?;
+        Ok(Policy { compiled, host_named, policies: normalized.policies, warnings: normalized.warnings })
     }
 
     pub fn evaluate(&self, request: &Request) -> Result<Decision> {
@@ -237,6 +240,22 @@ impl Policy {
         }
         let output = self.compiled.eval_with_input(input_document(request, host.as_deref(), ip)?)?;
         self.decision_from(&output).with_context(|| format!("unexpected decision from egress.rego: {output}"))
+    }
+
+    /// Whether an endpoint's host, a name or a wildcard, matches `host` as it
+    /// would for a connection, whatever the endpoint's ports and binaries:
+    /// the names the agent's DNS answers. IP literals and invalid names are
+    /// never named (an IP needs no lookup).
+    pub fn names_host(&self, host: &str) -> Result<bool> {
+        let host = canonical_host(host);
+        if host.parse::<IpAddr>().is_ok() || validate_dns_name(&host).is_err() {
+            return Ok(false);
+        }
+        let mut input = Value::new_object();
+        let fields = input.as_object_mut()?;
+        fields.insert("host_domains".into(), Value::from(host_domains(&host)));
+        fields.insert("host".into(), Value::from(host.as_str()));
+        Ok(self.host_named.eval_with_input(input)? == Value::from(true))
     }
 
     /// Whether any policy matches binaries, and so may need the connecting
@@ -314,7 +333,8 @@ impl Policy {
     }
 }
 
-fn compile(data: serde_json::Value, globs: HashMap<String, GlobMatcher>) -> Result<CompiledPolicy> {
+/// The decision, and `host_named` for DNS.
+fn compile(data: serde_json::Value, globs: HashMap<String, GlobMatcher>) -> Result<(CompiledPolicy, CompiledPolicy)> {
     let mut engine = regorus::Engine::new();
     engine.add_policy("policies/egress.rego".to_owned(), EGRESS_REGO.to_owned())?;
     engine.add_data(Value::from(data))?;
@@ -324,7 +344,10 @@ fn compile(data: serde_json::Value, globs: HashMap<String, GlobMatcher>) -> Resu
         2,
         Box::new(move |args: Vec<Value>| path_glob(&globs, &args)),
     )?;
-    engine.compile_with_entrypoint(&Arc::from(DECISION_RULE))
+    Ok((
+        engine.compile_with_entrypoint(&Arc::from(DECISION_RULE))?,
+        engine.compile_with_entrypoint(&Arc::from(HOST_NAMED_RULE))?,
+    ))
 }
 
 /// `sandbox_egress.path_glob(pattern, path)`: whether `path` matches one of
@@ -352,10 +375,7 @@ fn destination(request: &Request) -> (Option<String>, Option<IpAddr>) {
 fn input_document(request: &Request, host: Option<&str>, ip: Option<IpAddr>) -> Result<Value> {
     let mut input = Value::new_object();
     let fields = input.as_object_mut()?;
-    // ".b.example.com", ".example.com", ".com" for "a.b.example.com".
-    let domains: Vec<Value> =
-        host.into_iter().flat_map(|host| host.match_indices('.').map(|(at, _)| Value::from(&host[at..]))).collect();
-    fields.insert("host_domains".into(), Value::from(domains));
+    fields.insert("host_domains".into(), Value::from(host.map(host_domains).unwrap_or_default()));
     if let Some(host) = host {
         fields.insert("host".into(), Value::from(host));
     }
@@ -376,6 +396,11 @@ fn input_document(request: &Request, host: Option<&str>, ip: Option<IpAddr>) -> 
     fields.insert("uid".into(), Value::from(u64::from(request.uid)));
     fields.insert("cgroup_id".into(), Value::from(request.cgroup_id));
     Ok(input)
+}
+
+/// ".b.example.com", ".example.com", ".com" for "a.b.example.com".
+fn host_domains(host: &str) -> Vec<Value> {
+    host.match_indices('.').map(|(at, _)| Value::from(&host[at..])).collect()
 }
 
 fn describe_endpoint(endpoint: &Endpoint) -> String {

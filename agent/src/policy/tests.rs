@@ -688,3 +688,34 @@ fn policy_is_shared_across_threads() {
         assert!(worker.join().expect("worker finishes"));
     }
 }
+
+#[test]
+fn names_host_follows_the_connection_matcher_without_ports_or_binaries() {
+    let policy = fixture();
+    for named in [
+        "api.github.com",
+        "API.GitHub.com.",
+        "raw.githubusercontent.com",
+        "a.example.com",
+        "x.y.deep.example.org",
+        "api-v2.example.net",
+        "tools.internal.test",
+        "audit.internal.test",
+    ] {
+        assert!(policy.names_host(named).unwrap(), "{named}");
+    }
+    for other in [
+        "github.com",
+        "example.com",
+        "a.b.example.com",
+        "deep.example.org",
+        "web-v2.example.net",
+        "192.0.2.10",
+        "2001:db8::1",
+        "evil.test",
+        "bad\nname.example.com",
+        "",
+    ] {
+        assert!(!policy.names_host(other).unwrap(), "{other:?}");
+    }
+}

@@ -200,7 +200,7 @@ async fn transparent(mut client: TcpStream, origin: &Origin, shared: &Shared, lo
         // DNS over TCP: the agent is the sandbox's resolver, whatever address it asked.
         log.protocol = "dns";
         log.verdict = "answered";
-        if let Err(error) = shared.dns.serve_tcp(client).await {
+        if let Err(error) = shared.dns.serve_tcp(client, Some(origin.cgroup_id)).await {
             log.error = Some(error.to_string());
         }
         return;

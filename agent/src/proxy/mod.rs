@@ -26,7 +26,11 @@ use tokio::{
     sync::{watch, Semaphore},
 };
 
-use crate::{dns::DnsResponder, preflight::Cgroup, redirect::Redirect};
+use crate::{
+    dns::{DnsResponder, SandboxOf},
+    preflight::Cgroup,
+    redirect::Redirect,
+};
 
 /// How long in-flight connections may finish after SIGINT/SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -129,9 +133,6 @@ pub struct Parts {
 pub async fn serve(listeners: Listeners, parts: Parts, cgroup: &Cgroup) -> Result<()> {
     let Parts { redirect, config, policies, dns, inference } = parts;
     policies.spawn_watch()?;
-    for socket in listeners.dns {
-        tokio::spawn(dns.clone().serve_udp(socket));
-    }
     let shared = Arc::new(connection::Shared {
         sandbox_slots: limits::SandboxSlots::new(config.max_connections_per_sandbox),
         redirect,
@@ -141,6 +142,11 @@ pub async fn serve(listeners: Listeners, parts: Parts, cgroup: &Cgroup) -> Resul
         dns,
         inference,
     });
+    for socket in listeners.dns {
+        let attributing = shared.clone();
+        let sandbox_of: SandboxOf = Arc::new(move |client| attributing.redirect.dns_client_sandbox(client));
+        tokio::spawn(shared.dns.clone().serve_udp(socket, sandbox_of));
+    }
     // Installed before "ready": a signal right after it must not kill the agent.
     let shutdown_signal = shutdown_signal()?;
     let slots = Arc::new(Semaphore::new(shared.config.max_connections));

@@ -42,7 +42,7 @@ impl PolicyStore {
         self.current.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }
 
-    fn reload(&self, trigger: &str) {
+    pub(crate) fn reload(&self, trigger: &str) {
         match Policy::from_file(&self.path) {
             Ok(policy) => {
                 let mut current = self.current.write().unwrap_or_else(|poisoned| poisoned.into_inner());
