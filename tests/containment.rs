@@ -120,6 +120,11 @@ fn foreign(packets: &[Value]) -> Vec<&Value> {
         .collect()
 }
 
+/// Packets as JSON, one per line.
+fn show(packets: &[&Value]) -> String {
+    packets.iter().map(|p| format!("\n  {p}")).collect()
+}
+
 /// Exchanges the exchange server ran for an IPv4 peer (the other sandbox uses IPv6).
 fn v4_exchanges(servers: &Servers) -> Vec<Value> {
     servers.events.matching(|e| e["kind"] == "exchange" && e["peer"].as_str().is_some_and(|p| p.contains('.')))
@@ -215,11 +220,11 @@ fn icmp_echo_from_unprivileged_ping_sockets_is_refused() -> Result<()> {
     let (_, result) = setup
         .meanwhile(|| probe(&setup.sandbox, &["icmp", &setup.net.v4.to_string(), &setup.net.v6.to_string()]))??;
     let packets = capture.finish()?;
-    eprintln!("probe: {result}\nforeign packets: {:?}", foreign(&packets));
+    eprintln!("probe: {result}\nforeign packets: {}", show(&foreign(&packets)));
     for family in ["icmp4", "icmp6"] {
         assert_eq!(error_of(&result[family], "socket"), "EPERM", "{family} ping socket: {result}");
     }
-    assert!(foreign(&packets).is_empty(), "left on the veth: {:?}", foreign(&packets));
+    assert!(foreign(&packets).is_empty(), "left on the veth: {}", show(&foreign(&packets)));
     Ok(())
 }
 
@@ -230,7 +235,7 @@ fn udp_lite_sctp_and_mptcp_sockets_are_refused() -> Result<()> {
     let (v4, v6, port) = (setup.net.v4.to_string(), setup.net.v6.to_string(), ATTACK_PORT.to_string());
     let (_, result) = setup.meanwhile(|| probe(&setup.sandbox, &["protocols", &v4, &v6, &port]))??;
     let packets = capture.finish()?;
-    eprintln!("probe: {result}\nforeign packets: {:?}", foreign(&packets));
+    eprintln!("probe: {result}\nforeign packets: {}", show(&foreign(&packets)));
     for attempt in ["udplite4", "udplite6", "udplite4_sendto", "udplite6_sendto"] {
         assert_eq!(error_of(&result[attempt], "socket"), "EPERM", "{attempt}: {result}");
     }
@@ -239,7 +244,7 @@ fn udp_lite_sctp_and_mptcp_sockets_are_refused() -> Result<()> {
         let error = error_of(&result[attempt], "socket");
         assert!(["EPERM", "EPROTONOSUPPORT"].contains(&error.as_str()), "{attempt} socket: {result}");
     }
-    assert!(foreign(&packets).is_empty(), "left on the veth: {:?}", foreign(&packets));
+    assert!(foreign(&packets).is_empty(), "left on the veth: {}", show(&foreign(&packets)));
     assert!(v4_exchanges(&setup.servers).is_empty());
     Ok(())
 }
@@ -252,11 +257,11 @@ fn binding_a_socket_to_the_hosts_device_is_refused() -> Result<()> {
     let (_, result) =
         setup.meanwhile(|| probe(&setup.sandbox, &["bind-device", setup.net.host_if(), &v4, &port]))??;
     let packets = capture.finish()?;
-    eprintln!("probe: {result}\nforeign packets: {:?}", foreign(&packets));
+    eprintln!("probe: {result}\nforeign packets: {}", show(&foreign(&packets)));
     for attempt in ["bindtodevice_udp", "bindtodevice_tcp", "bindtoifindex_udp", "bindtoifindex_tcp"] {
         assert_eq!(error_of(&result[attempt], "setsockopt"), "EPERM", "{attempt}: {result}");
     }
-    assert!(foreign(&packets).is_empty(), "left on the veth: {:?}", foreign(&packets));
+    assert!(foreign(&packets).is_empty(), "left on the veth: {}", show(&foreign(&packets)));
     Ok(())
 }
 
@@ -371,6 +376,18 @@ fn listeners_in_the_sandbox_are_not_reachable_from_outside_but_loopback_works() 
         &[],
         "json",
     )?;
+    // First what must keep working: a sandboxed server on loopback, reached by another
+    // sandboxed process through an allowed endpoint.
+    let server = Interactive::start(
+        probe_command(&setup.sandbox, &["loopback-server", &loopback_port.to_string()]),
+        "listening",
+    )?;
+    let (pid, client) = probe(&setup.other, &["loopback-client", &loopback_port.to_string()])?;
+    assert_eq!(client["ok"], "pong", "loopback through the agent: {client}");
+    assert_eq!(setup.agent.wait_connection_of(pid)?["verdict"], "relayed");
+    let reached = server.lines.wait_for("the loopback server's report", |e| e["kind"] == "report")?;
+    assert_eq!(reached["reached"], true);
+
     let capture = Capture::start(&setup.net)?;
     let mut listener = Interactive::start(probe_command(&setup.sandbox, &["listen", &port.to_string()]), "listening")?;
     let bound = listener.lines.wait_for("listening", |e| e["kind"] == "listening")?;
@@ -384,7 +401,10 @@ fn listeners_in_the_sandbox_are_not_reachable_from_outside_but_loopback_works() 
     listener.say("report")?;
     let report = listener.lines.wait_for("the listener's report", |e| e["kind"] == "report")?;
     let packets = capture.finish()?;
-    eprintln!("bound: {bound}\nknocked: {knocked}\nlistener: {report}\npackets: {packets:?}");
+    eprintln!(
+        "bound: {bound}\nknocked: {knocked}\nlistener: {report}\npackets: {}",
+        show(&packets.iter().collect::<Vec<_>>())
+    );
 
     for (address, outcome) in knocked.as_object().unwrap() {
         assert_ne!(outcome, "connected", "{address}:{port} reached a sandboxed listener from outside");
@@ -400,18 +420,8 @@ fn listeners_in_the_sandbox_are_not_reachable_from_outside_but_loopback_works() 
                 && ((p["proto"] == 6 && (p["flags"] == "SA" || p["payload"].as_u64() > Some(0))) || p["proto"] == 17)
         })
         .collect();
-    assert!(answers.is_empty(), "the sandbox answered from port {port}: {answers:?}");
+    assert!(answers.is_empty(), "the sandbox answered from port {port}: {}", show(&answers));
 
-    // Sandboxed server on loopback, another sandboxed process through an allowed endpoint.
-    let server = Interactive::start(
-        probe_command(&setup.sandbox, &["loopback-server", &loopback_port.to_string()]),
-        "listening",
-    )?;
-    let (pid, client) = probe(&setup.other, &["loopback-client", &loopback_port.to_string()])?;
-    assert_eq!(client["ok"], "pong", "loopback through the agent: {client}");
-    assert_eq!(setup.agent.wait_connection_of(pid)?["verdict"], "relayed");
-    let reached = server.lines.wait_for("the loopback server's report", |e| e["kind"] == "report")?;
-    assert_eq!(reached["reached"], true);
     Ok(())
 }
 
@@ -456,7 +466,9 @@ fn a_connection_made_before_its_process_execd_an_allowed_binary_is_refused() -> 
         let log = setup.agent.wait_connection_of(pid)?;
         eprintln!("round {round}: probe {result}\n  agent: {log}");
         let exec_reason = log["reason"].as_str().is_some_and(|r| r.contains("exec"));
-        if log["verdict"] != "denied" || !exec_reason || result["exchange"]["ok"] == 10 {
+        // An agent that looked before the exec saw python: refused as python, no exec to mention.
+        let saw_python = log["exe"].as_str().is_some_and(|exe| exe != CURL && exe.contains("python"));
+        if log["verdict"] != "denied" || !(exec_reason || saw_python) || result["exchange"]["ok"] == 10 {
             leaks.push(format!("round {round}: {log} / {result}"));
         }
     }
@@ -495,13 +507,15 @@ fn a_forged_comm_cannot_forge_log_lines_and_refusal_warnings_are_rate_limited() 
     let forged: Vec<&String> =
         lines.iter().filter(|l| l.starts_with("FORGED") || l.trim_end().ends_with("comm=x")).collect();
     let warnings = lines.iter().filter(|l| l.contains("refused") && of_pid(l)).count();
+    let suppressed = suppressed.ok();
     eprintln!(
-        "{warnings} refusal warnings for pid {pid}; {} forged-looking lines; suppressed: {suppressed:?}",
-        forged.len()
+        "{warnings} refusal warnings for pid {pid}; {} forged-looking lines, first {:?}; suppressed line: {suppressed:?}",
+        forged.len(),
+        forged.iter().take(2).collect::<Vec<_>>()
     );
-    assert!(forged.is_empty(), "the comm's newline reached the log: {forged:?}");
+    assert!(forged.is_empty(), "the comm's newline reached the log in {} lines: {:?}", forged.len(), &forged[..2]);
     assert!(warnings < 50, "{warnings} refusal warnings for {ATTEMPTS} attempts");
-    suppressed?;
+    assert!(suppressed.is_some(), "no line about suppressed refusal warnings");
     Ok(())
 }
 
@@ -568,7 +582,7 @@ fn a_sandbox_flooding_slow_dns_queries_does_not_starve_another() -> Result<()> {
     let v4 = net.v4.to_string();
     let setup = Setup::on(net, "dns-budget", policy, &[&dns_args[0], &dns_args[1]], "json")?;
     let mut flood =
-        Interactive::start(probe_command(&setup.sandbox, &["dns-flood", &v4, "slow.test", "20000"]), "flooding")?;
+        Interactive::start(probe_command(&setup.sandbox, &["dns-flood", &v4, "slow.test", "100000"]), "flooding")?;
     let resolve: Vec<&str> = ["dns-resolve", v4.as_str()].into_iter().chain(fast.iter().map(String::as_str)).collect();
     let (_, result) = probe(&setup.other, &resolve)?;
     flood.close_stdin();

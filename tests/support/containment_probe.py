@@ -180,7 +180,10 @@ def dns_server(address, slow_suffix, delay, *records):
             header = struct.pack("!HHHHHH", struct.unpack("!H", query[:2])[0], 0x8180 | rcode, 1, 0, 0, 0)
             reply = header + query[12:question_end]
         with lock:
-            sock.sendto(reply, peer)
+            try:
+                sock.sendto(reply, peer)
+            except OSError:  # late timers once the test tears the network down
+                pass
     emit(kind="ready")
     while True:
         query, peer = sock.recvfrom(4096)
@@ -520,7 +523,8 @@ def dns_flood(server, suffix, limit):
             pass
         if sent == 300:
             emit(kind="flooding")
-        time.sleep(0.001)
+        if sent % 4 == 0:
+            time.sleep(0.001)  # about 3,000 queries a second
     emit(kind="done", sent=sent)
 
 
