@@ -333,6 +333,26 @@ fn add_address(netns: Option<&str>, device: &str, cidr: &str) -> Result<()> {
     run("ip", &args).map(drop)
 }
 
+impl TestNet {
+    /// The host side of the veth pair (in the agent's namespace).
+    pub fn host_if(&self) -> &str {
+        &self.host_if
+    }
+
+    /// The namespace side of the veth pair.
+    pub fn ns_if(&self) -> String {
+        self.host_if.replace('h', "n")
+    }
+
+    /// The host side's addresses on the public subnets (198.18.K.1, 2001:db8:5e:K::1).
+    pub fn host_side(&self) -> (Ipv4Addr, Ipv6Addr) {
+        let [a, b, c, _] = self.v4.octets();
+        let mut v6 = self.v6.segments();
+        v6[7] = 1;
+        (Ipv4Addr::new(a, b, c, 1), Ipv6Addr::from(v6))
+    }
+}
+
 impl Drop for TestNet {
     fn drop(&mut self) {
         run_quiet("ip", &["netns", "del", &self.netns]);
@@ -481,6 +501,25 @@ impl JsonLines {
         self.inner.0.lock().unwrap().clone()
     }
 
+    /// Every line as read, JSON or not.
+    pub fn raw_lines(&self) -> Vec<String> {
+        self.raw.lock().unwrap().clone()
+    }
+
+    /// Waits (bounded) for the first raw line matching `predicate` (for text logs).
+    pub fn wait_for_raw(&self, what: &str, predicate: impl Fn(&str) -> bool) -> Result<String> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(line) = self.raw.lock().unwrap().iter().find(|line| predicate(line)) {
+                return Ok(line.clone());
+            }
+            if Instant::now() >= deadline {
+                bail!("timed out waiting for {what}; output so far:\n{}", self.raw_lines().join("\n"));
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn matching(&self, predicate: impl Fn(&Value) -> bool) -> Vec<Value> {
         self.all().into_iter().filter(|v| predicate(v)).collect()
     }
@@ -596,8 +635,20 @@ impl Agent {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Self> {
+        Self::start_with_format(sandbox, policy, extra_args, env, "json")
+    }
+
+    /// With `--log-format FORMAT`: "json" (the events in `log`), or "text"
+    /// (only `log.raw_lines()`; the port read from the ready line).
+    pub fn start_with_format(
+        sandbox: &Sandbox,
+        policy: &PolicyFile,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+        format: &str,
+    ) -> Result<Self> {
         let mut child = Command::new(agent_bin())
-            .args(["--log-format", "json", "run", "--cgroup", sandbox.path_str(), "--listen-port", "0", "--policy"])
+            .args(["--log-format", format, "run", "--cgroup", sandbox.path_str(), "--listen-port", "0", "--policy"])
             .arg(&policy.path)
             .args(extra_args)
             .envs(env.iter().copied())
@@ -606,8 +657,14 @@ impl Agent {
             .spawn()?;
         let log = JsonLines::follow_stderr(child.stderr.take().unwrap());
         let mut agent = Self { child, log, port: 0, cgroup: sandbox.path_str().to_owned() };
-        let ready = agent.log.wait_for("agent ready", |e| e["event"] == "ready")?;
-        agent.port = ready["listen_port"].as_u64().context("ready line without listen_port")? as u16;
+        if format == "json" {
+            let ready = agent.log.wait_for("agent ready", |e| e["event"] == "ready")?;
+            agent.port = ready["listen_port"].as_u64().context("ready line without listen_port")? as u16;
+        } else {
+            let ready = agent.log.wait_for_raw("agent ready", |line| line.contains("event=\"ready\""))?;
+            let port = ready.split("listen_port=").nth(1).context("ready line without listen_port")?;
+            agent.port = port.split(|c: char| !c.is_ascii_digit()).next().unwrap_or_default().parse()?;
+        }
         Ok(agent)
     }
 
