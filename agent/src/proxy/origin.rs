@@ -47,14 +47,7 @@ impl Origin {
         // it swaps the executable, so unchanged times vouch for what was read.
         let exe = exe_of(record.tgid);
         let ancestors = if with_ancestors { ancestors_of(record.tgid, &times_of) } else { Vec::new() };
-        let identity_lost = match times_of(record.tgid) {
-            Some(times) if times == record.times => None,
-            Some(times) if times.forked_ns != record.times.forked_ns => {
-                Some("the process's pid went to another process after it connected")
-            }
-            Some(_) => Some("the process tried to exec another program after it connected"),
-            None => Some("the process is no longer tracked, so what connected cannot be told"),
-        };
+        let identity_lost = identity_lost(record.times, times_of(record.tgid));
         Self {
             destination: SocketAddr::new(ip, record.original_dst.port),
             pid: record.tgid,
@@ -66,6 +59,29 @@ impl Origin {
             identity_lost,
         }
     }
+}
+
+/// Why the process's times now (`None`: untracked) no longer vouch for
+/// what connected, as recorded at connect time.
+fn identity_lost(at_connect: ProcessTimes, now: Option<ProcessTimes>) -> Option<&'static str> {
+    match now {
+        Some(now) if now == at_connect => None,
+        Some(now) if now.forked_ns != at_connect.forked_ns => {
+            Some("the process's pid went to another process after it connected")
+        }
+        Some(_) => Some("the process tried to exec another program after it connected"),
+        None => Some("the process is no longer tracked, so what connected cannot be told"),
+    }
+}
+
+/// Whether a parent's current executable is the one it had when it forked
+/// `child`: `None` when it cannot be the child's parent at all (forked
+/// after it: the real parent died and its pid was reused).
+fn ancestor_counts(parent: ProcessTimes, child: ProcessTimes) -> Option<bool> {
+    if parent.forked_ns > child.forked_ns {
+        return None;
+    }
+    Some(parent.exec_ns <= child.forked_ns)
 }
 
 fn exe_of(pid: u32) -> Option<PathBuf> {
@@ -88,13 +104,45 @@ fn ancestors_of(pid: u32, times_of: &impl Fn(u32) -> Option<ProcessTimes>) -> Ve
         let Some(parent) = parent_of(child.0).filter(|&parent| parent > 1) else { break };
         let exe = exe_of(parent);
         let parent_times = times_of(parent).unwrap_or_default();
-        if parent_times.forked_ns > child.1.forked_ns {
-            break; // Forked after its "child": the real parent died and its pid was reused.
-        }
-        if let Some(exe) = exe.filter(|_| parent_times.exec_ns <= child.1.forked_ns) {
+        let Some(counts) = ancestor_counts(parent_times, child.1) else { break };
+        if let Some(exe) = exe.filter(|_| counts) {
             ancestors.push(exe);
         }
         child = (parent, parent_times);
     }
     ancestors
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn times(forked_ns: u64, exec_ns: u64) -> ProcessTimes {
+        ProcessTimes { forked_ns, exec_ns }
+    }
+
+    #[test]
+    fn a_connection_keeps_its_identity_only_while_the_times_are_unchanged() {
+        assert_eq!(identity_lost(times(10, 20), Some(times(10, 20))), None);
+        assert_eq!(identity_lost(times(0, 0), Some(times(0, 0))), None, "there before tracking, never exec'd since");
+        assert!(identity_lost(times(10, 20), Some(times(10, 30))).unwrap().contains("exec"));
+        assert!(identity_lost(times(0, 0), Some(times(0, 30))).unwrap().contains("exec"));
+        assert!(identity_lost(times(10, 20), Some(times(40, 0))).unwrap().contains("pid went to another process"));
+        assert!(identity_lost(times(10, 20), None).unwrap().contains("no longer tracked"));
+    }
+
+    #[test]
+    fn an_ancestor_counts_with_what_it_ran_when_it_forked_the_child() {
+        // Exec'd curl, then forked the child: curl counts.
+        assert_eq!(ancestor_counts(times(5, 8), times(10, 0)), Some(true));
+        // Forked the child, then exec'd curl: curl does not count for the child.
+        assert_eq!(ancestor_counts(times(5, 12), times(10, 0)), Some(false));
+        // Never exec'd since tracking began (or untracked): its executable is what it had.
+        assert_eq!(ancestor_counts(times(5, 0), times(10, 0)), Some(true));
+        assert_eq!(ancestor_counts(times(0, 0), times(0, 0)), Some(true));
+        // The child predates tracking, the ancestor exec'd since: not what forked the child.
+        assert_eq!(ancestor_counts(times(0, 7), times(0, 0)), Some(false));
+        // A "parent" forked after its child is a reused pid.
+        assert_eq!(ancestor_counts(times(15, 0), times(10, 0)), None);
+    }
 }
