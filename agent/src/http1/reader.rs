@@ -192,7 +192,7 @@ mod tests {
         // As in sniff: the bytes after "G" hold no line end, so they are only
         // parsed again when the stream ends.
         let pieces: [&[u8]; 2] = [b"G", b"ET /\x01"];
-        let mut reader = HeadReader::new((&pieces[0][..]).chain(&pieces[1][..]));
+        let mut reader = HeadReader::new(pieces[0].chain(pieces[1]));
         let error = reader.read_request_head(PATIENT, PATIENT).await.expect_err("a malformed head");
         assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
         assert!(error.to_string().contains("malformed request head"), "{error}");
