@@ -294,6 +294,11 @@ struct Pairing<'a> {
     unlogged: Vec<&'a Conn>,
     /// A log line for no connection of the client's.
     unknown: Vec<&'a Value>,
+    /// Pairs whose line was logged before the line of an earlier connection
+    /// from the same (client address, destination): a port used again while
+    /// the agent still closed the previous connection, which pairing in
+    /// start order would have swapped.
+    out_of_order: usize,
 }
 
 fn pair<'a>(conns: impl IntoIterator<Item = &'a Conn>, lines: &'a [Value]) -> Pairing<'a> {
@@ -302,16 +307,18 @@ fn pair<'a>(conns: impl IntoIterator<Item = &'a Conn>, lines: &'a [Value]) -> Pa
         let key = (unmapped(conn.local.as_deref().unwrap()), unmapped(&conn.target));
         by_key.entry(key).or_default().push(Some(conn));
     }
-    let mut pairing = Pairing { pairs: vec![], unlogged: vec![], unknown: vec![] };
-    let mut by_accept: Vec<(u64, &Value)> = Vec::with_capacity(lines.len());
-    for line in lines {
+    let mut pairing = Pairing { pairs: vec![], unlogged: vec![], unknown: vec![], out_of_order: 0 };
+    let mut by_accept: Vec<(u64, usize, &Value)> = Vec::with_capacity(lines.len());
+    for (logged, line) in lines.iter().enumerate() {
         match line["accepted_monotonic_ns"].as_u64() {
-            Some(accepted) => by_accept.push((accepted, line)),
+            Some(accepted) => by_accept.push((accepted, logged, line)),
             None => pairing.unknown.push(line),
         }
     }
-    by_accept.sort_by_key(|&(accepted, _)| accepted);
-    for (accepted, line) in by_accept {
+    by_accept.sort_by_key(|&(accepted, _, _)| accepted);
+    // Per key, the log position of the latest-started connection paired so far.
+    let mut latest: HashMap<(String, String), (u64, usize)> = HashMap::new();
+    for (accepted, logged, line) in by_accept {
         let key = (
             line["client"].as_str().unwrap_or_default().to_owned(),
             line["destination"].as_str().unwrap_or_default().to_owned(),
@@ -323,7 +330,14 @@ fn pair<'a>(conns: impl IntoIterator<Item = &'a Conn>, lines: &'a [Value]) -> Pa
                 .min_by_key(|c| c.map(|c| c.end_ns))
         });
         match slot.and_then(Option::take) {
-            Some(conn) => pairing.pairs.push((conn, line)),
+            Some(conn) => {
+                let previous = latest.entry(key).or_insert((conn.start_ns, logged));
+                if conn.start_ns > previous.0 {
+                    pairing.out_of_order += usize::from(logged < previous.1);
+                    *previous = (conn.start_ns, logged);
+                }
+                pairing.pairs.push((conn, line));
+            }
             None => pairing.unknown.push(line),
         }
     }
@@ -512,7 +526,8 @@ fn soak_seconds() -> Result<f64> {
 /// mix entries are denied, "abandon" hangs up mid-download, the rest
 /// arrives intact), every connection logged once with that verdict,
 /// exchanges' byte counts exact, no relay error but on abandoned ones.
-fn check_soak_run(problems: &mut Problems, agent: &Agent, run: &Finished) {
+/// Returns how many lines were logged out of their port's order (see [`Pairing`]).
+fn check_soak_run(problems: &mut Problems, agent: &Agent, run: &Finished) -> usize {
     for conn in &run.conns {
         let expected = match conn.mix.as_str() {
             "denied-tcp" => conn.outcome == "cut" && conn.received == 0,
@@ -533,7 +548,7 @@ fn check_soak_run(problems: &mut Problems, agent: &Agent, run: &Finished) {
     for line in pairing.unknown.iter().take(3) {
         problems.check(false, || format!("logged, but the client made no such connection: {line}"));
     }
-    for (conn, line) in pairing.pairs {
+    for &(conn, line) in &pairing.pairs {
         let verdict = if conn.mix.starts_with("denied-") { "denied" } else { "relayed" };
         problems.check(line["verdict"] == verdict && conn.matches_verdict(verdict), || {
             format!("expected {verdict}: {conn} logged {line}")
@@ -550,6 +565,7 @@ fn check_soak_run(problems: &mut Problems, agent: &Agent, run: &Finished) {
             });
         }
     }
+    pairing.out_of_order
 }
 
 #[test]
@@ -576,14 +592,14 @@ fn soak_mixed_transfers_arrive_intact_are_logged_once_and_leave_no_leak() -> Res
     // worker threads and their allocator arenas, lazily built state.
     let warm_up = setup.start_load("warm-up", WARM_UP_SECS, 1, mix.clone())?.finish()?;
     let mut problems = Problems::default();
-    check_soak_run(&mut problems, &setup.agent, &warm_up);
+    let mut out_of_order = check_soak_run(&mut problems, &setup.agent, &warm_up);
     let baseline = settled_usage(agent_pid, idle_fds)?;
     problems.check(baseline.fds == idle_fds, || {
         format!("agent fds: {idle_fds} before any load, {} after the warm-up", baseline.fds)
     });
 
     let soak = setup.start_load("soak", seconds, 2, mix)?.finish()?;
-    check_soak_run(&mut problems, &setup.agent, &soak);
+    out_of_order += check_soak_run(&mut problems, &setup.agent, &soak);
 
     let conns = || [&warm_up, &soak].into_iter().flat_map(|run| &run.conns);
     let intact_exchanges: Vec<&Conn> = conns().filter(|c| c.is_exchange() && c.outcome == "intact").collect();
@@ -641,7 +657,7 @@ fn soak_mixed_transfers_arrive_intact_are_logged_once_and_leave_no_leak() -> Res
     problems.check(warnings.is_empty(), || format!("{} agent warnings, the first: {}", warnings.len(), warnings[0]));
 
     let report = format!(
-        "soak {seconds} s: {} | warm-up: {} | outcomes {} | server errors answering abandoned downloads {} | agent fds {idle_fds} idle; after warm-up {baseline:?}, after the soak {after:?} | {:.1} s in all",
+        "soak {seconds} s: {} | warm-up: {} | outcomes {} | server errors answering abandoned downloads {} | ports reused while the agent still had the previous connection, logged out of order {out_of_order} | agent fds {idle_fds} idle; after warm-up {baseline:?}, after the soak {after:?} | {:.1} s in all",
         soak.summary,
         warm_up.summary["connections"],
         tally(&soak.conns),
