@@ -8,7 +8,7 @@
 //! runs it longer).
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, HashMap},
     fmt::Write as _,
     net::{Ipv6Addr, SocketAddr, TcpListener, UdpSocket},
     path::PathBuf,
@@ -276,37 +276,72 @@ impl std::fmt::Display for Conn {
 }
 
 /// The agent's log lines of a load client's connections, paired with the
-/// client's records by (client address, destination). Within one key (a
-/// local port used again) connections cannot overlap, so the client's start
-/// order is the agent's log order.
+/// client's records. The (client address, destination) is not enough: a
+/// client that resets its side frees its local port at once, so the next
+/// connection from that port can be accepted while the agent is still
+/// closing the old one (an abandoned download waits up to 1 s for the
+/// upstream's acknowledgements) and logs first. So each line also goes by
+/// when the agent accepted it (`accepted_monotonic_ns`, on the
+/// CLOCK_MONOTONIC of the client's records): after that connection's client
+/// started connecting and before it finished. Connections from one local
+/// port follow each other (the port is free only once the previous socket is
+/// gone), so one accept time falls in one connection's window but for the
+/// few microseconds around a socket's close: lines go in accept order, each
+/// to the window that holds it and ends first.
 struct Pairing<'a> {
     pairs: Vec<(&'a Conn, &'a Value)>,
     /// Connected, but no log line.
     unlogged: Vec<&'a Conn>,
     /// A log line for no connection of the client's.
     unknown: Vec<&'a Value>,
+    /// Pairs whose line was logged before the line of an earlier connection
+    /// from the same (client address, destination): a port used again while
+    /// the agent still closed the previous connection, which pairing in
+    /// start order would have swapped.
+    out_of_order: usize,
 }
 
 fn pair<'a>(conns: impl IntoIterator<Item = &'a Conn>, lines: &'a [Value]) -> Pairing<'a> {
-    let mut by_key: HashMap<(String, String), VecDeque<&Conn>> = HashMap::new();
-    let mut connected: Vec<&Conn> = conns.into_iter().filter(|c| c.local.is_some()).collect();
-    connected.sort_by_key(|c| c.start_ns);
-    for conn in connected {
+    let mut by_key: HashMap<(String, String), Vec<Option<&Conn>>> = HashMap::new();
+    for conn in conns.into_iter().filter(|c| c.local.is_some()) {
         let key = (unmapped(conn.local.as_deref().unwrap()), unmapped(&conn.target));
-        by_key.entry(key).or_default().push_back(conn);
+        by_key.entry(key).or_default().push(Some(conn));
     }
-    let mut pairing = Pairing { pairs: vec![], unlogged: vec![], unknown: vec![] };
-    for line in lines {
+    let mut pairing = Pairing { pairs: vec![], unlogged: vec![], unknown: vec![], out_of_order: 0 };
+    let mut by_accept: Vec<(u64, usize, &Value)> = Vec::with_capacity(lines.len());
+    for (logged, line) in lines.iter().enumerate() {
+        match line["accepted_monotonic_ns"].as_u64() {
+            Some(accepted) => by_accept.push((accepted, logged, line)),
+            None => pairing.unknown.push(line),
+        }
+    }
+    by_accept.sort_by_key(|&(accepted, _, _)| accepted);
+    // Per key, the log position of the latest-started connection paired so far.
+    let mut latest: HashMap<(String, String), (u64, usize)> = HashMap::new();
+    for (accepted, logged, line) in by_accept {
         let key = (
             line["client"].as_str().unwrap_or_default().to_owned(),
             line["destination"].as_str().unwrap_or_default().to_owned(),
         );
-        match by_key.get_mut(&key).and_then(VecDeque::pop_front) {
-            Some(conn) => pairing.pairs.push((conn, line)),
+        let slot = by_key.get_mut(&key).and_then(|conns| {
+            conns
+                .iter_mut()
+                .filter(|c| c.is_some_and(|c| c.start_ns < accepted && accepted <= c.end_ns))
+                .min_by_key(|c| c.map(|c| c.end_ns))
+        });
+        match slot.and_then(Option::take) {
+            Some(conn) => {
+                let previous = latest.entry(key).or_insert((conn.start_ns, logged));
+                if conn.start_ns > previous.0 {
+                    pairing.out_of_order += usize::from(logged < previous.1);
+                    *previous = (conn.start_ns, logged);
+                }
+                pairing.pairs.push((conn, line));
+            }
             None => pairing.unknown.push(line),
         }
     }
-    pairing.unlogged = by_key.into_values().flatten().collect();
+    pairing.unlogged = by_key.into_values().flatten().flatten().collect();
     pairing
 }
 
@@ -491,7 +526,8 @@ fn soak_seconds() -> Result<f64> {
 /// mix entries are denied, "abandon" hangs up mid-download, the rest
 /// arrives intact), every connection logged once with that verdict,
 /// exchanges' byte counts exact, no relay error but on abandoned ones.
-fn check_soak_run(problems: &mut Problems, agent: &Agent, run: &Finished) {
+/// Returns how many lines were logged out of their port's order (see [`Pairing`]).
+fn check_soak_run(problems: &mut Problems, agent: &Agent, run: &Finished) -> usize {
     for conn in &run.conns {
         let expected = match conn.mix.as_str() {
             "denied-tcp" => conn.outcome == "cut" && conn.received == 0,
@@ -512,7 +548,7 @@ fn check_soak_run(problems: &mut Problems, agent: &Agent, run: &Finished) {
     for line in pairing.unknown.iter().take(3) {
         problems.check(false, || format!("logged, but the client made no such connection: {line}"));
     }
-    for (conn, line) in pairing.pairs {
+    for &(conn, line) in &pairing.pairs {
         let verdict = if conn.mix.starts_with("denied-") { "denied" } else { "relayed" };
         problems.check(line["verdict"] == verdict && conn.matches_verdict(verdict), || {
             format!("expected {verdict}: {conn} logged {line}")
@@ -529,6 +565,7 @@ fn check_soak_run(problems: &mut Problems, agent: &Agent, run: &Finished) {
             });
         }
     }
+    pairing.out_of_order
 }
 
 #[test]
@@ -555,14 +592,14 @@ fn soak_mixed_transfers_arrive_intact_are_logged_once_and_leave_no_leak() -> Res
     // worker threads and their allocator arenas, lazily built state.
     let warm_up = setup.start_load("warm-up", WARM_UP_SECS, 1, mix.clone())?.finish()?;
     let mut problems = Problems::default();
-    check_soak_run(&mut problems, &setup.agent, &warm_up);
+    let mut out_of_order = check_soak_run(&mut problems, &setup.agent, &warm_up);
     let baseline = settled_usage(agent_pid, idle_fds)?;
     problems.check(baseline.fds == idle_fds, || {
         format!("agent fds: {idle_fds} before any load, {} after the warm-up", baseline.fds)
     });
 
     let soak = setup.start_load("soak", seconds, 2, mix)?.finish()?;
-    check_soak_run(&mut problems, &setup.agent, &soak);
+    out_of_order += check_soak_run(&mut problems, &setup.agent, &soak);
 
     let conns = || [&warm_up, &soak].into_iter().flat_map(|run| &run.conns);
     let intact_exchanges: Vec<&Conn> = conns().filter(|c| c.is_exchange() && c.outcome == "intact").collect();
@@ -620,7 +657,7 @@ fn soak_mixed_transfers_arrive_intact_are_logged_once_and_leave_no_leak() -> Res
     problems.check(warnings.is_empty(), || format!("{} agent warnings, the first: {}", warnings.len(), warnings[0]));
 
     let report = format!(
-        "soak {seconds} s: {} | warm-up: {} | outcomes {} | server errors answering abandoned downloads {} | agent fds {idle_fds} idle; after warm-up {baseline:?}, after the soak {after:?} | {:.1} s in all",
+        "soak {seconds} s: {} | warm-up: {} | outcomes {} | server errors answering abandoned downloads {} | ports reused while the agent still had the previous connection, logged out of order {out_of_order} | agent fds {idle_fds} idle; after warm-up {baseline:?}, after the soak {after:?} | {:.1} s in all",
         soak.summary,
         warm_up.summary["connections"],
         tally(&soak.conns),
@@ -629,6 +666,172 @@ fn soak_mixed_transfers_arrive_intact_are_logged_once_and_leave_no_leak() -> Res
     );
     eprintln!("{report}");
     problems.verdict(&format!("{report}\n{}", log_excerpt(&setup.agent)))
+}
+
+/// The port-reuse test's sizes: the abandoned download and where its client
+/// hangs up, then the small exchange from the same port.
+const REUSE_ABANDONED: (u64, u64) = (1000, 4 * MIB);
+const REUSE_HANG_UP_AT: u64 = 256 * KIB;
+const REUSE_SMALL: (u64, u64) = (100, 1000);
+
+/// A sandboxed client (argv: host, port, then the sizes above) that abandons
+/// a download, resets (SO_LINGER 0: no TIME_WAIT, the port is free at once)
+/// and right away, from a forked child (another pid, so another kernel
+/// record), connects from the same local port to the same destination for a
+/// small exchange. One JSON line per connection, the child's first: pid,
+/// local address, CLOCK_MONOTONIC start (before connecting) and end (after
+/// closing), bytes sent and received.
+const PORT_REUSE_CLIENT: &str = r#"
+import json, os, socket, struct, sys, time
+
+host, port, send_a, recv_a, hang_up_at, send_b, recv_b = sys.argv[1], *map(int, sys.argv[2:8])
+
+def exchange(role, local_port, send, recv, hang_up_at=None):
+    record = {"role": role, "pid": os.getpid(), "payload": send, "expect": recv, "start_ns": time.monotonic_ns()}
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.settimeout(20)
+    sock.bind(("0.0.0.0", local_port))
+    sock.connect((host, port))
+    local = sock.getsockname()
+    record["local"] = "%s:%d" % local
+    sock.sendall(b"SEND %d RECV %d\n" % (send, recv) + b"u" * send)
+    received = 0
+    while hang_up_at is None or received < hang_up_at:
+        data = sock.recv(65536)
+        if not data:
+            break
+        received += len(data)
+    record["received"] = received
+    if hang_up_at is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    record["end_ns"] = time.monotonic_ns()
+    return local[1], record
+
+local_port, abandoned = exchange("abandoned", 0, send_a, recv_a, hang_up_at)
+child = os.fork()
+if child == 0:
+    code = 1
+    try:
+        _, reused = exchange("reused", local_port, send_b, recv_b)
+        print(json.dumps(reused), flush=True)
+        code = 0
+    finally:
+        os._exit(code)
+_, status = os.waitpid(child, 0)
+print(json.dumps(abandoned), flush=True)
+sys.exit(os.waitstatus_to_exitcode(status))
+"#;
+
+#[test]
+fn a_port_reused_at_once_after_an_abandoned_download_gets_its_own_record_and_log_line() -> Result<()> {
+    let setup = Setup::new("load-port-reuse", None)?;
+    let destination = setup.exchange_v4();
+    let sizes = [REUSE_ABANDONED.0, REUSE_ABANDONED.1, REUSE_HANG_UP_AT, REUSE_SMALL.0, REUSE_SMALL.1];
+    let mut command = setup.sandbox.command(PYTHON);
+    command.args(["-c", PORT_REUSE_CLIENT, &setup.net.v4.to_string(), &EXCHANGE_PORT.to_string()]);
+    command.args(sizes.map(|size| size.to_string()));
+    // Bounded: every socket call of the client has a 20 s timeout.
+    let output = command.output().context("run the port-reuse client")?;
+    ensure!(
+        output.status.success(),
+        "port-reuse client failed ({}): {}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let records: Vec<Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .context("port-reuse client output")?;
+    let [reused, abandoned] = records.as_slice() else { bail!("expected two records, got {records:?}") };
+    ensure!(reused["role"] == "reused" && abandoned["role"] == "abandoned", "records {records:?}");
+    let client = abandoned["local"].as_str().context("no local address")?.to_owned();
+    ensure!(reused["local"] == client.as_str(), "the second connection did not reuse the port: {records:?}");
+    ensure!(reused["pid"] != abandoned["pid"], "one pid for both connections: {records:?}");
+    let received = |record: &Value| record["received"].as_u64().unwrap_or_default();
+    ensure!(
+        (REUSE_HANG_UP_AT..REUSE_ABANDONED.1).contains(&received(abandoned)),
+        "the first connection was not abandoned mid-download: {abandoned}"
+    );
+    ensure!(received(reused) == REUSE_SMALL.1, "the small exchange did not arrive whole: {reused}");
+
+    // The agent: two lines for that client address, each with its own
+    // connection's pid, destination and byte counts.
+    let lines = setup.agent.log.wait_for_count(&format!("two connection lines from {client}"), 2, |e| {
+        e["event"] == "connection" && e["client"] == client.as_str()
+    })?;
+    ensure!(lines.len() == 2, "{} connection lines from {client}: {lines:?}", lines.len());
+    let header = |(send, recv): (u64, u64)| format!("SEND {send} RECV {recv}\n").len() as u64 + send;
+    let line_of = |record: &Value| -> Result<&Value> {
+        let mine: Vec<&Value> = lines.iter().filter(|line| line["pid"] == record["pid"]).collect();
+        ensure!(mine.len() == 1, "{} lines with the pid of {record}: {lines:?}", mine.len());
+        let line = mine[0];
+        ensure!(line["destination"] == destination.as_str() && line["verdict"] == "relayed", "{record}: {line}");
+        let accepted = line["accepted_monotonic_ns"].as_u64().with_context(|| format!("no accept time: {line}"))?;
+        ensure!(
+            record["start_ns"].as_u64().is_some_and(|start| start < accepted)
+                && record["end_ns"].as_u64().is_some_and(|end| accepted <= end),
+            "accepted outside its client's connection: {record}, {line}"
+        );
+        Ok(line)
+    };
+    let (abandoned_line, reused_line) = (line_of(abandoned)?, line_of(reused)?);
+    let down = |line: &Value| line["bytes_down"].as_u64().unwrap_or(u64::MAX);
+    ensure!(
+        abandoned_line["bytes_up"] == header(REUSE_ABANDONED)
+            && (received(abandoned)..=REUSE_ABANDONED.1).contains(&down(abandoned_line)),
+        "byte counts of the abandoned download ({abandoned}): {abandoned_line}"
+    );
+    ensure!(
+        reused_line["bytes_up"] == header(REUSE_SMALL)
+            && down(reused_line) == REUSE_SMALL.1
+            && reused_line.get("error").is_none_or(Value::is_null),
+        "byte counts of the exchange from the reused port ({reused}): {reused_line}"
+    );
+
+    // The soak's pairing, on the client's records alone, gives each line to its own connection.
+    let conn = |record: &Value| Conn {
+        mix: record["role"].as_str().unwrap_or_default().to_owned(),
+        kind: "exchange".into(),
+        target: destination.clone(),
+        local: Some(client.clone()),
+        start_ns: record["start_ns"].as_u64().unwrap_or_default(),
+        end_ns: record["end_ns"].as_u64().unwrap_or_default(),
+        payload: record["payload"].as_u64().unwrap_or_default(),
+        sent: record["payload"].as_u64().unwrap_or_default(),
+        sent_sha256: String::new(),
+        expect: record["expect"].as_u64().unwrap_or_default(),
+        received: received(record),
+        outcome: record["role"].as_str().unwrap_or_default().to_owned(),
+        error: None,
+    };
+    let conns = [conn(abandoned), conn(reused)];
+    let pairing = pair(&conns, &lines);
+    ensure!(pairing.unlogged.is_empty() && pairing.unknown.is_empty(), "pairing left some out: {lines:?}");
+    for (conn, line) in &pairing.pairs {
+        let record = if conn.mix == "abandoned" { abandoned } else { reused };
+        ensure!(line["pid"] == record["pid"], "paired {conn} with {line}");
+    }
+
+    // What happened on the agent's side, reported (timings are not asserted).
+    let number = |value: &Value| value.as_u64().unwrap_or_default() as f64;
+    let abandoned_closed_ms =
+        (number(&abandoned_line["accepted_monotonic_ns"]) - number(&reused_line["accepted_monotonic_ns"])) / 1e6
+            + abandoned_line["duration_ms"].as_f64().unwrap_or_default();
+    eprintln!(
+        "port reuse from {client}: reconnected {:.3} ms after the reset; agent logged the {} connection first; \
+         the reused port's connection was accepted {abandoned_closed_ms:.1} ms before the agent closed the abandoned one \
+         | abandoned: client read {}, agent sent {} | reused: {}",
+        (number(&reused["start_ns"]) - number(&abandoned["end_ns"])) / 1e6,
+        lines[0]["pid"].as_u64().map_or("?", |pid| if abandoned["pid"] == pid { "abandoned" } else { "reused" }),
+        received(abandoned),
+        down(abandoned_line),
+        reused_line,
+    );
+    Ok(())
 }
 
 /// A free port below the ephemeral range for the agent. While the agent is

@@ -89,8 +89,27 @@ impl CloseLog {
     }
 }
 
-pub async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) {
-    let started = Instant::now();
+/// When the agent accepted a connection: an `Instant` for its duration, and
+/// CLOCK_MONOTONIC in nanoseconds for its log line (`accepted_monotonic_ns`),
+/// the clock other processes on the host can read too, so a client that
+/// notes when it connected and closed can tell its connections apart even
+/// when one (client address, destination) is used again at once.
+#[derive(Clone, Copy)]
+pub struct Accepted {
+    at: Instant,
+    monotonic_ns: u64,
+}
+
+impl Accepted {
+    pub fn now() -> Self {
+        let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime only writes into the timespec passed; CLOCK_MONOTONIC always exists.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+        Self { at: Instant::now(), monotonic_ns: now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64 }
+    }
+}
+
+pub async fn handle(client: TcpStream, peer: SocketAddr, accepted: Accepted, shared: &Shared) {
     let Some(origin) = attribute(peer, shared) else { return };
     if let Some(reason) = origin.identity_lost {
         reset(client);
@@ -104,7 +123,7 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) {
             client,
             &origin,
             peer,
-            started,
+            accepted,
             shared,
             format!("too many connections in flight from this sandbox (--max-connections-per-sandbox {max})"),
         );
@@ -117,25 +136,24 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, shared: &Shared) {
     } else {
         transparent(client, &origin, shared, &mut log).await;
     }
-    log.emit(&origin, peer, started);
+    log.emit(&origin, peer, accepted);
 }
 
 /// Turns away a connection beyond `--max-connections`, logged like any other.
-pub fn refuse_over_limit(client: TcpStream, peer: SocketAddr, shared: &Shared) {
-    let started = Instant::now();
+pub fn refuse_over_limit(client: TcpStream, peer: SocketAddr, accepted: Accepted, shared: &Shared) {
     let Some(origin) = attribute(peer, shared) else { return reset(client) };
     let reason = format!("too many connections in flight (--max-connections {})", shared.config.max_connections);
-    refuse(client, &origin, peer, started, shared, reason);
+    refuse(client, &origin, peer, accepted, shared, reason);
 }
 
 /// Resets a connection over a limit and logs it (a warning too: the
 /// sandbox sees only a reset).
-fn refuse(client: TcpStream, origin: &Origin, peer: SocketAddr, started: Instant, shared: &Shared, reason: String) {
+fn refuse(client: TcpStream, origin: &Origin, peer: SocketAddr, accepted: Accepted, shared: &Shared, reason: String) {
     reset(client);
     shared.stats.over_limit.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(pid = origin.pid, cgroup_id = origin.cgroup_id, "connection refused: {reason}");
     let log = CloseLog { verdict: "denied", reason: Some(reason), protocol: "unknown", ..CloseLog::default() };
-    log.emit(origin, peer, started);
+    log.emit(origin, peer, accepted);
 }
 
 /// Who made the connection, from the kernel's record; a connection without
@@ -152,7 +170,7 @@ fn attribute(peer: SocketAddr, shared: &Shared) -> Option<Origin> {
 
 impl CloseLog {
     /// The one line every connection logs when it ends.
-    fn emit(&self, origin: &Origin, peer: SocketAddr, started: Instant) {
+    fn emit(&self, origin: &Origin, peer: SocketAddr, accepted: Accepted) {
         let inference = self.inference.as_ref();
         tracing::info!(
             event = "connection",
@@ -173,7 +191,8 @@ impl CloseLog {
             audit = self.audit,
             bytes_up = self.bytes_up,
             bytes_down = self.bytes_down,
-            duration_ms = started.elapsed().as_secs_f64() * 1e3,
+            accepted_monotonic_ns = accepted.monotonic_ns,
+            duration_ms = accepted.at.elapsed().as_secs_f64() * 1e3,
             error = self.error,
             inference_requests = inference.map(|i| i.requests),
             inference_last_status = inference.and_then(|i| i.last_status),

@@ -215,14 +215,15 @@ async fn accept_loop(
                 }
             },
         };
+        let accepted = connection::Accepted::now();
         shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            connection::refuse_over_limit(stream, peer, &shared);
+            connection::refuse_over_limit(stream, peer, accepted, &shared);
             continue;
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            connection::handle(stream, peer, &shared).await;
+            connection::handle(stream, peer, accepted, &shared).await;
             drop(slot);
         });
     }
