@@ -84,7 +84,8 @@ struct Output<'a> {
 
 fn describe(decision: &Decision, request: &Request) -> String {
     let destination = match (request.host, request.ip) {
-        (Some(host), _) => format!("{host}:{}", request.port),
+        (Some(host), Some(ip)) => format!("{host}:{} ({ip})", request.port),
+        (Some(host), None) => format!("{host}:{}", request.port),
         (None, Some(IpAddr::V6(ip))) => format!("[{ip}]:{}", request.port),
         (None, Some(ip)) => format!("{ip}:{}", request.port),
         (None, None) => format!("?:{}", request.port),
