@@ -192,9 +192,7 @@ impl Decider {
             Err(mismatch(host, destination))
         }
     }
-}
 
-impl Decider {
     /// Whether the agent's DNS gave `sandbox` the address `destination` for `host`.
     fn was_told(&self, sandbox: u64, host: &str, destination: IpAddr) -> bool {
         self.dns.records.addresses(sandbox, host).contains(&destination.to_canonical())
