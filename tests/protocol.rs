@@ -472,6 +472,21 @@ fn policy_cli_checks_and_evaluates_offline() -> Result<()> {
     assert_eq!(decision["allow"], true);
     assert_eq!(decision["policy"], "github_api");
 
+    // An opaque stream to an address the sandbox resolved from a policy host.
+    let resolved = |name: &str| {
+        std::process::Command::new(&agent)
+            .args(["policy", "eval"])
+            .arg(&example)
+            .args(["--ip", "192.0.2.80", "--resolved", "example.test", "--resolved", name, "--port", "443"])
+            .args(["--binary", "/usr/bin/gh"])
+            .output()
+    };
+    let allowed = String::from_utf8(resolved("api.github.com")?.stdout)?;
+    assert!(allowed.contains(r#""resolved_host": "api.github.com""#), "{allowed}");
+    assert!(allowed.ends_with("allow: /usr/bin/gh -> api.github.com:443 (192.0.2.80) by policy 'github_api', binary entry '/usr/bin/gh' matched /usr/bin/gh\n"), "{allowed}");
+    let denied = String::from_utf8(resolved("other.test")?.stdout)?;
+    assert!(!denied.contains("resolved_host") && denied.contains("deny: "), "{denied}");
+
     let bad = PolicyFile::new(
         "version: 1\nnetwork_policies:\n  x:\n    endpoints:\n      - host: a.test\n        prot: 80\n",
     )?;

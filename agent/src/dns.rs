@@ -13,12 +13,13 @@
 //! Each sandbox (cgroup) has its own query rate and queries in flight, so
 //! one flooding sandbox is refused while the others are still answered.
 //!
-//! The A/AAAA answers are recorded, so the proxy can check that a name the
-//! sandbox claims (SNI, Host) stands for the address it connected to, as
-//! the sandbox itself was told.
+//! The A/AAAA answers are recorded per sandbox (see [`DnsRecords`]): the
+//! proxy decides opaque streams by the names the sandbox resolved to the
+//! address it connects to, and checks that a name the sandbox claims (SNI,
+//! Host) stands for that address, as the sandbox itself was told.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex},
@@ -67,51 +68,105 @@ const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
 const MAX_LOGGED_NAMES: usize = 4096;
 /// ...and each sandbox logs at most this many refusal lines a second.
 const LOG_LINES_PER_SECOND: u32 = 5;
-/// Names remembered for consistency checks; TTLs are clamped to this range.
-const MAX_RECORDED_NAMES: usize = 16_384;
-const MIN_RECORD_TTL: u64 = 5;
-const MAX_RECORD_TTL: u64 = 3600;
+/// (name, address) pairs recorded per sandbox, beyond which the oldest go.
+pub const RECORDS_PER_SANDBOX: usize = 4096;
 
 pub fn is_inference_address(ip: IpAddr) -> bool {
     let ip = ip.to_canonical();
     ip == IpAddr::V4(INFERENCE_V4) || ip == IpAddr::V6(INFERENCE_V6)
 }
 
-/// Addresses the sandbox was given for each name, until their TTL runs out.
-#[derive(Default)]
+/// How long answers are kept, and how many.
+#[derive(Clone, Copy, Debug)]
+pub struct RecordLimits {
+    /// An answer is kept for its TTL, but at least this long (a TTL of 0
+    /// must still cover the connect that follows the lookup)...
+    pub min_ttl: Duration,
+    /// ...and at most this long; longer TTLs in the replies to the sandbox
+    /// are lowered to this, so its own cache expires no later than the record.
+    pub max_ttl: Duration,
+    /// (name, address) pairs kept per sandbox; the oldest go first.
+    pub per_sandbox: usize,
+}
+
+/// What the agent's DNS told each sandbox: the names it answered and the
+/// addresses in each answer, until their (clamped) TTL runs out. The proxy
+/// decides a stream without a host of its own by the names its sandbox
+/// resolved to the address, and checks a claimed name (SNI, Host) against
+/// the addresses its sandbox was given.
 pub struct DnsRecords {
-    names: Mutex<HashMap<String, Vec<(IpAddr, Instant)>>>,
+    limits: RecordLimits,
+    sandboxes: Mutex<HashMap<u64, VecDeque<Answer>>>,
+}
+
+struct Answer {
+    name: String,
+    ip: IpAddr,
+    expiry: Instant,
 }
 
 impl DnsRecords {
-    pub fn addresses(&self, name: &str) -> Vec<IpAddr> {
-        let now = Instant::now();
-        let names = self.names.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        names
-            .get(&normalize(name))
-            .map(|entries| entries.iter().filter(|(_, expiry)| *expiry > now).map(|(ip, _)| *ip).collect())
-            .unwrap_or_default()
+    pub fn new(limits: RecordLimits) -> Self {
+        Self { limits, sandboxes: Mutex::default() }
     }
 
-    fn record(&self, name: String, answers: Vec<(IpAddr, u32)>) {
-        let now = Instant::now();
-        let mut names = self.names.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if names.len() >= MAX_RECORDED_NAMES && !names.contains_key(&name) {
-            names.retain(|_, entries| entries.iter().any(|(_, expiry)| *expiry > now));
-            if names.len() >= MAX_RECORDED_NAMES {
-                // Still full of live names: forget an arbitrary one rather than grow.
-                if let Some(victim) = names.keys().next().cloned() {
-                    names.remove(&victim);
+    /// The live addresses `sandbox` was given for `name`.
+    pub fn addresses(&self, sandbox: u64, name: &str) -> Vec<IpAddr> {
+        let name = normalize(name);
+        self.live(sandbox, Instant::now(), |answer| (answer.name == name).then_some(answer.ip))
+    }
+
+    /// The names `sandbox` resolved to `ip` whose answers are still live,
+    /// the most recent first.
+    pub fn names(&self, sandbox: u64, ip: IpAddr) -> Vec<String> {
+        self.names_at(sandbox, ip, Instant::now())
+    }
+
+    fn names_at(&self, sandbox: u64, ip: IpAddr, now: Instant) -> Vec<String> {
+        let ip = ip.to_canonical();
+        self.live(sandbox, now, |answer| (answer.ip == ip).then(|| answer.name.clone()))
+    }
+
+    /// A scan, newest first: at most `per_sandbox` entries, cheap next to
+    /// the policy evaluation that follows, and no second index to keep in step.
+    fn live<T: PartialEq>(&self, sandbox: u64, now: Instant, pick: impl Fn(&Answer) -> Option<T>) -> Vec<T> {
+        let sandboxes = self.lock();
+        let mut found = Vec::new();
+        for answer in sandboxes.get(&sandbox).into_iter().flatten().rev().filter(|answer| answer.expiry > now) {
+            if let Some(value) = pick(answer).filter(|value| !found.contains(value)) {
+                found.push(value);
+            }
+        }
+        found
+    }
+
+    fn record(&self, sandbox: u64, name: &str, answers: &[(IpAddr, u32)], now: Instant) {
+        let RecordLimits { min_ttl, max_ttl, per_sandbox } = self.limits;
+        let name = normalize(name);
+        let mut sandboxes = self.lock();
+        if sandboxes.len() >= MAX_SANDBOXES && !sandboxes.contains_key(&sandbox) {
+            sandboxes.retain(|_, entries| entries.iter().any(|answer| answer.expiry > now));
+            if sandboxes.len() >= MAX_SANDBOXES {
+                // All live: forget one sandbox's answers (it is then decided by address) rather than grow.
+                if let Some(victim) = sandboxes.keys().next().copied() {
+                    sandboxes.remove(&victim);
                 }
             }
         }
-        let entries = names.entry(name).or_default();
-        entries.retain(|(_, expiry)| *expiry > now);
-        for (ip, ttl) in answers {
-            let expiry = now + Duration::from_secs(u64::from(ttl).clamp(MIN_RECORD_TTL, MAX_RECORD_TTL));
-            entries.retain(|(known, _)| *known != ip);
-            entries.push((ip, expiry));
+        let entries = sandboxes.entry(sandbox).or_default();
+        for &(ip, ttl) in answers {
+            let ip = ip.to_canonical();
+            entries.retain(|answer| answer.expiry > now && !(answer.ip == ip && answer.name == name));
+            let expiry = now + Duration::from_secs(ttl.into()).clamp(min_ttl, max_ttl);
+            entries.push_back(Answer { name: name.clone(), ip, expiry });
+            while entries.len() > per_sandbox {
+                entries.pop_front();
+            }
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, VecDeque<Answer>>> {
+        self.sandboxes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -140,7 +195,7 @@ pub struct DnsLimits {
 
 pub struct DnsResponder {
     upstream: SocketAddr,
-    pub records: Arc<DnsRecords>,
+    pub records: DnsRecords,
     policies: PolicyStore,
     budgets: Arc<Budgets>,
 }
@@ -168,7 +223,12 @@ impl DnsResponder {
     /// `upstream`: where allowed queries go (default: the first nameserver
     /// of /etc/resolv.conf). `policies`: read per query, so a reload changes
     /// which names are answered at once.
-    pub fn new(upstream: Option<SocketAddr>, policies: PolicyStore, limits: DnsLimits) -> Result<Self> {
+    pub fn new(
+        upstream: Option<SocketAddr>,
+        policies: PolicyStore,
+        limits: DnsLimits,
+        records: RecordLimits,
+    ) -> Result<Self> {
         let upstream = match upstream {
             Some(server) => server,
             None => {
@@ -187,9 +247,12 @@ impl DnsResponder {
             max_in_flight = limits.max_in_flight,
             max_in_flight_per_sandbox = limits.max_in_flight_per_sandbox,
             queries_per_second = limits.queries_per_second,
+            record_min_ttl_s = records.min_ttl.as_secs(),
+            record_max_ttl_s = records.max_ttl.as_secs(),
             "DNS: answering the sandbox for the policy's hosts, forwarding to this resolver"
         );
-        Ok(Self { upstream, records: Arc::default(), policies, budgets: Arc::new(Budgets::new(limits)) })
+        let budgets = Arc::new(Budgets::new(limits));
+        Ok(Self { upstream, records: DnsRecords::new(records), policies, budgets })
     }
 
     /// Serves DNS over UDP on `socket` (the agent's loopback port).
@@ -214,7 +277,7 @@ impl DnsResponder {
                     let query = buffer[..len].to_vec();
                     let (responder, socket) = (self.clone(), socket.clone());
                     tokio::spawn(async move {
-                        if let Some(reply) = responder.forward_answer(&query, &request).await {
+                        if let Some(reply) = responder.forward_answer(&query, &request, permit.sandbox).await {
                             let _ = socket.send_to(&reply, client).await;
                         }
                         drop(permit);
@@ -225,7 +288,8 @@ impl DnsResponder {
     }
 
     /// Every address `name` has (A and AAAA), asked of the same upstream as
-    /// the sandbox's queries, and recorded like them. An IP literal is its
+    /// the sandbox's queries. Not recorded: the records are what a sandbox
+    /// was told, and decide its streams. An IP literal is its
     /// own answer. The upstream socket is connected, so a refusing server
     /// fails at once instead of after a timeout.
     pub async fn lookup(&self, name: &str) -> Result<Vec<IpAddr>, String> {
@@ -261,7 +325,6 @@ impl DnsResponder {
             ResponseCode::NoError | ResponseCode::NXDomain => {}
             code => return Err(format!("{} answered {code}", self.upstream)),
         }
-        self.record_answers(&reply);
         Ok(addresses_in(&message).map(|(ip, _)| ip).collect())
     }
 
@@ -290,7 +353,7 @@ impl DnsResponder {
         match self.prepare(query, sandbox) {
             Step::Silent => None,
             Step::Reply(reply) => Some(reply),
-            Step::Forward(_permit, request) => self.forward_answer(query, &request).await,
+            Step::Forward(_permit, request) => self.forward_answer(query, &request, sandbox).await,
         }
     }
 
@@ -378,12 +441,9 @@ impl DnsResponder {
     }
 
     /// The upstream's answer to a query `prepare` let through, or SERVFAIL.
-    async fn forward_answer(&self, query: &[u8], request: &Message) -> Option<Vec<u8>> {
+    async fn forward_answer(&self, query: &[u8], request: &Message, sandbox: Sandbox) -> Option<Vec<u8>> {
         match self.forward(query).await {
-            Ok(reply) => {
-                self.record_answers(&reply);
-                Some(reply)
-            }
+            Ok(reply) => Some(self.record_answers(sandbox, reply)),
             Err(error) => {
                 tracing::warn!(%error, upstream = %self.upstream, "DNS: upstream resolver failed");
                 let mut failure =
@@ -408,14 +468,25 @@ impl DnsResponder {
         Ok(reply)
     }
 
-    fn record_answers(&self, reply: &[u8]) {
-        let Ok(message) = Message::from_vec(reply) else { return };
-        let Some(question) = message.queries.first() else { return };
-        // Answers may come through CNAMEs: the name asked for is what the sandbox will claim.
+    /// Records the reply's addresses for `sandbox`, and returns the reply
+    /// with no TTL longer than the records last (so the sandbox's own cache
+    /// does not outlive them).
+    fn record_answers(&self, sandbox: Sandbox, reply: Vec<u8>) -> Vec<u8> {
+        let Ok(mut message) = Message::from_vec(&reply) else { return reply };
+        let Some(question) = message.queries.first() else { return reply };
+        // Answers may come through CNAMEs: the name asked for is what the sandbox knows.
         let answers: Vec<(IpAddr, u32)> = addresses_in(&message).collect();
-        if !answers.is_empty() {
-            self.records.record(normalize(&question.name().to_ascii()), answers);
+        if let (Some(sandbox), false) = (sandbox, answers.is_empty()) {
+            self.records.record(sandbox, &question.name().to_ascii(), &answers, Instant::now());
         }
+        let max_ttl = u32::try_from(self.records.limits.max_ttl.as_secs()).unwrap_or(u32::MAX);
+        if message.answers.iter().all(|record| record.ttl <= max_ttl) {
+            return reply;
+        }
+        for record in &mut message.answers {
+            record.ttl = record.ttl.min(max_ttl);
+        }
+        message.to_vec().unwrap_or(reply)
     }
 }
 
@@ -593,6 +664,8 @@ fn answer_inference(request: &Message) -> Message {
 mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
 
+    use hickory_proto::rr::rdata::CNAME;
+
     use super::*;
 
     const POLICY: &str = r#"
@@ -613,6 +686,8 @@ network_policies:
 "#;
 
     const LIMITS: DnsLimits = DnsLimits { max_in_flight: 256, max_in_flight_per_sandbox: 64, queries_per_second: 100 };
+    const RECORDS: RecordLimits =
+        RecordLimits { min_ttl: Duration::from_secs(5), max_ttl: Duration::from_secs(3600), per_sandbox: 4 };
 
     /// A policy file of its own, and the store reading it.
     fn store(yaml: &str) -> (PolicyStore, std::path::PathBuf) {
@@ -629,7 +704,7 @@ network_policies:
     fn responder(upstream: SocketAddr, limits: DnsLimits) -> DnsResponder {
         let (policies, path) = store(POLICY);
         std::fs::remove_file(path).unwrap();
-        DnsResponder::new(Some(upstream), policies, limits).unwrap()
+        DnsResponder::new(Some(upstream), policies, limits, RECORDS).unwrap()
     }
 
     fn query(name: &str, record_type: RecordType) -> Vec<u8> {
@@ -703,7 +778,9 @@ network_policies:
         let responder = responder(upstream, LIMITS);
         let reply = ask(&responder, "API.example.test.", RecordType::A, Some(1)).await;
         assert_eq!(reply.answers.len(), 1);
-        assert_eq!(responder.records.addresses("api.example.test"), vec![IpAddr::from([10, 1, 2, 3])]);
+        assert_eq!(responder.records.addresses(1, "api.example.test"), vec![IpAddr::from([10, 1, 2, 3])]);
+        assert_eq!(responder.records.names(1, IpAddr::from([10, 1, 2, 3])), vec!["api.example.test".to_owned()]);
+        assert!(responder.records.names(2, IpAddr::from([10, 1, 2, 3])).is_empty(), "another sandbox resolved nothing");
         for record_type in [RecordType::AAAA, RecordType::HTTPS, RecordType::SVCB, RecordType::CNAME, RecordType::SRV] {
             let reply = ask(&responder, "api.example.test.", record_type, Some(1)).await;
             assert_eq!(reply.metadata.response_code, ResponseCode::NoError, "{record_type}");
@@ -727,7 +804,7 @@ network_policies:
             assert_refused(&ask(&responder, name, RecordType::A, Some(1)).await, name);
         }
         assert!(asked.lock().unwrap().is_empty());
-        assert!(responder.records.addresses("other.test").is_empty());
+        assert!(responder.records.addresses(1, "other.test").is_empty());
     }
 
     #[tokio::test]
@@ -759,7 +836,7 @@ network_policies:
     async fn a_reload_changes_the_answered_names() {
         let (upstream, asked) = fake_upstream(Ipv4Addr::new(10, 1, 2, 3)).await;
         let (policies, path) = store(POLICY);
-        let responder = DnsResponder::new(Some(upstream), policies.clone(), LIMITS).unwrap();
+        let responder = DnsResponder::new(Some(upstream), policies.clone(), LIMITS, RECORDS).unwrap();
         assert_refused(&ask(&responder, "new.test.", RecordType::A, None).await, "new.test.");
         std::fs::write(&path, POLICY.replace("api.example.test", "new.test")).unwrap();
         policies.reload("test");
@@ -865,11 +942,11 @@ network_policies:
     }
 
     #[tokio::test]
-    async fn lookups_go_to_the_same_upstream_and_are_recorded() {
+    async fn lookups_go_to_the_same_upstream_and_are_not_recorded() {
         let (upstream, _) = fake_upstream(Ipv4Addr::new(10, 9, 8, 7)).await;
         let responder = responder(upstream, LIMITS);
         assert_eq!(responder.lookup("svc.test").await.unwrap(), vec![IpAddr::from([10, 9, 8, 7])]);
-        assert_eq!(responder.records.addresses("svc.test"), vec![IpAddr::from([10, 9, 8, 7])]);
+        assert!(responder.records.lock().is_empty(), "the agent's own lookups are no sandbox's answers");
         assert_eq!(responder.lookup("10.0.0.5").await.unwrap(), vec![IpAddr::from([10, 0, 0, 5])]);
         let refused = self::responder("127.0.0.1:9".parse().unwrap(), LIMITS);
         let started = Instant::now();
@@ -891,12 +968,58 @@ network_policies:
         assert!(responder.answer(b"\x00\x01garbage", None).await.is_none());
     }
 
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, last])
+    }
+
     #[test]
-    fn recorded_names_are_bounded() {
-        let records = DnsRecords::default();
-        for i in 0..MAX_RECORDED_NAMES + 10 {
-            records.record(format!("n{i}.test"), vec![(IpAddr::from([10, 0, 0, 1]), 60)]);
-        }
-        assert_eq!(records.names.lock().unwrap().len(), MAX_RECORDED_NAMES);
+    fn records_last_their_ttl_within_the_clamp() {
+        let records = DnsRecords::new(RECORDS);
+        let now = Instant::now();
+        records.record(1, "Zero.Test.", &[(ip(1), 0)], now);
+        records.record(1, "long.test", &[(ip(2), 86_400)], now);
+        records.record(1, "mid.test", &[(ip(3), 60)], now);
+        let names_at = |ip, secs| records.names_at(1, ip, now + Duration::from_secs(secs));
+        assert_eq!(names_at(ip(1), 4), vec!["zero.test".to_owned()], "a TTL of 0 lasts the minimum");
+        assert!(names_at(ip(1), 5).is_empty());
+        assert_eq!(names_at(ip(3), 59), vec!["mid.test".to_owned()]);
+        assert!(names_at(ip(3), 60).is_empty());
+        assert_eq!(names_at(ip(2), 3599), vec!["long.test".to_owned()]);
+        assert!(names_at(ip(2), 3600).is_empty(), "a day's TTL lasts the maximum");
+    }
+
+    #[test]
+    fn records_are_per_sandbox_and_bounded_oldest_first() {
+        let records = DnsRecords::new(RECORDS);
+        let now = Instant::now();
+        records.record(1, "a.test", &[(ip(1), 60)], now);
+        records.record(1, "b.test", &[(ip(1), 60), (ip(2), 60)], now);
+        assert_eq!(records.names_at(1, ip(1), now), vec!["b.test".to_owned(), "a.test".to_owned()]);
+        assert!(records.names_at(2, ip(1), now).is_empty());
+        records.record(1, "a.test", &[(ip(1), 60)], now);
+        assert_eq!(records.names_at(1, ip(1), now), vec!["a.test".to_owned(), "b.test".to_owned()], "refreshed");
+        // Four pairs fit: b.test/1, b.test/2, a.test/1 (refreshed last) and two more drop b.test/1.
+        records.record(1, "c.test", &[(ip(3), 60), (IpAddr::from([0, 0, 0, 0, 0, 0xffff, 0x0a00, 4]), 60)], now);
+        assert_eq!(records.lock()[&1].len(), RECORDS.per_sandbox);
+        assert_eq!(records.names_at(1, ip(1), now), vec!["a.test".to_owned()], "b.test/1 was the oldest");
+        assert_eq!(records.names_at(1, ip(2), now), vec!["b.test".to_owned()]);
+        assert_eq!(records.names_at(1, ip(4), now), vec!["c.test".to_owned()], "v4-mapped answers count as v4");
+    }
+
+    #[test]
+    fn a_cname_chain_is_recorded_under_the_name_asked_and_ttls_are_capped() {
+        let (policies, path) = store(POLICY);
+        std::fs::remove_file(path).unwrap();
+        let responder = DnsResponder::new(Some("127.0.0.1:9".parse().unwrap()), policies, LIMITS, RECORDS).unwrap();
+        let (asked, target) =
+            (Name::from_ascii("api.example.test.").unwrap(), Name::from_ascii("edge.cdn.test.").unwrap());
+        let mut reply = Message::response(7, OpCode::Query);
+        reply.queries.push(Query::query(asked.clone(), RecordType::A));
+        reply.answers.push(Record::from_rdata(asked, 86_400, RData::CNAME(CNAME(target.clone()))));
+        reply.answers.push(Record::from_rdata(target, 30, RData::A(A(Ipv4Addr::new(10, 0, 0, 9)))));
+        let sent = Message::from_vec(&responder.record_answers(Some(1), reply.to_vec().unwrap())).unwrap();
+        assert_eq!(responder.records.names(1, ip(9)), vec!["api.example.test".to_owned()]);
+        assert!(responder.records.addresses(1, "edge.cdn.test").is_empty());
+        assert_eq!(sent.answers.iter().map(|record| record.ttl).collect::<Vec<_>>(), vec![3600, 30]);
     }
 }

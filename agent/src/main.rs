@@ -71,6 +71,15 @@ struct RunArgs {
     /// beyond this they get REFUSED.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     dns_queries_per_second: u32,
+    /// Least time an answer the sandbox got is kept for deciding its
+    /// connections by name, whatever its TTL (a TTL of 0 must still cover
+    /// the connect after the lookup).
+    #[arg(long, default_value_t = 5, value_name = "SECONDS", value_parser = clap::value_parser!(u32).range(1..))]
+    dns_record_min_ttl: u32,
+    /// Most time an answer is kept; longer TTLs in the answers to the
+    /// sandbox are lowered to this.
+    #[arg(long, default_value_t = 3600, value_name = "SECONDS", value_parser = clap::value_parser!(u32).range(1..))]
+    dns_record_max_ttl: u32,
     /// Connections relayed at once; beyond this new connections are refused.
     #[arg(long, default_value_t = 4096)]
     max_connections: usize,
@@ -162,7 +171,18 @@ fn run(args: RunArgs) -> Result<()> {
             max_in_flight_per_sandbox: args.dns_max_in_flight_per_sandbox as usize,
             queries_per_second: args.dns_queries_per_second,
         };
-        let dns = std::sync::Arc::new(dns::DnsResponder::new(args.dns_server, policies.clone(), limits)?);
+        anyhow::ensure!(
+            args.dns_record_min_ttl <= args.dns_record_max_ttl,
+            "--dns-record-min-ttl ({}) exceeds --dns-record-max-ttl ({})",
+            args.dns_record_min_ttl,
+            args.dns_record_max_ttl
+        );
+        let records = dns::RecordLimits {
+            min_ttl: Duration::from_secs(args.dns_record_min_ttl.into()),
+            max_ttl: Duration::from_secs(args.dns_record_max_ttl.into()),
+            per_sandbox: dns::RECORDS_PER_SANDBOX,
+        };
+        let dns = std::sync::Arc::new(dns::DnsResponder::new(args.dns_server, policies.clone(), limits, records)?);
         preflight::ensure_bpffs()?;
         preflight::ensure_tracefs()?;
         let redirect =

@@ -320,6 +320,42 @@ impl TestNet {
     }
 }
 
+impl TestNet {
+    /// Runs a server of a Debian package (`program ARGS`) in the namespace
+    /// until dropped; ready once `listen` accepts TCP connections.
+    pub fn start_daemon(&self, program: &str, args: &[&str], listen: SocketAddr) -> Result<Daemon> {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.netns, program]).args(args);
+        let mut child =
+            command.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().with_context(|| format!("spawn {program}"))?;
+        let log = JsonLines::follow_stderr(child.stderr.take().context("stderr piped")?);
+        let mut daemon = Daemon { child, log };
+        let deadline = Instant::now() + WAIT;
+        while std::net::TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_err() {
+            if let Some(status) = daemon.child.try_wait()? {
+                bail!("{program} exited ({status}): {}", daemon.log.raw_lines().join("\n"));
+            }
+            ensure!(Instant::now() < deadline, "{program} did not listen on {listen}");
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(daemon)
+    }
+}
+
+/// A server process of [`TestNet::start_daemon`], killed on drop.
+pub struct Daemon {
+    child: Child,
+    /// Its stderr, line by line (`raw_lines`).
+    pub log: JsonLines,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// IPv6 addresses skip duplicate address detection so they work at once.
 fn add_address(netns: Option<&str>, device: &str, cidr: &str) -> Result<()> {
     let mut args = vec![];

@@ -10,7 +10,7 @@ use crate::status;
 /// rustc-web/cargo-web/rust-web-src: a compiler whose library source matches
 /// exactly, so `core` can be built for bpfel-unknown-none. llvm-22-dev: what
 /// bpf-linker links against. The rest: what the tests and the demo run.
-const PACKAGES: [&str; 10] = [
+const PACKAGES: [&str; 14] = [
     "rustc-web",
     "cargo-web",
     "rust-web-src",
@@ -21,6 +21,11 @@ const PACKAGES: [&str; 10] = [
     "util-linux",
     "dnsmasq-base",
     "openssl",
+    // Real clients and servers for tests/names.rs.
+    "openssh-client",
+    "openssh-server",
+    "redis-server",
+    "redis-tools",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";

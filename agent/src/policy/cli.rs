@@ -33,6 +33,11 @@ pub enum PolicyCommand {
         /// Destination address.
         #[arg(long)]
         ip: Option<IpAddr>,
+        /// A name the sandbox resolved to --ip through the agent's DNS
+        /// (repeatable, most recent first): decides a stream without a host
+        /// of its own (opaque, silent, TLS without SNI) as the agent does.
+        #[arg(long = "resolved", value_name = "NAME", requires = "ip", conflicts_with = "host")]
+        resolved: Vec<String>,
     },
 }
 
@@ -43,7 +48,7 @@ pub fn run(command: PolicyCommand) -> Result<()> {
             let policy = Policy::from_file(&file)?;
             print!("{}: ok\n{}", file.display(), policy.summary());
         }
-        PolicyCommand::Eval { file, host, port, binary, ancestors, ip } => {
+        PolicyCommand::Eval { file, host, port, binary, ancestors, ip, resolved } => {
             let policy = Policy::from_file(&file)?;
             let request = Request {
                 host: host.as_deref(),
@@ -54,17 +59,33 @@ pub fn run(command: PolicyCommand) -> Result<()> {
                 uid: 0,
                 cgroup_id: 0,
             };
-            let decision = policy.evaluate(&request)?;
-            println!("{}", serde_json::to_string_pretty(&decision)?);
+            let (decision, resolved_host) = if resolved.is_empty() {
+                (policy.evaluate(&request)?, None)
+            } else {
+                policy.evaluate_resolved(&request, &resolved)?
+            };
+            let output = Output { resolved_host: resolved_host.as_deref(), decision: &decision };
+            println!("{}", serde_json::to_string_pretty(&output)?);
+            let request = Request { host: resolved_host.as_deref().or(request.host), ..request };
             println!("{}", describe(&decision, &request));
         }
     }
     Ok(())
 }
 
+#[derive(serde::Serialize)]
+struct Output<'a> {
+    /// The resolved name that allowed the stream, as the agent logs it in `host`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resolved_host: Option<&'a str>,
+    #[serde(flatten)]
+    decision: &'a Decision,
+}
+
 fn describe(decision: &Decision, request: &Request) -> String {
     let destination = match (request.host, request.ip) {
-        (Some(host), _) => format!("{host}:{}", request.port),
+        (Some(host), Some(ip)) => format!("{host}:{} ({ip})", request.port),
+        (Some(host), None) => format!("{host}:{}", request.port),
         (None, Some(IpAddr::V6(ip))) => format!("[{ip}]:{}", request.port),
         (None, Some(ip)) => format!("{ip}:{}", request.port),
         (None, None) => format!("?:{}", request.port),

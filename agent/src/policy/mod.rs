@@ -54,7 +54,8 @@
 //!   `allowed_ips`.
 //!
 //! A request without host (opaque TCP) can therefore only match IP-literal and
-//! hostless endpoints. On an endpoint with a host, `allowed_ips` takes no part
+//! hostless endpoints; the agent gives such a stream the names its sandbox
+//! resolved to the address ([`Policy::evaluate_resolved`]). On an endpoint with a host, `allowed_ips` takes no part
 //! in matching: it comes back in [`Decision::endpoint`] for the caller (in
 //! OpenShell it lists the private addresses the host may resolve to).
 //!
@@ -124,6 +125,8 @@ const EGRESS_REGO: &str = include_str!("../../../policies/egress.rego");
 const DECISION_RULE: &str = "data.sandbox_egress.decision";
 const HOST_NAMED_RULE: &str = "data.sandbox_egress.host_named";
 const PATH_GLOB_EXTENSION: &str = "sandbox_egress.path_glob";
+/// Names of one address tried by [`Policy::evaluate_resolved`].
+pub const MAX_RESOLVED_NAMES: usize = 16;
 
 /// One connection to decide on.
 #[derive(Debug, Clone, Copy)]
@@ -240,6 +243,35 @@ impl Policy {
         }
         let output = self.compiled.eval_with_input(input_document(request, host.as_deref(), ip)?)?;
         self.decision_from(&output).with_context(|| format!("unexpected decision from egress.rego: {output}"))
+    }
+
+    /// A stream with no host of its own (opaque, silent, TLS without SNI)
+    /// to `request.ip`, decided with the names the sandbox resolved to that
+    /// address, most recent first. Each name is tried as the request's host
+    /// (its endpoints match, and the address's as always); the first full
+    /// allow wins, else the first audit allow: any allowed name allows the
+    /// address, as FQDN policies do in Cilium. Only the
+    /// [`MAX_RESOLVED_NAMES`] most recent names are tried, so an address
+    /// many names share costs a bounded number of evaluations. Without
+    /// names, the address alone decides. Returns the name that allowed.
+    pub fn evaluate_resolved(&self, request: &Request, resolved: &[String]) -> Result<(Decision, Option<String>)> {
+        let resolved = &resolved[..resolved.len().min(MAX_RESOLVED_NAMES)];
+        if resolved.is_empty() {
+            return Ok((self.evaluate(&Request { host: None, ..*request })?, None));
+        }
+        let mut audited = None;
+        let mut reasons: Vec<String> = Vec::new();
+        for name in resolved {
+            let decision = self.evaluate(&Request { host: Some(name), ..*request })?;
+            match (decision.allow, decision.audit) {
+                (true, false) => return Ok((decision, Some(name.clone()))),
+                (true, true) => {
+                    audited.get_or_insert((decision, Some(name.clone())));
+                }
+                (false, _) => reasons.extend(decision.reason.filter(|reason| !reasons.contains(reason))),
+            }
+        }
+        Ok(audited.unwrap_or_else(|| (Decision::deny(reasons.join("; ")), None)))
     }
 
     /// Whether an endpoint's host, a name or a wildcard, matches `host` as it

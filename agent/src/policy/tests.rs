@@ -719,3 +719,73 @@ fn names_host_follows_the_connection_matcher_without_ports_or_binaries() {
         assert!(!policy.names_host(other).unwrap(), "{other:?}");
     }
 }
+
+fn opaque(ip: &str, port: u16, binary: &'static str) -> Request<'static> {
+    Request {
+        host: None,
+        ip: Some(ip.parse().unwrap()),
+        port,
+        binary: Some(Path::new(binary)),
+        ancestors: &[],
+        uid: 1000,
+        cgroup_id: 7,
+    }
+}
+
+#[test]
+fn streams_without_a_host_are_decided_by_the_names_resolved_to_the_address() {
+    let policy = fixture();
+    let names = |list: &[&str]| list.iter().map(|name| name.to_string()).collect::<Vec<_>>();
+    let git = opaque("203.0.113.5", 443, "/usr/bin/git");
+
+    let (decision, host) = policy.evaluate_resolved(&git, &names(&["api.github.com"])).unwrap();
+    assert!(decision.allow, "{decision:?}");
+    assert_eq!((decision.policy.as_deref(), host.as_deref()), (Some("github"), Some("api.github.com")));
+
+    // Any allowed name allows the address; the one that did is returned.
+    let (decision, host) =
+        policy.evaluate_resolved(&git, &names(&["blocked.test", "raw.githubusercontent.com"])).unwrap();
+    assert!(decision.allow);
+    assert_eq!(host.as_deref(), Some("raw.githubusercontent.com"));
+
+    // Each name is still held to its endpoint's ports and binaries.
+    let (decision, host) =
+        policy.evaluate_resolved(&opaque("203.0.113.5", 22, "/usr/bin/git"), &names(&["api.github.com"])).unwrap();
+    assert!(!decision.allow && host.is_none());
+    assert_eq!(decision.reason.as_deref(), Some("endpoint api.github.com:22 is not allowed by any policy"));
+    let (decision, _) = policy
+        .evaluate_resolved(&opaque("203.0.113.5", 443, "/usr/bin/python3"), &names(&["api.github.com", "blocked.test"]))
+        .unwrap();
+    assert_eq!(
+        decision.reason.as_deref(),
+        Some("binary '/usr/bin/python3' not allowed in policy 'github'; endpoint blocked.test:443 is not allowed by any policy")
+    );
+
+    // A full allow beats an audit allow found first.
+    let curl = opaque("203.0.113.5", 443, "/usr/bin/python3");
+    let (decision, host) = policy.evaluate_resolved(&curl, &names(&["audit.internal.test", "a.example.com"])).unwrap();
+    assert!(decision.allow && !decision.audit);
+    assert_eq!(host.as_deref(), Some("a.example.com"));
+    let (decision, host) = policy.evaluate_resolved(&curl, &names(&["audit.internal.test"])).unwrap();
+    assert!(decision.allow && decision.audit);
+    assert_eq!(host.as_deref(), Some("audit.internal.test"));
+
+    // No names: the address alone, as for any opaque stream.
+    let (decision, host) = policy.evaluate_resolved(&git, &[]).unwrap();
+    assert!(!decision.allow && host.is_none());
+    assert_eq!(decision.reason.as_deref(), Some("endpoint 203.0.113.5:443 is not allowed by any policy"));
+    let (decision, host) = policy.evaluate_resolved(&opaque("10.1.2.3", 5432, "/usr/bin/psql"), &[]).unwrap();
+    assert!(decision.allow && host.is_none(), "allowed_ips still allow by address");
+}
+
+#[test]
+fn only_the_most_recent_names_of_an_address_are_tried() {
+    let policy = fixture();
+    let mut resolved: Vec<String> = (0..super::MAX_RESOLVED_NAMES).map(|i| format!("n{i}.blocked.test")).collect();
+    resolved.push("api.github.com".into());
+    let (decision, _) = policy.evaluate_resolved(&opaque("203.0.113.5", 443, "/usr/bin/git"), &resolved).unwrap();
+    assert!(!decision.allow);
+    resolved.rotate_right(1);
+    let (decision, _) = policy.evaluate_resolved(&opaque("203.0.113.5", 443, "/usr/bin/git"), &resolved).unwrap();
+    assert!(decision.allow);
+}

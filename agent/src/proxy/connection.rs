@@ -64,6 +64,9 @@ impl CloseLog {
         match verdict.outcome {
             Ok(allowed) => {
                 self.upstream = Some(allowed.upstream);
+                if allowed.resolved_host.is_some() {
+                    self.host.clone_from(&allowed.resolved_host);
+                }
                 self.policy.clone_from(&allowed.policy);
                 self.audit.clone_from(&allowed.audit);
                 Ok(allowed)
@@ -276,7 +279,8 @@ async fn transparent(mut client: TcpStream, origin: &Origin, shared: &Shared, lo
             return reset(client);
         }
         // Not HTTP nor TLS (including text protocols that start with a
-        // letter, like SSH banners): decided on the destination alone.
+        // letter, like SSH banners): decided by the names the sandbox
+        // resolved to the destination, or on the destination alone.
         StreamKind::Opaque | StreamKind::Invalid { .. } => {
             log.protocol = "opaque";
             None

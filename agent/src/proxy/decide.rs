@@ -55,6 +55,9 @@ pub struct Allowed {
     pub policy: Option<String>,
     /// Set when only an `enforcement: audit` endpoint let it through: what would have denied.
     pub audit: Option<String>,
+    /// The name, resolved by the sandbox to the address, that allowed a
+    /// stream with no host of its own.
+    pub resolved_host: Option<String>,
 }
 
 pub struct Verdict {
@@ -65,16 +68,20 @@ pub struct Verdict {
 
 impl Decider {
     /// A stream relayed to the destination the sandbox chose: TLS (host from
-    /// SNI) or opaque TCP (no host).
+    /// SNI) or opaque TCP (no host). Without a host of its own, a stream is
+    /// decided by the names this sandbox resolved to the address through the
+    /// agent's DNS (by the address alone if none).
     pub async fn stream(&self, origin: &Origin, host: Option<&str>, destination: SocketAddr) -> Verdict {
-        let (generation, decision) = self.evaluate(origin, host, Some(destination.ip()), destination.port());
+        let request = request(origin, host, Some(destination.ip()), destination.port());
+        let resolved = host.is_none().then(|| self.dns.records.names(origin.cgroup_id, destination.ip()));
+        let (generation, decision, resolved_host) = self.evaluate(&request, resolved.as_deref());
         let outcome = async {
             let allowed = allowed_by_policy(decision)?;
             allowed.check_sensitive(destination.ip())?;
             if let Some(host) = host {
-                self.check_consistent(host, destination.ip()).await?;
+                self.check_consistent(origin.cgroup_id, host, destination.ip()).await?;
             }
-            Ok(allowed.to(destination))
+            Ok(Allowed { resolved_host, ..allowed.to(destination) })
         };
         Verdict { outcome: outcome.await, generation }
     }
@@ -88,7 +95,7 @@ impl Decider {
         };
         let mut last = None;
         for ip in addresses {
-            let (generation, decision) = self.evaluate(origin, Some(host), Some(ip), port);
+            let (generation, decision, _) = self.evaluate(&request(origin, Some(host), Some(ip), port), None);
             let outcome = allowed_by_policy(decision).and_then(|allowed| {
                 allowed.check_sensitive(ip)?;
                 Ok(allowed.to(SocketAddr::new(ip, port)))
@@ -107,12 +114,12 @@ impl Decider {
     /// address) and inside `allowed_ips`. `destination` is the address the
     /// sandbox connected to (transparent) or `None` (explicit proxy request).
     pub async fn plain_http(&self, origin: &Origin, host: &str, port: u16, destination: Option<IpAddr>) -> Verdict {
-        let (generation, decision) = self.evaluate(origin, Some(host), destination, port);
+        let (generation, decision, _) = self.evaluate(&request(origin, Some(host), destination, port), None);
         let outcome = async {
             let allowed = allowed_by_policy(decision)?;
             let addresses = self.dns.lookup(host).await.map_err(Denial::unresolved)?;
             if let Some(destination) = destination {
-                if !addresses.contains(&destination) {
+                if !addresses.contains(&destination) && !self.was_told(origin.cgroup_id, host, destination) {
                     return Err(mismatch(host, destination));
                 }
             }
@@ -143,20 +150,17 @@ impl Decider {
         Verdict { outcome: outcome.await, generation }
     }
 
-    fn evaluate(&self, origin: &Origin, host: Option<&str>, ip: Option<IpAddr>, port: u16) -> (u64, Decision) {
+    /// With `resolved`, a stream without a host decided by those names (see
+    /// [`crate::policy::Policy::evaluate_resolved`]); also returns the name that allowed.
+    fn evaluate(&self, request: &Request, resolved: Option<&[String]>) -> (u64, Decision, Option<String>) {
         let current = self.policies.current();
-        let request = Request {
-            host,
-            ip,
-            port,
-            binary: origin.exe.as_deref(),
-            ancestors: &origin.ancestors,
-            uid: origin.uid,
-            cgroup_id: origin.cgroup_id,
+        let evaluated = match resolved {
+            None => current.policy.evaluate(request).map(|decision| (decision, None)),
+            Some(names) => current.policy.evaluate_resolved(request, names),
         };
-        let decision = current.policy.evaluate(&request).unwrap_or_else(|error| {
+        let (decision, resolved_host) = evaluated.unwrap_or_else(|error| {
             tracing::error!(%error, "policy evaluation failed: denying");
-            Decision {
+            let decision = Decision {
                 allow: false,
                 audit: false,
                 policy: None,
@@ -164,9 +168,10 @@ impl Decider {
                 endpoint: None,
                 matched_binary: None,
                 matched_exe: None,
-            }
+            };
+            (decision, None)
         });
-        (current.generation, decision)
+        (current.generation, decision, resolved_host)
     }
 
     fn unresolved(&self, reason: String) -> Verdict {
@@ -174,10 +179,10 @@ impl Decider {
     }
 
     /// A name the sandbox claims (SNI, Host) must stand for the address it
-    /// connected to, by what the agent's DNS told the sandbox or by the
+    /// connected to, by what the agent's DNS told this sandbox or by the
     /// agent's own lookup: an allowed name must not be a ticket to any address.
-    async fn check_consistent(&self, host: &str, destination: IpAddr) -> Result<(), Denial> {
-        if self.dns.records.addresses(host).iter().any(|ip| ip.to_canonical() == destination.to_canonical()) {
+    async fn check_consistent(&self, sandbox: u64, host: &str, destination: IpAddr) -> Result<(), Denial> {
+        if self.was_told(sandbox, host, destination) {
             return Ok(());
         }
         let addresses = self.dns.lookup(host).await.map_err(Denial::unresolved)?;
@@ -186,6 +191,23 @@ impl Decider {
         } else {
             Err(mismatch(host, destination))
         }
+    }
+
+    /// Whether the agent's DNS gave `sandbox` the address `destination` for `host`.
+    fn was_told(&self, sandbox: u64, host: &str, destination: IpAddr) -> bool {
+        self.dns.records.addresses(sandbox, host).contains(&destination.to_canonical())
+    }
+}
+
+fn request<'a>(origin: &'a Origin, host: Option<&'a str>, ip: Option<IpAddr>, port: u16) -> Request<'a> {
+    Request {
+        host,
+        ip,
+        port,
+        binary: origin.exe.as_deref(),
+        ancestors: &origin.ancestors,
+        uid: origin.uid,
+        cgroup_id: origin.cgroup_id,
     }
 }
 
@@ -205,7 +227,7 @@ struct PolicyAllow {
 
 impl PolicyAllow {
     fn to(self, upstream: SocketAddr) -> Allowed {
-        Allowed { upstream, policy: self.policy, audit: self.audit }
+        Allowed { upstream, policy: self.policy, audit: self.audit, resolved_host: None }
     }
 
     /// Sensitive addresses need an explicit listing: in `allowed_ips`, or as
