@@ -118,7 +118,7 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, accepted: Accepted, sha
         reset(client);
         let log =
             CloseLog { verdict: "denied", reason: Some(reason.into()), protocol: "unknown", ..CloseLog::default() };
-        return log.emit(&origin, peer, started);
+        return log.emit(&origin, peer, accepted);
     }
     let Some(_sandbox_slot) = shared.sandbox_slots.try_acquire(origin.cgroup_id) else {
         let max = shared.sandbox_slots.max_per_sandbox();
