@@ -588,8 +588,10 @@ fn silent_stream_is_relayed_when_allowed_and_closed_when_denied() -> Result<()> 
         json!([["recv", BANNER.len()], send(b"QUIT\r\n"), ["shut_wr"], ["recv_all"]]),
     )?;
     assert_eq!((result.text().as_str(), result.end.as_str()), (BANNER, "eof"), "{result:?}");
+    // The address alone allows it, so the agent does not wait out the silence
+    // (no_protocol_waits_on_the_sniffer_when_the_address_decides measures that).
     let first = result.first.context("no banner")?;
-    assert!(first >= first_byte_timeout && first < 3.0, "banner after {first} s");
+    assert!(first < 3.0, "banner after {first} s");
     let log = setup.agent.wait_connection_of(result.pid)?;
     assert_eq!((log["verdict"].as_str(), log["protocol"].as_str()), (Some("relayed"), Some("silent")), "{log}");
     assert_eq!((log["bytes_up"].as_u64(), log["bytes_down"].as_u64()), (Some(6), Some(BANNER.len() as u64)));
@@ -602,6 +604,42 @@ fn silent_stream_is_relayed_when_allowed_and_closed_when_denied() -> Result<()> 
     assert_eq!((log["verdict"].as_str(), log["protocol"].as_str()), (Some("denied"), Some("silent")), "{log}");
     assert_eq!(log["reason"], format!("endpoint {}:{DENIED_PORT} is not allowed by any policy", setup.net.v4));
     assert!(log["upstream"].is_null(), "{log}");
+    setup.assert_still_serving()
+}
+
+#[test]
+fn no_protocol_waits_on_the_sniffer_when_the_address_decides() -> Result<()> {
+    // Timeouts far above what an exchange takes: waiting on the sniffer
+    // would show as whole seconds.
+    let setup = Setup::new("no-stalls", &["--first-byte-timeout", "2000", "--head-timeout", "20000"])?;
+
+    // Server speaks first: the banner comes while the client sends nothing.
+    let steps = json!([["recv", BANNER.len()], send(b"QUIT\r\n"), ["shut_wr"], ["recv_all"]]);
+    let result = setup.raw(&setup.v4(), BANNER_PORT, 10.0, steps)?;
+    assert_eq!((result.text().as_str(), result.end.as_str()), (BANNER, "eof"), "{result:?}");
+    let first = result.first.context("no banner")?;
+    assert!(first < 1.0, "banner after {first} s: the agent waited out the 2 s first-byte timeout");
+    let log = setup.agent.wait_connection_of(result.pid)?;
+    assert_eq!((log["verdict"].as_str(), log["protocol"].as_str()), (Some("relayed"), Some("silent")), "{log}");
+
+    // Letters that end no line, and the client waits for the echo.
+    let result =
+        setup.raw(&setup.v4(), ECHO_PORT, 10.0, json!([send(b"xxxx"), ["recv", 4], ["shut_wr"], ["recv_all"]]))?;
+    assert_eq!((result.received.as_slice(), result.end.as_str()), (&b"xxxx"[..], "eof"), "{result:?}");
+    let first = result.first.context("no echo")?;
+    assert!(first < 1.0, "echo after {first} s: the agent waited for a line end");
+    let log = setup.agent.wait_connection_of(result.pid)?;
+    assert_eq!((log["verdict"].as_str(), log["protocol"].as_str()), (Some("relayed"), Some("opaque")), "{log}");
+
+    // A request head that stops mid-way: refused after the first-byte
+    // timeout, not the head timeout.
+    let host = format!("{}:{HTTP_PORT}", setup.private());
+    let steps = json!([send(format!("GET /bytes/106 HTTP/1.1\r\nHost: {host}\r\nX-Half").as_bytes()), ["recv_all"]]);
+    let result = setup.raw(&setup.private(), HTTP_PORT, 15.0, steps)?;
+    assert_bad_request(&setup, &result, "request head stopped mid-way for 2s")?;
+    let first = result.first.context("no answer")?;
+    assert!((2.0..10.0).contains(&first), "400 after {first} s, expected just after the 2 s first-byte timeout");
+    assert_server_saw_none(&setup, "a stalled head", &["/bytes/106".into()]);
     setup.assert_still_serving()
 }
 

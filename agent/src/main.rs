@@ -102,7 +102,9 @@ struct RunArgs {
     /// A relayed connection with no byte either way for this long is closed.
     #[arg(long, value_parser = parse_millis, default_value = "3600000", value_name = "MS")]
     idle_timeout: Duration,
-    /// Silence longer than this makes a stream "server speaks first" (SSH, SMTP...).
+    /// Silence longer than this makes a stream "server speaks first" (SSH, SMTP...)
+    /// where the address alone does not decide it; a ClientHello or request head
+    /// that stops for longer than this is refused.
     #[arg(long, value_parser = parse_millis, default_value = "300", value_name = "MS")]
     first_byte_timeout: Duration,
     /// Time for a whole TLS ClientHello or HTTP request head, from its first byte.

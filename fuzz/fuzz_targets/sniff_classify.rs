@@ -61,6 +61,10 @@ fuzz_target!(|input: &[u8]| {
         (Some(FirstByte::Other), StreamKind::Opaque) => {
             assert_eq!(buffered.len(), segment_len.min(stream.len()), "read past the first segment");
         }
+        (Some(FirstByte::Http), StreamKind::Opaque) => {
+            assert_eq!(buffered.len(), segment_len.min(stream.len()), "read past the first segment");
+            assert!(!could_be_request_line(buffered), "a possible request line start sniffed as opaque");
+        }
         (Some(FirstByte::Tls), StreamKind::Tls(hello)) => {
             assert!(buffered.len() <= MAX_CLIENT_HELLO_WIRE, "buffered {} bytes", buffered.len());
             assert_eq!(parse_client_hello(buffered), Parse::Done(hello));
@@ -70,16 +74,41 @@ fuzz_target!(|input: &[u8]| {
             check_refusal(parse_client_hello(buffered), &reason, reached_end);
         }
         (Some(FirstByte::Http), StreamKind::Http(head)) => {
+            let first_segment = &stream[..segment_len.min(stream.len())];
+            assert!(could_be_request_line(first_segment), "HTTP whose first segment the README's rule calls opaque");
             assert!(buffered.len() <= MAX_HEAD_BYTES, "buffered {} bytes", buffered.len());
             assert_eq!(parse_request_head(buffered), Parse::Done(head));
         }
         (Some(FirstByte::Http), StreamKind::Invalid { protocol: "http", reason }) => {
+            let first_segment = &stream[..segment_len.min(stream.len())];
+            assert!(could_be_request_line(first_segment), "refused as HTTP what the README's rule calls opaque");
             assert!(buffered.len() <= MAX_HEAD_BYTES, "buffered {} bytes", buffered.len());
             check_refusal(parse_request_head(buffered), &reason, reached_end);
         }
         (first_byte, kind) => panic!("first byte {first_byte:?} sniffed as {kind:?}"),
     }
 });
+
+/// The README's rule, spelled independently: a method of A-Z and `-` (1 to
+/// 31 bytes), a space, then `/`, `*`, the start of `http://` or `https://`,
+/// or anything after `CONNECT`.
+fn could_be_request_line(bytes: &[u8]) -> bool {
+    let (method, rest) = match bytes.iter().position(|&b| b == b' ') {
+        Some(space) => (&bytes[..space], Some(&bytes[space + 1..])),
+        None => (bytes, None),
+    };
+    let method_ok = (1..=31).contains(&method.len()) && method.iter().all(|b| matches!(b, b'A'..=b'Z' | b'-'));
+    let target_ok = match rest {
+        None => true,
+        Some(_) if method == b"CONNECT" => true,
+        Some(target) => {
+            let start: Vec<u8> = target.iter().copied().take(8).collect();
+            let agrees = |scheme: &[u8]| scheme.starts_with(&start) || start.starts_with(scheme);
+            start.is_empty() || start[0] == b'/' || start[0] == b'*' || agrees(b"http://") || agrees(b"https://")
+        }
+    };
+    method_ok && target_ok
+}
 
 /// sniff() refused what it buffered with `reason`: the parser must refuse it
 /// for the same reason, or need bytes the stream did not have.

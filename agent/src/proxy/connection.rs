@@ -227,6 +227,30 @@ async fn transparent(mut client: TcpStream, origin: &Origin, shared: &Shared, lo
         }
         return;
     }
+    // A client that has sent nothing yet may be waiting for the server (SSH,
+    // SMTP, MySQL): if the address alone allows the stream, connect now and
+    // let whichever side speaks first go, instead of waiting on the sniffer.
+    let mut early = None;
+    if !is_inference_address(destination.ip()) && !has_bytes_or_end(&client) {
+        if let Some(connected) = connect_early(origin, shared).await {
+            let first_byte_timeout = shared.config.sniff.first_byte_timeout;
+            let server_first = tokio::select! {
+                biased;
+                () = spoke(&client) => false,
+                () = spoke(&connected.upstream) => true,
+                _ = tokio::time::sleep(first_byte_timeout) => true,
+            };
+            if server_first {
+                log.protocol = "silent";
+                let Early { upstream, verdict } = connected;
+                if log.decided(verdict).is_ok() {
+                    log.relayed(relay::relay(client, upstream, Prefill::default(), shared.config.idle_timeout).await);
+                }
+                return;
+            }
+            early = Some(connected);
+        }
+    }
     let sniffed = sniff::sniff(&mut client, &shared.config.sniff).await;
     if is_inference_address(destination.ip()) && !matches!(sniffed.kind, StreamKind::Http(_) | StreamKind::Tls(_)) {
         // Only TLS and HTTP to inference.local are served; nothing else goes anywhere.
@@ -251,7 +275,7 @@ async fn transparent(mut client: TcpStream, origin: &Origin, shared: &Shared, lo
         }
         StreamKind::Http(head) => {
             log.protocol = "http";
-            let mode = HttpMode::Transparent { destination };
+            let mode = HttpMode::Transparent { destination, preconnected: early.map(Early::into_stream) };
             return http_proxy::serve(client, sniffed.buffered, head, mode, origin, shared, log).await;
         }
         StreamKind::Tls(hello) if is_inference(destination, hello.sni.as_deref()) => {
@@ -294,17 +318,74 @@ async fn transparent(mut client: TcpStream, origin: &Origin, shared: &Shared, lo
     let verdict = shared.decider.stream(origin, host.as_deref(), destination).await;
     match log.decided(verdict) {
         Ok(allowed) => {
-            relay_to(
-                client,
-                allowed.upstream,
-                Prefill { to_upstream: sniffed.buffered, ..Prefill::default() },
-                shared,
-                log,
-            )
-            .await
+            let prefill = Prefill { to_upstream: sniffed.buffered, ..Prefill::default() };
+            match early.map(Early::into_stream) {
+                Some((address, upstream)) if address == allowed.upstream => {
+                    log.relayed(relay::relay(client, upstream, prefill, shared.config.idle_timeout).await)
+                }
+                _ => relay_to(client, allowed.upstream, prefill, shared, log).await,
+            }
         }
         Err(_) => reset(client),
     }
+}
+
+/// An upstream connected before the client spoke, with the decision (on the
+/// address alone) that allowed it.
+struct Early {
+    upstream: TcpStream,
+    verdict: Verdict,
+}
+
+impl Early {
+    fn into_stream(self) -> (SocketAddr, TcpStream) {
+        let address = self.verdict.outcome.as_ref().map(|allowed| allowed.upstream).expect("only allowed ones connect");
+        (address, self.upstream)
+    }
+}
+
+/// Connects to the destination if the address alone allows the stream
+/// (an IP-literal or `allowed_ips` endpoint, or a name this sandbox
+/// resolved); `None` otherwise, or if the connect fails (the usual path
+/// then reports it).
+async fn connect_early(origin: &Origin, shared: &Shared) -> Option<Early> {
+    let verdict = shared.decider.stream(origin, None, origin.destination).await;
+    let address = verdict.outcome.as_ref().ok()?.upstream;
+    let upstream = tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(address)).await.ok()?.ok()?;
+    let _ = upstream.set_nodelay(true);
+    Some(Early { upstream, verdict })
+}
+
+/// Whether the client has sent a byte (or closed) already.
+fn has_bytes_or_end(client: &TcpStream) -> bool {
+    !matches!(peek(client), Err(error) if error.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+/// Returns once the peer has sent a byte or closed. (Readiness alone can be
+/// spurious, notably on a socket just accepted.)
+async fn spoke(stream: &TcpStream) {
+    loop {
+        if stream.readable().await.is_err() {
+            return;
+        }
+        match stream.try_io(tokio::io::Interest::READABLE, || peek(stream)) {
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+            _ => return,
+        }
+    }
+}
+
+/// A peek at one byte that does not wait: `WouldBlock` if none is there.
+fn peek(stream: &TcpStream) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut byte = 0u8;
+    // SAFETY: recv writes at most one byte into `byte`; MSG_PEEK leaves it queued.
+    let received =
+        unsafe { libc::recv(stream.as_raw_fd(), (&raw mut byte).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    if received < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(received as usize)
 }
 
 /// A connect to the agent's own listener: an explicit proxy request

@@ -38,12 +38,28 @@ const BODY_IDLE: Duration = Duration::from_secs(60);
 /// Longest wait for a response head: servers may think (or long-poll) a while.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(300);
 
-#[derive(Clone, Copy)]
 pub enum HttpMode {
-    /// Redirected by the kernel: the upstream is the address the sandbox chose.
-    Transparent { destination: SocketAddr },
+    /// Redirected by the kernel: the upstream is the address the sandbox
+    /// chose; `preconnected`, a connection to it made before the client spoke.
+    Transparent { destination: SocketAddr, preconnected: Option<(SocketAddr, TcpStream)> },
     /// Sent to the agent's listener as a proxy request (absolute-form).
     Explicit,
+}
+
+/// [`HttpMode`] without its connection, for every request of the loop.
+#[derive(Clone, Copy)]
+enum Mode {
+    Transparent { destination: SocketAddr },
+    Explicit,
+}
+
+impl HttpMode {
+    fn split(self) -> (Mode, Option<(SocketAddr, TcpStream)>) {
+        match self {
+            Self::Transparent { destination, preconnected } => (Mode::Transparent { destination }, preconnected),
+            Self::Explicit => (Mode::Explicit, None),
+        }
+    }
 }
 
 struct Upstream {
@@ -60,6 +76,7 @@ pub async fn serve(
     shared: &Shared,
     log: &mut CloseLog,
 ) {
+    let (mode, mut preconnected) = mode.split();
     let after_head = buffered.split_off(first.head_len);
     let mut client = HeadReader::with_buffered(client, after_head);
     let mut upstream: Option<Upstream> = None;
@@ -77,10 +94,8 @@ pub async fn serve(
         };
         let host_text = authority.host.to_string();
         let (port, destination) = match mode {
-            HttpMode::Transparent { destination } => {
-                (authority.port.unwrap_or(destination.port()), Some(destination.ip()))
-            }
-            HttpMode::Explicit => (authority.port.unwrap_or(80), None),
+            Mode::Transparent { destination } => (authority.port.unwrap_or(destination.port()), Some(destination.ip())),
+            Mode::Explicit => (authority.port.unwrap_or(80), None),
         };
         let lookup_name = match &authority.host {
             Host::Name(name) => name.clone(),
@@ -97,7 +112,14 @@ pub async fn serve(
         };
         // A keep-alive request for another address needs another upstream.
         if upstream.as_ref().map(|u| u.address) != Some(allowed.upstream) {
-            let Some(stream) = connect_upstream(allowed.upstream, shared, log).await else {
+            // A connection made before the client spoke serves the first request to its address.
+            let ready =
+                preconnected.take().filter(|(address, _)| *address == allowed.upstream).map(|(_, stream)| stream);
+            let connected = match ready {
+                Some(stream) => Some(stream),
+                None => connect_upstream(allowed.upstream, shared, log).await,
+            };
+            let Some(stream) = connected else {
                 let (mut stream, _) = client.into_parts();
                 let reason = log.reason.clone().unwrap_or_default();
                 let detail = format!("{} {host_text}:{port}", head.method);
@@ -113,7 +135,7 @@ pub async fn serve(
         }
         let up = upstream.as_mut().expect("connected above");
 
-        let forwarded_head = http1::forward_request_head(&head, matches!(mode, HttpMode::Explicit), VIA);
+        let forwarded_head = http1::forward_request_head(&head, matches!(mode, Mode::Explicit), VIA);
         // Waits are bounded by the idle timeout too: a stalled server is answered 504.
         let idle = shared.config.idle_timeout;
         let body_limits = BodyLimits { max_body: None, idle: BODY_IDLE.min(idle) };

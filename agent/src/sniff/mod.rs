@@ -107,10 +107,13 @@ pub async fn sniff<S: AsyncRead + Unpin>(stream: &mut S, limits: &Limits) -> Sni
         Ok(Ok(_)) => {
             let deadline = Instant::now() + limits.head_timeout;
             match buffered.first().copied().map(classify_first_byte) {
-                Some(FirstByte::Tls) => read_until_parsed(stream, &mut buffered, &TLS, deadline, limits.head_timeout)
+                Some(FirstByte::Tls) => read_until_parsed(stream, &mut buffered, &TLS, deadline, limits)
                     .await
                     .map_or_else(|reason| StreamKind::Invalid { protocol: TLS.name, reason }, StreamKind::Tls),
-                Some(FirstByte::Http) => read_until_parsed(stream, &mut buffered, &HTTP, deadline, limits.head_timeout)
+                // Letters that cannot start a request line (`xxxx`, an
+                // iperf3 cookie) are not waited on for a line end.
+                Some(FirstByte::Http) if !may_start_request_line(&buffered) => StreamKind::Opaque,
+                Some(FirstByte::Http) => read_until_parsed(stream, &mut buffered, &HTTP, deadline, limits)
                     .await
                     .map_or_else(|reason| StreamKind::Invalid { protocol: HTTP.name, reason }, StreamKind::Http),
                 _ => StreamKind::Opaque,
@@ -118,6 +121,37 @@ pub async fn sniff<S: AsyncRead + Unpin>(stream: &mut S, limits: &Limits) -> Sni
         }
     };
     Sniffed { kind, buffered }
+}
+
+/// Longest method the HTTP path takes: a request line's first space comes
+/// within this many bytes.
+pub const MAX_METHOD_LEN: usize = 31;
+
+/// Whether `bytes` may be the start of a request line the HTTP path serves:
+/// a method of upper-case letters and `-` (every registered one), a space,
+/// then an origin-form (`/`), asterisk-form, absolute-form (`http://`,
+/// `https://`) target, or any authority after `CONNECT`. Anything else is
+/// opaque to the sniffer, as a malformed head that does not look like HTTP
+/// already is (servers refuse such a request line).
+pub fn may_start_request_line(bytes: &[u8]) -> bool {
+    let method_len = bytes.iter().position(|&b| b == b' ').unwrap_or(bytes.len());
+    let method = &bytes[..method_len];
+    if method.is_empty()
+        || method.len() > MAX_METHOD_LEN
+        || !method.iter().all(|&b| b.is_ascii_uppercase() || b == b'-')
+    {
+        return false;
+    }
+    let Some(target) = bytes.get(method_len + 1..) else { return true };
+    if method == b"CONNECT" {
+        return true;
+    }
+    if matches!(target.first(), None | Some(b'/' | b'*')) {
+        return true;
+    }
+    let prefix = &target[..target.len().min(8)];
+    let agrees = |scheme: &[u8]| scheme.starts_with(prefix) || prefix.starts_with(scheme);
+    agrees(b"http://") || agrees(b"https://")
 }
 
 /// How to read one protocol's opening message.
@@ -167,9 +201,10 @@ async fn read_until_parsed<S: AsyncRead + Unpin, T>(
     buffered: &mut Vec<u8>,
     protocol: &Protocol<T>,
     deadline: Instant,
-    head_timeout: Duration,
+    limits: &Limits,
 ) -> Result<T, String> {
     let Protocol { message, max_len, .. } = *protocol;
+    let Limits { first_byte_timeout: stall, head_timeout } = *limits;
     let mut worth_parsing = true;
     loop {
         if worth_parsing {
@@ -185,7 +220,11 @@ async fn read_until_parsed<S: AsyncRead + Unpin, T>(
             return Err(format!("{message} exceeds {max_len} bytes"));
         }
         let before = buffered.len();
-        let stream_end = match timeout_at(deadline, read_more(stream, buffered, max_len)).await {
+        // A stream stopped mid-head for longer than a silent one may stay
+        // silent is not waited on until the head timeout.
+        let stall_deadline = deadline.min(Instant::now() + stall);
+        let stream_end = match timeout_at(stall_deadline, read_more(stream, buffered, max_len)).await {
+            Err(_elapsed) if stall_deadline < deadline => format!("{message} stopped mid-way for {stall:?}"),
             Err(_elapsed) => format!("{message} not complete after {head_timeout:?}"),
             Ok(Ok(0)) => format!("connection closed before the {message} was complete"),
             Ok(Err(error)) => format!("read failed before the {message} was complete: {error}"),
@@ -243,6 +282,61 @@ mod tests {
             assert_eq!(classify_first_byte(first), FirstByte::Http, "{method}");
             assert_eq!(classify_first_byte(first.to_ascii_lowercase()), FirstByte::Http, "{method} lower-case");
         }
+    }
+
+    #[test]
+    fn letters_that_cannot_start_a_request_line_are_opaque_at_once() {
+        for http in [
+            &b"G"[..],
+            b"GET",
+            b"GET ",
+            b"GET /",
+            b"OPTIONS *",
+            b"M-SEARCH * HTTP/1.1",
+            b"GET htt",
+            b"GET http://h/",
+            b"GET https://h/",
+            b"CONNECT h:443",
+        ] {
+            assert!(may_start_request_line(http), "{}", String::from_utf8_lossy(http));
+        }
+        for opaque in [
+            &b"xxxx"[..],
+            b"x",
+            b"Get / HTTP/1.1",
+            b"mfrggzdfmztwq2lk",
+            b"SSH-2.0-OpenSSH",
+            b"GET x",
+            b"GET httpx://",
+            b"PING\r\n",
+            b"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA /",
+        ] {
+            assert!(!may_start_request_line(opaque), "{}", String::from_utf8_lossy(opaque));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_letter_first_stream_without_a_line_end_is_not_waited_on() {
+        let (mut client, mut agent_side) = duplex(64);
+        client.write_all(b"xxxx").await.unwrap();
+        let limits = Limits { first_byte_timeout: Duration::from_secs(60), head_timeout: Duration::from_secs(60) };
+        let sniffed = sniff(&mut agent_side, &limits).await;
+        assert_eq!((sniffed.kind, sniffed.buffered.as_slice()), (StreamKind::Opaque, &b"xxxx"[..]));
+    }
+
+    #[tokio::test]
+    async fn a_head_stopped_mid_way_is_cut_at_the_first_byte_timeout() {
+        let (mut client, mut agent_side) = duplex(64);
+        client.write_all(b"GET / HTTP/1.1\r\nHost: h").await.unwrap();
+        let limits = Limits { first_byte_timeout: Duration::from_millis(50), head_timeout: Duration::from_secs(60) };
+        let sniffed = timeout(Duration::from_secs(10), sniff(&mut agent_side, &limits))
+            .await
+            .expect("cut well before the head timeout");
+        assert_eq!(
+            sniffed.kind,
+            StreamKind::Invalid { protocol: "http", reason: "request head stopped mid-way for 50ms".into() }
+        );
+        drop(client);
     }
 
     #[test]
@@ -427,12 +521,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn garbage_after_a_letter_is_invalid_http() {
+    async fn an_ssh_banner_is_opaque_at_once() {
         // An SSH client sends its banner without waiting for the server's.
         let mut stream = Chunks::new(&[b"SSH-2.0-OpenSSH_9.6\r\n"]);
         let sniffed = sniff(&mut stream, &PATIENT).await;
-        assert_invalid(&sniffed.kind, "http", "malformed request head");
+        assert_eq!(sniffed.kind, StreamKind::Opaque);
         assert_eq!(sniffed.buffered, b"SSH-2.0-OpenSSH_9.6\r\n");
+    }
+
+    #[tokio::test]
+    async fn garbage_after_a_request_line_start_is_invalid_http() {
+        let mut stream = Chunks::new(&[b"GET /\x01 HTTP/1.1\r\n"]);
+        let sniffed = sniff(&mut stream, &PATIENT).await;
+        assert_invalid(&sniffed.kind, "http", "malformed request head");
     }
 
     #[tokio::test]
