@@ -110,7 +110,7 @@ use std::{
     fmt::Write as _,
     net::IpAddr,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
 };
 
 use anyhow::{bail, Context, Result};
@@ -127,6 +127,22 @@ const HOST_NAMED_RULE: &str = "data.sandbox_egress.host_named";
 const PATH_GLOB_EXTENSION: &str = "sandbox_egress.path_glob";
 /// Names of one address tried by [`Policy::evaluate_resolved`].
 pub const MAX_RESOLVED_NAMES: usize = 16;
+
+/// Decisions one policy generation keeps; past this the cache starts over.
+const MAX_CACHED_DECISIONS: usize = 4096;
+
+/// Everything egress.rego reads of a request (see `input_document`): equal
+/// keys get equal decisions from one policy.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct DecisionKey {
+    host: Option<String>,
+    ip: Option<IpAddr>,
+    port: u16,
+    binary: Option<PathBuf>,
+    ancestors: Vec<PathBuf>,
+    uid: u32,
+    cgroup_id: u64,
+}
 
 /// One connection to decide on.
 #[derive(Debug, Clone, Copy)]
@@ -205,6 +221,9 @@ pub enum Enforcement {
 /// behind an `Arc` and replace it whole to reload.
 pub struct Policy {
     compiled: CompiledPolicy,
+    /// Decisions made by this policy (so by this generation: a reload makes
+    /// a new `Policy` and starts empty), by everything a decision reads.
+    decisions: Mutex<HashMap<DecisionKey, Decision>>,
     /// `host_named`, from the same engine: the DNS side of the host matcher.
     host_named: CompiledPolicy,
     policies: BTreeMap<String, NetworkPolicy>,
@@ -228,7 +247,13 @@ impl Policy {
             tracing::warn!("{warning}");
         }
         let (compiled, host_named) = compile(normalized.data, normalized.globs)?;
-        Ok(Policy { compiled, host_named, policies: normalized.policies, warnings: normalized.warnings })
+        Ok(Policy {
+            compiled,
+            decisions: Mutex::default(),
+            host_named,
+            policies: normalized.policies,
+            warnings: normalized.warnings,
+        })
     }
 
     pub fn evaluate(&self, request: &Request) -> Result<Decision> {
@@ -241,8 +266,27 @@ impl Policy {
         if host.is_none() && ip.is_none() {
             bail!("a request needs a host or an address");
         }
+        let key = DecisionKey {
+            host: host.clone(),
+            ip,
+            port: request.port,
+            binary: request.binary.map(Path::to_path_buf),
+            ancestors: request.ancestors.to_vec(),
+            uid: request.uid,
+            cgroup_id: request.cgroup_id,
+        };
+        if let Some(decision) = self.decisions.lock().unwrap_or_else(PoisonError::into_inner).get(&key) {
+            return Ok(decision.clone());
+        }
         let output = self.compiled.eval_with_input(input_document(request, host.as_deref(), ip)?)?;
-        self.decision_from(&output).with_context(|| format!("unexpected decision from egress.rego: {output}"))
+        let decision =
+            self.decision_from(&output).with_context(|| format!("unexpected decision from egress.rego: {output}"))?;
+        let mut decisions = self.decisions.lock().unwrap_or_else(PoisonError::into_inner);
+        if decisions.len() >= MAX_CACHED_DECISIONS {
+            decisions.clear();
+        }
+        decisions.insert(key, decision.clone());
+        Ok(decision)
     }
 
     /// A stream with no host of its own (opaque, silent, TLS without SNI)

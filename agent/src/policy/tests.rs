@@ -789,3 +789,34 @@ fn only_the_most_recent_names_of_an_address_are_tried() {
     let (decision, _) = policy.evaluate_resolved(&opaque("203.0.113.5", 443, "/usr/bin/git"), &resolved).unwrap();
     assert!(decision.allow);
 }
+
+#[test]
+fn cached_decisions_are_the_engines_and_the_cache_is_bounded() {
+    let hosts = [Some("api.github.com"), Some("API.GitHub.COM."), Some("evil.example"), None];
+    let ips = [None, Some("140.82.112.5"), Some("10.0.0.1")];
+    let binaries = [None, Some("/usr/bin/git"), Some("/usr/bin/curl"), Some("/usr/bin/python3")];
+    let cases: Vec<Case> = hosts
+        .iter()
+        .flat_map(|&host| ips.iter().map(move |&ip| (host, ip)))
+        .filter(|(host, ip)| host.is_some() || ip.is_some())
+        .flat_map(|(host, ip)| binaries.iter().map(move |&binary| (host, ip, binary)))
+        .flat_map(|(host, ip, binary)| {
+            [443, 22].map(|port| Case { name: "generated", host, ip, port, binary, ..DEFAULT_CASE })
+        })
+        .collect();
+    let cached = fixture();
+    let first: Vec<Decision> = cases.iter().map(|case| evaluate(&cached, case)).collect();
+    let again: Vec<Decision> = cases.iter().map(|case| evaluate(&cached, case)).collect();
+    // A fresh policy (as after a reload) decides anew, in the other order.
+    let fresh = fixture();
+    let mut anew: Vec<Decision> = cases.iter().rev().map(|case| evaluate(&fresh, case)).collect();
+    anew.reverse();
+    assert_eq!(first, again, "a cached decision differs from the one first made");
+    assert_eq!(first, anew, "decisions depend on what was decided before");
+    assert!(first.iter().any(|d| d.allow) && first.iter().any(|d| !d.allow), "the table has both outcomes");
+
+    for port in 1..=(super::MAX_CACHED_DECISIONS as u16 + 10) {
+        evaluate(&cached, &Case { host: Some("api.github.com"), port, ..DEFAULT_CASE });
+    }
+    assert!(cached.decisions.lock().unwrap().len() <= super::MAX_CACHED_DECISIONS);
+}
