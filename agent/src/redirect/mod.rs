@@ -373,7 +373,8 @@ fn start_event_drain(map: aya::maps::Map) -> Result<()> {
 
 fn log_kernel_event(event: &KernelEvent) {
     let comm_len = event.comm.iter().position(|&b| b == 0).unwrap_or(event.comm.len());
-    let comm = String::from_utf8_lossy(&event.comm[..comm_len]).escape_debug().to_string();
+    // Raw, like every sandbox-given string: the log formatters escape it.
+    let comm = String::from_utf8_lossy(&event.comm[..comm_len]).into_owned();
     let (pid, cgroup_id, suppressed) = (event.pid, event.cgroup_id, event.suppressed);
     match event.kind {
         event_kind::OTHER_NETNS => tracing::warn!(
