@@ -16,6 +16,9 @@
 #   binary        executable of the connecting process, if known
 #   exe_paths     that executable, then its ancestors' executables
 #   uid, cgroup_id
+#   request       for request_decision only: one HTTP request on an
+#                 inspected connection: method (as sent), path (canonical,
+#                 see agent/src/l7/path.rs), query (decoded name -> values)
 #
 # Variable-key lookups go through a local binding (by_host := data...):
 # indexing data directly makes regorus build rule paths on every access.
@@ -118,6 +121,18 @@ destination := input.host if {
 # Allowed outright, else allowed by an audit endpoint (reporting what would
 # have denied), else denied. Ties go to the smallest policy name, then
 # endpoint position.
+# The first inspected endpoint among those allowing the connection, or
+# null: with one, each HTTP request is then decided by request_decision.
+inspected_endpoints := {[endpoint.policy, endpoint.index] |
+	some [endpoint, hits] in checked_endpoints
+	count(hits) > 0
+	endpoint.l7
+}
+
+inspected := min(inspected_endpoints) if {
+	count(inspected_endpoints) > 0
+} else := null
+
 decision := {
 	"allow": true,
 	"audit": false,
@@ -125,6 +140,7 @@ decision := {
 	"endpoint": index,
 	"binary": binary,
 	"exe": exe,
+	"inspect": inspected,
 } if {
 	count(allowing) > 0
 	[name, index, [_, _, binary, exe]] := min(allowing)
@@ -148,4 +164,127 @@ decision := {
 	"allow": false,
 	"audit": false,
 	"reason": sprintf("endpoint %s:%d is not allowed by any policy", [destination, input.port]),
+}
+
+# --- L7: one HTTP request on an inspected connection ---
+#
+# OpenShell's semantics: the request is allowed when an inspected endpoint
+# of a policy allowing the connection (host, port and binary), whose `path`
+# selects the request, has an allow rule matching it, and no such endpoint
+# has a deny rule matching it. Deny rules win. An `enforcement: audit`
+# endpoint allows what it would deny, and says why.
+
+l7_endpoints contains endpoint if {
+	some [endpoint, hits] in checked_endpoints
+	count(hits) > 0
+	endpoint.l7
+	path_selects(endpoint.l7.path)
+}
+
+path_selects(pattern) if pattern == null
+
+path_selects(pattern) if {
+	pattern != null
+	path_matches(input.request.path, pattern)
+}
+
+path_matches(_, "**") if true
+
+path_matches(path, pattern) if {
+	pattern != "**"
+	glob.match(pattern, ["/"], path)
+}
+
+# `*` any method; else the same method in any case; a GET rule covers HEAD.
+method_matches(_, "*") if true
+
+method_matches(method, expected) if upper(method) == upper(expected)
+
+method_matches(method, expected) if {
+	upper(method) == "HEAD"
+	upper(expected) == "GET"
+}
+
+rule_matches(rule) if {
+	method_matches(input.request.method, rule.method)
+	path_matches(input.request.path, rule.path)
+}
+
+# An allow rule's query matcher needs the name present and every value of
+# it to match; a deny rule's, the name present and any one value to match.
+allow_query_matches(rule) if {
+	every name, globs in rule.query {
+		values := object.get(input.request.query, name, [])
+		count(values) > 0
+		every value in values {
+			query_value_matches(value, globs)
+		}
+	}
+}
+
+deny_query_matches(rule) if {
+	every name, globs in rule.query {
+		values := object.get(input.request.query, name, [])
+		some value in values
+		query_value_matches(value, globs)
+	}
+}
+
+query_value_matches(value, globs) if {
+	some pattern in globs
+	glob.match(pattern, [], value)
+}
+
+l7_denied contains [endpoint.policy, endpoint.index, rule.label, endpoint.l7.audit] if {
+	some endpoint in l7_endpoints
+	some rule in endpoint.l7.deny_rules
+	rule_matches(rule)
+	deny_query_matches(rule)
+}
+
+l7_allowed contains [endpoint.policy, endpoint.index, rule.label] if {
+	some endpoint in l7_endpoints
+	some rule in endpoint.l7.rules
+	rule_matches(rule)
+	allow_query_matches(rule)
+}
+
+l7_unmatched contains [endpoint.policy, endpoint.index, endpoint.l7.audit] if {
+	some endpoint in l7_endpoints
+}
+
+request_line := sprintf("%s %s", [input.request.method, input.request.path])
+
+request_decision := {
+	"allow": audit,
+	"audit": audit,
+	"policy": name,
+	"endpoint": index,
+	"rule": label,
+	"reason": sprintf("%s blocked by deny rule", [request_line]),
+} if {
+	count(l7_denied) > 0
+	[name, index, label, audit] := min(l7_denied)
+} else := {
+	"allow": true,
+	"audit": false,
+	"policy": name,
+	"endpoint": index,
+	"rule": label,
+} if {
+	count(l7_allowed) > 0
+	[name, index, label] := min(l7_allowed)
+} else := {
+	"allow": audit,
+	"audit": audit,
+	"policy": name,
+	"endpoint": index,
+	"reason": sprintf("%s not permitted by policy", [request_line]),
+} if {
+	count(l7_unmatched) > 0
+	[name, index, audit] := min(l7_unmatched)
+} else := {
+	"allow": false,
+	"audit": false,
+	"reason": sprintf("%s not permitted by policy: no inspected endpoint's path selects it", [request_line]),
 }

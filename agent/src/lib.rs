@@ -4,6 +4,7 @@
 pub mod dns;
 pub mod http1;
 pub mod inference;
+pub mod l7;
 pub mod logging;
 pub mod policy;
 pub mod preflight;

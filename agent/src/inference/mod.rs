@@ -24,6 +24,8 @@ mod stream;
 mod tests;
 mod upstream;
 
+pub use upstream::Io;
+
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},

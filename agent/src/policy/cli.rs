@@ -5,9 +5,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
-use super::{Decision, Policy, Request};
+use super::{Decision, HttpRequest, Policy, Request, RequestDecision};
 
 #[derive(clap::Subcommand)]
 pub enum PolicyCommand {
@@ -38,6 +38,19 @@ pub enum PolicyCommand {
         /// of its own (opaque, silent, TLS without SNI) as the agent does.
         #[arg(long = "resolved", value_name = "NAME", requires = "ip", conflicts_with = "host")]
         resolved: Vec<String>,
+        /// HTTP method of one request on the connection: decided, if the
+        /// connection is allowed by an inspected endpoint, by its L7 rules
+        /// exactly as the live agent decides it.
+        #[arg(long, requires = "path")]
+        method: Option<String>,
+        /// The request's target path (with or without `?query`); it is
+        /// canonicalised as the agent does before rules see it.
+        #[arg(long, requires = "method")]
+        path: Option<String>,
+        /// A query parameter `NAME=VALUE`, decoded (repeatable; added to
+        /// any query in --path).
+        #[arg(long = "query", value_name = "NAME=VALUE", requires = "method")]
+        query: Vec<String>,
     },
 }
 
@@ -48,7 +61,7 @@ pub fn run(command: PolicyCommand) -> Result<()> {
             let policy = Policy::from_file(&file)?;
             print!("{}: ok\n{}", file.display(), policy.summary());
         }
-        PolicyCommand::Eval { file, host, port, binary, ancestors, ip, resolved } => {
+        PolicyCommand::Eval { file, host, port, binary, ancestors, ip, resolved, method, path, query } => {
             let policy = Policy::from_file(&file)?;
             let request = Request {
                 host: host.as_deref(),
@@ -64,13 +77,84 @@ pub fn run(command: PolicyCommand) -> Result<()> {
             } else {
                 policy.evaluate_resolved(&request, &resolved)?
             };
-            let output = Output { resolved_host: resolved_host.as_deref(), decision: &decision };
-            println!("{}", serde_json::to_string_pretty(&output)?);
             let request = Request { host: resolved_host.as_deref().or(request.host), ..request };
+            let http = match (method, path) {
+                (Some(method), Some(path)) => Some(evaluate_http(&policy, &request, &decision, method, &path, &query)?),
+                _ => None,
+            };
+            let output = Output { resolved_host: resolved_host.as_deref(), decision: &decision, request: http.as_ref() };
+            println!("{}", serde_json::to_string_pretty(&output)?);
             println!("{}", describe(&decision, &request));
+            if let Some(http) = &http {
+                println!("{}", describe_request(http));
+            }
         }
     }
     Ok(())
+}
+
+/// What the live agent does with one request on the connection.
+#[derive(serde::Serialize)]
+struct HttpOutcome {
+    method: String,
+    /// Canonical, as rules see it and the origin would receive it.
+    path: Option<String>,
+    /// `allow`, `deny`, or `not_inspected` (the connection is allowed and
+    /// its requests are relayed undecided) or `connection_denied`.
+    verdict: &'static str,
+    #[serde(flatten)]
+    decision: Option<RequestDecision>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+fn evaluate_http(
+    policy: &Policy,
+    request: &Request,
+    decision: &Decision,
+    method: String,
+    target: &str,
+    query: &[String],
+) -> Result<HttpOutcome> {
+    let outcome = |verdict, path, decision, error| HttpOutcome { method: method.clone(), path, verdict, decision, error };
+    let Some(inspection) = decision.inspect.as_ref().filter(|_| decision.allow) else {
+        let verdict = if decision.allow { "not_inspected" } else { "connection_denied" };
+        return Ok(outcome(verdict, None, None, None));
+    };
+    let mut canonical = match crate::l7::path::canonicalize(target, inspection.allow_encoded_slash) {
+        Ok(canonical) => canonical,
+        Err(reason) => return Ok(outcome("deny", None, None, Some(reason))),
+    };
+    for pair in query {
+        let (name, value) = pair.split_once('=').with_context(|| format!("--query {pair}: expected NAME=VALUE"))?;
+        canonical.query.entry(name.to_owned()).or_default().push(value.to_owned());
+    }
+    let http = HttpRequest { method: &method, path: &canonical.path, query: &canonical.query };
+    let verdict = policy.evaluate_request(request, &http)?;
+    let label = if verdict.allow { "allow" } else { "deny" };
+    Ok(outcome(label, Some(canonical.path.clone()), Some(verdict), None))
+}
+
+fn describe_request(http: &HttpOutcome) -> String {
+    let path = http.path.as_deref().unwrap_or("(refused before the rules)");
+    let line = format!("{} {path}", http.method);
+    match (&http.decision, &http.error) {
+        (_, Some(error)) => format!("request deny: {} {}", http.method, error),
+        (Some(decision), None) => {
+            let policy = decision.policy.as_deref().unwrap_or("(none)");
+            let rule = decision.rule.as_deref().unwrap_or("(none)");
+            let reason = decision.reason.as_deref().unwrap_or_default();
+            match (decision.allow, decision.audit) {
+                (true, false) => format!("request allow: {line} by policy '{policy}', {rule}"),
+                (true, true) => format!("request allow (audit): {line} by policy '{policy}'; would deny: {reason}"),
+                (false, _) => format!("request deny: {reason} (policy '{policy}', {rule})"),
+            }
+        }
+        (None, None) if http.verdict == "not_inspected" => {
+            format!("request {line}: not inspected (no inspected endpoint allows the connection)")
+        }
+        (None, None) => format!("request {line}: the connection is denied"),
+    }
 }
 
 #[derive(serde::Serialize)]
@@ -80,6 +164,9 @@ struct Output<'a> {
     resolved_host: Option<&'a str>,
     #[serde(flatten)]
     decision: &'a Decision,
+    /// With --method and --path: the request's own decision.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request: Option<&'a HttpOutcome>,
 }
 
 fn describe(decision: &Decision, request: &Request) -> String {

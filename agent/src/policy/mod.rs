@@ -103,6 +103,8 @@ pub mod cli;
 mod normalize;
 mod schema;
 #[cfg(test)]
+mod l7_tests;
+#[cfg(test)]
 mod tests;
 
 use std::{
@@ -124,6 +126,7 @@ use normalize::{canonical_host, validate_dns_name, NetworkPolicy};
 const EGRESS_REGO: &str = include_str!("../../../policies/egress.rego");
 const DECISION_RULE: &str = "data.sandbox_egress.decision";
 const HOST_NAMED_RULE: &str = "data.sandbox_egress.host_named";
+const REQUEST_RULE: &str = "data.sandbox_egress.request_decision";
 const PATH_GLOB_EXTENSION: &str = "sandbox_egress.path_glob";
 /// Names of one address tried by [`Policy::evaluate_resolved`].
 pub const MAX_RESOLVED_NAMES: usize = 16;
@@ -142,6 +145,41 @@ struct DecisionKey {
     ancestors: Vec<PathBuf>,
     uid: u32,
     cgroup_id: u64,
+}
+
+/// Everything request_decision reads: the connection's key and the request.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct RequestKey {
+    connection: DecisionKey,
+    method: String,
+    path: String,
+    query: BTreeMap<String, Vec<String>>,
+}
+
+/// One HTTP request on an inspected connection.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpRequest<'a> {
+    /// As sent (rules compare methods in any case).
+    pub method: &'a str,
+    /// Canonical (see [`crate::l7::path::canonicalize`]).
+    pub path: &'a str,
+    /// Decoded names to decoded values.
+    pub query: &'a BTreeMap<String, Vec<String>>,
+}
+
+/// The L7 verdict on one request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RequestDecision {
+    pub allow: bool,
+    /// Allowed only because the deciding endpoint is in audit mode; `reason`
+    /// says what would have denied.
+    pub audit: bool,
+    /// The policy whose endpoint decided.
+    pub policy: Option<String>,
+    /// The rule that decided (`rules[2]`, `deny_rules[0]`, `access:
+    /// read-only`), or the endpoint's rules when none matched.
+    pub rule: Option<String>,
+    pub reason: Option<String>,
 }
 
 /// One connection to decide on.
@@ -177,6 +215,9 @@ pub struct Decision {
     pub matched_binary: Option<String>,
     /// The executable, or ancestor's executable, that entry matched.
     pub matched_exe: Option<String>,
+    /// Set when an inspected endpoint allows the connection: its HTTP
+    /// requests are then each decided by [`Policy::evaluate_request`].
+    pub inspect: Option<Inspection>,
 }
 
 impl Decision {
@@ -189,6 +230,7 @@ impl Decision {
             endpoint: None,
             matched_binary: None,
             matched_exe: None,
+            inspect: None,
         }
     }
 }
@@ -205,8 +247,30 @@ pub struct Endpoint {
     pub tls_skip: bool,
     pub enforcement: Enforcement,
     pub protocol: Option<String>,
+    /// Set when the agent inspects this endpoint's HTTP requests.
+    pub inspection: Option<Inspection>,
     /// Fields of this endpoint that need L7 inspection, which is not done yet.
     pub not_enforced: Vec<&'static str>,
+}
+
+/// How an inspected endpoint's requests are decided (see egress.rego's L7 part).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Inspection {
+    /// `rest` or `websocket`.
+    pub protocol: &'static str,
+    /// Selects this endpoint among inspected ones of a host and port.
+    pub path: Option<String>,
+    /// `%2F` inside a path segment is kept instead of refused.
+    pub allow_encoded_slash: bool,
+    /// TLS to it is terminated so its requests can be decided; not with
+    /// `tls: skip` (then only plain HTTP to it is inspected).
+    pub terminate_tls: bool,
+    /// `access: read-only`, or how many allow rules.
+    pub rules: String,
+    pub deny_rules: usize,
+    /// The endpoint's rules as egress.rego reads them.
+    #[serde(skip)]
+    document: serde_json::Value,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -226,6 +290,10 @@ pub struct Policy {
     decisions: Mutex<HashMap<DecisionKey, Decision>>,
     /// `host_named`, from the same engine: the DNS side of the host matcher.
     host_named: CompiledPolicy,
+    /// `request_decision`, from the same engine: L7.
+    request: CompiledPolicy,
+    /// Like `decisions`, for requests.
+    request_decisions: Mutex<HashMap<RequestKey, RequestDecision>>,
     policies: BTreeMap<String, NetworkPolicy>,
     warnings: Vec<String>,
 }
@@ -246,11 +314,13 @@ impl Policy {
         for warning in &normalized.warnings {
             tracing::warn!("{warning}");
         }
-        let (compiled, host_named) = compile(normalized.data, normalized.globs)?;
+        let (compiled, host_named, request) = compile(normalized.data, normalized.globs)?;
         Ok(Policy {
             compiled,
             decisions: Mutex::default(),
             host_named,
+            request,
+            request_decisions: Mutex::default(),
             policies: normalized.policies,
             warnings: normalized.warnings,
         })
@@ -266,26 +336,54 @@ impl Policy {
         if host.is_none() && ip.is_none() {
             bail!("a request needs a host or an address");
         }
-        let key = DecisionKey {
-            host: host.clone(),
-            ip,
-            port: request.port,
-            binary: request.binary.map(Path::to_path_buf),
-            ancestors: request.ancestors.to_vec(),
-            uid: request.uid,
-            cgroup_id: request.cgroup_id,
-        };
+        let key = decision_key(request, &host, ip);
         if let Some(decision) = self.decisions.lock().unwrap_or_else(PoisonError::into_inner).get(&key) {
             return Ok(decision.clone());
         }
         let output = self.compiled.eval_with_input(input_document(request, host.as_deref(), ip)?)?;
         let decision =
             self.decision_from(&output).with_context(|| format!("unexpected decision from egress.rego: {output}"))?;
-        let mut decisions = self.decisions.lock().unwrap_or_else(PoisonError::into_inner);
-        if decisions.len() >= MAX_CACHED_DECISIONS {
-            decisions.clear();
+        remember(&self.decisions, key, &decision);
+        Ok(decision)
+    }
+
+    /// One HTTP request on a connection this policy allowed with
+    /// [`Decision::inspect`] set: decided by the inspected endpoints' rules
+    /// (OpenShell's L7 semantics; see egress.rego). `request` is the
+    /// connection's, as given to [`Policy::evaluate`].
+    pub fn evaluate_request(&self, request: &Request, http: &HttpRequest) -> Result<RequestDecision> {
+        let (host, ip) = destination(request);
+        if host.is_none() && ip.is_none() {
+            bail!("a request needs a host or an address");
         }
-        decisions.insert(key, decision.clone());
+        let key = RequestKey {
+            connection: decision_key(request, &host, ip),
+            method: http.method.to_owned(),
+            path: http.path.to_owned(),
+            query: http.query.clone(),
+        };
+        if let Some(decision) = self.request_decisions.lock().unwrap_or_else(PoisonError::into_inner).get(&key) {
+            return Ok(decision.clone());
+        }
+        let mut input = input_document(request, host.as_deref(), ip)?;
+        let query: BTreeMap<Value, Value> = http
+            .query
+            .iter()
+            .map(|(name, values)| {
+                (Value::from(name.as_str()), Value::from(values.iter().map(|v| Value::from(v.as_str())).collect::<Vec<_>>()))
+            })
+            .collect();
+        let mut fields = Value::new_object();
+        let object = fields.as_object_mut()?;
+        object.insert("method".into(), Value::from(http.method));
+        object.insert("path".into(), Value::from(http.path));
+        object.insert("query".into(), Value::from(query));
+        input.as_object_mut()?.insert("request".into(), fields);
+        let output = self.request.eval_with_input(input)?;
+        let decision = self
+            .request_decision_from(&output)
+            .with_context(|| format!("unexpected request decision from egress.rego: {output}"))?;
+        remember(&self.request_decisions, key, &decision);
         Ok(decision)
     }
 
@@ -397,6 +495,15 @@ impl Policy {
             }
             _ => None,
         };
+        let inspect = match &output["inspect"] {
+            Value::Array(pair) => match pair.as_slice() {
+                [Value::String(name), position] => {
+                    self.endpoint(name, usize::try_from(position.as_u64()?)?)?.inspection.clone()
+                }
+                _ => bail!("`inspect` is not [policy, endpoint]"),
+            },
+            _ => None,
+        };
         Ok(Decision {
             allow: *output["allow"].as_bool()?,
             audit: *output["audit"].as_bool()?,
@@ -405,12 +512,69 @@ impl Policy {
             endpoint,
             matched_binary: text("binary"),
             matched_exe: text("exe"),
+            inspect,
         })
+    }
+
+    fn request_decision_from(&self, output: &Value) -> Result<RequestDecision> {
+        let text = |key: &str| match &output[key] {
+            Value::String(text) => Some(text.to_string()),
+            _ => None,
+        };
+        let policy = text("policy");
+        let rule = match (text("rule"), &policy, &output["endpoint"]) {
+            (Some(rule), _, _) => Some(rule),
+            // No rule matched: name the rules that did not.
+            (None, Some(name), position @ Value::Number(_)) => {
+                let endpoint = self.endpoint(name, usize::try_from(position.as_u64()?)?)?;
+                endpoint.inspection.as_ref().map(|inspection| inspection.rules.clone())
+            }
+            (None, _, _) => None,
+        };
+        Ok(RequestDecision {
+            allow: *output["allow"].as_bool()?,
+            audit: *output["audit"].as_bool()?,
+            policy,
+            rule,
+            reason: text("reason"),
+        })
+    }
+
+    fn endpoint(&self, policy: &str, position: usize) -> Result<&Endpoint> {
+        self.policies
+            .get(policy)
+            .and_then(|found| found.endpoints.get(position))
+            .with_context(|| format!("no endpoint {position} in policy '{policy}'"))
     }
 }
 
-/// The decision, and `host_named` for DNS.
-fn compile(data: serde_json::Value, globs: HashMap<String, GlobMatcher>) -> Result<(CompiledPolicy, CompiledPolicy)> {
+/// Keeps `decision` for `key`; a full cache starts over (a policy serves a
+/// bounded set of keys in practice, and a reload starts a new one anyway).
+fn remember<K: std::hash::Hash + Eq, D: Clone>(cache: &Mutex<HashMap<K, D>>, key: K, decision: &D) {
+    let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
+    if cache.len() >= MAX_CACHED_DECISIONS {
+        cache.clear();
+    }
+    cache.insert(key, decision.clone());
+}
+
+fn decision_key(request: &Request, host: &Option<String>, ip: Option<IpAddr>) -> DecisionKey {
+    DecisionKey {
+        host: host.clone(),
+        ip,
+        port: request.port,
+        binary: request.binary.map(Path::to_path_buf),
+        ancestors: request.ancestors.to_vec(),
+        uid: request.uid,
+        cgroup_id: request.cgroup_id,
+    }
+}
+
+/// The decision, `host_named` for DNS, and `request_decision` for L7.
+fn compile(
+    data: serde_json::Value,
+    globs: HashMap<String, GlobMatcher>,
+) -> Result<(CompiledPolicy, CompiledPolicy, CompiledPolicy)> {
     let mut engine = regorus::Engine::new();
     engine.add_policy("policies/egress.rego".to_owned(), EGRESS_REGO.to_owned())?;
     engine.add_data(Value::from(data))?;
@@ -423,6 +587,7 @@ fn compile(data: serde_json::Value, globs: HashMap<String, GlobMatcher>) -> Resu
     Ok((
         engine.compile_with_entrypoint(&Arc::from(DECISION_RULE))?,
         engine.compile_with_entrypoint(&Arc::from(HOST_NAMED_RULE))?,
+        engine.compile_with_entrypoint(&Arc::from(REQUEST_RULE))?,
     ))
 }
 
@@ -499,6 +664,20 @@ fn describe_endpoint(endpoint: &Endpoint) -> String {
     }
     if endpoint.tls_skip {
         description.push_str(" tls skip");
+    }
+    if let Some(inspection) = &endpoint.inspection {
+        let _ = write!(description, " inspected ({}", inspection.protocol);
+        if let Some(path) = &inspection.path {
+            let _ = write!(description, ", path {path}");
+        }
+        let _ = write!(description, ", {}", inspection.rules);
+        if inspection.deny_rules > 0 {
+            let _ = write!(description, ", {} deny rules", inspection.deny_rules);
+        }
+        if inspection.allow_encoded_slash {
+            description.push_str(", allow_encoded_slash");
+        }
+        description.push(')');
     }
     if !endpoint.not_enforced.is_empty() {
         let _ = write!(description, " (not yet enforced: {})", endpoint.not_enforced.join(", "));

@@ -13,8 +13,8 @@ use ipnet::IpNet;
 use serde_json::{json, Map, Value as Json};
 
 use super::{
-    schema::{EndpointDef, NetworkPolicyDef, PolicyFile, TlsMode},
-    Endpoint, Enforcement,
+    schema::{Access, EndpointDef, NetworkPolicyDef, PolicyFile, Protocol, QueryMatcherDef, RequestMatchDef, TlsMode},
+    Endpoint, Enforcement, Inspection,
 };
 
 /// Longest DNS name in text form without the trailing dot (RFC 1035 §3.1).
@@ -60,6 +60,7 @@ pub(super) fn normalize(file: PolicyFile) -> Result<Normalized> {
         }
         policies.insert(name, policy);
     }
+    check_inspection_overlaps(&policies)?;
     Ok(Normalized { policies, warnings, data: index.into_document(), globs })
 }
 
@@ -82,6 +83,20 @@ fn normalize_policy(
             Some(TlsMode::Skip) | None => None,
         });
         let (endpoint, pattern) = normalize_endpoint(endpoint, &endpoint_context)?;
+        if let Some(inspection) = &endpoint.inspection {
+            if endpoint.tls_skip {
+                warnings.push(format!(
+                    "policy '{name}': endpoint {position} has `tls: skip`, so its rules apply to plain HTTP only: \
+                     TLS to it is relayed undecrypted and its requests are not decided"
+                ));
+            }
+            if inspection.protocol == "websocket" {
+                warnings.push(format!(
+                    "policy '{name}': endpoint {position} is `protocol: websocket`: its upgrade requests are decided \
+                     by the rules; messages after the 101 are relayed without inspection"
+                ));
+            }
+        }
         for &field in &endpoint.not_enforced {
             not_enforced.entry(field).or_default().push(position);
         }
@@ -121,6 +136,7 @@ fn normalize_policy(
 
 fn normalize_endpoint(definition: EndpointDef, context: &str) -> Result<(Endpoint, HostPattern)> {
     let not_enforced = definition.not_enforced_fields();
+    let inspection = normalize_inspection(&definition, context)?;
     // OpenShell writes a hostless endpoint as an empty host.
     let host = definition.host.map(|host| canonical_host(&host)).filter(|host| !host.is_empty());
     let pattern = HostPattern::parse(host.as_deref()).with_context(|| format!("{context}.host"))?;
@@ -145,6 +161,7 @@ fn normalize_endpoint(definition: EndpointDef, context: &str) -> Result<(Endpoin
         bail!("{context}: an endpoint needs a `host`, or `allowed_ips` to be reached by address");
     }
     let endpoint = Endpoint {
+        inspection,
         host,
         ports,
         allowed_ips,
@@ -154,6 +171,173 @@ fn normalize_endpoint(definition: EndpointDef, context: &str) -> Result<(Endpoin
         not_enforced,
     };
     Ok((endpoint, pattern))
+}
+
+/// Inspected endpoints of one host, port and `path` must agree on how
+/// requests are read and enforced, as OpenShell requires: a request there
+/// cannot be decided two ways.
+fn check_inspection_overlaps(policies: &BTreeMap<String, NetworkPolicy>) -> Result<()> {
+    let mut seen: HashMap<(String, u16, Option<&str>), (&str, usize, &Endpoint)> = HashMap::new();
+    for (name, policy) in policies {
+        for (position, endpoint) in policy.endpoints.iter().enumerate() {
+            let Some(inspection) = &endpoint.inspection else { continue };
+            let host = endpoint.host.clone().unwrap_or_else(|| {
+                endpoint.allowed_ips.iter().map(IpNet::to_string).collect::<Vec<_>>().join(",")
+            });
+            for &port in &endpoint.ports {
+                let key = (host.clone(), port, inspection.path.as_deref());
+                let Some(&(other_name, other_position, other)) = seen.get(&key) else {
+                    seen.insert(key, (name, position, endpoint));
+                    continue;
+                };
+                let theirs = other.inspection.as_ref().expect("only inspected endpoints are kept");
+                let differs = [
+                    ("protocol", inspection.protocol != theirs.protocol),
+                    ("enforcement", endpoint.enforcement != other.enforcement),
+                    ("allow_encoded_slash", inspection.allow_encoded_slash != theirs.allow_encoded_slash),
+                    ("tls", endpoint.tls_skip != other.tls_skip),
+                ];
+                if let Some((field, _)) = differs.iter().find(|(_, differs)| *differs) {
+                    bail!(
+                        "network_policies.{name}.endpoints[{position}] and \
+                         network_policies.{other_name}.endpoints[{other_position}] both inspect {host}:{port}{} \
+                         but differ in `{field}`: make them agree, or give each its own `path`",
+                        inspection.path.as_deref().map(|path| format!(" path {path}")).unwrap_or_default()
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An inspected endpoint's rules, checked as OpenShell checks them and
+/// expanded (access presets become rules) into the form egress.rego matches.
+fn normalize_inspection(definition: &EndpointDef, context: &str) -> Result<Option<Inspection>> {
+    if !definition.inspected() {
+        return Ok(None);
+    }
+    let protocol = match definition.protocol {
+        Some(Protocol::Websocket) => "websocket",
+        _ => "rest",
+    };
+    let mut rules = Vec::new();
+    let rules_text = match (definition.access, &definition.rules) {
+        (Some(_), Some(_)) => bail!("{context}: set either `access` or `rules`, not both"),
+        (None, None) => bail!(
+            "{context}: an inspected endpoint needs `access` (read-only, read-write, full) or `rules`; \
+             without either it would allow no request"
+        ),
+        (Some(access), None) => {
+            let methods: &[&str] = match (access, protocol) {
+                (Access::Full, _) | (Access::ReadWrite, "websocket") => &["*"],
+                (Access::ReadOnly, "websocket") => &["GET"],
+                (Access::ReadOnly, _) => &["GET", "HEAD", "OPTIONS"],
+                (Access::ReadWrite, _) => &["GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH"],
+            };
+            let label = format!("access: {}", access.name());
+            rules.extend(methods.iter().map(|method| json!({ "label": label, "method": method, "path": "**", "query": {} })));
+            label
+        }
+        (None, Some(definitions)) => {
+            if definitions.is_empty() {
+                bail!("{context}.rules: an empty list allows nothing (use `access: full`, or leave `rules` out)");
+            }
+            for (position, rule) in definitions.iter().enumerate() {
+                let Some(allow) = &rule.allow else { continue };
+                let rule_context = format!("{context}.rules[{position}].allow");
+                rules.push(request_match(allow, &format!("rules[{position}]"), &rule_context)?);
+            }
+            if rules.is_empty() {
+                bail!("{context}.rules: no entry has an `allow`, so the rules would deny every request");
+            }
+            format!("{} {}", rules.len(), if rules.len() == 1 { "rule" } else { "rules" })
+        }
+    };
+    let mut deny_rules = Vec::new();
+    if let Some(definitions) = &definition.deny_rules {
+        if definitions.is_empty() {
+            bail!("{context}.deny_rules: an empty list denies nothing: leave `deny_rules` out");
+        }
+        for (position, rule) in definitions.iter().enumerate() {
+            let label = format!("deny_rules[{position}]");
+            deny_rules.push(request_match(rule, &label, &format!("{context}.{label}"))?);
+        }
+    }
+    if let Some(path) = &definition.path {
+        validate_path_glob(path).with_context(|| format!("{context}.path"))?;
+    }
+    let document = json!({
+        "protocol": protocol,
+        "path": definition.path.as_deref().filter(|path| !path.is_empty()),
+        "rules": rules,
+        "deny_rules": deny_rules,
+        "audit": definition.enforcement == Some(Enforcement::Audit),
+    });
+    Ok(Some(Inspection {
+        protocol,
+        path: definition.path.clone().filter(|path| !path.is_empty()),
+        allow_encoded_slash: definition.allow_encoded_slash.unwrap_or(false),
+        terminate_tls: definition.tls != Some(TlsMode::Skip),
+        rules: rules_text,
+        deny_rules: deny_rules.len(),
+        document,
+    }))
+}
+
+/// A REST or WebSocket rule: `method` and `path` required, `query` globs.
+fn request_match(rule: &RequestMatchDef, label: &str, context: &str) -> Result<Json> {
+    let other_protocol = [
+        ("command", rule.command.is_some()),
+        ("operation_type", rule.operation_type.is_some()),
+        ("operation_name", rule.operation_name.is_some()),
+        ("fields", rule.fields.is_some()),
+        ("tool", rule.tool.is_some()),
+        ("params", rule.params.is_some()),
+    ];
+    if let Some((field, _)) = other_protocol.iter().find(|(_, present)| *present) {
+        bail!("{context}: `{field}` belongs to another protocol's rules; REST and WebSocket rules match `method`, `path` and `query`");
+    }
+    let method = rule.method.as_deref().with_context(|| format!("{context}: `method` is required"))?;
+    if method.is_empty() || !(method == "*" || method.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')) {
+        bail!("{context}.method: '{method}' is not an HTTP method or `*`");
+    }
+    let path = rule.path.as_deref().with_context(|| format!("{context}: `path` is required"))?;
+    validate_path_glob(path).with_context(|| format!("{context}.path"))?;
+    let mut query = Map::new();
+    for (name, matcher) in rule.query.iter().flatten() {
+        let globs = match matcher {
+            QueryMatcherDef::Glob(glob) => vec![glob.clone()],
+            QueryMatcherDef::Object(object) => {
+                let globs: Vec<String> = object.glob.iter().chain(object.any.iter().flatten()).cloned().collect();
+                if globs.is_empty() {
+                    bail!("{context}.query.{name}: give `glob` or a non-empty `any`");
+                }
+                globs
+            }
+        };
+        for glob in &globs {
+            validate_glob(glob).with_context(|| format!("{context}.query.{name}"))?;
+        }
+        query.insert(name.clone(), json!(globs));
+    }
+    Ok(json!({ "label": label, "method": method, "path": path, "query": query }))
+}
+
+/// `**`, or a glob over `/`-separated segments starting at the root.
+fn validate_path_glob(path: &str) -> Result<()> {
+    if path != "**" && !path.starts_with('/') {
+        bail!("'{path}' must start with `/` (or be `**`, any path)");
+    }
+    validate_glob(path)
+}
+
+/// Refuses at load what regorus's `glob.match` would fail on per request.
+fn validate_glob(glob: &str) -> Result<()> {
+    let mut engine = regorus::Engine::new();
+    let check = format!("package check\nok := glob.match({}, [\"/\"], \"\")", serde_json::to_string(glob)?);
+    engine.add_policy("check.rego".into(), check)?;
+    engine.eval_rule("data.check.ok".into()).map(drop).map_err(|_| anyhow::anyhow!("'{glob}' is not a valid glob"))
 }
 
 /// Lower-cased, without the root's trailing dot: the form both the policy
@@ -303,6 +487,9 @@ impl RegoIndex {
             "audit": endpoint.enforcement == Enforcement::Audit,
             "binaries": binaries,
         });
+        if let Some(inspection) = &endpoint.inspection {
+            document["l7"] = inspection.document.clone();
+        }
         let (table, key) = match pattern {
             HostPattern::Exact(host) => (&mut self.by_host, host.clone()),
             HostPattern::Ip(ip) => (&mut self.by_ip, ip.to_canonical().to_string()),

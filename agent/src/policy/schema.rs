@@ -59,12 +59,13 @@ pub(super) struct EndpointDef {
     pub enforcement: Option<Enforcement>,
     #[serde(default)]
     pub allowed_ips: Vec<String>,
-    // L7 inspection, later work: kept only to be reported as not enforced.
+    /// Selects between L7 endpoints sharing a host and port.
     pub path: Option<String>,
-    pub access: Option<String>,
-    pub rules: Option<IgnoredAny>,
-    pub deny_rules: Option<IgnoredAny>,
-    pub allow_encoded_slash: Option<IgnoredAny>,
+    pub access: Option<Access>,
+    pub rules: Option<Vec<RuleDef>>,
+    pub deny_rules: Option<Vec<RequestMatchDef>>,
+    pub allow_encoded_slash: Option<bool>,
+    // Later work: kept only to be reported as not enforced.
     pub websocket_credential_rewrite: Option<IgnoredAny>,
     pub request_body_credential_rewrite: Option<IgnoredAny>,
     pub allow_uninspected_credentials: Option<IgnoredAny>,
@@ -79,15 +80,27 @@ pub(super) struct EndpointDef {
 }
 
 impl EndpointDef {
-    /// Fields present on this endpoint that only L7 inspection can honour.
+    /// Whether the agent inspects this endpoint's HTTP requests (and so
+    /// terminates its TLS): a REST or WebSocket protocol, or rules of any
+    /// kind. Other L7 protocols are reported as not enforced instead.
+    pub fn inspected(&self) -> bool {
+        match self.protocol {
+            Some(Protocol::Rest | Protocol::Websocket) => true,
+            Some(protocol) if protocol.needs_inspection() => false,
+            _ => self.access.is_some() || self.rules.is_some() || self.deny_rules.is_some() || self.path.is_some(),
+        }
+    }
+
+    /// Fields present on this endpoint that L7 inspection would need and the
+    /// agent does not enforce.
     pub fn not_enforced_fields(&self) -> Vec<&'static str> {
+        let uninspected_protocol = self.protocol.is_some_and(Protocol::needs_inspection) && !self.inspected();
         [
-            ("protocol", self.protocol.is_some_and(Protocol::needs_inspection)),
-            ("path", self.path.is_some()),
-            ("access", self.access.is_some()),
-            ("rules", self.rules.is_some()),
-            ("deny_rules", self.deny_rules.is_some()),
-            ("allow_encoded_slash", self.allow_encoded_slash.is_some()),
+            ("protocol", uninspected_protocol),
+            ("path", uninspected_protocol && self.path.is_some()),
+            ("access", uninspected_protocol && self.access.is_some()),
+            ("rules", uninspected_protocol && self.rules.is_some()),
+            ("deny_rules", uninspected_protocol && self.deny_rules.is_some()),
             ("websocket_credential_rewrite", self.websocket_credential_rewrite.is_some()),
             ("request_body_credential_rewrite", self.request_body_credential_rewrite.is_some()),
             ("allow_uninspected_credentials", self.allow_uninspected_credentials.is_some()),
@@ -104,6 +117,87 @@ impl EndpointDef {
         .filter_map(|(field, present)| present.then_some(field))
         .collect()
     }
+}
+
+/// OpenShell's access presets, expanded into rules at load.
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "kebab-case")]
+pub(super) enum Access {
+    ReadOnly,
+    ReadWrite,
+    Full,
+}
+
+impl Access {
+    pub fn name(self) -> &'static str {
+        match self {
+            Access::ReadOnly => "read-only",
+            Access::ReadWrite => "read-write",
+            Access::Full => "full",
+        }
+    }
+}
+
+/// One entry of `rules`; an entry without `allow` allows nothing.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RuleDef {
+    pub allow: Option<RequestMatchDef>,
+}
+
+/// What an allow rule (under `allow`) or a deny rule matches. REST and
+/// WebSocket use `method`, `path` and `query`; the other fields belong to
+/// OpenShell's SQL, GraphQL and MCP rules, accepted so those files load.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RequestMatchDef {
+    pub method: Option<String>,
+    pub path: Option<String>,
+    /// Name to a glob, or to `{glob: G}` / `{any: [G, ...]}`.
+    pub query: Option<BTreeMap<String, QueryMatcherDef>>,
+    pub command: Option<IgnoredAny>,
+    pub operation_type: Option<IgnoredAny>,
+    pub operation_name: Option<IgnoredAny>,
+    pub fields: Option<IgnoredAny>,
+    pub tool: Option<IgnoredAny>,
+    pub params: Option<IgnoredAny>,
+}
+
+pub(super) enum QueryMatcherDef {
+    Glob(String),
+    Object(QueryMatcherObject),
+}
+
+/// By hand rather than `untagged`, so that an unknown key inside the object
+/// form is an error naming it.
+impl<'de> Deserialize<'de> for QueryMatcherDef {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Matcher;
+        impl<'de> serde::de::Visitor<'de> for Matcher {
+            type Value = QueryMatcherDef;
+
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("a glob string, or a map with `glob` or `any`")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, glob: &str) -> Result<QueryMatcherDef, E> {
+                Ok(QueryMatcherDef::Glob(glob.to_owned()))
+            }
+
+            fn visit_map<M: serde::de::MapAccess<'de>>(self, map: M) -> Result<QueryMatcherDef, M::Error> {
+                QueryMatcherObject::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(QueryMatcherDef::Object)
+            }
+        }
+        deserializer.deserialize_any(Matcher)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct QueryMatcherObject {
+    pub glob: Option<String>,
+    pub any: Option<Vec<String>>,
 }
 
 /// `tcp` and `http` need no inspection beyond what the proxy already does;

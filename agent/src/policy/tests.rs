@@ -588,16 +588,17 @@ network_policies:
     endpoints:
       - host: api.github.com
         port: 443
-        protocol: rest
+        protocol: graphql
         access: read-only
       - host: uploads.github.com
         port: 443
-        protocol: rest
+        protocol: graphql
         rules:
-          - allow: { method: GET, path: "/repos/**" }
+          - allow: { operation_type: query }
       - host: codeload.github.com
         port: 443
-        protocol: tcp
+        protocol: rest
+        access: read-only
 "#,
     )
     .expect("loads");
@@ -610,14 +611,17 @@ network_policies:
     assert!(policy.warnings.iter().any(|warning| warning.contains("`protocol` is not yet enforced (endpoints 0, 1)")));
 
     let decision = evaluate(&policy, &Case { host: Some("api.github.com"), ..DEFAULT_CASE });
+    assert!(decision.inspect.is_none(), "GraphQL is decided at L4 only");
     let endpoint = decision.endpoint.expect("allowed");
     assert_eq!(endpoint.not_enforced, ["protocol", "access"]);
-    assert_eq!(endpoint.protocol.as_deref(), Some("rest"));
+    assert_eq!(endpoint.protocol.as_deref(), Some("graphql"));
     let codeload = evaluate(&policy, &Case { host: Some("codeload.github.com"), ..DEFAULT_CASE });
+    assert!(codeload.inspect.is_some(), "REST is inspected");
     assert!(codeload.endpoint.expect("allowed").not_enforced.is_empty());
 
     let summary = policy.summary();
-    assert!(summary.contains("api.github.com:443 protocol rest (not yet enforced: protocol, access)"), "{summary}");
+    assert!(summary.contains("api.github.com:443 protocol graphql (not yet enforced: protocol, access)"), "{summary}");
+    assert!(summary.contains("codeload.github.com:443 protocol rest inspected (rest, access: read-only)"), "{summary}");
 }
 
 #[test]

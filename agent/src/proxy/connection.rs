@@ -15,6 +15,7 @@ use super::{
     decide::{Allowed, Decider, Denial, Verdict},
     http_proxy::{self, HttpMode},
     inference_route::{is_inference, names_inference, InferenceRoute},
+    inspect,
     limits::SandboxSlots,
     origin::Origin,
     respond, Config, Stats,
@@ -55,6 +56,9 @@ pub struct CloseLog {
     pub bytes_down: u64,
     pub error: Option<String>,
     pub inference: Option<InferenceLog>,
+    /// Requests decided by L7 rules on an inspected connection, and how many were denied.
+    pub requests: u64,
+    pub requests_denied: u64,
 }
 
 impl CloseLog {
@@ -197,6 +201,8 @@ impl CloseLog {
             accepted_monotonic_ns = accepted.monotonic_ns,
             duration_ms = accepted.at.elapsed().as_secs_f64() * 1e3,
             error = self.error,
+            requests = (self.requests > 0).then_some(self.requests),
+            requests_denied = (self.requests > 0).then_some(self.requests_denied),
             inference_requests = inference.map(|i| i.requests),
             inference_last_status = inference.and_then(|i| i.last_status),
             inference_endpoint = inference.and_then(|i| i.endpoint),
@@ -317,6 +323,20 @@ async fn transparent(mut client: TcpStream, origin: &Origin, shared: &Shared, lo
     log.host.clone_from(&host);
     let verdict = shared.decider.stream(origin, host.as_deref(), destination).await;
     match log.decided(verdict) {
+        Ok(Allowed { inspect: Some(inspection), upstream, resolved_host, .. }) => {
+            if log.protocol != "tls" || !inspection.terminate_tls {
+                log.verdict = "denied";
+                log.reason = Some(format!(
+                    "{destination} is an inspected endpoint (L7 rules): only HTTP and TLS are served there, \
+                     and this stream is {}",
+                    log.protocol
+                ));
+                return reset(client);
+            }
+            let name = host.or(resolved_host).unwrap_or_else(|| destination.ip().to_canonical().to_string());
+            let target = inspect::Target { name, upstream, inspection, tls: true };
+            Box::pin(inspect::terminate(client, sniffed.buffered, target, None, origin, shared, log)).await
+        }
         Ok(allowed) => {
             let prefill = Prefill { to_upstream: sniffed.buffered, ..Prefill::default() };
             match early.map(Early::into_stream) {
@@ -350,7 +370,8 @@ impl Early {
 /// then reports it).
 async fn connect_early(origin: &Origin, shared: &Shared) -> Option<Early> {
     let verdict = shared.decider.stream(origin, None, origin.destination).await;
-    let address = verdict.outcome.as_ref().ok()?.upstream;
+    // An inspected endpoint's bytes are never relayed raw, whoever speaks first.
+    let address = verdict.outcome.as_ref().ok().filter(|allowed| allowed.inspect.is_none())?.upstream;
     let upstream = tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(address)).await.ok()?.ok()?;
     let _ = upstream.set_nodelay(true);
     Some(Early { upstream, verdict })
@@ -453,15 +474,8 @@ async fn explicit(mut client: TcpStream, origin: &Origin, shared: &Shared, log: 
                 Err(denial) => deny_http(client, &format!("CONNECT {host}:{port}"), &denial).await,
                 Ok(allowed) => {
                     let Some(upstream) = connect_upstream(allowed.upstream, shared, log).await else {
-                        let detail = format!("CONNECT {host}:{port}");
                         let reason = log.reason.clone().unwrap_or_default();
-                        let body = respond::ErrorBody {
-                            error: "upstream_failed",
-                            detail: &detail,
-                            reason: &reason,
-                            address_class: None,
-                        };
-                        return respond::error(&mut client, 502, &body).await;
+                        return respond::upstream_failed(&mut client, &format!("CONNECT {host}:{port}"), &reason).await;
                     };
                     if let Err(error) = client.write_all(respond::CONNECT_ESTABLISHED).await {
                         log.error = Some(error.to_string());
@@ -471,6 +485,11 @@ async fn explicit(mut client: TcpStream, origin: &Origin, shared: &Shared, log: 
                     // the sniff buffer is not kept for the tunnel's lifetime.
                     let tunnel_start = sniffed.buffered[head.head_len..].to_vec();
                     drop(std::mem::take(&mut sniffed.buffered));
+                    if let Some(inspection) = allowed.inspect {
+                        let target = inspect::Target { name: target, upstream: allowed.upstream, inspection, tls: true };
+                        return Box::pin(inspect_tunnel(Rewound::new(tunnel_start, client), target, upstream, origin, shared, log))
+                            .await;
+                    }
                     log.relayed(
                         relay::relay(
                             client,
@@ -495,6 +514,36 @@ async fn explicit(mut client: TcpStream, origin: &Origin, shared: &Shared, log: 
                 "this is an egress proxy: send CONNECT host:port or an absolute-form request".into(),
             )
             .await;
+        }
+    }
+}
+
+/// A CONNECT tunnel to an inspected endpoint: TLS inside is terminated,
+/// plain HTTP served request by request, anything else refused.
+async fn inspect_tunnel(
+    mut tunnel: Rewound<TcpStream>,
+    mut target: inspect::Target,
+    upstream: TcpStream,
+    origin: &Origin,
+    shared: &Shared,
+    log: &mut CloseLog,
+) {
+    let inner = sniff::sniff(&mut tunnel, &shared.config.sniff).await;
+    match inner.kind {
+        StreamKind::Tls(_) if target.inspection.terminate_tls => {
+            inspect::terminate(tunnel, inner.buffered, target, Some(upstream), origin, shared, log).await
+        }
+        StreamKind::Http(_) => {
+            log.protocol = "connect-http";
+            target.tls = false;
+            inspect::serve(tunnel, inner.buffered, target, Some(upstream), origin, shared, log).await
+        }
+        _ => {
+            log.verdict = "denied";
+            log.reason = Some(format!(
+                "CONNECT {}: an inspected endpoint's tunnel must carry TLS or HTTP (L7 rules decide its requests)",
+                target.name
+            ));
         }
     }
 }
@@ -535,14 +584,9 @@ fn starts_with_empty_line(buffered: &[u8]) -> bool {
     buffered.first().is_some_and(|&b| b == b'\r' || b == b'\n')
 }
 
-pub async fn bad_request(mut client: TcpStream, log: &mut CloseLog, reason: String) {
+pub async fn bad_request<W: tokio::io::AsyncWrite + Unpin>(mut client: W, log: &mut CloseLog, reason: String) {
     log.verdict = "denied";
-    let body = respond::ErrorBody {
-        error: "bad_request",
-        detail: "malformed HTTP request",
-        reason: &reason,
-        address_class: None,
-    };
+    let body = respond::ErrorBody::new("bad_request", "malformed HTTP request", &reason);
     respond::error(&mut client, 400, &body).await;
     log.reason = Some(reason);
 }
@@ -551,10 +595,8 @@ pub async fn bad_request(mut client: TcpStream, log: &mut CloseLog, reason: Stri
 pub async fn deny_http<W: tokio::io::AsyncWrite + Unpin>(mut client: W, what: &str, denial: &Denial) {
     let detail = format!("{what} not permitted by policy");
     let body = respond::ErrorBody {
-        error: denial.kind,
-        detail: &detail,
-        reason: &denial.reason,
         address_class: denial.address_class,
+        ..respond::ErrorBody::new(denial.kind, &detail, &denial.reason)
     };
     respond::error(&mut client, 403, &body).await;
 }

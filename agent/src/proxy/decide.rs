@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use super::{origin::Origin, policy_store::PolicyStore};
 use crate::{
     dns::DnsResponder,
-    policy::{Decision, Request},
+    policy::{Decision, HttpRequest, Inspection, Request, RequestDecision},
     ssrf::{sensitive_address_allowed, AddressClass},
 };
 
@@ -58,6 +58,9 @@ pub struct Allowed {
     /// The name, resolved by the sandbox to the address, that allowed a
     /// stream with no host of its own.
     pub resolved_host: Option<String>,
+    /// Set when an inspected endpoint allowed it: each HTTP request is then
+    /// decided on its own ([`Decider::request`]).
+    pub inspect: Option<Inspection>,
 }
 
 pub struct Verdict {
@@ -150,6 +153,30 @@ impl Decider {
         Verdict { outcome: outcome.await, generation }
     }
 
+    /// One HTTP request on a connection an inspected endpoint allowed,
+    /// decided by the current policy (a reload applies to the next request
+    /// of an open connection): the connection itself first, then the rules.
+    pub fn request(&self, origin: &Origin, host: &str, destination: SocketAddr, http: &HttpRequest) -> (u64, RequestDecision) {
+        let current = self.policies.current();
+        let connection = request(origin, Some(host), Some(destination.ip()), destination.port());
+        let decided = current.policy.evaluate(&connection).and_then(|decision| match decision {
+            Decision { allow: false, reason, .. } => {
+                Ok(RequestDecision { allow: false, audit: false, policy: None, rule: None, reason })
+            }
+            // No longer inspected since a reload: the connection's allow stands for its requests.
+            Decision { inspect: None, policy, .. } => {
+                Ok(RequestDecision { allow: true, audit: false, policy, rule: None, reason: None })
+            }
+            Decision { inspect: Some(_), .. } => current.policy.evaluate_request(&connection, http),
+        });
+        let decision = decided.unwrap_or_else(|error| {
+            tracing::error!(%error, "policy evaluation failed: denying");
+            let reason = Some(format!("policy evaluation failed: {error}"));
+            RequestDecision { allow: false, audit: false, policy: None, rule: None, reason }
+        });
+        (current.generation, decision)
+    }
+
     /// With `resolved`, a stream without a host decided by those names (see
     /// [`crate::policy::Policy::evaluate_resolved`]); also returns the name that allowed.
     fn evaluate(&self, request: &Request, resolved: Option<&[String]>) -> (u64, Decision, Option<String>) {
@@ -168,6 +195,7 @@ impl Decider {
                 endpoint: None,
                 matched_binary: None,
                 matched_exe: None,
+                inspect: None,
             };
             (decision, None)
         });
@@ -223,11 +251,12 @@ struct PolicyAllow {
     allowed_ips: Vec<IpNet>,
     /// The matched endpoint's host when it is an IP literal.
     literal_host: Option<IpAddr>,
+    inspect: Option<Inspection>,
 }
 
 impl PolicyAllow {
     fn to(self, upstream: SocketAddr) -> Allowed {
-        Allowed { upstream, policy: self.policy, audit: self.audit, resolved_host: None }
+        Allowed { upstream, policy: self.policy, audit: self.audit, resolved_host: None, inspect: self.inspect }
     }
 
     /// Sensitive addresses need an explicit listing: in `allowed_ips`, or as
@@ -252,6 +281,7 @@ fn allowed_by_policy(decision: Decision) -> Result<PolicyAllow, Denial> {
         .map(|endpoint| (endpoint.allowed_ips, endpoint.host.and_then(|host| host.parse().ok())))
         .unwrap_or_default();
     Ok(PolicyAllow {
+        inspect: decision.inspect,
         allowed_ips,
         literal_host,
         audit: decision.audit.then(|| decision.reason.unwrap_or_default()),

@@ -2,8 +2,10 @@
 
 mod connection;
 mod decide;
+mod exchange;
 mod http_proxy;
 mod inference_route;
+mod inspect;
 mod limits;
 mod origin;
 mod policy_store;

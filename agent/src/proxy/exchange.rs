@@ -1,0 +1,116 @@
+//! One request and its responses between a client and an upstream: the step
+//! the plain-HTTP loop and the inspected (L7) loop share once a request is
+//! allowed.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use super::{connection::CloseLog, respond};
+use crate::{
+    http1::{self, BodyLimits, HeadReader, ResponseLimits, ResponseOutcome},
+    sniff::http::RequestHead,
+};
+
+pub const VIA: &str = "sandbox-egress";
+/// How long a keep-alive connection may sit between requests.
+pub const KEEP_ALIVE_IDLE: Duration = Duration::from_secs(60);
+/// Longest wait for the next bytes of a body.
+const BODY_IDLE: Duration = Duration::from_secs(60);
+/// Longest wait for a response head: servers may think (or long-poll) a while.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub enum Exchanged {
+    /// The response went out whole; `close`: the connection ends with it.
+    Complete { close: bool },
+    /// A 101 went out: raw bytes both ways from now on, starting with what
+    /// both readers hold.
+    Switched,
+    /// The exchange failed after part of a response reached the client:
+    /// only an abortive close tells it the response is incomplete.
+    FailedMidResponse,
+    /// The exchange failed before any response byte reached the client,
+    /// which was told why (502 or 504).
+    Failed,
+}
+
+/// Sends `forwarded_head` and the request's body upstream, then relays the
+/// responses. Waits are bounded by `idle` too: a stalled server gets the
+/// client a 504. `what` names the request in error bodies (`GET h:p`).
+pub async fn exchange<C, U>(
+    client: &mut HeadReader<C>,
+    upstream: &mut HeadReader<U>,
+    head: &RequestHead,
+    forwarded_head: &[u8],
+    idle: Duration,
+    what: &str,
+    log: &mut CloseLog,
+) -> Exchanged
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let body_limits = BodyLimits { max_body: None, idle: BODY_IDLE.min(idle) };
+    let response_limits = ResponseLimits { head_timeout: RESPONSE_TIMEOUT.min(idle), body: body_limits };
+    let (mut sent_up, mut sent_down) = (0, 0);
+    let result = async {
+        {
+            let mut to_upstream = Counted { inner: upstream.get_mut(), count: &mut sent_up };
+            to_upstream.write_all(forwarded_head).await?;
+            http1::copy_body(client, &mut to_upstream, http1::request_framing(head), &body_limits).await?;
+        }
+        let mut to_client = Counted { inner: client.get_mut(), count: &mut sent_down };
+        http1::forward_responses(upstream, &mut to_client, head, VIA, &response_limits).await
+    }
+    .await;
+    log.bytes_up += sent_up;
+    log.bytes_down += sent_down;
+    log.verdict = "relayed";
+    match result {
+        Ok(ResponseOutcome::Complete { close, .. }) => Exchanged::Complete { close },
+        Ok(ResponseOutcome::SwitchingProtocols { .. }) => Exchanged::Switched,
+        Err(error) => {
+            log.error = Some(error.to_string());
+            if sent_down > 0 {
+                return Exchanged::FailedMidResponse;
+            }
+            let (status, kind) = match error.kind() {
+                std::io::ErrorKind::TimedOut => (504, "upstream_timeout"),
+                _ => (502, "upstream_failed"),
+            };
+            let body = respond::ErrorBody::new(kind, what, &error.to_string());
+            respond::error(client.get_mut(), status, &body).await;
+            Exchanged::Failed
+        }
+    }
+}
+
+/// Counts bytes as each write lands, so an exchange that fails part-way
+/// still logs what got through.
+struct Counted<'a, W> {
+    inner: &'a mut W,
+    count: &'a mut u64,
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Counted<'_, W> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let written = Pin::new(&mut *this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = written {
+            *this.count += n as u64;
+        }
+        written
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
+    }
+}

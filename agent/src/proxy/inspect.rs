@@ -1,0 +1,313 @@
+//! Connections an inspected endpoint allowed: every HTTP request is decided
+//! on its own by the endpoint's L7 rules, on its canonical path, before it
+//! goes upstream. TLS to such an endpoint is terminated here (a leaf for the
+//! name signed by the agent's CA) and made again to the origin, verified.
+
+use std::net::SocketAddr;
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use super::{
+    connection::{bad_request, connect_upstream, CloseLog, Shared},
+    exchange::{exchange, Exchanged, KEEP_ALIVE_IDLE, VIA},
+    origin::Origin,
+    respond::{self, ErrorBody},
+};
+use crate::{
+    http1::{self, forward::wants_close, BodyFraming, HeadReader},
+    inference::Io,
+    l7::path::canonicalize,
+    policy::{HttpRequest, Inspection, RequestDecision},
+    rewound::Rewound,
+    sniff::{
+        host::Host,
+        http::{RequestHead, TargetForm},
+    },
+};
+
+pub enum Checked {
+    Allowed,
+    /// A 403 went out; `close`: the connection ended with it.
+    Denied {
+        close: bool,
+    },
+}
+
+/// The L7 step of one request to `host` (the name the connection was
+/// decided on) at `destination`: the target canonicalised (and `head`
+/// rewritten to forward it so), the request decided by the current policy,
+/// one log line, and a 403 JSON for a denial. A denied request without a
+/// body leaves a keep-alive connection open; one with a body closes it (its
+/// body is never read).
+#[allow(clippy::too_many_arguments)]
+pub async fn check_request<W: AsyncWrite + Unpin>(
+    client: &mut W,
+    head: &mut RequestHead,
+    host: &str,
+    destination: SocketAddr,
+    inspection: &Inspection,
+    origin: &Origin,
+    shared: &Shared,
+    log: &mut CloseLog,
+) -> Checked {
+    let target = head.origin_form_target();
+    let (generation, decision, path) = match canonicalize(&target, inspection.allow_encoded_slash) {
+        Ok(canonical) => {
+            let http = HttpRequest { method: &head.method, path: &canonical.path, query: &canonical.query };
+            let (generation, decision) = shared.decider.request(origin, host, destination, &http);
+            if decision.allow {
+                head.target = canonical.origin_form();
+                head.form = TargetForm::Origin;
+            }
+            (generation, decision, canonical.path)
+        }
+        Err(reason) => {
+            let generation = shared.decider.policies.current().generation;
+            let reason = Some(format!("{} {target} refused: {reason}", head.method));
+            (generation, RequestDecision { allow: false, audit: false, policy: None, rule: None, reason }, target)
+        }
+    };
+    log_request(origin, host, destination, &head.method, &path, generation, &decision);
+    log.requests += 1;
+    if decision.allow {
+        if decision.audit {
+            log.audit = decision.reason.clone();
+        }
+        return Checked::Allowed;
+    }
+    log.requests_denied += 1;
+    if log.verdict.is_empty() {
+        log.verdict = "denied";
+    }
+    let detail = decision.reason.unwrap_or_else(|| format!("{} {path} not permitted by policy", head.method));
+    let reason = match (&decision.policy, &decision.rule) {
+        (Some(policy), Some(rule)) => format!("decided by {rule} of policy '{policy}'"),
+        _ => "no inspected endpoint allows the request".to_owned(),
+    };
+    log.reason = Some(detail.clone());
+    let body = ErrorBody {
+        policy: decision.policy.as_deref(),
+        rule: decision.rule.as_deref(),
+        ..ErrorBody::new("policy_denied", &detail, &reason)
+    };
+    let close =
+        http1::request_framing(head) != BodyFraming::Empty || wants_close(head.version, &head.headers);
+    let written = respond::denied(client, &body, close).await;
+    Checked::Denied { close: close || !written }
+}
+
+/// One line per request on an inspected connection.
+fn log_request(
+    origin: &Origin,
+    host: &str,
+    destination: SocketAddr,
+    method: &str,
+    path: &str,
+    generation: u64,
+    decision: &RequestDecision,
+) {
+    let verdict = match (decision.allow, decision.audit) {
+        (true, false) => "allowed",
+        (true, true) => "audit",
+        (false, _) => "denied",
+    };
+    tracing::info!(
+        event = "request",
+        verdict,
+        method,
+        path,
+        host,
+        destination = %destination,
+        policy = decision.policy,
+        rule = decision.rule,
+        policy_generation = generation,
+        reason = decision.reason,
+        pid = origin.pid,
+        exe = origin.exe.as_ref().map(|exe| exe.display().to_string()),
+        cgroup_id = origin.cgroup_id,
+    );
+}
+
+/// Where an inspected connection's requests go: the address the policy
+/// allowed, over TLS verified for `name` when the client spoke TLS.
+pub struct Target {
+    /// The name the connection was decided on (SNI, CONNECT host, or the
+    /// name the sandbox resolved): requests must name it in Host.
+    pub name: String,
+    pub upstream: SocketAddr,
+    pub inspection: Inspection,
+    pub tls: bool,
+}
+
+/// Terminates the client's TLS for `target.name` (`hello`: the ClientHello
+/// bytes already read), then serves its requests.
+pub async fn terminate<S>(
+    client: S,
+    hello: Vec<u8>,
+    target: Target,
+    preconnected: Option<TcpStream>,
+    origin: &Origin,
+    shared: &Shared,
+    log: &mut CloseLog,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    log.protocol = "tls-inspected";
+    let tls = match shared.leaves.accept(&target.name, Rewound::new(hello, client)).await {
+        Ok(tls) => tls,
+        Err(error) => {
+            log.verdict = "denied";
+            log.reason = Some(format!(
+                "TLS handshake for {} failed (does the client trust `sandbox-egress ca export`?): {error}",
+                target.name
+            ));
+            return;
+        }
+    };
+    serve(tls, Vec::new(), target, preconnected, origin, shared, log).await;
+}
+
+/// Serves the HTTP requests of an inspected connection, one by one, on one
+/// upstream connection made at the first allowed request. `buffered`:
+/// request bytes already read (a CONNECT tunnel's first head).
+pub async fn serve<C>(
+    client: C,
+    buffered: Vec<u8>,
+    target: Target,
+    mut preconnected: Option<TcpStream>,
+    origin: &Origin,
+    shared: &Shared,
+    log: &mut CloseLog,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut client = HeadReader::with_buffered(client, buffered);
+    let mut upstream: Option<HeadReader<Box<dyn Io>>> = None;
+    loop {
+        let mut head = match client.read_request_head(KEEP_ALIVE_IDLE, shared.config.sniff.head_timeout).await {
+            Ok(Some(head)) => head,
+            // Closed, or idle between requests: a normal end.
+            Ok(None) => return,
+            Err(error) if error.kind() == std::io::ErrorKind::TimedOut => return,
+            Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
+                return bad_request(client.get_mut(), log, error.to_string()).await
+            }
+            Err(error) => {
+                log.error = Some(error.to_string());
+                return;
+            }
+        };
+        if let Err(reason) = names_target(&head, &target) {
+            log.verdict = "denied";
+            log.reason = Some(reason.clone());
+            let body = ErrorBody::new("host_mismatch", &head.target, &reason);
+            return respond::error(client.get_mut(), 403, &body).await;
+        }
+        let checked = check_request(
+            client.get_mut(),
+            &mut head,
+            &target.name,
+            target.upstream,
+            &target.inspection,
+            origin,
+            shared,
+            log,
+        )
+        .await;
+        match checked {
+            Checked::Allowed => {}
+            Checked::Denied { close: true } => return,
+            Checked::Denied { close: false } => continue,
+        }
+        let what = format!("{} {}", head.method, target.name);
+        if upstream.is_none() {
+            match connect(&target, preconnected.take(), shared, log).await {
+                Ok(stream) => upstream = Some(HeadReader::new(stream)),
+                Err((status, kind, reason)) => {
+                    return respond::error(client.get_mut(), status, &ErrorBody::new(kind, &what, &reason)).await;
+                }
+            }
+        }
+        let up = upstream.as_mut().expect("connected above");
+        let forwarded_head = http1::forward_request_head(&head, true, VIA);
+        match exchange(&mut client, up, &head, &forwarded_head, shared.config.idle_timeout, &what, log).await {
+            Exchanged::Complete { close: false } => {}
+            Exchanged::Complete { close: true } | Exchanged::Failed | Exchanged::FailedMidResponse => return,
+            Exchanged::Switched => {
+                log.protocol = "websocket";
+                let (client, to_upstream) = client.into_parts();
+                let (upstream, to_client) = upstream.take().expect("connected above").into_parts();
+                return splice(client, upstream, to_upstream, to_client, log).await;
+            }
+        }
+    }
+}
+
+/// A request on an inspected connection must be for the name the
+/// connection was decided on: another Host would reach another site on the
+/// same server (domain fronting) past the decision.
+fn names_target(head: &RequestHead, target: &Target) -> Result<(), String> {
+    if head.form == TargetForm::Authority {
+        return Err("CONNECT inside an inspected connection is not allowed".into());
+    }
+    let Some(authority) = &head.authority else { return Err("a request without Host".into()) };
+    let same = match &authority.host {
+        Host::Name(name) => name.trim_end_matches('.').eq_ignore_ascii_case(target.name.trim_end_matches('.')),
+        Host::Ip(ip) => target.name.trim_start_matches('[').trim_end_matches(']').parse().ok() == Some(*ip),
+    };
+    if same {
+        Ok(())
+    } else {
+        Err(format!("Host {} is not {}, the name this connection was decided on", authority.host, target.name))
+    }
+}
+
+/// The upstream, TLS verified for the target's name when the client spoke
+/// TLS; else the status, error kind and reason for the client.
+async fn connect(
+    target: &Target,
+    preconnected: Option<TcpStream>,
+    shared: &Shared,
+    log: &mut CloseLog,
+) -> Result<Box<dyn Io>, (u16, &'static str, String)> {
+    let tcp = match preconnected {
+        Some(tcp) => tcp,
+        None => connect_upstream(target.upstream, shared, log)
+            .await
+            .ok_or_else(|| (502, "upstream_failed", log.reason.clone().unwrap_or_default()))?,
+    };
+    if !target.tls {
+        return Ok(Box::new(tcp));
+    }
+    match shared.upstream_tls.connect(&target.name, tcp).await {
+        Ok(tls) => Ok(Box::new(tls)),
+        Err(error) => {
+            let status = if error.kind == crate::tls::UpstreamTlsErrorKind::Timeout { 504 } else { 502 };
+            log.upstream_failed(error.reason.clone());
+            Err((status, error.kind.as_str(), error.reason))
+        }
+    }
+}
+
+/// After a 101: raw bytes both ways, the bytes each reader held first.
+async fn splice<C, U>(mut client: C, mut upstream: U, to_upstream: Vec<u8>, to_client: Vec<u8>, log: &mut CloseLog)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let prefilled = async {
+        upstream.write_all(&to_upstream).await?;
+        client.write_all(&to_client).await?;
+        tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+    };
+    match prefilled.await {
+        Ok((up, down)) => {
+            log.bytes_up += up + to_upstream.len() as u64;
+            log.bytes_down += down + to_client.len() as u64;
+        }
+        Err(error) => log.error = Some(error.to_string()),
+    }
+}
