@@ -1,8 +1,8 @@
 //! sandbox-egress: transparent egress proxy for sandbox cgroups.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{num::NonZeroUsize, path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use sandbox_egress::{dns, inference, logging, policy, preflight, proxy, redirect, sniff, tls};
 
@@ -96,9 +96,18 @@ struct RunArgs {
     /// Control socket for `sandbox-egress inference set|get|update` (root only, 0600).
     #[arg(long, default_value = inference::DEFAULT_CONTROL_SOCKET)]
     control_socket: PathBuf,
-    /// Where the agent's CA lives (created on first run) for inference.local's certificate.
+    /// Where the agent's CA lives (created on first run): it signs the
+    /// certificates of inference.local and of TLS-terminated (L7) endpoints.
     #[arg(long, default_value = tls::DEFAULT_CA_DIR)]
     ca_dir: PathBuf,
+    /// Certificates for TLS-terminated (L7) endpoints kept at once, by name;
+    /// past this the least recently used is dropped (and made anew if needed).
+    #[arg(long, default_value = "1024", value_name = "N")]
+    leaf_cache_size: NonZeroUsize,
+    /// PEM bundle of CA certificates trusted, besides the system's, when the
+    /// agent connects over TLS to the origin of a TLS-terminated (L7) endpoint.
+    #[arg(long, value_name = "FILE")]
+    upstream_ca: Option<PathBuf>,
     /// A relayed connection with no byte either way for this long is closed.
     #[arg(long, value_parser = parse_millis, default_value = "3600000", value_name = "MS")]
     idle_timeout: Duration,
@@ -154,16 +163,17 @@ fn run(args: RunArgs) -> Result<()> {
         );
     }
     let policies = proxy::PolicyStore::load(&args.policy)?;
+    let ca = tls::AgentCa::load_or_create(&args.ca_dir)?;
     let inference = match &args.inference_config {
         None => None,
-        Some(path) => {
-            let ca = tls::AgentCa::load_or_create(&args.ca_dir)?;
-            Some(proxy::InferenceRoute {
-                inference: std::sync::Arc::new(inference::Inference::load(path)?),
-                tls: ca.acceptor(dns::INFERENCE_HOST)?,
-            })
-        }
+        Some(path) => Some(proxy::InferenceRoute {
+            inference: std::sync::Arc::new(inference::Inference::load(path)?),
+            tls: ca.acceptor(dns::INFERENCE_HOST)?,
+        }),
     };
+    let leaf_certs = tls::LeafCache::new(ca, args.leaf_cache_size)?;
+    let upstream_tls = tls::UpstreamTls::new(tls::system_roots(), args.upstream_ca.as_deref(), args.connect_timeout)
+        .context("--upstream-ca")?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         // Bind before touching the cgroup, so a taken port fails without side effects.
@@ -196,6 +206,8 @@ fn run(args: RunArgs) -> Result<()> {
             connect_timeout: args.connect_timeout,
             idle_timeout: args.idle_timeout,
             sniff: sniff::Limits { first_byte_timeout: args.first_byte_timeout, head_timeout: args.head_timeout },
+            leaf_certs,
+            upstream_tls,
         };
         if let Some(route) = &inference {
             let control = route.inference.clone();

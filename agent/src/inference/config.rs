@@ -47,7 +47,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     provider::{BaseUrl, ProviderType, Secret},
-    upstream::{self, Connector},
+    upstream::Connector,
 };
 
 pub const DEFAULT_MAX_REQUEST_BODY: u64 = 10 << 20;
@@ -285,7 +285,7 @@ fn validate_provider(config: &ProviderConfig, system_roots: &mut Option<RootCert
     }
     let headers = validate_headers(&config.headers)?;
     let roots = if base_url.tls {
-        system_roots.get_or_insert_with(upstream::system_roots).clone()
+        system_roots.get_or_insert_with(crate::tls::system_roots).clone()
     } else {
         RootCertStore::empty()
     };

@@ -4,10 +4,7 @@
 use std::{fmt, io, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context, Result};
-use rustls::{
-    pki_types::{pem::PemObject, CertificateDer, ServerName},
-    ClientConfig, RootCertStore,
-};
+use rustls::{pki_types::ServerName, ClientConfig, RootCertStore};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{lookup_host, TcpStream},
@@ -16,7 +13,7 @@ use tokio::{
 use tokio_rustls::TlsConnector;
 
 use super::provider::BaseUrl;
-use crate::sniff::host::Host;
+use crate::{sniff::host::Host, tls::add_pem_roots};
 
 /// Addresses tried per connect: a name with dozens of records must not turn
 /// one request into dozens of connection attempts.
@@ -117,36 +114,6 @@ impl Connector {
             .map_err(|error| format!("TLS handshake with {} failed: {error}", self.base_url.host_header))?;
         Ok(Box::new(tls))
     }
-}
-
-/// The system's trusted roots; certificates it cannot parse are skipped
-/// with a warning, as a browser would.
-pub fn system_roots() -> RootCertStore {
-    let loaded = rustls_native_certs::load_native_certs();
-    for error in &loaded.errors {
-        tracing::warn!("loading system root certificates: {error}");
-    }
-    let mut roots = RootCertStore::empty();
-    let (_, ignored) = roots.add_parsable_certificates(loaded.certs);
-    if ignored > 0 {
-        tracing::warn!("{ignored} system root certificates could not be parsed and are not trusted");
-    }
-    roots
-}
-
-fn add_pem_roots(roots: &mut RootCertStore, ca_file: &Path) -> Result<()> {
-    let shown = ca_file.display();
-    let certificates: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca_file)
-        .with_context(|| format!("cannot read {shown}"))?
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("invalid PEM in {shown}"))?;
-    if certificates.is_empty() {
-        bail!("no certificate in {shown}");
-    }
-    for certificate in certificates {
-        roots.add(certificate).with_context(|| format!("unusable certificate in {shown}"))?;
-    }
-    Ok(())
 }
 
 /// Whether `error` says the peer is gone: on a reused connection that means

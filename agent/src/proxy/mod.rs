@@ -50,6 +50,10 @@ pub struct Config {
     /// A relayed connection with no byte either way for this long is closed.
     pub idle_timeout: Duration,
     pub sniff: crate::sniff::Limits,
+    /// Certificates the agent serves where it terminates a sandbox's TLS.
+    pub leaf_certs: crate::tls::LeafCache,
+    /// TLS from the agent to the origins of terminated connections.
+    pub upstream_tls: crate::tls::UpstreamTls,
 }
 
 /// The loopback sockets the sandbox is redirected to: TCP connects to

@@ -1,9 +1,10 @@
-//! The agent's own certificate authority, and the leaf certificates it
-//! serves where it terminates TLS (inference.local, nowhere else).
+//! The agent's own certificate authority, which signs the leaf
+//! certificates it serves where it terminates TLS: inference.local, and the
+//! names of endpoints whose traffic it inspects ([`super::LeafCache`]).
 //!
 //! The CA is created on first run (rcgen, ECDSA P-256) in a 0700 directory,
 //! both files 0600; sandboxes trust it through `sandbox-egress ca export`.
-//! Leaf certificates are made in memory at start-up and never written.
+//! Leaf certificates are made in memory and never written.
 
 use std::{
     fs,
@@ -17,7 +18,10 @@ use anyhow::{bail, Context, Result};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::{
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
+    sign::{CertifiedKey, SingleCertAndKey},
+};
 use tokio_rustls::TlsAcceptor;
 
 pub const DEFAULT_CA_DIR: &str = "/var/lib/sandbox-egress/ca";
@@ -26,7 +30,10 @@ const KEY_FILE: &str = "ca-key.pem";
 
 pub struct AgentCa {
     cert_pem: String,
-    key: KeyPair,
+    /// Sent after each leaf, so clients that trust the CA can build the chain.
+    cert_der: CertificateDer<'static>,
+    /// Parsed once: every leaf is signed with it.
+    issuer: Issuer<'static, KeyPair>,
 }
 
 impl AgentCa {
@@ -41,18 +48,24 @@ impl AgentCa {
             .mode(0o700)
             .create(dir)
             .with_context(|| format!("create {}", dir.display()))?;
-        let key = KeyPair::generate().context("generate the CA key")?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, "sandbox-egress agent CA");
-        params.distinguished_name.push(DnType::OrganizationName, "sandbox-egress");
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        let cert = params.self_signed(&key).context("self-sign the CA certificate")?;
+        let (cert_pem, key) = generate()?;
         write_private(&key_path, &key.serialize_pem())?;
-        write_private(&cert_path, &cert.pem())?;
+        write_private(&cert_path, &cert_pem)?;
         tracing::info!(ca = %cert_path.display(), "created the agent CA (sandboxes trust it via `sandbox-egress ca export`)");
-        Ok(Self { cert_pem: cert.pem(), key })
+        Self::from_parts(cert_pem, key)
+    }
+
+    /// A CA that lives in memory only, for tests.
+    #[cfg(test)]
+    pub(crate) fn ephemeral() -> Self {
+        let (cert_pem, key) = generate().unwrap();
+        Self::from_parts(cert_pem, key).unwrap()
+    }
+
+    fn from_parts(cert_pem: String, key: KeyPair) -> Result<Self> {
+        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).context("parse the CA certificate PEM")?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).context("parse the CA certificate")?;
+        Ok(Self { cert_pem, cert_der, issuer })
     }
 
     fn load(cert_path: &Path, key_path: &Path) -> Result<Self> {
@@ -64,7 +77,7 @@ impl AgentCa {
             KeyPair::from_pem(&fs::read_to_string(key_path).with_context(|| format!("read {}", key_path.display()))?)
                 .with_context(|| format!("parse {}", key_path.display()))?;
         let cert_pem = fs::read_to_string(cert_path).with_context(|| format!("read {}", cert_path.display()))?;
-        Ok(Self { cert_pem, key })
+        Self::from_parts(cert_pem, key).with_context(|| format!("load {}", cert_path.display()))
     }
 
     pub fn cert_pem(&self) -> &str {
@@ -74,30 +87,37 @@ impl AgentCa {
     /// A TLS acceptor for `name`, with a fresh leaf certificate signed by the
     /// CA. Only HTTP/1.1 is offered: the agent parses what it terminates.
     pub fn acceptor(&self, name: &str) -> Result<TlsAcceptor> {
-        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key).context("parse the CA certificate")?;
+        let mut config = super::leaf::http1_server_config()?;
+        config.cert_resolver = Arc::new(SingleCertAndKey::from(self.leaf(name)?));
+        Ok(TlsAcceptor::from(Arc::new(config)))
+    }
+
+    /// A new key and a certificate for `name` (a DNS name, or an IP address
+    /// literal for an IP address SAN), followed by the CA's certificate.
+    pub(super) fn leaf(&self, name: &str) -> Result<CertifiedKey> {
         let leaf_key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(vec![name.to_owned()])?;
+        let mut params = CertificateParams::new(vec![name.to_owned()])
+            .with_context(|| format!("{name:?} cannot be a certificate name"))?;
         params.distinguished_name.push(DnType::CommonName, name);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let leaf = params.signed_by(&leaf_key, &issuer)?;
-        let ca_der = rustls_pemfile_der(&self.cert_pem)?;
-        let chain = vec![leaf.der().clone(), ca_der];
+        let leaf = params.signed_by(&leaf_key, &self.issuer)?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
-        let mut config =
-            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()?
-                .with_no_client_auth()
-                .with_single_cert(chain, key)?;
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(TlsAcceptor::from(Arc::new(config)))
+        let signing_key = rustls::crypto::ring::sign::any_supported_type(&key)?;
+        Ok(CertifiedKey::new(vec![leaf.der().clone(), self.cert_der.clone()], signing_key))
     }
 }
 
-/// The DER of the (single) certificate in `pem`.
-fn rustls_pemfile_der(pem: &str) -> Result<CertificateDer<'static>> {
-    use rustls::pki_types::pem::PemObject;
-    CertificateDer::from_pem_slice(pem.as_bytes()).context("parse the CA certificate PEM")
+/// A new CA: its certificate (PEM) and key.
+fn generate() -> Result<(String, KeyPair)> {
+    let key = KeyPair::generate().context("generate the CA key")?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, "sandbox-egress agent CA");
+    params.distinguished_name.push(DnType::OrganizationName, "sandbox-egress");
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let cert = params.self_signed(&key).context("self-sign the CA certificate")?;
+    Ok((cert.pem(), key))
 }
 
 fn write_private(path: &PathBuf, contents: &str) -> Result<()> {
@@ -160,7 +180,7 @@ mod tests {
         let ca = AgentCa::load_or_create(&guard.0).unwrap();
         let acceptor = ca.acceptor("inference.local").unwrap();
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(rustls_pemfile_der(ca.cert_pem()).unwrap()).unwrap();
+        roots.add(ca.cert_der.clone()).unwrap();
         let client = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
             .unwrap()
