@@ -82,8 +82,8 @@ where
                 std::io::ErrorKind::TimedOut => (504, "upstream_timeout"),
                 _ => (502, "upstream_failed"),
             };
-            let body = respond::ErrorBody::new(kind, what, &error.to_string());
-            respond::error(client.get_mut(), status, &body).await;
+            let reason = error.to_string();
+            respond::error(client.get_mut(), status, &respond::ErrorBody::new(kind, what, &reason)).await;
             Exchanged::Failed
         }
     }

@@ -156,7 +156,7 @@ pub async fn terminate<S>(
     S: AsyncRead + AsyncWrite + Unpin,
 {
     log.protocol = "tls-inspected";
-    let tls = match shared.leaves.accept(&target.name, Rewound::new(hello, client)).await {
+    let tls = match shared.config.leaf_certs.accept(&target.name, Rewound::new(hello, client)).await {
         Ok(tls) => tls,
         Err(error) => {
             log.verdict = "denied";
@@ -282,7 +282,7 @@ async fn connect(
     if !target.tls {
         return Ok(Box::new(tcp));
     }
-    match shared.upstream_tls.connect(&target.name, tcp).await {
+    match shared.config.upstream_tls.connect(&target.name, tcp).await {
         Ok(tls) => Ok(Box::new(tls)),
         Err(error) => {
             let status = if error.kind == crate::tls::UpstreamTlsErrorKind::Timeout { 504 } else { 502 };
