@@ -33,6 +33,11 @@ pub const TLS_PORT: u16 = 8443;
 pub const WS_PORT: u16 = 8765;
 pub const PROVIDER_HTTP_PORT: u16 = 8000;
 pub const PROVIDER_TLS_PORT: u16 = 8001;
+/// The fake REST API of [`TestNet::start_rest_api`]: plain HTTP, and HTTPS
+/// with a certificate for [`REST_API_HOST`] and the host's addresses.
+pub const REST_HTTP_PORT: u16 = 9080;
+pub const REST_TLS_PORT: u16 = 9443;
+pub const REST_API_HOST: &str = "api.rest.test";
 /// Upper bound for anything a test waits for.
 pub const WAIT: Duration = Duration::from_secs(15);
 
@@ -305,6 +310,43 @@ impl TestNet {
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &self.netns, PYTHON, "-u"]).arg(support_file("fake_provider.py"));
         command.args(["--http-port", &PROVIDER_HTTP_PORT.to_string(), "--tls-port", &PROVIDER_TLS_PORT.to_string()]);
+        command.args(["--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap()]);
+        Ok((Servers::start(command, None)?, ca))
+    }
+
+    /// Starts the fake REST API (tests/support/rest_api.py) on
+    /// [`REST_HTTP_PORT`] and [`REST_TLS_PORT`]; the latter with a certificate
+    /// for [`REST_API_HOST`], this host's public IPv4 and IPv6 addresses,
+    /// signed by a test CA (files in `dir`). Returns the servers and the test
+    /// CA's PEM file (for the agent's `--upstream-ca`, or a client's `--cacert`).
+    ///
+    /// Every request is answered 200 with a JSON body, and printed as an
+    /// event `{"kind": "request", "scheme": "http"|"https", "peer", "method",
+    /// "target", "path", "query", "headers", "header_list", "body"}`: the raw
+    /// request target, its path and query (null without "?"), headers by
+    /// lower-cased name (repeats joined with ", "), the same in order as
+    /// [name, value] pairs, and the body as text. The response body holds the
+    /// same fields. Keep-alive works; a WebSocket upgrade on a path starting
+    /// with `/ws` gets a 101, then every message is echoed and printed as
+    /// `{"kind": "ws_message", "opcode", "text", "length"}`.
+    pub fn start_rest_api(&self, dir: &TempDir) -> Result<(Servers, PathBuf)> {
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut ca_params = rcgen::CertificateParams::default();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "sandbox-egress test REST API CA");
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let leaf_key = rcgen::KeyPair::generate()?;
+        let names = vec![REST_API_HOST.to_owned(), self.v4.to_string(), self.v6.to_string()];
+        let leaf = rcgen::CertificateParams::new(names)?.signed_by(&leaf_key, &issuer)?;
+        let (ca, cert, key) =
+            (dir.path.join("rest-api-ca.pem"), dir.path.join("rest-api.pem"), dir.path.join("rest-api-key.pem"));
+        std::fs::write(&ca, ca_cert.pem())?;
+        std::fs::write(&cert, leaf.pem())?;
+        std::fs::write(&key, leaf_key.serialize_pem())?;
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.netns, PYTHON, "-u"]).arg(support_file("rest_api.py"));
+        command.args(["--http-port", &REST_HTTP_PORT.to_string(), "--tls-port", &REST_TLS_PORT.to_string()]);
         command.args(["--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap()]);
         Ok((Servers::start(command, None)?, ca))
     }
