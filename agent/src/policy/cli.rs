@@ -82,7 +82,8 @@ pub fn run(command: PolicyCommand) -> Result<()> {
                 (Some(method), Some(path)) => Some(evaluate_http(&policy, &request, &decision, method, &path, &query)?),
                 _ => None,
             };
-            let output = Output { resolved_host: resolved_host.as_deref(), decision: &decision, request: http.as_ref() };
+            let output =
+                Output { resolved_host: resolved_host.as_deref(), decision: &decision, request: http.as_ref() };
             println!("{}", serde_json::to_string_pretty(&output)?);
             println!("{}", describe(&decision, &request));
             if let Some(http) = &http {
@@ -116,7 +117,8 @@ fn evaluate_http(
     target: &str,
     query: &[String],
 ) -> Result<HttpOutcome> {
-    let outcome = |verdict, path, decision, error| HttpOutcome { method: method.clone(), path, verdict, decision, error };
+    let outcome =
+        |verdict, path, decision, error| HttpOutcome { method: method.clone(), path, verdict, decision, error };
     let Some(inspection) = decision.inspect.as_ref().filter(|_| decision.allow) else {
         let verdict = if decision.allow { "not_inspected" } else { "connection_denied" };
         return Ok(outcome(verdict, None, None, None));

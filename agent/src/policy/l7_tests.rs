@@ -106,7 +106,14 @@ network_policies:
 /// endpoint's rules when none matched, or `None` when no rule was reached.
 type Expected = (bool, bool, Option<String>);
 
-fn decide(policy: &Policy, host: &str, port: u16, method: &str, target: &str, binary: &str) -> Result<Expected, String> {
+fn decide(
+    policy: &Policy,
+    host: &str,
+    port: u16,
+    method: &str,
+    target: &str,
+    binary: &str,
+) -> Result<Expected, String> {
     let request = Request {
         host: Some(host),
         ip: None,
@@ -130,7 +137,9 @@ fn requests_are_decided_as_openshell_decides_them() {
     let allow = |rule: &str| Ok((true, false, Some(rule.to_owned())));
     let deny = |rule: &str| Ok((false, false, Some(rule.to_owned())));
     let audit = |rule: &str| Ok((true, true, Some(rule.to_owned())));
-    let cases: &[(&str, u16, &str, &str, Result<Expected, String>)] = &[
+    // (host, port, method, target, outcome)
+    type Case<'a> = (&'a str, u16, &'a str, &'a str, Result<Expected, String>);
+    let cases: &[Case] = &[
         // Presets: read-write is GET, HEAD, OPTIONS, POST, PUT, PATCH.
         ("api.github.com", 443, "GET", "/repos/o/r", allow("access: read-write")),
         ("api.github.com", 443, "patch", "/repos/o/r", allow("access: read-write")),
@@ -157,13 +166,7 @@ fn requests_are_decided_as_openshell_decides_them() {
         ("git.example.test", 443, "GET", "/org/repo.git/info/refs?service=git-upload-pack", allow("rules[0]")),
         ("git.example.test", 443, "GET", "/org/repo.git/info/refs?service=evil", deny("3 rules")),
         ("git.example.test", 443, "GET", "/org/repo.git/info/refs", deny("3 rules")),
-        (
-            "git.example.test",
-            443,
-            "GET",
-            "/org/repo.git/info/refs?service=git-upload-pack&service=x",
-            deny("3 rules"),
-        ),
+        ("git.example.test", 443, "GET", "/org/repo.git/info/refs?service=git-upload-pack&service=x", deny("3 rules")),
         ("git.example.test", 443, "POST", "/a/b/c/git-upload-pack", allow("rules[1]")),
         ("git.example.test", 443, "POST", "/a/b/c/git-receive-pack", deny("3 rules")),
         ("git.example.test", 443, "GET", "/tags?tag=v2.1", allow("rules[2]")),

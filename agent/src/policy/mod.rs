@@ -100,10 +100,10 @@
 //! recompile its pattern on every call.
 
 pub mod cli;
-mod normalize;
-mod schema;
 #[cfg(test)]
 mod l7_tests;
+mod normalize;
+mod schema;
 #[cfg(test)]
 mod tests;
 
@@ -370,7 +370,10 @@ impl Policy {
             .query
             .iter()
             .map(|(name, values)| {
-                (Value::from(name.as_str()), Value::from(values.iter().map(|v| Value::from(v.as_str())).collect::<Vec<_>>()))
+                (
+                    Value::from(name.as_str()),
+                    Value::from(values.iter().map(|v| Value::from(v.as_str())).collect::<Vec<_>>()),
+                )
             })
             .collect();
         let mut fields = Value::new_object();

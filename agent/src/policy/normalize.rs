@@ -177,13 +177,16 @@ fn normalize_endpoint(definition: EndpointDef, context: &str) -> Result<(Endpoin
 /// requests are read and enforced, as OpenShell requires: a request there
 /// cannot be decided two ways.
 fn check_inspection_overlaps(policies: &BTreeMap<String, NetworkPolicy>) -> Result<()> {
-    let mut seen: HashMap<(String, u16, Option<&str>), (&str, usize, &Endpoint)> = HashMap::new();
+    // (host, port, path) -> the first inspected endpoint there: (policy, position, endpoint).
+    type Place<'a> = (String, u16, Option<&'a str>);
+    let mut seen: HashMap<Place, (&str, usize, &Endpoint)> = HashMap::new();
     for (name, policy) in policies {
         for (position, endpoint) in policy.endpoints.iter().enumerate() {
             let Some(inspection) = &endpoint.inspection else { continue };
-            let host = endpoint.host.clone().unwrap_or_else(|| {
-                endpoint.allowed_ips.iter().map(IpNet::to_string).collect::<Vec<_>>().join(",")
-            });
+            let host = endpoint
+                .host
+                .clone()
+                .unwrap_or_else(|| endpoint.allowed_ips.iter().map(IpNet::to_string).collect::<Vec<_>>().join(","));
             for &port in &endpoint.ports {
                 let key = (host.clone(), port, inspection.path.as_deref());
                 let Some(&(other_name, other_position, other)) = seen.get(&key) else {
@@ -236,7 +239,9 @@ fn normalize_inspection(definition: &EndpointDef, context: &str) -> Result<Optio
                 (Access::ReadWrite, _) => &["GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH"],
             };
             let label = format!("access: {}", access.name());
-            rules.extend(methods.iter().map(|method| json!({ "label": label, "method": method, "path": "**", "query": {} })));
+            rules.extend(
+                methods.iter().map(|method| json!({ "label": label, "method": method, "path": "**", "query": {} })),
+            );
             label
         }
         (None, Some(definitions)) => {
@@ -299,7 +304,9 @@ fn request_match(rule: &RequestMatchDef, label: &str, context: &str) -> Result<J
         bail!("{context}: `{field}` belongs to another protocol's rules; REST and WebSocket rules match `method`, `path` and `query`");
     }
     let method = rule.method.as_deref().with_context(|| format!("{context}: `method` is required"))?;
-    if method.is_empty() || !(method == "*" || method.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')) {
+    if method.is_empty()
+        || !(method == "*" || method.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+    {
         bail!("{context}.method: '{method}' is not an HTTP method or `*`");
     }
     let path = rule.path.as_deref().with_context(|| format!("{context}: `path` is required"))?;

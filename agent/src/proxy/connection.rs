@@ -486,9 +486,17 @@ async fn explicit(mut client: TcpStream, origin: &Origin, shared: &Shared, log: 
                     let tunnel_start = sniffed.buffered[head.head_len..].to_vec();
                     drop(std::mem::take(&mut sniffed.buffered));
                     if let Some(inspection) = allowed.inspect {
-                        let target = inspect::Target { name: target, upstream: allowed.upstream, inspection, tls: true };
-                        return Box::pin(inspect_tunnel(Rewound::new(tunnel_start, client), target, upstream, origin, shared, log))
-                            .await;
+                        let target =
+                            inspect::Target { name: target, upstream: allowed.upstream, inspection, tls: true };
+                        return Box::pin(inspect_tunnel(
+                            Rewound::new(tunnel_start, client),
+                            target,
+                            upstream,
+                            origin,
+                            shared,
+                            log,
+                        ))
+                        .await;
                     }
                     log.relayed(
                         relay::relay(

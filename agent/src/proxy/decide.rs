@@ -156,7 +156,13 @@ impl Decider {
     /// One HTTP request on a connection an inspected endpoint allowed,
     /// decided by the current policy (a reload applies to the next request
     /// of an open connection): the connection itself first, then the rules.
-    pub fn request(&self, origin: &Origin, host: &str, destination: SocketAddr, http: &HttpRequest) -> (u64, RequestDecision) {
+    pub fn request(
+        &self,
+        origin: &Origin,
+        host: &str,
+        destination: SocketAddr,
+        http: &HttpRequest,
+    ) -> (u64, RequestDecision) {
         let current = self.policies.current();
         let connection = request(origin, Some(host), Some(destination.ip()), destination.port());
         let decided = current.policy.evaluate(&connection).and_then(|decision| match decision {

@@ -133,7 +133,8 @@ pub async fn serve(
         let up = upstream.as_mut().expect("connected above");
         let forwarded_head = http1::forward_request_head(&head, matches!(mode, Mode::Explicit), VIA);
         let what = format!("{} {host_text}:{port}", head.method);
-        match exchange(&mut client, &mut up.reader, &head, &forwarded_head, shared.config.idle_timeout, &what, log).await
+        match exchange(&mut client, &mut up.reader, &head, &forwarded_head, shared.config.idle_timeout, &what, log)
+            .await
         {
             Exchanged::Complete { close: false } => {}
             Exchanged::Complete { close: true } | Exchanged::Failed => return,

@@ -105,7 +105,11 @@ mod tests {
 
     #[test]
     fn a_denial_names_its_policy_in_a_header_safely() {
-        let body = ErrorBody { policy: Some("api\r\nX-Evil: 1"), rule: Some("rules[0]"), ..ErrorBody::new("policy_denied", "d", "r") };
+        let body = ErrorBody {
+            policy: Some("api\r\nX-Evil: 1"),
+            rule: Some("rules[0]"),
+            ..ErrorBody::new("policy_denied", "d", "r")
+        };
         let text = String::from_utf8(render(403, &body, false)).unwrap();
         assert!(text.contains("\r\nX-Sandbox-Egress-Policy: api%0D%0AX-Evil: 1\r\n"), "{text}");
         assert!(!text.contains("Connection: close"), "{text}");
