@@ -407,3 +407,78 @@ fn a_websocket_upgrade_is_decided_by_the_rules_then_frames_flow() -> Result<()> 
     assert_eq!(messages[0]["text"], "hello");
     Ok(())
 }
+
+/// Three requests written at once on one TLS connection; prints each status.
+const PIPELINING_CLIENT: &str = r#"
+import socket, ssl, sys
+ca, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+context = ssl.create_default_context(cafile=ca)
+stream = context.wrap_socket(socket.create_connection((host, port), timeout=10), server_hostname=host)
+request = lambda method, path: f'{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: 0\r\n\r\n'.encode()
+stream.sendall(request('GET', '/first') + request('POST', '/second') + request('GET', '/third'))
+reader = stream.makefile('rb')
+for _ in range(3):
+    status = reader.readline().split()[1].decode()
+    length = 0
+    while (line := reader.readline()) not in (b'\r\n', b''):
+        name, _, value = line.decode().partition(':')
+        if name.lower() == 'content-length':
+            length = int(value)
+    reader.read(length)
+    print(status)
+"#;
+
+#[test]
+fn pipelined_requests_are_each_decided() -> Result<()> {
+    require_root();
+    let setup = Setup::new("l7-pipelined", &rest_endpoint("        access: read-only\n"))?;
+    let port = REST_TLS_PORT.to_string();
+    let (_, output) =
+        run_in(&setup.sandbox, PYTHON, &["-c", PIPELINING_CLIENT, &setup.agent_ca, REST_API_HOST, &port])?;
+    ensure!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "200\n403\n200\n");
+    let reached: Vec<Value> = setup.received().iter().map(|e| e["path"].clone()).collect();
+    assert_eq!(reached, ["/first", "/third"]);
+    Ok(())
+}
+
+#[test]
+fn plain_http_to_an_inspected_endpoint_is_decided_per_request() -> Result<()> {
+    require_root();
+    // Plain HTTP goes through the private-IP gate: a name for the API's private address.
+    let net = TestNet::new()?;
+    let dir = TempDir::new("l7-plain")?;
+    let dns = net.start_dns(&[("plain.rest.test", net.private_v4.into())])?;
+    let (api, _) = net.start_rest_api(&dir)?;
+    let sandbox = Sandbox::new("l7-plain")?;
+    let policy = PolicyFile::new(&policy_yaml(&format!(
+        "      - host: plain.rest.test\n        port: {REST_HTTP_PORT}\n        access: read-only\n        allowed_ips: [\"{}/24\"]\n",
+        net.private_v4
+    )))?;
+    let dns_args = dns.agent_args();
+    let agent = Agent::start(&sandbox, &policy, &[&dns_args[0], &dns_args[1], "--ca-dir", &dir.file("ca")])?;
+    let url = format!("http://plain.rest.test:{REST_HTTP_PORT}/items/../x");
+    let read = curl_i(&sandbox, &["--noproxy", "*", "--path-as-is", &url])?;
+    assert_eq!((read.status, &read.json()["target"]), (200, &Value::from("/x")), "{}", read.body);
+    let write = curl_i(&sandbox, &["--noproxy", "*", "-X", "DELETE", &url])?;
+    assert_denied(&write, "access: read-only", "DELETE /x not permitted by policy");
+    assert_eq!(api.events.matching(|e| e["kind"] == "request").len(), 1);
+    assert_eq!(agent.log.matching(|e| e["event"] == "request").len(), 2);
+    Ok(())
+}
+
+#[test]
+fn an_inspected_endpoint_refuses_what_is_not_http_or_tls() -> Result<()> {
+    require_root();
+    let setup = Setup::new("l7-opaque", &rest_endpoint("        access: full\n"))?;
+    // The name resolved through the agent, then bytes that are neither TLS nor HTTP.
+    let script = "import socket,sys\ns=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=5)\ns.sendall(b'\\x00\\x01raw')\ntry:\n    print(repr(s.recv(100)))\nexcept OSError as e:\n    print(type(e).__name__)";
+    let port = REST_TLS_PORT.to_string();
+    let (pid, output) = run_in(&setup.sandbox, PYTHON, &["-c", script, REST_API_HOST, &port])?;
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "ConnectionResetError\n");
+    let log = setup.agent.wait_connection_of(pid)?;
+    assert_eq!(log["verdict"], "denied");
+    ensure!(log["reason"].as_str().is_some_and(|r| r.contains("inspected endpoint")), "{log}");
+    assert!(setup.api.events.matching(|e| e["kind"] != "ready").is_empty(), "nothing reached the origin");
+    Ok(())
+}

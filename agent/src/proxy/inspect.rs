@@ -93,7 +93,8 @@ pub async fn check_request<W: AsyncWrite + Unpin>(
         rule: decision.rule.as_deref(),
         ..ErrorBody::new("policy_denied", &detail, &reason)
     };
-    let close = http1::request_framing(head) != BodyFraming::Empty || wants_close(head.version, &head.headers);
+    let has_body = !matches!(http1::request_framing(head), BodyFraming::Empty | BodyFraming::Length(0));
+    let close = has_body || wants_close(head.version, &head.headers);
     let written = respond::denied(client, &body, close).await;
     Checked::Denied { close: close || !written }
 }
