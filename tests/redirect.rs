@@ -238,7 +238,7 @@ fn loopback_destinations_are_denied_unless_a_policy_lists_them() -> Result<()> {
 
     let (port, server) = loopback_http_server()?;
     let wide_open = PolicyFile::new(&format!(
-        "version: 1\nnetwork_policies:\n  everything:\n    endpoints:\n      - allowed_ips: [\"0.0.0.0/0\"]\n        port: {port}\n"
+        "version: 1\nnetwork_policies:\n  everything:\n    endpoints:\n      - allowed_ips: [\"0.0.0.0/0\"]\n        port: {port}\n    binaries: [{{ path: \"/**\" }}]\n"
     ))?;
     let agent = Agent::start(&sandbox, &wide_open, &[])?;
     let (pid, output) = loopback_exchange(&sandbox, port)?;
@@ -251,7 +251,7 @@ fn loopback_destinations_are_denied_unless_a_policy_lists_them() -> Result<()> {
 
     let (port, server) = loopback_http_server()?;
     let listed = PolicyFile::new(&format!(
-        "version: 1\nnetwork_policies:\n  local:\n    endpoints:\n      - host: 127.0.0.1\n        port: {port}\n"
+        "version: 1\nnetwork_policies:\n  local:\n    endpoints:\n      - host: 127.0.0.1\n        port: {port}\n    binaries: [{{ path: \"/**\" }}]\n"
     ))?;
     let agent = Agent::start(&sandbox, &listed, &[])?;
     let (pid, output) = loopback_exchange(&sandbox, port)?;
