@@ -3,15 +3,19 @@
 # Semantics are documented in agent/src/policy/mod.rs; this file implements
 # them. The agent normalises the YAML policy before it gets here, so the data
 # document holds every endpoint filed under the key a request is looked up
-# by (exact host, wildcard domain, IP literal, or hostless), each endpoint
-# carrying its policy name, position, expanded ports, audit flag and its
-# policy's binaries. Lookups replace scans: an evaluation touches only the
-# endpoints that can match.
+# by (exact host, wildcard domain, the fixed suffix of a wildcard with `*`
+# past the first label, IP literal, or hostless), each endpoint carrying its
+# policy name, position, expanded ports and its policy's binaries. Lookups
+# replace scans: an evaluation touches only the endpoints that can match.
 #
 # input:
 #   host          lower-cased DNS name, absent for opaque TCP
 #   host_domains  the host's parent domains, each with a leading dot
-#   ip            destination address, canonical text form
+#   literal       what IP-literal hosts are compared with: the request's host
+#                 if it is an IP literal, the destination address if there is
+#                 no host; canonical text form, absent for a DNS name
+#   ip            destination address (the literal host without one),
+#                 canonical text form
 #   port          destination port
 #   binary        executable of the connecting process, if known
 #   exe_paths     that executable, then its ancestors' executables
@@ -40,6 +44,15 @@ host_endpoints contains endpoint if {
 	wildcard_matches(endpoint)
 }
 
+# The suffix is one of the host's parent domains, or empty for a pattern
+# ending in `*`.
+host_endpoints contains endpoint if {
+	by_suffix := data.endpoints_by_suffix
+	some suffix in array.concat(input.host_domains, [""])
+	some endpoint in by_suffix[suffix]
+	labels_match(endpoint)
+}
+
 host_named := count(host_endpoints) > 0
 
 matching_endpoints contains endpoint if {
@@ -49,7 +62,7 @@ matching_endpoints contains endpoint if {
 
 matching_endpoints contains endpoint if {
 	by_ip := data.endpoints_by_ip
-	some endpoint in by_ip[input.ip]
+	some endpoint in by_ip[input.literal]
 	input.port in endpoint.ports
 }
 
@@ -75,16 +88,44 @@ wildcard_matches(endpoint) if {
 	endswith(label, endpoint.label_suffix)
 }
 
+# `*.s3.*.amazonaws.com`: the host less the suffix has one label per
+# pattern label, each matching it, but a first `**` takes one or more.
+labels_match(endpoint) if {
+	host_labels := split(trim_suffix(input.host, endpoint.suffix), ".")
+	patterns := endpoint.labels
+	extra := count(host_labels) - count(patterns)
+	leading_labels_fit(patterns[0], extra)
+	label_matches(patterns[0], host_labels[0])
+	every i, pattern in array.slice(patterns, 1, count(patterns)) {
+		label_matches(pattern, host_labels[(extra + i) + 1])
+	}
+}
+
+leading_labels_fit(pattern, extra) if {
+	pattern.multi_label
+	extra >= 0
+}
+
+leading_labels_fit(pattern, 0) if not pattern.multi_label
+
+label_matches(pattern, _) if pattern.multi_label
+
+label_matches(pattern, label) if label == pattern.label
+
+label_matches(pattern, label) if {
+	count(label) >= pattern.min_label_len
+	startswith(label, pattern.label_prefix)
+	endswith(label, pattern.label_suffix)
+}
+
 # Binary entries matching the executable or an ancestor, each as
 # [exe_paths position, binaries position, entry, matched path]: the smallest
 # is the entry matching the process nearest the connection.
-binary_hits(binaries) := {[-1, -1, null, null]} if {
-	binaries.any
-} else := exact_hits | glob_hits if {
+binary_hits(binaries) := exact_hits | glob_hits if {
 	exact := binaries.exact
-	exact_hits := {[path_index, entry_index, path, path] |
+	exact_hits := {[path_index, entry_index, entry, path] |
 		some path_index, path in input.exe_paths
-		entry_index := exact[path]
+		[entry_index, entry] := exact[path]
 	}
 	glob_hits := {[path_index, entry.index, entry.path, path] |
 		some entry in binaries.globs
@@ -114,13 +155,10 @@ binary_deny_reason := concat("; ", [reason |
 
 destination := input.host if {
 	input.host
-} else := sprintf("[%s]", [input.ip]) if {
-	contains(input.ip, ":")
-} else := input.ip
+} else := sprintf("[%s]", [input.literal]) if {
+	contains(input.literal, ":")
+} else := input.literal
 
-# Allowed outright, else allowed by an audit endpoint (reporting what would
-# have denied), else denied. Ties go to the smallest policy name, then
-# endpoint position.
 # The first inspected endpoint among those allowing the connection, or
 # null: with one, each HTTP request is then decided by request_decision.
 inspected_endpoints := {[endpoint.policy, endpoint.index] |
@@ -133,6 +171,9 @@ inspected := min(inspected_endpoints) if {
 	count(inspected_endpoints) > 0
 } else := null
 
+# Allowed, else denied. Ties go to the smallest policy name, then endpoint
+# position. `enforcement: audit` applies to L7 requests only, as in
+# OpenShell: a connection is never allowed by it, so `audit` stays false.
 decision := {
 	"allow": true,
 	"audit": false,
@@ -144,16 +185,6 @@ decision := {
 } if {
 	count(allowing) > 0
 	[name, index, [_, _, binary, exe]] := min(allowing)
-} else := {
-	"allow": true,
-	"audit": true,
-	"policy": name,
-	"endpoint": index,
-	"reason": binary_deny_reason,
-} if {
-	audited := {[endpoint.policy, endpoint.index] | some endpoint in binary_denied; endpoint.audit}
-	count(audited) > 0
-	[name, index] := min(audited)
 } else := {
 	"allow": false,
 	"audit": false,

@@ -369,7 +369,7 @@ fn listeners_in_the_sandbox_are_not_reachable_from_outside_but_loopback_works() 
         "inbound",
         |net| {
             format!(
-                "{}  local:\n    endpoints:\n      - host: 127.0.0.1\n        port: {loopback_port}\n",
+                "{}  local:\n    binaries: [{{ path: \"/**\" }}]\n    endpoints:\n      - host: 127.0.0.1\n        port: {loopback_port}\n",
                 net.allow_all_policy()
             )
         },
@@ -427,7 +427,7 @@ fn listeners_in_the_sandbox_are_not_reachable_from_outside_but_loopback_works() 
 
 fn curl_only_policy(net: &TestNet) -> String {
     format!(
-        "version: 1\nnetwork_policies:\n  curl-only:\n    endpoints:\n      - host: \"{}\"\n        port: {EXCHANGE_PORT}\n    binaries:\n      - path: {CURL}\n  others:\n    endpoints:\n      - host: \"{}\"\n        port: {EXCHANGE_PORT}\n",
+        "version: 1\nnetwork_policies:\n  curl-only:\n    endpoints:\n      - host: \"{}\"\n        port: {EXCHANGE_PORT}\n    binaries:\n      - path: {CURL}\n  others:\n    endpoints:\n      - host: \"{}\"\n        port: {EXCHANGE_PORT}\n    binaries: [{{ path: \"/**\" }}]\n",
         net.v4, net.v6
     )
 }

@@ -386,7 +386,7 @@ fn policy(net: &TestNet) -> String {
         "version: 1\nnetwork_policies:\n  hardening:\n    endpoints:\n\
          \x20     - host: \"{v4}\"\n        ports: [{TLS_PORT}, {ECHO_PORT}, {BANNER_PORT}, {RESET_PORT}, {DRAIN_PORT}, {STALL_PORT}, {CLOSED_PORT}]\n\
          \x20     - host: \"{private}\"\n        ports: [{HTTP_PORT}, {HTTP_RESET_PORT}, {STALL_PORT}, {CLOSED_PORT}]\n        allowed_ips: [\"{private}/32\"]\n\
-         \x20     - host: down.test\n        port: {TLS_PORT}\n",
+         \x20     - host: down.test\n        port: {TLS_PORT}\n    binaries: [{{ path: \"/**\" }}]\n",
         v4 = net.v4,
         private = net.private_v4,
     )

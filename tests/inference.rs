@@ -38,7 +38,7 @@ fn the_sandboxes_dns_is_answered_by_the_agent() -> Result<()> {
     let dns = net.start_dns(&[("allowed.test", net.private_v4.into()), ("unlisted.test", net.private_v4.into())])?;
     let sandbox = Sandbox::new("dns")?;
     let policy = PolicyFile::new(
-        "version: 1\nnetwork_policies:\n  web:\n    endpoints:\n      - host: allowed.test\n        port: 443\n",
+        "version: 1\nnetwork_policies:\n  web:\n    endpoints:\n      - host: allowed.test\n        port: 443\n    binaries: [{ path: \"/**\" }]\n",
     )?;
     let dns_args = dns.agent_args();
     let agent = Agent::start(&sandbox, &policy, &[dns_args[0].as_str(), dns_args[1].as_str()])?;

@@ -122,7 +122,7 @@ fn policy(net: &TestNet, v4_exchange: bool) -> String {
     format!(
         "version: 1\nnetwork_policies:\n  load:\n    endpoints:\n{v4}\
          \x20     - host: \"{v6}\"\n        port: {EXCHANGE_PORT}\n\
-         \x20     - host: \"{private}\"\n        port: {HTTP_PORT}\n        allowed_ips: [\"{private}/32\"]\n",
+         \x20     - host: \"{private}\"\n        port: {HTTP_PORT}\n        allowed_ips: [\"{private}/32\"]\n    binaries: [{{ path: \"/**\" }}]\n",
         v6 = net.v6,
         private = net.private_v4,
     )

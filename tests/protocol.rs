@@ -65,7 +65,7 @@ fn plain_http_to_an_allowed_host_passes_and_a_denied_host_gets_a_readable_403() 
         |net| vec![("allowed.test", net.private_v4.into()), ("denied.test", net.private_v4.into())],
         |net| {
             format!(
-            "version: 1\nnetwork_policies:\n  internal:\n    endpoints:\n      - host: allowed.test\n        port: {HTTP_PORT}\n        allowed_ips: [\"{}/24\"]\n",
+            "version: 1\nnetwork_policies:\n  internal:\n    endpoints:\n      - host: allowed.test\n        port: {HTTP_PORT}\n        allowed_ips: [\"{}/24\"]\n    binaries: [{{ path: \"/**\" }}]\n",
             net.private_v4
         )
         },
@@ -123,7 +123,7 @@ fn tls_is_decided_by_sni_and_the_name_must_stand_for_the_address() -> Result<()>
             ]
         },
         |_| {
-            format!("version: 1\nnetwork_policies:\n  web:\n    endpoints:\n      - host: tls.test\n        port: {TLS_PORT}\n      - host: elsewhere.test\n        port: {TLS_PORT}\n")
+            format!("version: 1\nnetwork_policies:\n  web:\n    endpoints:\n      - host: tls.test\n        port: {TLS_PORT}\n      - host: elsewhere.test\n        port: {TLS_PORT}\n    binaries: [{{ path: \"/**\" }}]\n")
         },
     )?;
     let ip = setup.net.v4;
@@ -179,7 +179,7 @@ fn explicit_proxy_connect_and_absolute_form_requests_are_decided_by_policy() -> 
         |net| vec![("tls.test", net.v4.into()), ("other.test", net.v4.into()), ("allowed.test", net.private_v4.into())],
         |net| {
             format!(
-            "version: 1\nnetwork_policies:\n  web:\n    endpoints:\n      - host: tls.test\n        port: {TLS_PORT}\n      - host: allowed.test\n        port: {HTTP_PORT}\n        allowed_ips: [\"{}/24\"]\n",
+            "version: 1\nnetwork_policies:\n  web:\n    endpoints:\n      - host: tls.test\n        port: {TLS_PORT}\n      - host: allowed.test\n        port: {HTTP_PORT}\n        allowed_ips: [\"{}/24\"]\n    binaries: [{{ path: \"/**\" }}]\n",
             net.private_v4
         )
         },
@@ -247,7 +247,7 @@ fn opaque_tcp_is_decided_on_the_destination_address_and_port() -> Result<()> {
         "opaque",
         |_| vec![],
         |net| {
-            format!("version: 1\nnetwork_policies:\n  raw:\n    endpoints:\n      - host: \"{}\"\n        port: {EXCHANGE_PORT}\n", net.v4)
+            format!("version: 1\nnetwork_policies:\n  raw:\n    endpoints:\n      - host: \"{}\"\n        port: {EXCHANGE_PORT}\n    binaries: [{{ path: \"/**\" }}]\n", net.v4)
         },
     )?;
     let ip = setup.net.v4;
@@ -292,7 +292,8 @@ fn private_ip_gate_forwards_plain_http_only_to_listed_private_addresses() -> Res
                  \x20     - {{ host: nolist.test, port: {HTTP_PORT} }}\n\
                  \x20     - {{ host: loop.test, port: {HTTP_PORT}, allowed_ips: [\"0.0.0.0/0\"] }}\n\
                  \x20     - {{ host: meta.test, port: 80, allowed_ips: [\"169.254.0.0/16\"] }}\n\
-                 \x20     - {{ host: linklocal.test, port: 80, allowed_ips: [\"0.0.0.0/0\"] }}\n",
+                 \x20     - {{ host: linklocal.test, port: 80, allowed_ips: [\"0.0.0.0/0\"] }}\n\
+                 \x20   binaries: [{{ path: \"/**\" }}]\n",
                 net.private_v4
             )
         },
@@ -376,7 +377,7 @@ fn websocket_upgrade(test: &str, greeting: Option<&str>) -> Result<()> {
         |_| vec![],
         |net| {
             format!(
-            "version: 1\nnetwork_policies:\n  ws:\n    endpoints:\n      - host: \"{0}\"\n        port: {WS_PORT}\n        allowed_ips: [\"{0}/32\"]\n",
+            "version: 1\nnetwork_policies:\n  ws:\n    endpoints:\n      - host: \"{0}\"\n        port: {WS_PORT}\n        allowed_ips: [\"{0}/32\"]\n    binaries: [{{ path: \"/**\" }}]\n",
             net.private_v4
         )
         },
@@ -410,7 +411,7 @@ fn websocket_frame_in_the_same_segment_as_the_101_is_forwarded() -> Result<()> {
 fn policy_reload_applies_to_new_connections_and_logs_the_generation() -> Result<()> {
     let allow = |net: &TestNet| {
         format!(
-            "version: 1\nnetwork_policies:\n  internal:\n    endpoints:\n      - host: allowed.test\n        port: {HTTP_PORT}\n        allowed_ips: [\"{}/24\"]\n",
+            "version: 1\nnetwork_policies:\n  internal:\n    endpoints:\n      - host: allowed.test\n        port: {HTTP_PORT}\n        allowed_ips: [\"{}/24\"]\n    binaries: [{{ path: \"/**\" }}]\n",
             net.private_v4
         )
     };

@@ -238,7 +238,7 @@ fn loopback_destinations_are_denied_unless_a_policy_lists_them() -> Result<()> {
 
     let (port, server) = loopback_http_server()?;
     let wide_open = PolicyFile::new(&format!(
-        "version: 1\nnetwork_policies:\n  everything:\n    endpoints:\n      - allowed_ips: [\"0.0.0.0/0\"]\n        port: {port}\n"
+        "version: 1\nnetwork_policies:\n  everything:\n    endpoints:\n      - allowed_ips: [\"0.0.0.0/0\"]\n        port: {port}\n    binaries: [{{ path: \"/**\" }}]\n"
     ))?;
     let agent = Agent::start(&sandbox, &wide_open, &[])?;
     let (pid, output) = loopback_exchange(&sandbox, port)?;
@@ -251,7 +251,7 @@ fn loopback_destinations_are_denied_unless_a_policy_lists_them() -> Result<()> {
 
     let (port, server) = loopback_http_server()?;
     let listed = PolicyFile::new(&format!(
-        "version: 1\nnetwork_policies:\n  local:\n    endpoints:\n      - host: 127.0.0.1\n        port: {port}\n"
+        "version: 1\nnetwork_policies:\n  local:\n    endpoints:\n      - host: 127.0.0.1\n        port: {port}\n    binaries: [{{ path: \"/**\" }}]\n"
     ))?;
     let agent = Agent::start(&sandbox, &listed, &[])?;
     let (pid, output) = loopback_exchange(&sandbox, port)?;
@@ -262,6 +262,41 @@ fn loopback_destinations_are_denied_unless_a_policy_lists_them() -> Result<()> {
     );
     assert_eq!(agent.wait_connection_of(pid)?["verdict"], "relayed");
     assert!(server.join().unwrap());
+    Ok(())
+}
+
+#[test]
+fn v4_mapped_literal_hosts_are_their_ipv4_address() -> Result<()> {
+    require_root();
+    let net = TestNet::new()?;
+    let servers = net.start_servers()?;
+    let sandbox = Sandbox::new("mapped")?;
+    let (port, loopback) = loopback_http_server()?;
+    let policy = PolicyFile::new(&format!(
+        "version: 1\nnetwork_policies:\n  mapped:\n    endpoints:\n\
+         \x20     - {{ port: {HTTP_PORT}, allowed_ips: [\"{}/24\"] }}\n\
+         \x20     - {{ port: {port}, allowed_ips: [\"0.0.0.0/0\"] }}\n\
+         \x20   binaries: [{{ path: \"/**\" }}]\n",
+        net.private_v4
+    ))?;
+    let agent = Agent::start(&sandbox, &policy, &[])?;
+    let request = |url: String| curl_i(&sandbox, &["-g", "--noproxy", "*", &url]);
+
+    // Loopback spelt v4-mapped is loopback, refused as such (while the server still listens).
+    let denied = request(format!("http://[::ffff:127.0.0.1]:{port}/"))?;
+    assert_eq!(denied.status, 403);
+    assert_eq!(denied.json()["error"], "ssrf_denied", "{}", denied.body);
+    assert_eq!(denied.json()["address_class"], "loopback", "{}", denied.body);
+    let log = agent.wait_connection_of(denied.pid)?;
+    assert_eq!(log["verdict"], "denied");
+    assert_eq!(log["reason"], "127.0.0.1 is a loopback address and no endpoint lists it explicitly");
+
+    // The Host names the address connected to, as `policy eval --host ::ffff:A --ip A` says.
+    let allowed = request(format!("http://[::ffff:{}]:{HTTP_PORT}/bytes/7", net.private_v4))?;
+    assert_eq!(allowed.status, 200, "{}", allowed.body);
+    servers.events.wait_for("the v4-mapped request", |e| e["path"] == "/bytes/7")?;
+    assert_eq!(agent.wait_connection_of(allowed.pid)?["verdict"], "relayed");
+    assert!(!loopback.join().unwrap(), "the loopback server was reached");
     Ok(())
 }
 

@@ -293,8 +293,9 @@ impl DnsResponder {
     /// own answer. The upstream socket is connected, so a refusing server
     /// fails at once instead of after a timeout.
     pub async fn lookup(&self, name: &str) -> Result<Vec<IpAddr>, String> {
+        // A v4-mapped literal is its IPv4 address, as every check compares it.
         if let Ok(ip) = name.parse::<IpAddr>() {
-            return Ok(vec![ip]);
+            return Ok(vec![ip.to_canonical()]);
         }
         // Fully qualified: the answer must not depend on search domains.
         let fqdn = Name::from_ascii(format!("{}.", name.trim_end_matches('.')))
@@ -948,6 +949,8 @@ network_policies:
         assert_eq!(responder.lookup("svc.test").await.unwrap(), vec![IpAddr::from([10, 9, 8, 7])]);
         assert!(responder.records.lock().is_empty(), "the agent's own lookups are no sandbox's answers");
         assert_eq!(responder.lookup("10.0.0.5").await.unwrap(), vec![IpAddr::from([10, 0, 0, 5])]);
+        // A v4-mapped literal is its IPv4 address, as the host/address checks compare it.
+        assert_eq!(responder.lookup("::ffff:127.0.0.1").await.unwrap(), vec![IpAddr::from([127, 0, 0, 1])]);
         let refused = self::responder("127.0.0.1:9".parse().unwrap(), LIMITS);
         let started = Instant::now();
         assert!(refused.lookup("svc.test").await.unwrap_err().starts_with("cannot resolve svc.test: 127.0.0.1:9"));

@@ -218,9 +218,10 @@ impl TestNet {
         Ok(net)
     }
 
-    /// A policy that allows every test port of this host, by address: its
-    /// public addresses as IP-literal endpoints, its private ones also with
-    /// `allowed_ips`, as the plain-HTTP gate wants.
+    /// A policy that allows every test port of this host, by address, to any
+    /// binary: its public addresses as IP-literal endpoints, its private ones
+    /// also with `allowed_ips`, as the plain-HTTP gate wants. Its endpoint
+    /// list comes last, so callers may append endpoints.
     pub fn allow_all_policy(&self) -> String {
         let mut endpoints = String::new();
         for host in [self.v4.to_string(), self.v6.to_string()] {
@@ -232,7 +233,7 @@ impl TestNet {
         ] {
             endpoints += &format!("      - host: \"{host}\"\n        ports: [{HTTP_PORT}, {EXCHANGE_PORT}]\n        allowed_ips: [\"{subnet}\"]\n");
         }
-        format!("version: 1\nnetwork_policies:\n  test-host:\n    endpoints:\n{endpoints}")
+        format!("version: 1\nnetwork_policies:\n  test-host:\n    binaries: [{{ path: \"/**\" }}]\n    endpoints:\n{endpoints}")
     }
 
     /// Runs dnsmasq in the namespace, answering `records` (name, address)

@@ -182,15 +182,11 @@ fn describe(decision: &Decision, request: &Request) -> String {
     let process = request.binary.map_or_else(|| "(unknown)".into(), Path::to_string_lossy);
     let policy = decision.policy.as_deref().unwrap_or_default();
     let reason = decision.reason.as_deref().unwrap_or_default();
-    match (decision.allow, decision.audit) {
-        (true, false) => {
-            let via = match (&decision.matched_binary, &decision.matched_exe) {
-                (Some(entry), Some(exe)) => format!(", binary entry '{entry}' matched {exe}"),
-                _ => ", any binary".to_owned(),
-            };
-            format!("allow: {process} -> {destination} by policy '{policy}'{via}")
-        }
-        (true, true) => format!("allow (audit): {process} -> {destination} by policy '{policy}'; would deny: {reason}"),
-        (false, _) => format!("deny: {process} -> {destination}: {reason}"),
+    if decision.allow {
+        let entry = decision.matched_binary.as_deref().unwrap_or_default();
+        let exe = decision.matched_exe.as_deref().unwrap_or_default();
+        format!("allow: {process} -> {destination} by policy '{policy}', binary entry '{entry}' matched {exe}")
+    } else {
+        format!("deny: {process} -> {destination}: {reason}")
     }
 }

@@ -260,3 +260,16 @@ fn a_reload_decides_the_next_request_by_the_new_rules() {
     assert_eq!(post(&before), Ok((true, false, Some("access: read-write".to_owned()))), "cached");
     assert_eq!(post(&after), Ok((false, false, Some("access: read-only".to_owned()))));
 }
+
+#[test]
+fn rules_without_enforcement_are_enforced_and_the_difference_from_openshell_is_warned() {
+    let policy = Policy::from_yaml(RULES).expect("loads");
+    let implicit: Vec<&String> = policy.warnings.iter().filter(|w| w.contains("but no `enforcement`")).collect();
+    // Every inspected endpoint of RULES but the audited one leaves `enforcement` out.
+    assert_eq!(implicit.len(), 7, "{implicit:?}");
+    assert!(implicit[0].starts_with("policy 'full': endpoint 0 has rules but no `enforcement`"), "{implicit:?}");
+    assert_eq!(
+        decide(&policy, "ro.example.test", 443, "POST", "/", "/usr/bin/curl"),
+        Ok((false, false, Some("access: read-only".into())))
+    );
+}

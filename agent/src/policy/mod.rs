@@ -15,23 +15,31 @@
 //!         port: 443
 //!       - host: "*.githubusercontent.com"
 //!         ports: [443, 80]
-//!         enforcement: audit        # enforce (default) | audit
+//!         enforcement: audit        # enforce (default) | audit: L7 only
 //!         tls: skip
 //!       - allowed_ips: [10.0.0.0/8] # no host: reached by address
 //!         port: 5432
-//!     binaries:                     # leave out to allow any binary
+//!     binaries:                     # required: without, no binary
 //!       - path: /usr/bin/git
 //!       - path: /usr/lib/git-core/*
 //! ```
 //!
 //! `filesystem_policy`, `landlock`, `process` and `network_middlewares` are
 //! accepted and ignored, with one warning each. A key the schema does not
-//! have is an error that names it and where it is. Endpoint fields that need
-//! L7 inspection (`path`, `access`, `rules`, `deny_rules`, a `protocol` other
-//! than `tcp`/`http`, the credential and GraphQL/MCP/JSON-RPC options) are
-//! parsed and reported as not yet enforced: one warning per field per policy
-//! at load, listed by [`Policy::summary`] and in [`Endpoint::not_enforced`].
-//! Such endpoints are decided on host, port and binary alone.
+//! have is an error that names it and where it is (inside `json_rpc`, `mcp`
+//! and `credential_binding` too). Endpoint fields that need L7 inspection
+//! (`path`, `access`, `rules`, `deny_rules`, a `protocol` other than
+//! `tcp`/`http`, the credential and GraphQL/MCP/JSON-RPC options) and
+//! `credential_binding` are parsed and reported as not yet enforced: one
+//! warning per field per policy at load, listed by [`Policy::summary`] and in
+//! [`Endpoint::not_enforced`]. Such endpoints are decided on host, port and
+//! binary alone.
+//!
+//! As in OpenShell: `protocol` takes any case; `tls` and `enforcement` are
+//! compared exactly, so only `skip` skips (other values have no effect) and
+//! only `enforce` enforces (other values mean `audit`), with a warning for
+//! each value that is not `skip`, `enforce` or `audit`; a non-empty `ports`
+//! wins over `port` (with a warning).
 //!
 //! # Matching
 //!
@@ -42,14 +50,19 @@
 //! and its host matches:
 //! - a DNS name equals the request's host; both are compared lower-cased and
 //!   without a trailing dot;
-//! - an IP literal equals the destination address (IPv4-mapped IPv6
-//!   addresses compare as IPv4; a request host that is an IP literal serves
-//!   as the address when there is none);
-//! - a wildcard may only take the first label: `*.example.com` matches
-//!   exactly one label (`a.example.com`, not `example.com` nor
-//!   `a.b.example.com`), `api-*.example.com` one label with that text around
-//!   the `*`, `**.example.com` one or more labels. `*`, `**` and wildcards over
-//!   a top-level domain (`*.com`) are rejected at load;
+//! - an IP literal equals the request's host as written, an IP literal too
+//!   (IPv4-mapped IPv6 addresses compare as IPv4), or, for a request without
+//!   host, the destination address. A request whose host is a name never
+//!   matches it, whatever the name resolves to (as in OpenShell);
+//! - a wildcard: in the first label, `*.example.com` matches exactly one
+//!   label (`a.example.com`, not `example.com` nor `a.b.example.com`),
+//!   `api-*.example.com` one label with that text around the `*`,
+//!   `**.example.com` one or more labels; past the first label only a whole
+//!   label `*` is allowed, matching exactly one label
+//!   (`*.s3.*.amazonaws.com` matches `b.s3.us-east-1.amazonaws.com`, not
+//!   `b.s3.amazonaws.com`). `*`, `**`, partial wildcards past the first label
+//!   (`a.b*c.com`) and wildcards of fewer than three labels (`*.com`) are
+//!   rejected at load;
 //! - an endpoint without host matches a destination address inside one of its
 //!   `allowed_ips`.
 //!
@@ -59,27 +72,33 @@
 //! in matching: it comes back in [`Decision::endpoint`] for the caller (in
 //! OpenShell it lists the private addresses the host may resolve to).
 //!
-//! A policy without `binaries` allows any binary. With `binaries`, the
-//! connecting executable or one of its ancestors' executables must match an
-//! entry: an exact path, or a glob if it contains `*`, where `*` stays within
-//! one path segment and `**` spans any number of them (`/usr/bin/*` matches
-//! `/usr/bin/curl`, not `/usr/bin/x/y`; `/opt/**` matches any path below
-//! `/opt`). The decision names the entry and the path it matched, preferring
-//! the executable itself, then the nearest ancestor. An empty list allows no
-//! binary.
+//! The connecting executable or one of its ancestors' executables must match
+//! an entry of the policy's `binaries`: an exact path, or a glob if it
+//! contains `*`, where `*` stays within one path segment and `**` spans any
+//! number of them (`/usr/bin/*` matches `/usr/bin/curl`, not `/usr/bin/x/y`;
+//! `/opt/**` matches any path below `/opt`, `/**` any executable). An exact
+//! path that leads elsewhere on this host through symlinks also matches its
+//! target (`/usr/bin/python3` matches `/usr/bin/python3.11`), as OpenShell
+//! expands them; the decision still names the entry as written. The decision
+//! names the entry and the path it matched, preferring the executable
+//! itself, then the nearest ancestor. A policy without `binaries`, or with an
+//! empty list, allows no binary (as in OpenShell), and is warned about.
 //!
 //! # Decision
 //!
 //! First match wins, in this order, ties going to the smallest policy name,
 //! then the first endpoint:
 //! 1. an endpoint and binary match: allow;
-//! 2. an endpoint with `enforcement: audit` matches but no binary does:
-//!    allow with `audit`, and the reason that would have denied;
-//! 3. an endpoint matches but no binary does: deny with one
+//! 2. an endpoint matches but no binary does: deny with one
 //!    `binary '/usr/bin/python3' not allowed in policy 'github'` per policy,
 //!    joined by `; ` (`'(unknown)'` when the executable is not known);
-//! 4. deny with `endpoint api.github.com:443 is not allowed by any policy`
-//!    (the address, bracketed if IPv6, when there is no host).
+//! 3. deny with `endpoint api.github.com:443 is not allowed by any policy`
+//!    (the IP-literal host, or the address when there is no host, bracketed
+//!    if IPv6).
+//!
+//! `enforcement: audit` applies to L7 requests only, as in OpenShell: it
+//! never lets a connection through, and [`Decision::audit`] is never set for
+//! one.
 //!
 //! A request whose host is not a valid DNS name is denied without
 //! evaluation. [`Policy::evaluate`] fails only for a request with neither
@@ -119,7 +138,7 @@ use anyhow::{bail, Context, Result};
 use globset::GlobMatcher;
 use ipnet::IpNet;
 use regorus::{CompiledPolicy, Value};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use normalize::{canonical_host, validate_dns_name, NetworkPolicy};
 
@@ -139,6 +158,7 @@ const MAX_CACHED_DECISIONS: usize = 4096;
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct DecisionKey {
     host: Option<String>,
+    literal: Option<IpAddr>,
     ip: Option<IpAddr>,
     port: u16,
     binary: Option<PathBuf>,
@@ -185,9 +205,10 @@ pub struct RequestDecision {
 /// One connection to decide on.
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
-    /// From SNI or the HTTP Host header; `None` (or empty) for opaque TCP. An
-    /// IP literal here stands in for `ip` when that is `None`, and is
-    /// otherwise ignored.
+    /// From SNI, the HTTP Host header or the CONNECT authority; `None` (or
+    /// empty) for opaque TCP. An IP literal here is what IP-literal endpoints
+    /// are compared with (`ip` is, without a host), and stands in for `ip`
+    /// when that is `None`.
     pub host: Option<&'a str>,
     pub ip: Option<IpAddr>,
     pub port: u16,
@@ -203,7 +224,7 @@ pub struct Request<'a> {
 pub struct Decision {
     pub allow: bool,
     /// Allowed only because the endpoint is in audit mode; `reason` says what
-    /// would have denied.
+    /// would have denied. For L7 requests: a connection never sets it.
     pub audit: bool,
     /// The policy that allowed the connection.
     pub policy: Option<String>,
@@ -249,6 +270,8 @@ pub struct Endpoint {
     pub protocol: Option<String>,
     /// Set when the agent inspects this endpoint's HTTP requests.
     pub inspection: Option<Inspection>,
+    /// `credential_binding.provider`: not used yet.
+    pub credential_provider: Option<String>,
     /// Fields of this endpoint that need L7 inspection, which is not done yet.
     pub not_enforced: Vec<&'static str>,
 }
@@ -273,7 +296,7 @@ pub struct Inspection {
     document: serde_json::Value,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Enforcement {
     #[default]
@@ -327,7 +350,12 @@ impl Policy {
     }
 
     pub fn evaluate(&self, request: &Request) -> Result<Decision> {
-        let (host, ip) = destination(request);
+        self.decide(request, destination(request))
+    }
+
+    /// `request`, to `destination` (see [`destination`]).
+    fn decide(&self, request: &Request, destination: Destination) -> Result<Decision> {
+        let Destination { host, literal, ip } = destination;
         if let Some(name) = &host {
             if validate_dns_name(name).is_err() {
                 return Ok(Decision::deny(format!("host '{name}' is not a valid DNS name")));
@@ -336,11 +364,11 @@ impl Policy {
         if host.is_none() && ip.is_none() {
             bail!("a request needs a host or an address");
         }
-        let key = decision_key(request, &host, ip);
+        let key = decision_key(request, &host, literal, ip);
         if let Some(decision) = self.decisions.lock().unwrap_or_else(PoisonError::into_inner).get(&key) {
             return Ok(decision.clone());
         }
-        let output = self.compiled.eval_with_input(input_document(request, host.as_deref(), ip)?)?;
+        let output = self.compiled.eval_with_input(input_document(request, host.as_deref(), literal, ip)?)?;
         let decision =
             self.decision_from(&output).with_context(|| format!("unexpected decision from egress.rego: {output}"))?;
         remember(&self.decisions, key, &decision);
@@ -352,12 +380,12 @@ impl Policy {
     /// (OpenShell's L7 semantics; see egress.rego). `request` is the
     /// connection's, as given to [`Policy::evaluate`].
     pub fn evaluate_request(&self, request: &Request, http: &HttpRequest) -> Result<RequestDecision> {
-        let (host, ip) = destination(request);
+        let Destination { host, literal, ip } = destination(request);
         if host.is_none() && ip.is_none() {
             bail!("a request needs a host or an address");
         }
         let key = RequestKey {
-            connection: decision_key(request, &host, ip),
+            connection: decision_key(request, &host, literal, ip),
             method: http.method.to_owned(),
             path: http.path.to_owned(),
             query: http.query.clone(),
@@ -365,7 +393,7 @@ impl Policy {
         if let Some(decision) = self.request_decisions.lock().unwrap_or_else(PoisonError::into_inner).get(&key) {
             return Ok(decision.clone());
         }
-        let mut input = input_document(request, host.as_deref(), ip)?;
+        let mut input = input_document(request, host.as_deref(), literal, ip)?;
         let query: BTreeMap<Value, Value> = http
             .query
             .iter()
@@ -393,30 +421,28 @@ impl Policy {
     /// A stream with no host of its own (opaque, silent, TLS without SNI)
     /// to `request.ip`, decided with the names the sandbox resolved to that
     /// address, most recent first. Each name is tried as the request's host
-    /// (its endpoints match, and the address's as always); the first full
-    /// allow wins, else the first audit allow: any allowed name allows the
-    /// address, as FQDN policies do in Cilium. Only the
-    /// [`MAX_RESOLVED_NAMES`] most recent names are tried, so an address
-    /// many names share costs a bounded number of evaluations. Without
-    /// names, the address alone decides. Returns the name that allowed.
+    /// (its endpoints match, and the address's as always); the first allow
+    /// wins: any allowed name allows the address, as FQDN policies do in
+    /// Cilium. Only the [`MAX_RESOLVED_NAMES`] most recent names are tried,
+    /// so an address many names share costs a bounded number of
+    /// evaluations. Without names, the address alone decides. Returns the
+    /// name that allowed.
     pub fn evaluate_resolved(&self, request: &Request, resolved: &[String]) -> Result<(Decision, Option<String>)> {
         let resolved = &resolved[..resolved.len().min(MAX_RESOLVED_NAMES)];
         if resolved.is_empty() {
             return Ok((self.evaluate(&Request { host: None, ..*request })?, None));
         }
-        let mut audited = None;
         let mut reasons: Vec<String> = Vec::new();
+        let literal = request.ip.map(|ip| ip.to_canonical());
         for name in resolved {
-            let decision = self.evaluate(&Request { host: Some(name), ..*request })?;
-            match (decision.allow, decision.audit) {
-                (true, false) => return Ok((decision, Some(name.clone()))),
-                (true, true) => {
-                    audited.get_or_insert((decision, Some(name.clone())));
-                }
-                (false, _) => reasons.extend(decision.reason.filter(|reason| !reasons.contains(reason))),
+            let destination = Destination { host: Some(canonical_host(name)), literal, ip: request.ip };
+            let decision = self.decide(request, destination)?;
+            if decision.allow {
+                return Ok((decision, Some(name.clone())));
             }
+            reasons.extend(decision.reason.filter(|reason| !reasons.contains(reason)));
         }
-        Ok(audited.unwrap_or_else(|| (Decision::deny(reasons.join("; ")), None)))
+        Ok((Decision::deny(reasons.join("; ")), None))
     }
 
     /// Whether an endpoint's host, a name or a wildcard, matches `host` as it
@@ -435,10 +461,14 @@ impl Policy {
         Ok(self.host_named.eval_with_input(input)? == Value::from(true))
     }
 
-    /// Whether any policy matches binaries, and so may need the connecting
-    /// process's ancestors (walking /proc for them costs on every connection).
+    /// Whether a decision may need the connecting process's ancestors
+    /// (walking /proc for them costs on every connection): not when every
+    /// policy with endpoints lists `/**`, which any known executable
+    /// matches itself, first. The caller walks anyway for an unknown one.
     pub fn matches_binaries(&self) -> bool {
-        self.policies.values().any(|policy| policy.binaries.is_some())
+        self.policies
+            .values()
+            .any(|policy| !policy.endpoints.is_empty() && !policy.binaries.iter().any(|binary| binary == "/**"))
     }
 
     /// What `policy check` prints: each policy with its endpoints and
@@ -464,11 +494,7 @@ impl Policy {
             for endpoint in &policy.endpoints {
                 let _ = writeln!(out, "  endpoint {}", describe_endpoint(endpoint));
             }
-            let binaries = match &policy.binaries {
-                None => "any".to_owned(),
-                Some(binaries) if binaries.is_empty() => "none".to_owned(),
-                Some(binaries) => binaries.join(", "),
-            };
+            let binaries = if policy.binaries.is_empty() { "none".to_owned() } else { policy.binaries.join(", ") };
             let _ = writeln!(out, "  binaries: {binaries}");
         }
         if !self.warnings.is_empty() {
@@ -561,9 +587,10 @@ fn remember<K: std::hash::Hash + Eq, D: Clone>(cache: &Mutex<HashMap<K, D>>, key
     cache.insert(key, decision.clone());
 }
 
-fn decision_key(request: &Request, host: &Option<String>, ip: Option<IpAddr>) -> DecisionKey {
+fn decision_key(request: &Request, host: &Option<String>, literal: Option<IpAddr>, ip: Option<IpAddr>) -> DecisionKey {
     DecisionKey {
         host: host.clone(),
+        literal,
         ip,
         port: request.port,
         binary: request.binary.map(Path::to_path_buf),
@@ -605,23 +632,41 @@ fn path_glob(globs: &HashMap<String, GlobMatcher>, args: &[Value]) -> Result<Val
     Ok(Value::from(glob.is_match(path.as_string()?.as_ref())))
 }
 
-/// The request's host in canonical form, unless it is an IP literal: that
-/// stands in for a missing address instead.
-fn destination(request: &Request) -> (Option<String>, Option<IpAddr>) {
+/// Where a request goes, as egress.rego matches it.
+struct Destination {
+    /// A DNS name, canonical.
+    host: Option<String>,
+    /// What IP-literal endpoints are compared with.
+    literal: Option<IpAddr>,
+    /// The address, for `allowed_ips`.
+    ip: Option<IpAddr>,
+}
+
+/// An IP-literal host is compared as written with IP-literal endpoints
+/// (as OpenShell does; a v4-mapped one is its IPv4 address) and stands in
+/// for a missing address; without a host, the address is.
+fn destination(request: &Request) -> Destination {
     let host = request.host.map(canonical_host).filter(|host| !host.is_empty());
     match host.as_deref().map(str::parse::<IpAddr>) {
-        Some(Ok(literal)) => (None, request.ip.or(Some(literal))),
-        _ => (host, request.ip),
+        Some(Ok(literal)) => {
+            let literal = literal.to_canonical();
+            Destination { host: None, literal: Some(literal), ip: request.ip.or(Some(literal)) }
+        }
+        Some(Err(_)) => Destination { host, literal: None, ip: request.ip },
+        None => Destination { host: None, literal: request.ip.map(|ip| ip.to_canonical()), ip: request.ip },
     }
 }
 
 /// The Rego input (see the top of egress.rego).
-fn input_document(request: &Request, host: Option<&str>, ip: Option<IpAddr>) -> Result<Value> {
+fn input_document(request: &Request, host: Option<&str>, literal: Option<IpAddr>, ip: Option<IpAddr>) -> Result<Value> {
     let mut input = Value::new_object();
     let fields = input.as_object_mut()?;
     fields.insert("host_domains".into(), Value::from(host.map(host_domains).unwrap_or_default()));
     if let Some(host) = host {
         fields.insert("host".into(), Value::from(host));
+    }
+    if let Some(literal) = literal {
+        fields.insert("literal".into(), Value::from(literal.to_string()));
     }
     if let Some(ip) = ip {
         fields.insert("ip".into(), Value::from(ip.to_canonical().to_string()));

@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use serde_json::{json, Map, Value as Json};
 
 use super::{
-    schema::{Access, EndpointDef, NetworkPolicyDef, PolicyFile, Protocol, QueryMatcherDef, RequestMatchDef, TlsMode},
+    schema::{Access, EndpointDef, NetworkPolicyDef, PolicyFile, Protocol, QueryMatcherDef, RequestMatchDef},
     Endpoint, Enforcement, Inspection,
 };
 
@@ -24,8 +24,8 @@ const MAX_LABEL_LEN: usize = 63;
 pub(super) struct NetworkPolicy {
     pub display_name: Option<String>,
     pub endpoints: Vec<Endpoint>,
-    /// `None`: any binary.
-    pub binaries: Option<Vec<String>>,
+    /// As written; empty: no binary.
+    pub binaries: Vec<String>,
 }
 
 /// Everything `Policy` keeps from a file.
@@ -54,7 +54,7 @@ pub(super) fn normalize(file: PolicyFile) -> Result<Normalized> {
         let context = format!("network_policies.{name}");
         let (policy, patterns) = normalize_policy(&name, definition, &context, &mut warnings)?;
         let binaries =
-            binaries_document(policy.binaries.as_deref(), &mut globs).with_context(|| format!("{context}.binaries"))?;
+            binaries_document(&policy.binaries, &mut globs).with_context(|| format!("{context}.binaries"))?;
         for (position, (endpoint, pattern)) in policy.endpoints.iter().zip(&patterns).enumerate() {
             index.add(&name, position, endpoint, pattern, &binaries);
         }
@@ -72,18 +72,29 @@ fn normalize_policy(
 ) -> Result<(NetworkPolicy, Vec<HostPattern>)> {
     // field -> endpoint positions, so each field is reported once per policy.
     let mut not_enforced: BTreeMap<&'static str, Vec<usize>> = BTreeMap::new();
-    let mut deprecated_tls: BTreeSet<&'static str> = BTreeSet::new();
+    // `tls` and `enforcement` values other than `skip` and `enforce`/`audit`.
+    let mut other_tls: BTreeSet<String> = BTreeSet::new();
+    let mut other_enforcement: BTreeSet<String> = BTreeSet::new();
+    let mut port_ignored = Vec::new();
     let mut endpoints = Vec::with_capacity(definition.endpoints.len());
     let mut patterns = Vec::with_capacity(definition.endpoints.len());
     for (position, endpoint) in definition.endpoints.into_iter().enumerate() {
         let endpoint_context = format!("{context}.endpoints[{position}]");
-        deprecated_tls.extend(match endpoint.tls {
-            Some(TlsMode::Terminate) => Some("terminate"),
-            Some(TlsMode::Passthrough) => Some("passthrough"),
-            Some(TlsMode::Skip) | None => None,
-        });
+        other_tls.extend(endpoint.tls.clone().filter(|tls| tls != "skip"));
+        other_enforcement.extend(endpoint.enforcement.clone().filter(|value| value != "enforce" && value != "audit"));
+        if endpoint.port.is_some() && endpoint.ports.as_ref().is_some_and(|ports| !ports.is_empty()) {
+            port_ignored.push(position);
+        }
+        let enforcement_implicit = endpoint.enforcement.is_none();
         let (endpoint, pattern) = normalize_endpoint(endpoint, &endpoint_context)?;
         if let Some(inspection) = &endpoint.inspection {
+            if enforcement_implicit {
+                warnings.push(format!(
+                    "policy '{name}': endpoint {position} has rules but no `enforcement`: sandbox-egress enforces \
+                     them, OpenShell would only audit them; write `enforcement: enforce` (or `audit`) to mean the \
+                     same in both"
+                ));
+            }
             if endpoint.tls_skip {
                 warnings.push(format!(
                     "policy '{name}': endpoint {position} has `tls: skip`, so its rules apply to plain HTTP only: \
@@ -104,48 +115,62 @@ fn normalize_policy(
         patterns.push(pattern);
     }
     for (field, positions) in not_enforced {
-        let endpoints = match positions.as_slice() {
-            [position] => format!("endpoint {position}"),
-            _ => format!("endpoints {}", positions.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")),
-        };
         warnings.push(format!(
-            "policy '{name}': `{field}` is not yet enforced ({endpoints}), \
-             which is decided on host, port and binary only"
+            "policy '{name}': `{field}` is not yet enforced ({}), \
+             which is decided on host, port and binary only",
+            endpoint_list(&positions)
         ));
     }
-    for value in deprecated_tls {
-        warnings.push(format!("policy '{name}': `tls: {value}` is deprecated and has no effect"));
+    if !port_ignored.is_empty() {
+        warnings.push(format!(
+            "policy '{name}': `port` is ignored where `ports` is set too ({}), as in OpenShell",
+            endpoint_list(&port_ignored)
+        ));
     }
-    let binaries = match definition.binaries {
-        None => None,
-        Some(binaries) => {
-            if binaries.is_empty() {
-                warnings.push(format!(
-                    "policy '{name}': `binaries` is empty, so no binary may use its endpoints \
-                     (leave `binaries` out to allow any binary)"
-                ));
-            }
-            if binaries.iter().any(|binary| binary.harness.is_some()) {
-                warnings.push(format!("policy '{name}': binary field `harness` is deprecated and ignored"));
-            }
-            Some(binaries.into_iter().map(|binary| binary.path).collect())
-        }
-    };
+    for value in other_tls {
+        let effect = match value.as_str() {
+            "terminate" | "passthrough" => "is deprecated and has no effect",
+            _ => "has no effect: OpenShell compares exactly, and only `skip` does anything",
+        };
+        warnings.push(format!("policy '{name}': `tls: {value}` {effect}"));
+    }
+    for value in other_enforcement {
+        warnings.push(format!(
+            "policy '{name}': `enforcement: {value}` means `audit`: OpenShell compares exactly, \
+             and only `enforce` enforces"
+        ));
+    }
+    if definition.binaries.is_empty() {
+        warnings.push(format!("policy '{name}' has no `binaries`: no binary may use its endpoints"));
+    }
+    if definition.binaries.iter().any(|binary| binary.harness.is_some()) {
+        warnings.push(format!("policy '{name}': binary field `harness` is deprecated and ignored"));
+    }
+    let binaries = definition.binaries.into_iter().map(|binary| binary.path).collect();
     Ok((NetworkPolicy { display_name: definition.name, endpoints, binaries }, patterns))
+}
+
+/// "endpoint 2", "endpoints 0, 3".
+fn endpoint_list(positions: &[usize]) -> String {
+    match positions {
+        [position] => format!("endpoint {position}"),
+        _ => format!("endpoints {}", positions.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")),
+    }
 }
 
 fn normalize_endpoint(definition: EndpointDef, context: &str) -> Result<(Endpoint, HostPattern)> {
     let not_enforced = definition.not_enforced_fields();
     let inspection = normalize_inspection(&definition, context)?;
+    let enforcement = enforcement(&definition);
     // OpenShell writes a hostless endpoint as an empty host.
     let host = definition.host.map(|host| canonical_host(&host)).filter(|host| !host.is_empty());
     let pattern = HostPattern::parse(host.as_deref()).with_context(|| format!("{context}.host"))?;
+    // As OpenShell: a non-empty `ports` wins over `port`.
     let ports = match (definition.port, definition.ports) {
-        (Some(_), Some(_)) => bail!("{context}: set either `port` or `ports`, not both"),
+        (_, Some(ports)) if !ports.is_empty() => ports,
+        (Some(port), _) => vec![port],
+        (None, Some(_)) => bail!("{context}.ports: must not be empty"),
         (None, None) => bail!("{context}: `port` or `ports` is required"),
-        (Some(port), None) => vec![port],
-        (None, Some(ports)) if ports.is_empty() => bail!("{context}.ports: must not be empty"),
-        (None, Some(ports)) => ports,
     };
     if ports.contains(&0) {
         bail!("{context}: port 0 is not a valid destination port");
@@ -165,9 +190,10 @@ fn normalize_endpoint(definition: EndpointDef, context: &str) -> Result<(Endpoin
         host,
         ports,
         allowed_ips,
-        tls_skip: definition.tls == Some(TlsMode::Skip),
-        enforcement: definition.enforcement.unwrap_or_default(),
+        tls_skip: definition.tls.as_deref() == Some("skip"),
+        enforcement,
         protocol: definition.protocol.map(|protocol| protocol.name().to_owned()),
+        credential_provider: definition.credential_binding.map(|binding| binding.provider),
         not_enforced,
     };
     Ok((endpoint, pattern))
@@ -212,6 +238,16 @@ fn check_inspection_overlaps(policies: &BTreeMap<String, NetworkPolicy>) -> Resu
         }
     }
     Ok(())
+}
+
+/// OpenShell enforces on exactly `enforce`, and audits on any other value.
+/// Left out, it enforces here (OpenShell audits an L7 endpoint then: see
+/// the load warning).
+fn enforcement(definition: &EndpointDef) -> Enforcement {
+    match definition.enforcement.as_deref() {
+        None | Some("enforce") => Enforcement::Enforce,
+        Some(_) => Enforcement::Audit,
+    }
 }
 
 /// An inspected endpoint's rules, checked as OpenShell checks them and
@@ -277,13 +313,13 @@ fn normalize_inspection(definition: &EndpointDef, context: &str) -> Result<Optio
         "path": definition.path.as_deref().filter(|path| !path.is_empty()),
         "rules": rules,
         "deny_rules": deny_rules,
-        "audit": definition.enforcement == Some(Enforcement::Audit),
+        "audit": enforcement(definition) == Enforcement::Audit,
     });
     Ok(Some(Inspection {
         protocol,
         path: definition.path.clone().filter(|path| !path.is_empty()),
         allow_encoded_slash: definition.allow_encoded_slash.unwrap_or(false),
-        terminate_tls: definition.tls != Some(TlsMode::Skip),
+        terminate_tls: definition.tls.as_deref() != Some("skip"),
         rules: rules_text,
         deny_rules: deny_rules.len(),
         document,
@@ -369,16 +405,33 @@ fn parse_allowed_ip(text: &str) -> Result<IpNet> {
 enum HostPattern {
     Exact(String),
     Ip(IpAddr),
-    /// `[prefix]*[suffix].rest` (one label) or `**.rest` (one or more labels);
-    /// `domain` is `.rest`.
+    /// A wildcard in the first label only, `first` (`[prefix]*[suffix]` or
+    /// `**`), then `domain`: `.rest`.
     Wildcard {
         domain: String,
-        multi_label: bool,
-        label_prefix: String,
-        label_suffix: String,
+        first: LabelPattern,
+    },
+    /// Whole-label `*`s past the first label too (`*.s3.*.amazonaws.com`):
+    /// `labels` up to the last `*` label, then the fixed `suffix` after it
+    /// (`.amazonaws.com`; empty when the host ends in `*`).
+    Labels {
+        labels: Vec<LabelPattern>,
+        suffix: String,
     },
     /// No host: reached by destination address, through `allowed_ips`.
     Addresses,
+}
+
+/// One label of a wildcard host.
+enum LabelPattern {
+    Exact(String),
+    /// `[prefix]*[suffix]`: one label with that text around the `*`.
+    Star {
+        prefix: String,
+        suffix: String,
+    },
+    /// `**`, first label only: one or more labels.
+    AnyLabels,
 }
 
 impl HostPattern {
@@ -396,37 +449,65 @@ impl HostPattern {
             bail!("'{host}' would match every host: list the hosts, or leave `host` out and use `allowed_ips`");
         }
         let (first, rest) = host.split_once('.').unwrap_or((host, ""));
-        if rest.contains('*') {
-            bail!("'{host}': a wildcard is only allowed in the first label");
+        if rest.split('.').any(|label| label.contains('*') && label != "*") {
+            bail!("'{host}': past the first label, a wildcard must be a whole label `*`");
         }
         if !rest.contains('.') {
             bail!("'{host}': a wildcard directly over a top-level domain is not allowed");
         }
-        validate_dns_name(rest).with_context(|| format!("'{host}'"))?;
-        let domain = format!(".{rest}");
-        if first == "**" {
-            return Ok(HostPattern::Wildcard {
-                domain,
-                multi_label: true,
-                label_prefix: String::new(),
-                label_suffix: String::new(),
-            });
+        let first = LabelPattern::parse(first).with_context(|| format!("'{host}'"))?;
+        let rest: Vec<&str> = rest.split('.').collect();
+        let Some(last_star) = rest.iter().rposition(|&label| label == "*") else {
+            let rest = rest.join(".");
+            validate_dns_name(&rest).with_context(|| format!("'{host}'"))?;
+            return Ok(HostPattern::Wildcard { domain: format!(".{rest}"), first });
+        };
+        let suffix = rest[last_star + 1..].join(".");
+        if !suffix.is_empty() {
+            validate_dns_name(&suffix).with_context(|| format!("'{host}'"))?;
         }
-        let (label_prefix, label_suffix) = first.split_once('*').unwrap_or((first, ""));
-        if label_suffix.contains('*') {
-            bail!("'{host}': the first label may hold a single `*`, or be exactly `**`");
+        let mut labels = vec![first];
+        for label in &rest[..=last_star] {
+            labels.push(LabelPattern::parse(label).with_context(|| format!("'{host}'"))?);
         }
-        for part in [label_prefix, label_suffix] {
+        let suffix = if suffix.is_empty() { suffix } else { format!(".{suffix}") };
+        Ok(HostPattern::Labels { labels, suffix })
+    }
+}
+
+impl LabelPattern {
+    fn parse(label: &str) -> Result<LabelPattern> {
+        if label == "**" {
+            return Ok(LabelPattern::AnyLabels);
+        }
+        let Some((prefix, suffix)) = label.split_once('*') else {
+            validate_dns_name(label)?;
+            return Ok(LabelPattern::Exact(label.to_owned()));
+        };
+        if suffix.contains('*') {
+            bail!("the first label may hold a single `*`, or be exactly `**`");
+        }
+        for part in [prefix, suffix] {
             if !part.chars().all(is_label_char) {
-                bail!("'{host}': '{part}' is not valid in a DNS label");
+                bail!("'{part}' is not valid in a DNS label");
             }
         }
-        Ok(HostPattern::Wildcard {
-            domain,
-            multi_label: false,
-            label_prefix: label_prefix.to_owned(),
-            label_suffix: label_suffix.to_owned(),
-        })
+        Ok(LabelPattern::Star { prefix: prefix.to_owned(), suffix: suffix.to_owned() })
+    }
+
+    /// How egress.rego sees it (`wildcard_matches`, `label_matches`).
+    fn document(&self) -> Json {
+        match self {
+            LabelPattern::Exact(label) => json!({ "label": label }),
+            LabelPattern::Star { prefix, suffix } => json!({
+                "multi_label": false,
+                // A `*` label is never empty.
+                "min_label_len": (prefix.len() + suffix.len()).max(1),
+                "label_prefix": prefix,
+                "label_suffix": suffix,
+            }),
+            LabelPattern::AnyLabels => json!({ "multi_label": true }),
+        }
     }
 }
 
@@ -449,9 +530,8 @@ pub(super) fn validate_dns_name(name: &str) -> Result<()> {
 }
 
 /// How egress.rego sees a policy's `binaries`: exact paths by path (to their
-/// position in the list), globs as a list.
-fn binaries_document(binaries: Option<&[String]>, globs: &mut HashMap<String, GlobMatcher>) -> Result<Json> {
-    let Some(binaries) = binaries else { return Ok(json!({ "any": true })) };
+/// position in the list and the entry as written), globs as a list.
+fn binaries_document(binaries: &[String], globs: &mut HashMap<String, GlobMatcher>) -> Result<Json> {
     let mut exact = Map::new();
     let mut patterns = Vec::new();
     for (position, path) in binaries.iter().enumerate() {
@@ -469,10 +549,19 @@ fn binaries_document(binaries: Option<&[String]>, globs: &mut HashMap<String, Gl
             }
             patterns.push(json!({ "index": position, "path": path }));
         } else {
-            exact.entry(path.clone()).or_insert(json!(position));
+            exact.entry(path.clone()).or_insert(json!([position, path]));
         }
     }
-    Ok(json!({ "any": false, "exact": exact, "globs": patterns }))
+    // /proc/<pid>/exe names the file a symlink leads to (`/usr/bin/python3`
+    // runs as `/usr/bin/python3.11`): as OpenShell does, an exact path also
+    // matches its target on this host, unless that is an entry of its own.
+    for (position, path) in binaries.iter().enumerate().filter(|(_, path)| !path.contains('*')) {
+        let target = std::fs::canonicalize(path).ok();
+        if let Some(target) = target.as_ref().and_then(|target| target.to_str()).filter(|target| target != path) {
+            exact.entry(target.to_owned()).or_insert(json!([position, path]));
+        }
+    }
+    Ok(json!({ "exact": exact, "globs": patterns }))
 }
 
 /// Endpoints filed under the keys a request is looked up by, so that an
@@ -481,6 +570,8 @@ fn binaries_document(binaries: Option<&[String]>, globs: &mut HashMap<String, Gl
 struct RegoIndex {
     by_host: BTreeMap<String, Vec<Json>>,
     by_domain: BTreeMap<String, Vec<Json>>,
+    /// `Labels` patterns, by their fixed suffix.
+    by_suffix: BTreeMap<String, Vec<Json>>,
     by_ip: BTreeMap<String, Vec<Json>>,
     hostless: Vec<Json>,
 }
@@ -491,7 +582,6 @@ impl RegoIndex {
             "policy": policy,
             "index": position,
             "ports": endpoint.ports,
-            "audit": endpoint.enforcement == Enforcement::Audit,
             "binaries": binaries,
         });
         if let Some(inspection) = &endpoint.inspection {
@@ -500,14 +590,17 @@ impl RegoIndex {
         let (table, key) = match pattern {
             HostPattern::Exact(host) => (&mut self.by_host, host.clone()),
             HostPattern::Ip(ip) => (&mut self.by_ip, ip.to_canonical().to_string()),
-            HostPattern::Wildcard { domain, multi_label, label_prefix, label_suffix } => {
-                document["multi_label"] = json!(multi_label);
-                // A `*` label is never empty.
-                document["min_label_len"] = json!((label_prefix.len() + label_suffix.len()).max(1));
-                document["label_prefix"] = json!(label_prefix);
-                document["label_suffix"] = json!(label_suffix);
+            HostPattern::Wildcard { domain, first } => {
+                if let (Some(fields), Json::Object(label)) = (document.as_object_mut(), first.document()) {
+                    fields.extend(label);
+                }
                 document["domain"] = json!(domain);
                 (&mut self.by_domain, domain.clone())
+            }
+            HostPattern::Labels { labels, suffix } => {
+                document["labels"] = labels.iter().map(LabelPattern::document).collect();
+                document["suffix"] = json!(suffix);
+                (&mut self.by_suffix, suffix.clone())
             }
             HostPattern::Addresses => {
                 let nets: Vec<String> = endpoint.allowed_ips.iter().map(IpNet::to_string).collect();
@@ -523,6 +616,7 @@ impl RegoIndex {
         json!({
             "endpoints_by_host": self.by_host,
             "endpoints_by_domain": self.by_domain,
+            "endpoints_by_suffix": self.by_suffix,
             "endpoints_by_ip": self.by_ip,
             "hostless_endpoints": self.hostless,
         })

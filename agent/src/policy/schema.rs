@@ -5,9 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use serde::{de::IgnoredAny, Deserialize};
-
-use super::Enforcement;
+use serde::{
+    de::{Error as _, IgnoredAny},
+    Deserialize, Deserializer,
+};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,8 +45,10 @@ pub(super) struct NetworkPolicyDef {
     pub name: Option<String>,
     #[serde(default)]
     pub endpoints: Vec<EndpointDef>,
-    /// Absent: any binary. Present: one entry must match.
-    pub binaries: Option<Vec<BinaryDef>>,
+    /// One entry must match; absent or empty, no binary may connect, as in
+    /// OpenShell.
+    #[serde(default)]
+    pub binaries: Vec<BinaryDef>,
 }
 
 #[derive(Deserialize)]
@@ -55,8 +58,10 @@ pub(super) struct EndpointDef {
     pub port: Option<u16>,
     pub ports: Option<Vec<u16>>,
     pub protocol: Option<Protocol>,
-    pub tls: Option<TlsMode>,
-    pub enforcement: Option<Enforcement>,
+    // Strings, since OpenShell takes any value and compares exactly (see
+    // `normalize`).
+    pub tls: Option<String>,
+    pub enforcement: Option<String>,
     #[serde(default)]
     pub allowed_ips: Vec<String>,
     /// Selects between L7 endpoints sharing a host and port.
@@ -75,8 +80,10 @@ pub(super) struct EndpointDef {
     pub credential_signing: Option<IgnoredAny>,
     pub signing_service: Option<IgnoredAny>,
     pub signing_region: Option<IgnoredAny>,
-    pub json_rpc: Option<IgnoredAny>,
-    pub mcp: Option<IgnoredAny>,
+    pub json_rpc: Option<JsonRpcOptions>,
+    pub mcp: Option<McpOptions>,
+    /// Credential injection, later work: the provider is kept, not used.
+    pub credential_binding: Option<CredentialBinding>,
 }
 
 impl EndpointDef {
@@ -112,6 +119,7 @@ impl EndpointDef {
             ("signing_region", self.signing_region.is_some()),
             ("json_rpc", self.json_rpc.is_some()),
             ("mcp", self.mcp.is_some()),
+            ("credential_binding", self.credential_binding.is_some()),
         ]
         .into_iter()
         .filter_map(|(field, present)| present.then_some(field))
@@ -201,9 +209,8 @@ pub(super) struct QueryMatcherObject {
 }
 
 /// `tcp` and `http` need no inspection beyond what the proxy already does;
-/// the others are OpenShell's L7 protocols.
-#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
-#[serde(rename_all = "kebab-case")]
+/// the others are OpenShell's L7 protocols. In [`Protocol::NAMES`] order.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(super) enum Protocol {
     Tcp,
     Http,
@@ -216,32 +223,61 @@ pub(super) enum Protocol {
 }
 
 impl Protocol {
+    const ALL: [Protocol; 8] = [
+        Protocol::Tcp,
+        Protocol::Http,
+        Protocol::Rest,
+        Protocol::Websocket,
+        Protocol::Graphql,
+        Protocol::Mcp,
+        Protocol::JsonRpc,
+        Protocol::Sql,
+    ];
+    const NAMES: [&'static str; 8] = ["tcp", "http", "rest", "websocket", "graphql", "mcp", "json-rpc", "sql"];
+
     fn needs_inspection(self) -> bool {
         !matches!(self, Protocol::Tcp | Protocol::Http)
     }
 
     pub fn name(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Http => "http",
-            Protocol::Rest => "rest",
-            Protocol::Websocket => "websocket",
-            Protocol::Graphql => "graphql",
-            Protocol::Mcp => "mcp",
-            Protocol::JsonRpc => "json-rpc",
-            Protocol::Sql => "sql",
-        }
+        Protocol::NAMES[self as usize]
     }
 }
 
-/// OpenShell deprecated `terminate` and `passthrough`; both still load and
-/// mean the same as leaving `tls` out.
-#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
-#[serde(rename_all = "lowercase")]
-pub(super) enum TlsMode {
-    Skip,
-    Terminate,
-    Passthrough,
+/// Any case, as OpenShell compares protocols.
+impl<'de> Deserialize<'de> for Protocol {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Protocol, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Protocol::ALL
+            .into_iter()
+            .find(|protocol| protocol.name().eq_ignore_ascii_case(&text))
+            .ok_or_else(|| D::Error::unknown_variant(&text, &Protocol::NAMES))
+    }
+}
+
+// The options OpenShell's schema has, typed so that an unknown key is an
+// error naming it; L7 inspection will read them.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[expect(dead_code, reason = "checked for shape only until L7 inspection reads it")]
+pub(super) struct JsonRpcOptions {
+    pub max_body_bytes: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[expect(dead_code, reason = "checked for shape only until L7 inspection reads it")]
+pub(super) struct McpOptions {
+    pub max_body_bytes: Option<u32>,
+    pub strict_tool_names: Option<bool>,
+    pub allow_all_known_mcp_methods: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CredentialBinding {
+    /// The provider whose credentials this endpoint would get.
+    pub provider: String,
 }
 
 #[derive(Deserialize)]

@@ -29,6 +29,16 @@ network_policies:
         port: 443
       - host: "api-*.example.net"
         port: 443
+      - host: "*.s3.*.amazonaws.com"
+        port: 443
+      - host: "**.svc.*.example.io"
+        port: 443
+      - host: "img-*.*.example.biz"
+        port: 443
+      - host: "static.example.*"
+        port: 443
+    binaries:
+      - path: "/**"
   addresses:
     endpoints:
       - host: 192.0.2.10
@@ -37,6 +47,8 @@ network_policies:
         port: 22
       - allowed_ips: [10.0.0.0/8, 192.168.1.7]
         port: 5432
+    binaries:
+      - path: "/**"
   tools:
     endpoints:
       - host: tools.internal.test
@@ -188,10 +200,12 @@ fn decisions_follow_the_documented_semantics() {
             ..DEFAULT_CASE
         },
         Case {
-            name: "single-label wildcard, any binary",
+            name: "single-label wildcard",
             host: Some("a.example.com"),
+            binary: Some("/usr/bin/curl"),
             allow: true,
             policy: Some("wildcards"),
+            matched_binary: Some("/**"),
             ..DEFAULT_CASE
         },
         Case {
@@ -209,15 +223,19 @@ fn decisions_follow_the_documented_semantics() {
         Case {
             name: "multi-label wildcard, one label",
             host: Some("x.deep.example.org"),
+            binary: Some("/usr/bin/curl"),
             allow: true,
             policy: Some("wildcards"),
+            matched_binary: Some("/**"),
             ..DEFAULT_CASE
         },
         Case {
             name: "multi-label wildcard, several labels",
             host: Some("a.b.deep.example.org"),
+            binary: Some("/usr/bin/curl"),
             allow: true,
             policy: Some("wildcards"),
+            matched_binary: Some("/**"),
             ..DEFAULT_CASE
         },
         Case {
@@ -229,8 +247,10 @@ fn decisions_follow_the_documented_semantics() {
         Case {
             name: "wildcard within a label",
             host: Some("api-eu.example.net"),
+            binary: Some("/usr/bin/curl"),
             allow: true,
             policy: Some("wildcards"),
+            matched_binary: Some("/**"),
             ..DEFAULT_CASE
         },
         Case {
@@ -240,51 +260,243 @@ fn decisions_follow_the_documented_semantics() {
             ..DEFAULT_CASE
         },
         Case {
+            name: "whole-label `*` past the first label",
+            host: Some("bucket.s3.us-east-1.amazonaws.com"),
+            binary: Some("/usr/bin/curl"),
+            allow: true,
+            policy: Some("wildcards"),
+            matched_binary: Some("/**"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "whole-label `*` past the first label, any case",
+            host: Some("Bucket.S3.US-East-1.AmazonAWS.com."),
+            binary: Some("/usr/bin/curl"),
+            allow: true,
+            policy: Some("wildcards"),
+            matched_binary: Some("/**"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "`*` past the first label is one label, not two",
+            host: Some("bucket.s3.a.b.amazonaws.com"),
+            binary: Some("/usr/bin/curl"),
+            reason: Some("endpoint bucket.s3.a.b.amazonaws.com:443 is not allowed by any policy"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "`*` past the first label is one label, not none",
+            host: Some("bucket.s3.amazonaws.com"),
+            binary: Some("/usr/bin/curl"),
+            reason: Some("endpoint bucket.s3.amazonaws.com:443 is not allowed by any policy"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "first `*` is one label before a `*` past it",
+            host: Some("a.b.s3.us-east-1.amazonaws.com"),
+            binary: Some("/usr/bin/curl"),
+            reason: Some("endpoint a.b.s3.us-east-1.amazonaws.com:443 is not allowed by any policy"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "fixed labels between `*` labels",
+            host: Some("bucket.s4.us-east-1.amazonaws.com"),
+            binary: Some("/usr/bin/curl"),
+            reason: Some("endpoint bucket.s4.us-east-1.amazonaws.com:443 is not allowed by any policy"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "`**` first, `*` past it",
+            host: Some("a.b.svc.eu.example.io"),
+            binary: Some("/usr/bin/curl"),
+            allow: true,
+            policy: Some("wildcards"),
+            matched_binary: Some("/**"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "`**` first takes at least one label",
+            host: Some("svc.eu.example.io"),
+            binary: Some("/usr/bin/curl"),
+            reason: Some("endpoint svc.eu.example.io:443 is not allowed by any policy"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "`*` within the first label, `*` past it",
+            host: Some("img-7.eu.example.biz"),
+            binary: Some("/usr/bin/curl"),
+            allow: true,
+            policy: Some("wildcards"),
+            matched_binary: Some("/**"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "`*` within the first label, other text",
+            host: Some("img.eu.example.biz"),
+            binary: Some("/usr/bin/curl"),
+            reason: Some("endpoint img.eu.example.biz:443 is not allowed by any policy"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "`*` as the last label",
+            host: Some("static.example.fr"),
+            binary: Some("/usr/bin/curl"),
+            allow: true,
+            policy: Some("wildcards"),
+            matched_binary: Some("/**"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "`*` as the last label is one label",
+            host: Some("static.example.co.uk"),
+            binary: Some("/usr/bin/curl"),
+            reason: Some("endpoint static.example.co.uk:443 is not allowed by any policy"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "`/**` needs a known executable",
+            host: Some("a.example.com"),
+            reason: Some("binary '(unknown)' not allowed in policy 'wildcards'"),
+            ..DEFAULT_CASE
+        },
+        Case {
             name: "IP-literal endpoint, opaque TCP",
             ip: Some("192.0.2.10"),
             port: 22,
+            binary: Some("/usr/bin/curl"),
             allow: true,
             policy: Some("addresses"),
+            matched_binary: Some("/**"),
             ..DEFAULT_CASE
         },
         Case {
             name: "IP-literal endpoint, IPv6",
             ip: Some("2001:db8:0::1"),
             port: 22,
+            binary: Some("/usr/bin/curl"),
             allow: true,
             policy: Some("addresses"),
+            matched_binary: Some("/**"),
             ..DEFAULT_CASE
         },
         Case {
             name: "IP-literal endpoint, IPv4-mapped address",
             ip: Some("::ffff:192.0.2.10"),
             port: 22,
+            binary: Some("/usr/bin/curl"),
             allow: true,
             policy: Some("addresses"),
+            matched_binary: Some("/**"),
             ..DEFAULT_CASE
         },
         Case {
             name: "IP literal given as host",
             host: Some("192.0.2.10"),
             port: 22,
+            binary: Some("/usr/bin/curl"),
             allow: true,
             policy: Some("addresses"),
+            matched_binary: Some("/**"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "a name is not an IP-literal endpoint, whatever it resolves to",
+            host: Some("ssh.example.test"),
+            ip: Some("192.0.2.10"),
+            port: 22,
+            binary: Some("/usr/bin/curl"),
+            reason: Some("endpoint ssh.example.test:22 is not allowed by any policy"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "IP literal given as host, compared as written",
+            host: Some("192.0.2.10"),
+            ip: Some("198.51.100.9"),
+            port: 22,
+            binary: Some("/usr/bin/curl"),
+            allow: true,
+            policy: Some("addresses"),
+            matched_binary: Some("/**"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "IP literal given as host, another address",
+            host: Some("192.0.2.99"),
+            ip: Some("192.0.2.10"),
+            port: 22,
+            binary: Some("/usr/bin/curl"),
+            reason: Some("endpoint 192.0.2.99:22 is not allowed by any policy"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "IPv4-mapped literal host is its IPv4 address",
+            host: Some("::ffff:192.0.2.10"),
+            ip: Some("192.0.2.10"),
+            port: 22,
+            binary: Some("/usr/bin/curl"),
+            allow: true,
+            policy: Some("addresses"),
+            matched_binary: Some("/**"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "IPv6 literal host bracketed in the reason",
+            host: Some("2001:db8::2"),
+            port: 22,
+            binary: Some("/usr/bin/curl"),
+            reason: Some("endpoint [2001:db8::2]:22 is not allowed by any policy"),
             ..DEFAULT_CASE
         },
         Case {
             name: "hostless endpoint, address in allowed_ips",
             ip: Some("10.1.2.3"),
             port: 5432,
+            binary: Some("/usr/bin/curl"),
             allow: true,
             policy: Some("addresses"),
+            matched_binary: Some("/**"),
             ..DEFAULT_CASE
         },
         Case {
             name: "hostless endpoint, single address in allowed_ips",
             ip: Some("192.168.1.7"),
             port: 5432,
+            binary: Some("/usr/bin/curl"),
             allow: true,
             policy: Some("addresses"),
+            matched_binary: Some("/**"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "hostless endpoint, a name to an address in allowed_ips",
+            host: Some("db.test"),
+            ip: Some("10.1.2.3"),
+            port: 5432,
+            binary: Some("/usr/bin/curl"),
+            allow: true,
+            policy: Some("addresses"),
+            matched_binary: Some("/**"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "hostless endpoint, IPv4-mapped literal host and its address",
+            host: Some("::ffff:10.1.2.3"),
+            ip: Some("10.1.2.3"),
+            port: 5432,
+            binary: Some("/usr/bin/curl"),
+            allow: true,
+            policy: Some("addresses"),
+            matched_binary: Some("/**"),
+            ..DEFAULT_CASE
+        },
+        Case {
+            name: "hostless endpoint, IPv4-mapped literal host alone",
+            host: Some("::ffff:10.1.2.3"),
+            port: 5432,
+            binary: Some("/usr/bin/curl"),
+            allow: true,
+            policy: Some("addresses"),
+            matched_binary: Some("/**"),
             ..DEFAULT_CASE
         },
         Case {
@@ -359,6 +571,13 @@ fn decisions_follow_the_documented_semantics() {
             ..DEFAULT_CASE
         },
         Case {
+            name: "audit endpoint, binary not listed: audit is for L7 requests",
+            host: Some("audit.internal.test"),
+            binary: Some("/usr/bin/wget"),
+            reason: Some("binary '/usr/bin/wget' not allowed in policy 'audited'"),
+            ..DEFAULT_CASE
+        },
+        Case {
             name: "host that is not a DNS name",
             host: Some("evil.test/x"),
             ip: Some("198.51.100.1"),
@@ -416,20 +635,6 @@ fn executable_match_is_preferred_over_ancestor() {
 }
 
 #[test]
-fn audit_endpoint_allows_and_says_what_would_have_denied() {
-    let decision = evaluate(
-        &fixture(),
-        &Case { host: Some("audit.internal.test"), binary: Some("/usr/bin/wget"), ..DEFAULT_CASE },
-    );
-    assert!(decision.allow, "{decision:?}");
-    assert!(decision.audit, "{decision:?}");
-    assert_eq!(decision.policy.as_deref(), Some("audited"));
-    assert_eq!(decision.reason.as_deref(), Some("binary '/usr/bin/wget' not allowed in policy 'audited'"));
-    assert_eq!(decision.endpoint.map(|endpoint| endpoint.enforcement), Some(Enforcement::Audit));
-    assert_eq!(decision.matched_binary, None);
-}
-
-#[test]
 fn every_policy_denying_the_binary_is_named() {
     let policy = Policy::from_yaml(
         r#"
@@ -452,14 +657,89 @@ network_policies:
 }
 
 #[test]
-fn empty_binaries_list_allows_no_binary() {
-    let policy = Policy::from_yaml(
-        "version: 1\nnetwork_policies:\n  locked:\n    endpoints: [{ host: api.test, port: 443 }]\n    binaries: []\n",
-    )
+fn absent_or_empty_binaries_allow_no_binary() {
+    for binaries in ["", "    binaries: []\n"] {
+        let policy = Policy::from_yaml(&format!(
+            "version: 1\nnetwork_policies:\n  locked:\n    endpoints: [{{ host: api.test, port: 443 }}]\n{binaries}"
+        ))
+        .expect("loads");
+        let decision =
+            evaluate(&policy, &Case { host: Some("api.test"), binary: Some("/usr/bin/curl"), ..DEFAULT_CASE });
+        assert_eq!(decision.reason.as_deref(), Some("binary '/usr/bin/curl' not allowed in policy 'locked'"));
+        let warning = "policy 'locked' has no `binaries`: no binary may use its endpoints";
+        assert_eq!(policy.warnings, [warning], "{binaries:?}");
+        let summary = policy.summary();
+        assert!(summary.contains("  binaries: none\n") && summary.contains(warning), "{summary}");
+    }
+}
+
+#[test]
+fn ancestors_are_needed_unless_every_policy_takes_any_binary() {
+    let load = |yaml: &str| Policy::from_yaml(&format!("version: 1\nnetwork_policies:\n{yaml}")).expect("loads");
+    let any = "  any:\n    endpoints: [{ host: a.test, port: 443 }]\n    binaries: [{ path: /usr/bin/git }, { path: '/**' }]\n";
+    let git = "  git:\n    endpoints: [{ host: g.test, port: 443 }]\n    binaries: [{ path: /usr/bin/git }]\n";
+    let unused = "  unused:\n    endpoints: []\n    binaries: [{ path: /usr/bin/git }]\n";
+    assert!(!load("  {}").matches_binaries());
+    assert!(!load(any).matches_binaries());
+    assert!(!load(&format!("{any}{unused}")).matches_binaries());
+    assert!(load(&format!("{any}{git}")).matches_binaries());
+    // `/**` matches an executable before any of its ancestors.
+    let decision = evaluate(
+        &load(any),
+        &Case { host: Some("a.test"), binary: Some("/usr/bin/curl"), ancestors: &["/usr/bin/git"], ..DEFAULT_CASE },
+    );
+    assert_eq!(
+        (decision.matched_binary.as_deref(), decision.matched_exe.as_deref()),
+        (Some("/**"), Some("/usr/bin/curl"))
+    );
+}
+
+#[test]
+fn an_exact_binary_path_also_matches_where_its_symlinks_lead() {
+    let dir = std::env::temp_dir().join(format!("sandbox-egress-symlink-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir created");
+    let target = dir.join("python3.11");
+    std::fs::write(&target, "").expect("target written");
+    let link = dir.join("python3");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&target, &link).expect("symlink made");
+    let policy = Policy::from_yaml(&format!(
+        "version: 1\nnetwork_policies:\n  py:\n    endpoints: [{{ host: api.test, port: 443 }}]\n    binaries: [{{ path: '{}' }}]\n",
+        link.display()
+    ));
+    let resolved = std::fs::canonicalize(&target).expect("target resolves");
+    std::fs::remove_dir_all(&dir).expect("temp dir removed");
+    let policy = policy.expect("loads");
+    let resolved = resolved.to_str().expect("UTF-8 path");
+    let link = link.to_str().expect("UTF-8 path");
+
+    let decide = |policy: &Policy, binary: &str, ancestors: &[&str]| {
+        let ancestors: Vec<PathBuf> = ancestors.iter().map(PathBuf::from).collect();
+        let request = Request {
+            host: Some("api.test"),
+            ip: None,
+            port: 443,
+            binary: Some(Path::new(binary)),
+            ancestors: &ancestors,
+            uid: 1000,
+            cgroup_id: 42,
+        };
+        policy.evaluate(&request).expect("evaluation runs")
+    };
+    for (binary, ancestors) in [(resolved, &[][..]), ("/usr/bin/bash", &[resolved][..]), (link, &[][..])] {
+        let decision = decide(&policy, binary, ancestors);
+        assert!(decision.allow, "{binary}: {decision:?}");
+        // The entry as written, and the path it matched.
+        assert_eq!(decision.matched_binary.as_deref(), Some(link), "{binary}");
+        let exe = if binary == link { link } else { resolved };
+        assert_eq!(decision.matched_exe.as_deref(), Some(exe), "{binary}");
+    }
+    // An entry of its own for the target is named as written.
+    let both = Policy::from_yaml(&format!(
+        "version: 1\nnetwork_policies:\n  py:\n    endpoints: [{{ host: api.test, port: 443 }}]\n    binaries: [{{ path: '{link}' }}, {{ path: '{resolved}' }}]\n"
+    ))
     .expect("loads");
-    let decision = evaluate(&policy, &Case { host: Some("api.test"), binary: Some("/usr/bin/curl"), ..DEFAULT_CASE });
-    assert_eq!(decision.reason.as_deref(), Some("binary '/usr/bin/curl' not allowed in policy 'locked'"));
-    assert!(policy.warnings.iter().any(|warning| warning.contains("`binaries` is empty")));
+    assert_eq!(decide(&both, resolved, &[]).matched_binary.as_deref(), Some(resolved));
 }
 
 #[test]
@@ -475,8 +755,12 @@ fn bare_and_top_level_wildcards_are_rejected() {
         ("**", "would match every host"),
         ("*.com", "top-level domain"),
         ("**.com", "top-level domain"),
-        ("a.*.example.com", "only allowed in the first label"),
+        ("example.*", "top-level domain"),
+        ("a.b*c.example.com", "a wildcard must be a whole label `*`"),
+        ("*.s3.us-*.amazonaws.com", "a wildcard must be a whole label `*`"),
+        ("a.**.example.com", "a wildcard must be a whole label `*`"),
         ("*a*.example.com", "a single `*`"),
+        ("*.s3.*.a_b$.com", "not a valid DNS name"),
     ] {
         let error = load_error(&format!(
             "version: 1\nnetwork_policies:\n  p:\n    endpoints: [{{ host: '{host}', port: 443 }}]\n"
@@ -498,18 +782,31 @@ fn unknown_keys_are_errors_naming_the_key() {
     let error =
         load_error("version: 1\nnetwork_policies:\n  p:\n    endpoints: []\n    binaries: [{ pth: /bin/sh }]\n");
     assert!(error.contains("unknown field `pth`"), "{error}");
+
+    for (options, key) in [
+        ("json_rpc: { max_body_bytes: 1024, max_bytes: 1 }", "max_bytes"),
+        ("mcp: { strict_tool_names: false, allow_all: true }", "allow_all"),
+        ("credential_binding: { provider: github, scope: repo }", "scope"),
+    ] {
+        let error = load_error(&format!(
+            "version: 1\nnetwork_policies:\n  p:\n    endpoints: [{{ host: api.test, port: 443, {options} }}]\n"
+        ));
+        assert!(error.contains(&format!("unknown field `{key}`")), "{options}: {error}");
+        assert!(error.contains("network_policies.p.endpoints[0]"), "{options}: {error}");
+    }
 }
 
 #[test]
 fn invalid_values_are_errors_naming_the_value() {
     for (endpoint, expected) in [
-        ("{ host: api.test, port: 443, ports: [80] }", "either `port` or `ports`"),
         ("{ host: api.test }", "`port` or `ports` is required"),
+        ("{ host: api.test, ports: [] }", "must not be empty"),
         ("{ host: api.test, port: 0 }", "port 0"),
+        ("{ host: api.test, ports: [443, 0] }", "port 0"),
         ("{ host: api.test, port: 70000 }", "70000"),
-        ("{ host: api.test, port: 443, enforcement: block }", "unknown variant `block`"),
-        ("{ host: api.test, port: 443, tls: maybe }", "unknown variant `maybe`"),
         ("{ host: api.test, port: 443, protocol: ftp }", "unknown variant `ftp`"),
+        ("{ host: api.test, port: 443, json_rpc: { max_body_bytes: -1 } }", "max_body_bytes"),
+        ("{ host: api.test, port: 443, mcp: { strict_tool_names: maybe } }", "strict_tool_names"),
         ("{ host: 'api test', port: 443 }", "'api test' is not a valid DNS name"),
         ("{ port: 443 }", "needs a `host`, or `allowed_ips`"),
     ] {
@@ -535,10 +832,11 @@ fn allowed_ips_must_parse() {
 #[test]
 fn allowed_ips_are_normalised() {
     let policy = Policy::from_yaml(
-        "version: 1\nnetwork_policies:\n  db:\n    endpoints: [{ port: 5432, allowed_ips: [10.1.2.3/8, '2001:db8::7'] }]\n",
+        "version: 1\nnetwork_policies:\n  db:\n    endpoints: [{ port: 5432, allowed_ips: [10.1.2.3/8, '2001:db8::7'] }]\n    binaries: [{ path: /usr/bin/psql }]\n",
     )
     .expect("loads");
-    let decision = evaluate(&policy, &Case { ip: Some("10.200.0.1"), port: 5432, ..DEFAULT_CASE });
+    let case = Case { ip: Some("10.200.0.1"), port: 5432, binary: Some("/usr/bin/psql"), ..DEFAULT_CASE };
+    let decision = evaluate(&policy, &case);
     let expected: Vec<IpNet> =
         ["10.0.0.0/8", "2001:db8::7/128"].iter().map(|net| net.parse().expect("valid net")).collect();
     assert_eq!(decision.endpoint.expect("allowed").allowed_ips, expected);
@@ -590,6 +888,7 @@ network_policies:
         port: 443
         protocol: graphql
         access: read-only
+        credential_binding: { provider: github }
       - host: uploads.github.com
         port: 443
         protocol: graphql
@@ -597,8 +896,9 @@ network_policies:
           - allow: { operation_type: query }
       - host: codeload.github.com
         port: 443
-        protocol: rest
+        protocol: REST
         access: read-only
+    binaries: [{ path: /usr/bin/gh }]
 "#,
     )
     .expect("loads");
@@ -608,26 +908,114 @@ network_policies:
     assert_eq!(warnings_for("protocol"), 1, "{:?}", policy.warnings);
     assert_eq!(warnings_for("access"), 1, "{:?}", policy.warnings);
     assert_eq!(warnings_for("rules"), 1, "{:?}", policy.warnings);
+    assert_eq!(warnings_for("credential_binding"), 1, "{:?}", policy.warnings);
     assert!(policy.warnings.iter().any(|warning| warning.contains("`protocol` is not yet enforced (endpoints 0, 1)")));
 
-    let decision = evaluate(&policy, &Case { host: Some("api.github.com"), ..DEFAULT_CASE });
+    let gh = Some("/usr/bin/gh");
+    let decision = evaluate(&policy, &Case { host: Some("api.github.com"), binary: gh, ..DEFAULT_CASE });
     assert!(decision.inspect.is_none(), "GraphQL is decided at L4 only");
     let endpoint = decision.endpoint.expect("allowed");
-    assert_eq!(endpoint.not_enforced, ["protocol", "access"]);
+    assert_eq!(endpoint.not_enforced, ["protocol", "access", "credential_binding"]);
     assert_eq!(endpoint.protocol.as_deref(), Some("graphql"));
-    let codeload = evaluate(&policy, &Case { host: Some("codeload.github.com"), ..DEFAULT_CASE });
-    assert!(codeload.inspect.is_some(), "REST is inspected");
+    assert_eq!(endpoint.credential_provider.as_deref(), Some("github"));
+    let codeload = evaluate(&policy, &Case { host: Some("codeload.github.com"), binary: gh, ..DEFAULT_CASE });
+    assert!(codeload.inspect.is_some(), "REST, in any case, is inspected");
     assert!(codeload.endpoint.expect("allowed").not_enforced.is_empty());
 
     let summary = policy.summary();
-    assert!(summary.contains("api.github.com:443 protocol graphql (not yet enforced: protocol, access)"), "{summary}");
+    assert!(
+        summary
+            .contains("api.github.com:443 protocol graphql (not yet enforced: protocol, access, credential_binding)"),
+        "{summary}"
+    );
     assert!(summary.contains("codeload.github.com:443 protocol rest inspected (rest, access: read-only)"), "{summary}");
+}
+
+#[test]
+fn ports_win_over_port_as_in_openshell() {
+    let policy = Policy::from_yaml(
+        "version: 1\nnetwork_policies:\n  p:\n    endpoints:\n      - { host: a.test, port: 443, ports: [8443, 9443] }\n      - { host: b.test, port: 443, ports: [] }\n    binaries: [{ path: '/**' }]\n",
+    )
+    .expect("loads");
+    let allowed = |host: &'static str, port: u16| {
+        evaluate(&policy, &Case { host: Some(host), port, binary: Some("/usr/bin/curl"), ..DEFAULT_CASE }).allow
+    };
+    assert!(allowed("a.test", 8443) && allowed("a.test", 9443) && !allowed("a.test", 443));
+    assert!(allowed("b.test", 443), "an empty `ports` leaves `port`");
+    assert_eq!(
+        policy.warnings,
+        ["policy 'p': `port` is ignored where `ports` is set too (endpoint 0), as in OpenShell"]
+    );
+}
+
+#[test]
+fn tls_and_enforcement_values_are_compared_exactly_as_in_openshell() {
+    let policy = Policy::from_yaml(
+        r#"
+version: 1
+network_policies:
+  p:
+    endpoints:
+      - { host: a.test, port: 443, tls: skip, enforcement: audit }
+      - { host: b.test, port: 443, tls: SKIP, enforcement: Enforce }
+      - { host: c.test, port: 443, tls: terminate, enforcement: enforce }
+      - { host: d.test, port: 443, tls: maybe, enforcement: block }
+      - { host: e.test, port: 443 }
+    binaries: [{ path: "/**" }]
+"#,
+    )
+    .expect("loads");
+    let endpoint = |host: &'static str| {
+        let decision = evaluate(&policy, &Case { host: Some(host), binary: Some("/usr/bin/curl"), ..DEFAULT_CASE });
+        let endpoint = decision.endpoint.expect("allowed");
+        (endpoint.tls_skip, endpoint.enforcement)
+    };
+    assert_eq!(endpoint("a.test"), (true, Enforcement::Audit));
+    assert_eq!(endpoint("b.test"), (false, Enforcement::Audit));
+    assert_eq!(endpoint("c.test"), (false, Enforcement::Enforce));
+    assert_eq!(endpoint("d.test"), (false, Enforcement::Audit));
+    assert_eq!(endpoint("e.test"), (false, Enforcement::Enforce));
+    assert_eq!(
+        policy.warnings,
+        [
+            "policy 'p': `tls: SKIP` has no effect: OpenShell compares exactly, and only `skip` does anything",
+            "policy 'p': `tls: maybe` has no effect: OpenShell compares exactly, and only `skip` does anything",
+            "policy 'p': `tls: terminate` is deprecated and has no effect",
+            "policy 'p': `enforcement: Enforce` means `audit`: OpenShell compares exactly, and only `enforce` enforces",
+            "policy 'p': `enforcement: block` means `audit`: OpenShell compares exactly, and only `enforce` enforces",
+        ]
+    );
+}
+
+#[test]
+fn l7_options_of_openshells_schema_load() {
+    let policy = Policy::from_yaml(
+        r#"
+version: 1
+network_policies:
+  p:
+    endpoints:
+      - host: rpc.test
+        port: 443
+        protocol: JSON-RPC
+        json_rpc: { max_body_bytes: 131072 }
+      - host: mcp.test
+        port: 443
+        protocol: MCP
+        mcp: { max_body_bytes: 131072, strict_tool_names: false, allow_all_known_mcp_methods: true }
+    binaries: [{ path: "/**" }]
+"#,
+    )
+    .expect("loads");
+    let summary = policy.summary();
+    assert!(summary.contains("rpc.test:443 protocol json-rpc (not yet enforced: protocol, json_rpc)"), "{summary}");
+    assert!(summary.contains("mcp.test:443 protocol mcp (not yet enforced: protocol, mcp)"), "{summary}");
 }
 
 #[test]
 fn summary_lists_policies_endpoints_and_binaries() {
     let summary = fixture().summary();
-    assert!(summary.starts_with("5 network policies, 10 endpoints\n"), "{summary}");
+    assert!(summary.starts_with("5 network policies, 14 endpoints\n"), "{summary}");
     assert!(summary.contains("policy 'github'\n  endpoint api.github.com:443\n"), "{summary}");
     assert!(summary.contains("  endpoint *.githubusercontent.com:80,443\n"), "{summary}");
     assert!(summary.contains("  endpoint [2001:db8::1]:22\n"), "{summary}");
@@ -635,7 +1023,8 @@ fn summary_lists_policies_endpoints_and_binaries() {
     assert!(summary.contains("  endpoint audit.internal.test:443 audit\n"), "{summary}");
     assert!(summary.contains("  binaries: /usr/bin/git, /usr/lib/git-core/*\n"), "{summary}");
     assert!(summary.contains("policy 'wildcards'\n"), "{summary}");
-    assert!(summary.contains("  binaries: any\n"), "{summary}");
+    assert!(summary.contains("  endpoint *.s3.*.amazonaws.com:443\n"), "{summary}");
+    assert!(summary.contains("  binaries: /**\n"), "{summary}");
 }
 
 #[test]
@@ -703,6 +1092,8 @@ fn names_host_follows_the_connection_matcher_without_ports_or_binaries() {
         "a.example.com",
         "x.y.deep.example.org",
         "api-v2.example.net",
+        "bucket.s3.eu-west-1.amazonaws.com",
+        "static.example.fr",
         "tools.internal.test",
         "audit.internal.test",
     ] {
@@ -714,6 +1105,8 @@ fn names_host_follows_the_connection_matcher_without_ports_or_binaries() {
         "a.b.example.com",
         "deep.example.org",
         "web-v2.example.net",
+        "bucket.s3.amazonaws.com",
+        "static.example.co.uk",
         "192.0.2.10",
         "2001:db8::1",
         "evil.test",
@@ -765,14 +1158,20 @@ fn streams_without_a_host_are_decided_by_the_names_resolved_to_the_address() {
         Some("binary '/usr/bin/python3' not allowed in policy 'github'; endpoint blocked.test:443 is not allowed by any policy")
     );
 
-    // A full allow beats an audit allow found first.
-    let curl = opaque("203.0.113.5", 443, "/usr/bin/python3");
-    let (decision, host) = policy.evaluate_resolved(&curl, &names(&["audit.internal.test", "a.example.com"])).unwrap();
+    // An audit endpoint allows no unlisted binary: the next name may.
+    let python = opaque("203.0.113.5", 443, "/usr/bin/python3");
+    let (decision, host) =
+        policy.evaluate_resolved(&python, &names(&["audit.internal.test", "a.example.com"])).unwrap();
     assert!(decision.allow && !decision.audit);
     assert_eq!(host.as_deref(), Some("a.example.com"));
-    let (decision, host) = policy.evaluate_resolved(&curl, &names(&["audit.internal.test"])).unwrap();
-    assert!(decision.allow && decision.audit);
-    assert_eq!(host.as_deref(), Some("audit.internal.test"));
+    let (decision, host) = policy.evaluate_resolved(&python, &names(&["audit.internal.test"])).unwrap();
+    assert!(!decision.allow && !decision.audit && host.is_none());
+
+    // The address's own IP-literal endpoint still matches along the names.
+    let ssh = opaque("192.0.2.10", 22, "/usr/bin/ssh");
+    let (decision, host) = policy.evaluate_resolved(&ssh, &names(&["blocked.test"])).unwrap();
+    assert!(decision.allow, "{decision:?}");
+    assert_eq!((decision.policy.as_deref(), host.as_deref()), (Some("addresses"), Some("blocked.test")));
 
     // No names: the address alone, as for any opaque stream.
     let (decision, host) = policy.evaluate_resolved(&git, &[]).unwrap();

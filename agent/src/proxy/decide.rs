@@ -122,7 +122,8 @@ impl Decider {
             let allowed = allowed_by_policy(decision)?;
             let addresses = self.dns.lookup(host).await.map_err(Denial::unresolved)?;
             if let Some(destination) = destination {
-                if !addresses.contains(&destination) && !self.was_told(origin.cgroup_id, host, destination) {
+                let connected = addresses.iter().any(|ip| ip.to_canonical() == destination.to_canonical());
+                if !connected && !self.was_told(origin.cgroup_id, host, destination) {
                     return Err(mismatch(host, destination));
                 }
             }

@@ -21,7 +21,8 @@ pub struct Origin {
     /// `/proc/<pid>/exe` at accept time; `None` if the process already exited.
     pub exe: Option<PathBuf>,
     /// Executables of the parent, grandparent... (nearest first), up to but
-    /// excluding pid 1, when the policy matches binaries (empty otherwise).
+    /// excluding pid 1, when the policy matches binaries or `exe` is not
+    /// known (empty otherwise).
     /// An ancestor counts only with the executable it had when it forked
     /// the next one down. The pid comes from the kernel's record, never from
     /// anything the sandbox sends.
@@ -46,7 +47,8 @@ impl Origin {
         // The executable first, the times after: an exec is stamped before
         // it swaps the executable, so unchanged times vouch for what was read.
         let exe = exe_of(record.tgid);
-        let ancestors = if with_ancestors { ancestors_of(record.tgid, &times_of) } else { Vec::new() };
+        // Without its own executable, a process can match `binaries` only by an ancestor's.
+        let ancestors = if with_ancestors || exe.is_none() { ancestors_of(record.tgid, &times_of) } else { Vec::new() };
         let identity_lost = identity_lost(record.times, times_of(record.tgid));
         Self {
             destination: SocketAddr::new(ip, record.original_dst.port),

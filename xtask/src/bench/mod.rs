@@ -348,7 +348,7 @@ impl<'a> Bench<'a> {
             .map(|p| p.to_string())
             .collect();
         let policy = PolicyFile::new(&format!(
-            "version: 1\nnetwork_policies:\n  bench:\n    endpoints:\n      - host: \"{server_ip}\"\n        ports: [{}]\n        allowed_ips: [\"{server_ip}/32\"]\n",
+            "version: 1\nnetwork_policies:\n  bench:\n    endpoints:\n      - host: \"{server_ip}\"\n        ports: [{}]\n        allowed_ips: [\"{server_ip}/32\"]\n    binaries: [{{ path: \"/**\" }}]\n",
             ports.join(", ")
         ))?;
         Ok(Self {
