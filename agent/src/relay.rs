@@ -21,7 +21,7 @@ use nix::{
     unistd::pipe2,
 };
 use tokio::{
-    io::{AsyncWrite, AsyncWriteExt, Interest},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest},
     net::{
         tcp::{ReadHalf, WriteHalf},
         TcpStream,
@@ -71,6 +71,53 @@ pub async fn relay(
         outcome.error = Some(error);
     }
     outcome
+}
+
+/// [`relay`] for streams that cannot splice (TLS the agent terminated, after
+/// a 101): copied through a buffer, with the same idle limit and counts.
+pub async fn copy<C, U>(client: C, upstream: U, prefill: Prefill, idle: Duration) -> Outcome
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let idle = Idle::new(idle);
+    let mut outcome = Outcome::default();
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
+    let result = tokio::try_join!(
+        copy_until_eof(&mut client_read, &mut upstream_write, prefill.to_upstream, &mut outcome.bytes_up, &idle),
+        copy_until_eof(&mut upstream_read, &mut client_write, prefill.to_client, &mut outcome.bytes_down, &idle),
+    );
+    outcome.error = result.err();
+    outcome
+}
+
+/// Buffer of one direction of [`copy`]: a TLS record's worth.
+const COPY_BUFFER: usize = 16 * 1024;
+
+async fn copy_until_eof<R, W>(
+    from: &mut R,
+    to: &mut W,
+    prefill: Vec<u8>,
+    delivered: &mut u64,
+    idle: &Idle,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    idle.bounded(write_all_counted(to, &prefill, delivered)).await?;
+    drop(prefill);
+    let mut buffer = vec![0u8; COPY_BUFFER];
+    loop {
+        let read = idle.bounded(from.read(&mut buffer)).await?;
+        if read == 0 {
+            return to.shutdown().await;
+        }
+        idle.touch();
+        idle.bounded(write_all_counted(to, &buffer[..read], delivered)).await?;
+        idle.touch();
+    }
 }
 
 /// How long a failed relay waits for a peer to acknowledge what it was sent

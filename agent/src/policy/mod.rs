@@ -291,9 +291,6 @@ pub struct Inspection {
     /// `access: read-only`, or how many allow rules.
     pub rules: String,
     pub deny_rules: usize,
-    /// The endpoint's rules as egress.rego reads them.
-    #[serde(skip)]
-    document: serde_json::Value,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]

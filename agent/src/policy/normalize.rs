@@ -55,8 +55,8 @@ pub(super) fn normalize(file: PolicyFile) -> Result<Normalized> {
         let (policy, patterns) = normalize_policy(&name, definition, &context, &mut warnings)?;
         let binaries =
             binaries_document(&policy.binaries, &mut globs).with_context(|| format!("{context}.binaries"))?;
-        for (position, (endpoint, pattern)) in policy.endpoints.iter().zip(&patterns).enumerate() {
-            index.add(&name, position, endpoint, pattern, &binaries);
+        for (position, (endpoint, matching)) in policy.endpoints.iter().zip(&patterns).enumerate() {
+            index.add(&name, position, endpoint, matching, &binaries);
         }
         policies.insert(name, policy);
     }
@@ -69,7 +69,7 @@ fn normalize_policy(
     definition: NetworkPolicyDef,
     context: &str,
     warnings: &mut Vec<String>,
-) -> Result<(NetworkPolicy, Vec<HostPattern>)> {
+) -> Result<(NetworkPolicy, Vec<Matching>)> {
     // field -> endpoint positions, so each field is reported once per policy.
     let mut not_enforced: BTreeMap<&'static str, Vec<usize>> = BTreeMap::new();
     // `tls` and `enforcement` values other than `skip` and `enforce`/`audit`.
@@ -158,9 +158,15 @@ fn endpoint_list(positions: &[usize]) -> String {
     }
 }
 
-fn normalize_endpoint(definition: EndpointDef, context: &str) -> Result<(Endpoint, HostPattern)> {
+/// An endpoint as egress.rego matches it: its host, and its L7 rules if inspected.
+struct Matching {
+    pattern: HostPattern,
+    rules: Option<Json>,
+}
+
+fn normalize_endpoint(definition: EndpointDef, context: &str) -> Result<(Endpoint, Matching)> {
     let not_enforced = definition.not_enforced_fields();
-    let inspection = normalize_inspection(&definition, context)?;
+    let (inspection, rules) = normalize_inspection(&definition, context)?.unzip();
     let enforcement = enforcement(&definition);
     // OpenShell writes a hostless endpoint as an empty host.
     let host = definition.host.map(|host| canonical_host(&host)).filter(|host| !host.is_empty());
@@ -196,7 +202,7 @@ fn normalize_endpoint(definition: EndpointDef, context: &str) -> Result<(Endpoin
         credential_provider: definition.credential_binding.map(|binding| binding.provider),
         not_enforced,
     };
-    Ok((endpoint, pattern))
+    Ok((endpoint, Matching { pattern, rules }))
 }
 
 /// Inspected endpoints of one host, port and `path` must agree on how
@@ -252,7 +258,7 @@ fn enforcement(definition: &EndpointDef) -> Enforcement {
 
 /// An inspected endpoint's rules, checked as OpenShell checks them and
 /// expanded (access presets become rules) into the form egress.rego matches.
-fn normalize_inspection(definition: &EndpointDef, context: &str) -> Result<Option<Inspection>> {
+fn normalize_inspection(definition: &EndpointDef, context: &str) -> Result<Option<(Inspection, Json)>> {
     if !definition.inspected() {
         return Ok(None);
     }
@@ -315,15 +321,15 @@ fn normalize_inspection(definition: &EndpointDef, context: &str) -> Result<Optio
         "deny_rules": deny_rules,
         "audit": enforcement(definition) == Enforcement::Audit,
     });
-    Ok(Some(Inspection {
+    let inspection = Inspection {
         protocol,
         path: definition.path.clone().filter(|path| !path.is_empty()),
         allow_encoded_slash: definition.allow_encoded_slash.unwrap_or(false),
         terminate_tls: definition.tls.as_deref() != Some("skip"),
         rules: rules_text,
         deny_rules: deny_rules.len(),
-        document,
-    }))
+    };
+    Ok(Some((inspection, document)))
 }
 
 /// A REST or WebSocket rule: `method` and `path` required, `query` globs.
@@ -577,17 +583,17 @@ struct RegoIndex {
 }
 
 impl RegoIndex {
-    fn add(&mut self, policy: &str, position: usize, endpoint: &Endpoint, pattern: &HostPattern, binaries: &Json) {
+    fn add(&mut self, policy: &str, position: usize, endpoint: &Endpoint, matching: &Matching, binaries: &Json) {
         let mut document = json!({
             "policy": policy,
             "index": position,
             "ports": endpoint.ports,
             "binaries": binaries,
         });
-        if let Some(inspection) = &endpoint.inspection {
-            document["l7"] = inspection.document.clone();
+        if let Some(rules) = &matching.rules {
+            document["l7"] = rules.clone();
         }
-        let (table, key) = match pattern {
+        let (table, key) = match &matching.pattern {
             HostPattern::Exact(host) => (&mut self.by_host, host.clone()),
             HostPattern::Ip(ip) => (&mut self.by_ip, ip.to_canonical().to_string()),
             HostPattern::Wildcard { domain, first } => {

@@ -12,7 +12,7 @@ use super::{
     connection::{bad_request, connect_upstream, deny_http, CloseLog, Shared},
     decide::Denial,
     exchange::{exchange, Exchanged, KEEP_ALIVE_IDLE, VIA},
-    inspect::{check_request, Checked},
+    inspect::{check_request, Checked, Target},
     origin::Origin,
     respond,
 };
@@ -97,11 +97,10 @@ pub async fn serve(
                 return deny_http(stream, &format!("{} {host_text}:{port}", head.method), &denial).await;
             }
         };
-        if let Some(inspection) = &allowed.inspect {
-            let destination = SocketAddr::new(allowed.upstream.ip(), port);
-            match check_request(client.get_mut(), &mut head, &lookup_name, destination, inspection, origin, shared, log)
-                .await
-            {
+        if let Some(inspection) = allowed.inspect.clone() {
+            let upstream = SocketAddr::new(allowed.upstream.ip(), port);
+            let target = Target { name: lookup_name.clone(), upstream, inspection, tls: false };
+            match check_request(client.get_mut(), &mut head, &target, origin, shared, log).await {
                 Checked::Allowed => {}
                 Checked::Denied { close: true } => return,
                 Checked::Denied { close: false } => {

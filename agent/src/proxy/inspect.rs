@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 
 use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
+    io::{AsyncRead, AsyncWrite},
     net::TcpStream,
 };
 
@@ -21,6 +21,7 @@ use crate::{
     inference::Io,
     l7::path::canonicalize,
     policy::{HttpRequest, Inspection, RequestDecision},
+    relay::{self, Prefill},
     rewound::Rewound,
     sniff::{
         host::Host,
@@ -36,25 +37,23 @@ pub enum Checked {
     },
 }
 
-/// The L7 step of one request to `host` (the name the connection was
-/// decided on) at `destination`: the target canonicalised (and `head`
-/// rewritten to forward it so), the request decided by the current policy,
-/// one log line, and a 403 JSON for a denial. A denied request without a
-/// body leaves a keep-alive connection open; one with a body closes it (its
-/// body is never read).
-#[allow(clippy::too_many_arguments)]
+/// The L7 step of one request on a connection to `target`: the request
+/// target canonicalised (and `head` rewritten to forward it so), the request
+/// decided by the current policy, one log line, and a 403 JSON for a denial.
+/// A denied request without a body leaves a keep-alive connection open; one
+/// with a body closes it (its body is never read).
 pub async fn check_request<W: AsyncWrite + Unpin>(
     client: &mut W,
     head: &mut RequestHead,
-    host: &str,
-    destination: SocketAddr,
-    inspection: &Inspection,
+    target: &Target,
     origin: &Origin,
     shared: &Shared,
     log: &mut CloseLog,
 ) -> Checked {
-    let target = head.origin_form_target();
-    let (generation, decision, path) = match canonicalize(&target, inspection.allow_encoded_slash) {
+    let Target { name: host, upstream: destination, inspection, .. } = target;
+    let (host, destination) = (host.as_str(), *destination);
+    let request_target = head.origin_form_target();
+    let (generation, decision, path) = match canonicalize(&request_target, inspection.allow_encoded_slash) {
         Ok(canonical) => {
             let http = HttpRequest { method: &head.method, path: &canonical.path, query: &canonical.query };
             let (generation, decision) = shared.decider.request(origin, host, destination, &http);
@@ -66,8 +65,12 @@ pub async fn check_request<W: AsyncWrite + Unpin>(
         }
         Err(reason) => {
             let generation = shared.decider.policies.current().generation;
-            let reason = Some(format!("{} {target} refused: {reason}", head.method));
-            (generation, RequestDecision { allow: false, audit: false, policy: None, rule: None, reason }, target)
+            let reason = Some(format!("{} {request_target} refused: {reason}", head.method));
+            (
+                generation,
+                RequestDecision { allow: false, audit: false, policy: None, rule: None, reason },
+                request_target,
+            )
         }
     };
     log_request(origin, host, destination, &head.method, &path, generation, &decision);
@@ -132,7 +135,8 @@ fn log_request(
 }
 
 /// Where an inspected connection's requests go: the address the policy
-/// allowed, over TLS verified for `name` when the client spoke TLS.
+/// allowed, over TLS verified for `name` when the client spoke TLS (plain
+/// HTTP decides each request's own upstream, and names it here per request).
 pub struct Target {
     /// The name the connection was decided on (SNI, CONNECT host, or the
     /// name the sandbox resolved): requests must name it in Host.
@@ -206,18 +210,7 @@ pub async fn serve<C>(
             let body = ErrorBody::new("host_mismatch", &head.target, &reason);
             return respond::error(client.get_mut(), 403, &body).await;
         }
-        let checked = check_request(
-            client.get_mut(),
-            &mut head,
-            &target.name,
-            target.upstream,
-            &target.inspection,
-            origin,
-            shared,
-            log,
-        )
-        .await;
-        match checked {
+        match check_request(client.get_mut(), &mut head, &target, origin, shared, log).await {
             Checked::Allowed => {}
             Checked::Denied { close: true } => return,
             Checked::Denied { close: false } => continue,
@@ -240,7 +233,8 @@ pub async fn serve<C>(
                 log.protocol = "websocket";
                 let (client, to_upstream) = client.into_parts();
                 let (upstream, to_client) = upstream.take().expect("connected above").into_parts();
-                return splice(client, upstream, to_upstream, to_client, log).await;
+                let prefill = Prefill { to_upstream, to_client };
+                return log.relayed(relay::copy(client, upstream, prefill, shared.config.idle_timeout).await);
             }
         }
     }
@@ -289,25 +283,5 @@ async fn connect(
             log.upstream_failed(error.reason.clone());
             Err((status, error.kind.as_str(), error.reason))
         }
-    }
-}
-
-/// After a 101: raw bytes both ways, the bytes each reader held first.
-async fn splice<C, U>(mut client: C, mut upstream: U, to_upstream: Vec<u8>, to_client: Vec<u8>, log: &mut CloseLog)
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
-{
-    let prefilled = async {
-        upstream.write_all(&to_upstream).await?;
-        client.write_all(&to_client).await?;
-        tokio::io::copy_bidirectional(&mut client, &mut upstream).await
-    };
-    match prefilled.await {
-        Ok((up, down)) => {
-            log.bytes_up += up + to_upstream.len() as u64;
-            log.bytes_down += down + to_client.len() as u64;
-        }
-        Err(error) => log.error = Some(error.to_string()),
     }
 }
