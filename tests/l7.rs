@@ -18,8 +18,9 @@ const BINARIES: &str = "    binaries:\n      - path: \"/**\"\n";
 /// A test namespace serving the REST API as api.rest.test, and an agent
 /// that trusts the API's CA upstream and whose own CA the clients trust.
 struct Setup {
-    sandbox: Sandbox,
+    // Dropped in this order: the agent detaches from the sandbox before its cgroup goes.
     agent: Agent,
+    sandbox: Sandbox,
     api: Servers,
     policy: PolicyFile,
     agent_ca: String,

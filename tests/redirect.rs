@@ -199,6 +199,30 @@ fn detach_restores_direct_connects() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn pins_of_a_cgroup_removed_without_detach_are_removed_by_the_next_agent() -> Result<()> {
+    require_root();
+    let policy = PolicyFile::new("version: 1\nnetwork_policies: {}\n")?;
+    let removed = Sandbox::new("pins-removed")?;
+    let pins = Path::new("/sys/fs/bpf/sandbox-egress").join(std::fs::metadata(&removed.path)?.ino().to_string());
+    let mut first = Agent::start(&removed, &policy, &[])?;
+    first.kill();
+    ensure!(pins.exists(), "a killed agent leaves its pins (fail closed)");
+    // The cgroup goes without a detach, as when a container runtime removes it.
+    drop(removed);
+    ensure!(pins.exists(), "nothing removes them with the cgroup");
+    let other = Sandbox::new("pins-other")?;
+    let agent = Agent::start(&other, &policy, &[])?;
+    ensure!(!pins.exists(), "the next agent removed the pins of the removed cgroup");
+    agent.log.wait_for("the removal logged", |e| {
+        e["message"] == "removed the pins of a cgroup that no longer exists"
+            && e["cgroup_id"].as_u64().map(|id| id.to_string()) == pins.file_name().map(|n| n.to_string_lossy().into())
+    })?;
+    let own = Path::new("/sys/fs/bpf/sandbox-egress").join(std::fs::metadata(&other.path)?.ino().to_string());
+    ensure!(own.exists(), "its own pins stay");
+    Ok(())
+}
+
 /// A one-shot HTTP server on loopback in the test process; reports whether it was reached.
 fn loopback_http_server() -> Result<(u16, thread::JoinHandle<bool>)> {
     let listener = TcpListener::bind("127.0.0.1:0")?;

@@ -103,6 +103,7 @@ impl Redirect {
         log_level: EbpfLogLevel,
         abstract_unix: &[String],
     ) -> Result<Self> {
+        remove_pins_of_removed_cgroups(cgroup);
         let dir = pin_dir(cgroup);
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         let pins = LINKS.iter().map(|(pin, _, _)| *pin).chain(ABSTRACT_UNIX_PINS);
@@ -438,6 +439,54 @@ fn start_ebpf_log_drain(ebpf: &mut Ebpf) {
             ready.clear_ready();
         }
     });
+}
+
+/// Removes the pins left for cgroups that no longer exist: a sandbox cgroup
+/// removed without `detach` keeps its links pinned, and its tracepoint
+/// programs count against the kernel's limit per tracepoint (64 programs,
+/// then E2BIG), which would in time keep any agent from attaching.
+fn remove_pins_of_removed_cgroups(cgroup: &Cgroup) {
+    let (Ok(cgroup_fs), Ok(entries)) =
+        (std::fs::File::open(&cgroup.path), std::fs::read_dir(Path::new(BPFFS).join("sandbox-egress")))
+    else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(id) = entry.file_name().to_str().and_then(|name| name.parse::<u64>().ok()) else { continue };
+        if cgroup_exists(&cgroup_fs, id) {
+            continue;
+        }
+        match std::fs::remove_dir_all(entry.path()) {
+            Ok(()) => tracing::info!(cgroup_id = id, "removed the pins of a cgroup that no longer exists"),
+            Err(error) => tracing::warn!(cgroup_id = id, %error, "cannot remove the pins of a removed cgroup"),
+        }
+    }
+}
+
+/// Whether the cgroup with inode `id` exists on the cgroup v2 filesystem
+/// `cgroup_fs` is on: cgroup ids are kernfs file handles. Only a stale
+/// handle means gone; any other error counts as present.
+fn cgroup_exists(cgroup_fs: &std::fs::File, id: u64) -> bool {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    /// `struct file_handle` holding a kernfs id (FILEID_KERNFS).
+    #[repr(C)]
+    struct KernfsHandle {
+        handle_bytes: u32,
+        handle_type: i32,
+        id: u64,
+    }
+    const FILEID_KERNFS: i32 = 0xfe;
+    let mut handle = KernfsHandle { handle_bytes: 8, handle_type: FILEID_KERNFS, id };
+    // SAFETY: the handle is a valid file_handle of 8 bytes; the fd returned is owned below.
+    let fd = unsafe {
+        libc::open_by_handle_at(cgroup_fs.as_raw_fd(), (&raw mut handle).cast(), libc::O_RDONLY | libc::O_CLOEXEC)
+    };
+    if fd >= 0 {
+        // SAFETY: fd was just opened and is owned by nothing else.
+        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        return true;
+    }
+    std::io::Error::last_os_error().raw_os_error() != Some(libc::ESTALE)
 }
 
 /// Removes the pinned links and maps of `cgroup`. Returns whether anything was attached.
