@@ -23,13 +23,14 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use super::{
     body::{BodyError, BodySource, Piece},
     config::Provider,
-    provider::{Endpoint, Secret},
+    provider::Endpoint,
     respond::{write_refusal, Refusal},
     stream::{is_event_stream, relay_body, StreamEnd},
     upstream::{is_connection_gone, ConnectError, Io},
     Inference,
 };
 use crate::{
+    credentials::Secret,
     dns::INFERENCE_HOST,
     http1::{
         forward::{forward_response_head, wants_close},
