@@ -18,8 +18,10 @@ const BINARIES: &str = "    binaries:\n      - path: \"/**\"\n";
 /// A test namespace serving the REST API as api.rest.test, and an agent
 /// that trusts the API's CA upstream and whose own CA the clients trust.
 struct Setup {
-    sandbox: Sandbox,
+    // Dropped before the sandbox: it detaches while the cgroup still exists
+    // (else its pinned links, tracepoints included, outlive the test).
     agent: Agent,
+    sandbox: Sandbox,
     api: Servers,
     policy: PolicyFile,
     agent_ca: String,
@@ -52,7 +54,7 @@ impl Setup {
         let exported = run(agent_bin().to_str().context("utf-8 path")?, &["ca", "export", "--ca-dir", &ca_dir])?;
         let agent_ca = dir.file("agent-ca.pem");
         std::fs::write(&agent_ca, &exported.stdout)?;
-        Ok(Self { sandbox, agent, api, policy, agent_ca, rest_ca, net, _dns: dns, _dir: dir })
+        Ok(Self { agent, sandbox, api, policy, agent_ca, rest_ca, net, _dns: dns, _dir: dir })
     }
 
     fn url(&self, path: &str) -> String {
