@@ -28,7 +28,8 @@
 //! accepted and ignored, with one warning each. A key the schema does not
 //! have is an error that names it and where it is (inside `json_rpc`, `mcp`
 //! and `credential_binding` too). Endpoints with REST or WebSocket rules, or
-//! a `credential_binding`, are inspected (see "L7" below). Fields of the L7
+//! a `credential_binding`, are inspected: each HTTP request is decided by
+//! [`Policy::evaluate_request`] (egress.rego's L7 part). Fields of the L7
 //! protocols not inspected (GraphQL, MCP, JSON-RPC, SQL) and the credential
 //! rewrite and signing options are parsed and reported as not yet enforced:
 //! one warning per field per policy at load, listed by [`Policy::summary`]
