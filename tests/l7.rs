@@ -53,7 +53,7 @@ impl Setup {
         let exported = run(agent_bin().to_str().context("utf-8 path")?, &["ca", "export", "--ca-dir", &ca_dir])?;
         let agent_ca = dir.file("agent-ca.pem");
         std::fs::write(&agent_ca, &exported.stdout)?;
-        Ok(Self { sandbox, agent, api, policy, agent_ca, rest_ca, net, _dns: dns, _dir: dir })
+        Ok(Self { agent, sandbox, api, policy, agent_ca, rest_ca, net, _dns: dns, _dir: dir })
     }
 
     fn url(&self, path: &str) -> String {

@@ -699,7 +699,7 @@ network_policies:
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::write(&path, yaml).unwrap();
-        (PolicyStore::load(&path).unwrap(), path)
+        (PolicyStore::load(&path, Vec::new()).unwrap(), path)
     }
 
     fn responder(upstream: SocketAddr, limits: DnsLimits) -> DnsResponder {

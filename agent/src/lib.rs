@@ -1,6 +1,7 @@
 //! sandbox-egress: the agent's modules, as a library so fuzz targets and
 //! the `sandbox-egress` binary share them.
 
+pub mod credentials;
 pub mod dns;
 pub mod http1;
 pub mod inference;

@@ -4,7 +4,7 @@ use std::{num::NonZeroUsize, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use sandbox_egress::{dns, inference, logging, policy, preflight, proxy, redirect, sniff, tls};
+use sandbox_egress::{credentials, dns, inference, logging, policy, preflight, proxy, redirect, sniff, tls};
 
 #[derive(Parser)]
 #[command(name = "sandbox-egress", version, about = "Transparent egress proxy for sandbox cgroups")]
@@ -26,6 +26,9 @@ enum Command {
     /// Validate or try out a policy file offline.
     #[command(subcommand)]
     Policy(policy::cli::PolicyCommand),
+    /// Credentials kept out of the sandbox: the placeholders it holds instead.
+    #[command(subcommand)]
+    Credentials(credentials::cli::CredentialsCommand),
     /// The agent's certificate authority, which sandboxes trust for inference.local.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -93,6 +96,11 @@ struct RunArgs {
     /// Providers and route of inference.local (see README); without it, inference.local is refused.
     #[arg(long, value_name = "FILE")]
     inference_config: Option<PathBuf>,
+    /// Credential providers (YAML, see README "Credentials"): endpoints with
+    /// `credential_binding` get their secrets, which the sandbox never holds.
+    /// Read at start-up; secret files are read again on every use.
+    #[arg(long, value_name = "FILE")]
+    credentials: Option<PathBuf>,
     /// Control socket for `sandbox-egress inference set|get|update` (root only, 0600).
     #[arg(long, default_value = inference::DEFAULT_CONTROL_SOCKET)]
     control_socket: PathBuf,
@@ -138,6 +146,7 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Run(args) => run(args),
         Command::Policy(command) => policy::cli::run(command),
+        Command::Credentials(command) => credentials::cli::run(command),
         Command::Inference(command) => inference::cli::run(command),
         Command::Ca(CaCommand::Export { ca_dir }) => export_ca(&ca_dir),
         Command::Detach { cgroup } => detach(&cgroup),
@@ -162,7 +171,17 @@ fn run(args: RunArgs) -> Result<()> {
             "the open-file limit may not cover --max-connections (about 6 fds each while relaying)"
         );
     }
-    let policies = proxy::PolicyStore::load(&args.policy)?;
+    let credentials = match &args.credentials {
+        None => credentials::Credentials::default(),
+        Some(path) => {
+            // Secrets live in this process's memory: no core dump may hold
+            // them (it also keeps other users' ptrace and /proc/PID/mem out).
+            nix::sys::prctl::set_dumpable(false).context("prctl(PR_SET_DUMPABLE, 0)")?;
+            credentials::Credentials::load(path)?
+        }
+    };
+    let providers = credentials.provider_names().map(str::to_owned).collect();
+    let policies = proxy::PolicyStore::load(&args.policy, providers)?;
     let ca = tls::AgentCa::load_or_create(&args.ca_dir)?;
     let inference = match &args.inference_config {
         None => None,
@@ -218,7 +237,7 @@ fn run(args: RunArgs) -> Result<()> {
                 }
             });
         }
-        let parts = proxy::Parts { redirect, config, policies, dns, inference };
+        let parts = proxy::Parts { redirect, config, policies, dns, inference, credentials };
         proxy::serve(listeners, parts, &cgroup).await
     })
 }

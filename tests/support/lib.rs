@@ -38,6 +38,9 @@ pub const PROVIDER_TLS_PORT: u16 = 8001;
 pub const REST_HTTP_PORT: u16 = 9080;
 pub const REST_TLS_PORT: u16 = 9443;
 pub const REST_API_HOST: &str = "api.rest.test";
+/// The git server of [`TestNet::start_git_server`]: HTTPS, [`GIT_HOST`].
+pub const GIT_TLS_PORT: u16 = 9444;
+pub const GIT_HOST: &str = "git.rest.test";
 /// Upper bound for anything a test waits for.
 pub const WAIT: Duration = Duration::from_secs(15);
 
@@ -295,19 +298,7 @@ impl TestNet {
     /// public IPv4 address signed by a test CA, [`PROVIDER_TLS_PORT`].
     /// Returns the servers and the test CA's PEM file (for `ca_file`).
     pub fn start_fake_provider(&self, dir: &TempDir) -> Result<(Servers, PathBuf)> {
-        let ca_key = rcgen::KeyPair::generate()?;
-        let mut ca_params = rcgen::CertificateParams::default();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "sandbox-egress test provider CA");
-        let ca_cert = ca_params.self_signed(&ca_key)?;
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let leaf_key = rcgen::KeyPair::generate()?;
-        let leaf = rcgen::CertificateParams::new(vec![self.v4.to_string()])?.signed_by(&leaf_key, &issuer)?;
-        let (ca, cert, key) =
-            (dir.path.join("provider-ca.pem"), dir.path.join("provider.pem"), dir.path.join("provider-key.pem"));
-        std::fs::write(&ca, ca_cert.pem())?;
-        std::fs::write(&cert, leaf.pem())?;
-        std::fs::write(&key, leaf_key.serialize_pem())?;
+        let TestCertificate { ca, cert, key } = TestCertificate::new(dir, "provider", vec![self.v4.to_string()])?;
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &self.netns, PYTHON, "-u"]).arg(support_file("fake_provider.py"));
         command.args(["--http-port", &PROVIDER_HTTP_PORT.to_string(), "--tls-port", &PROVIDER_TLS_PORT.to_string()]);
@@ -331,24 +322,28 @@ impl TestNet {
     /// with `/ws` gets a 101, then every message is echoed and printed as
     /// `{"kind": "ws_message", "opcode", "text", "length"}`.
     pub fn start_rest_api(&self, dir: &TempDir) -> Result<(Servers, PathBuf)> {
-        let ca_key = rcgen::KeyPair::generate()?;
-        let mut ca_params = rcgen::CertificateParams::default();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "sandbox-egress test REST API CA");
-        let ca_cert = ca_params.self_signed(&ca_key)?;
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let leaf_key = rcgen::KeyPair::generate()?;
         let names = vec![REST_API_HOST.to_owned(), self.v4.to_string(), self.v6.to_string()];
-        let leaf = rcgen::CertificateParams::new(names)?.signed_by(&leaf_key, &issuer)?;
-        let (ca, cert, key) =
-            (dir.path.join("rest-api-ca.pem"), dir.path.join("rest-api.pem"), dir.path.join("rest-api-key.pem"));
-        std::fs::write(&ca, ca_cert.pem())?;
-        std::fs::write(&cert, leaf.pem())?;
-        std::fs::write(&key, leaf_key.serialize_pem())?;
+        let TestCertificate { ca, cert, key } = TestCertificate::new(dir, "rest-api", names)?;
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &self.netns, PYTHON, "-u"]).arg(support_file("rest_api.py"));
         command.args(["--http-port", &REST_HTTP_PORT.to_string(), "--tls-port", &REST_TLS_PORT.to_string()]);
         command.args(["--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap()]);
+        Ok((Servers::start(command, None)?, ca))
+    }
+
+    /// Starts `git http-backend` behind tests/support/git_server.py on
+    /// [`GIT_TLS_PORT`], with a certificate for [`GIT_HOST`] signed by a test
+    /// CA (files in `dir`), serving the bare repositories under `root` to
+    /// requests with Basic credentials whose password is the contents of
+    /// `token_file` (else 401). Each request is printed as an event
+    /// `{"kind": "request", "method", "path", "query", "authorization", "status"}`.
+    /// Returns the servers and the test CA's PEM file.
+    pub fn start_git_server(&self, dir: &TempDir, root: &Path, token_file: &Path) -> Result<(Servers, PathBuf)> {
+        let TestCertificate { ca, cert, key } = TestCertificate::new(dir, "git", vec![GIT_HOST.to_owned()])?;
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.netns, PYTHON, "-u"]).arg(support_file("git_server.py"));
+        command.args(["--port", &GIT_TLS_PORT.to_string(), "--cert", cert.to_str().unwrap()]);
+        command.args(["--key", key.to_str().unwrap(), "--root"]).arg(root).arg("--token-file").arg(token_file);
         Ok((Servers::start(command, None)?, ca))
     }
 
@@ -396,6 +391,37 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A test CA and a server certificate it signed, as PEM files in a test's
+/// directory: `{stem}-ca.pem`, `{stem}.pem` and `{stem}-key.pem`.
+pub struct TestCertificate {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestCertificate {
+    /// `names`: DNS names or IP addresses the certificate is for.
+    pub fn new(dir: &TempDir, stem: &str, names: Vec<String>) -> Result<Self> {
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut ca_params = rcgen::CertificateParams::default();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(rcgen::DnType::CommonName, format!("sandbox-egress test {stem} CA"));
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let leaf_key = rcgen::KeyPair::generate()?;
+        let leaf = rcgen::CertificateParams::new(names)?.signed_by(&leaf_key, &issuer)?;
+        let files = Self {
+            ca: dir.path.join(format!("{stem}-ca.pem")),
+            cert: dir.path.join(format!("{stem}.pem")),
+            key: dir.path.join(format!("{stem}-key.pem")),
+        };
+        std::fs::write(&files.ca, ca_cert.pem())?;
+        std::fs::write(&files.cert, leaf.pem())?;
+        std::fs::write(&files.key, leaf_key.serialize_pem())?;
+        Ok(files)
     }
 }
 

@@ -10,7 +10,7 @@ use crate::status;
 /// rustc-web/cargo-web/rust-web-src: a compiler whose library source matches
 /// exactly, so `core` can be built for bpfel-unknown-none. llvm-22-dev: what
 /// bpf-linker links against. The rest: what the tests and the demo run.
-const PACKAGES: [&str; 14] = [
+const PACKAGES: [&str; 15] = [
     "rustc-web",
     "cargo-web",
     "rust-web-src",
@@ -26,6 +26,8 @@ const PACKAGES: [&str; 14] = [
     "openssh-server",
     "redis-server",
     "redis-tools",
+    // A real clone against `git http-backend` for tests/credentials.rs.
+    "git",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";

@@ -34,7 +34,7 @@ use std::{
     collections::BTreeMap,
     fmt,
     fs::{self, OpenOptions},
-    io::{self, Read, Write},
+    io::{self, Write},
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     sync::Arc,
@@ -46,9 +46,10 @@ use rustls::RootCertStore;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    provider::{BaseUrl, ProviderType, Secret},
+    provider::{BaseUrl, ProviderType},
     upstream::Connector,
 };
+use crate::credentials::CredentialSource;
 
 pub const DEFAULT_MAX_REQUEST_BODY: u64 = 10 << 20;
 pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 256 << 20;
@@ -56,8 +57,6 @@ pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Non-streamed completions of long outputs take minutes.
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(300);
-/// A key or token is far shorter; a larger file is not a credential.
-const MAX_CREDENTIAL_FILE_BYTES: u64 = 16 * 1024;
 /// Longest model name a route may hold.
 const MAX_MODEL_LEN: usize = 256;
 /// Header fields the agent sets itself, which configured headers must not replace.
@@ -95,54 +94,6 @@ pub struct ProviderConfig {
     pub ca_file: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
-}
-
-/// Where a credential is read from: exactly one of `env` and `file`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CredentialSource {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub env: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub file: Option<PathBuf>,
-}
-
-impl CredentialSource {
-    /// Reads the value now: a rotated key file or a changed environment
-    /// takes effect on the next request. Errors say where the value was
-    /// looked for, never what it was.
-    pub fn read(&self) -> Result<Secret, String> {
-        match (&self.env, &self.file) {
-            (Some(variable), None) => {
-                let value = std::env::var(variable).map_err(|error| match error {
-                    std::env::VarError::NotPresent => format!("environment variable {variable} is not set"),
-                    std::env::VarError::NotUnicode(_) => format!("environment variable {variable} is not UTF-8"),
-                })?;
-                Secret::new(&value).map_err(|reason| format!("environment variable {variable} {reason}"))
-            }
-            (None, Some(path)) => {
-                let shown = path.display();
-                let mut value = String::new();
-                fs::File::open(path)
-                    .and_then(|file| file.take(MAX_CREDENTIAL_FILE_BYTES + 1).read_to_string(&mut value))
-                    .map_err(|error| format!("cannot read credential file {shown}: {}", io_reason(&error)))?;
-                if value.len() as u64 > MAX_CREDENTIAL_FILE_BYTES {
-                    return Err(format!("credential file {shown} is larger than {MAX_CREDENTIAL_FILE_BYTES} bytes"));
-                }
-                Secret::new(&value).map_err(|reason| format!("credential file {shown} {reason}"))
-            }
-            _ => Err("credential needs exactly one of env and file".into()),
-        }
-    }
-}
-
-/// An I/O error's kind only: `read_to_string` on a non-UTF-8 file reports
-/// nothing of the contents either way, but this keeps it certain.
-fn io_reason(error: &io::Error) -> String {
-    match error.kind() {
-        io::ErrorKind::InvalidData => "not UTF-8 text".into(),
-        _ => error.kind().to_string(),
-    }
 }
 
 /// Where inference.local sends requests, and the model it asks for.
@@ -273,13 +224,7 @@ fn validate_provider(config: &ProviderConfig, system_roots: &mut Option<RootCert
         (None, None) => bail!("base_url: required for type {}", config.kind),
     };
     let base_url = BaseUrl::parse(base_url_text).map_err(|reason| anyhow!("base_url: {reason}"))?;
-    match (&config.credential.env, &config.credential.file) {
-        (Some(variable), None) if variable.is_empty() || variable.contains(['=', '\0']) => {
-            bail!("credential.env: {variable:?} is not an environment variable name")
-        }
-        (Some(_), None) | (None, Some(_)) => {}
-        _ => bail!("credential: needs exactly one of env and file"),
-    }
+    config.credential.check().map_err(|reason| anyhow!("credential: {reason}"))?;
     if config.ca_file.is_some() && !base_url.tls {
         bail!("ca_file: only meaningful for an https:// base_url");
     }

@@ -16,7 +16,10 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::sniff::host::{Authority, Host};
+use crate::{
+    credentials::Secret,
+    sniff::host::{Authority, Host},
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -262,35 +265,6 @@ impl fmt::Display for BaseUrl {
     }
 }
 
-/// A credential's value. Never printed: Debug shows a placeholder, and
-/// there is no Display or Serialize.
-pub struct Secret(String);
-
-impl Secret {
-    /// Refuses values that cannot be sent in a header; the error does not
-    /// quote the value.
-    pub fn new(value: &str) -> Result<Secret, &'static str> {
-        let value = value.trim();
-        if value.is_empty() {
-            return Err("is empty");
-        }
-        if !value.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
-            return Err("has characters not allowed in an HTTP header");
-        }
-        Ok(Secret(value.to_owned()))
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -358,9 +332,6 @@ mod tests {
         let key = Secret::new(" sk-test \n").unwrap();
         assert_eq!(ProviderType::Openai.auth_header(&key), ("Authorization", "Bearer sk-test".into()));
         assert_eq!(ProviderType::Anthropic.auth_header(&key), ("x-api-key", "sk-test".into()));
-        assert_eq!(format!("{key:?}"), "Secret(<redacted>)");
-        assert_eq!(Secret::new("a\r\nX-Injected: 1").unwrap_err(), "has characters not allowed in an HTTP header");
-        assert_eq!(Secret::new("  ").unwrap_err(), "is empty");
     }
 
     #[test]

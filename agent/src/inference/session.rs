@@ -23,13 +23,14 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use super::{
     body::{BodyError, BodySource, Piece},
     config::Provider,
-    provider::{Endpoint, Secret},
+    provider::Endpoint,
     respond::{write_refusal, Refusal},
     stream::{is_event_stream, relay_body, StreamEnd},
     upstream::{is_connection_gone, ConnectError, Io},
     Inference,
 };
 use crate::{
+    credentials::{check_unbound, Secret},
     dns::INFERENCE_HOST,
     http1::{
         forward::{forward_response_head, wants_close},
@@ -204,6 +205,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 format!("this connection serves {INFERENCE_HOST} only, not {host}"),
             )
             .into());
+        }
+        // inference.local sends the routed provider's own credential: a
+        // placeholder of `--credentials` belongs to no request here.
+        let reason = "inference.local is bound to no credential provider";
+        if let Err(refusal) = check_unbound(head, INFERENCE_HOST, reason) {
+            return Err(
+                Refusal::new(refusal.status, refusal.kind, format!("{}: {}", refusal.detail, refusal.reason)).into()
+            );
         }
         // Absolute-form (explicit proxy) targets become origin-form here.
         let target = head.origin_form_target();

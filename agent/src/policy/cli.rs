@@ -12,7 +12,13 @@ use super::{Decision, HttpRequest, Policy, Request, RequestDecision};
 #[derive(clap::Subcommand)]
 pub enum PolicyCommand {
     /// Validate a policy file
-    Check { file: PathBuf },
+    Check {
+        file: PathBuf,
+        /// The agent's credentials file: every `credential_binding` must
+        /// name one of its providers (without it, each binding is a warning).
+        #[arg(long, value_name = "FILE")]
+        credentials: Option<PathBuf>,
+    },
     /// Evaluate one connection against a policy file, offline
     ///
     /// Prints the decision as JSON, then one readable line. The exit status
@@ -57,9 +63,27 @@ pub enum PolicyCommand {
 /// Prints the summary or the decision on stdout; load warnings go to the log.
 pub fn run(command: PolicyCommand) -> Result<()> {
     match command {
-        PolicyCommand::Check { file } => {
+        PolicyCommand::Check { file, credentials } => {
             let policy = Policy::from_file(&file)?;
-            print!("{}: ok\n{}", file.display(), policy.summary());
+            let mut unchecked = Vec::new();
+            match credentials {
+                Some(credentials) => {
+                    let providers = crate::credentials::provider_names(&credentials)?;
+                    policy
+                        .check_credential_bindings(providers.iter().map(String::as_str))
+                        .with_context(|| format!("policy file {}", file.display()))?;
+                }
+                None => {
+                    for (name, position, provider) in policy.credential_bindings() {
+                        unchecked.push(format!(
+                            "policy '{name}': endpoint {position} is bound to credential provider '{provider}': \
+                             `run` refuses the file unless --credentials has it (check with --credentials FILE)"
+                        ));
+                    }
+                }
+            }
+            let summary = policy.summary_with(&unchecked);
+            print!("{}: ok\n{summary}", file.display());
         }
         PolicyCommand::Eval { file, host, port, binary, ancestors, ip, resolved, method, path, query } => {
             let policy = Policy::from_file(&file)?;

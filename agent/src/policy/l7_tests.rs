@@ -273,3 +273,103 @@ fn rules_without_enforcement_are_enforced_and_the_difference_from_openshell_is_w
         Ok((false, false, Some("access: read-only".into())))
     );
 }
+
+const BOUND: &str = r#"
+version: 1
+network_policies:
+  git:
+    endpoints:
+      - host: git.example.test
+        port: 443
+        credential_binding: { provider: github }
+      - host: api.example.test
+        port: 443
+        path: /uploads/**
+        credential_binding: { provider: uploads }
+        access: read-only
+      - host: api.example.test
+        port: 443
+        path: /other/**
+        access: full
+    binaries:
+      - path: /usr/bin/git
+"#;
+
+/// The request's decision on `host`, by /usr/bin/git.
+fn bound_decision(policy: &Policy, host: &str, method: &str, path: &str) -> super::RequestDecision {
+    let request = Request {
+        host: Some(host),
+        ip: None,
+        port: 443,
+        binary: Some(Path::new("/usr/bin/git")),
+        ancestors: &[],
+        uid: 0,
+        cgroup_id: 1,
+    };
+    assert!(policy.evaluate(&request).unwrap().inspect.is_some(), "{host} is inspected");
+    let canonical = canonicalize(path, false).unwrap();
+    policy.evaluate_request(&request, &HttpRequest { method, path: &canonical.path, query: &canonical.query }).unwrap()
+}
+
+#[test]
+fn a_bound_endpoint_is_inspected_and_names_its_provider() {
+    let policy = Policy::from_yaml(BOUND).expect("loads");
+    assert!(!policy.warnings.iter().any(|w| w.contains("endpoint 0 has rules")), "{:?}", policy.warnings);
+    // A binding alone allows every request: it is inspected only to apply the credential.
+    let any = bound_decision(&policy, "git.example.test", "POST", "/o/r.git/git-upload-pack");
+    assert_eq!((any.allow, any.rule.as_deref()), (true, Some("credential_binding (no rules)")));
+    assert_eq!(any.credential_provider.as_deref(), Some("github"));
+    // The endpoint that decides (here by its `path`) brings its provider, or none.
+    let uploads = bound_decision(&policy, "api.example.test", "GET", "/uploads/a");
+    assert_eq!((uploads.allow, uploads.credential_provider.as_deref()), (true, Some("uploads")));
+    let denied = bound_decision(&policy, "api.example.test", "PUT", "/uploads/a");
+    assert_eq!((denied.allow, denied.rule.as_deref()), (false, Some("access: read-only")));
+    let other = bound_decision(&policy, "api.example.test", "PUT", "/other/a");
+    assert_eq!((other.allow, other.credential_provider), (true, None));
+    let bindings: Vec<(&str, usize, &str)> = policy.credential_bindings().collect();
+    assert_eq!(bindings, [("git", 0, "github"), ("git", 1, "uploads")]);
+    assert!(
+        policy.summary().contains(
+            "git.example.test:443 inspected (rest, credential_binding (no rules), credential provider github)"
+        ),
+        "{}",
+        policy.summary()
+    );
+}
+
+#[test]
+fn bindings_must_name_a_configured_provider() {
+    let policy = Policy::from_yaml(BOUND).expect("loads");
+    policy.check_credential_bindings(["github", "uploads", "more"].into_iter()).expect("all known");
+    let error = policy.check_credential_bindings(["github"].into_iter()).unwrap_err().to_string();
+    assert_eq!(
+        error,
+        "network_policies.git.endpoints[1].credential_binding.provider: no credential provider 'uploads' \
+         (--credentials has github)"
+    );
+    let error = policy.check_credential_bindings([].into_iter()).unwrap_err().to_string();
+    assert!(error.ends_with("no credential provider 'github' (the agent runs without --credentials)"), "{error}");
+}
+
+#[test]
+fn bindings_that_cannot_be_applied_are_refused_at_load() {
+    for (endpoint, error) in [
+        (
+            "protocol: graphql, credential_binding: { provider: gh }",
+            "inspects `protocol: rest` and `websocket` only (this one is `graphql`)",
+        ),
+        ("tls: skip, credential_binding: { provider: gh }", "remove `tls: skip`"),
+        ("credential_binding: { provider: 'a b' }", "credential_binding.provider: \"a b\" must be"),
+    ] {
+        let yaml = format!("version: 1\nnetwork_policies:\n  p:\n    endpoints:\n      - {{ host: a.example.test, port: 443, {endpoint} }}\n");
+        let message = format!("{:#}", Policy::from_yaml(&yaml).err().expect("refused"));
+        assert!(
+            message.contains(error) && message.contains("network_policies.p.endpoints[0]"),
+            "{endpoint}: {message}"
+        );
+    }
+    // Two policies binding one host and path to different providers.
+    let yaml = "version: 1\nnetwork_policies:\n  a:\n    endpoints: [{ host: a.example.test, port: 443, credential_binding: { provider: x } }]\n  b:\n    endpoints: [{ host: a.example.test, port: 443, credential_binding: { provider: y } }]\n";
+    let message = format!("{:#}", Policy::from_yaml(yaml).err().expect("refused"));
+    assert!(message.contains("differ in `credential_binding`"), "{message}");
+}

@@ -27,13 +27,14 @@
 //! `filesystem_policy`, `landlock`, `process` and `network_middlewares` are
 //! accepted and ignored, with one warning each. A key the schema does not
 //! have is an error that names it and where it is (inside `json_rpc`, `mcp`
-//! and `credential_binding` too). Endpoint fields that need L7 inspection
-//! (`path`, `access`, `rules`, `deny_rules`, a `protocol` other than
-//! `tcp`/`http`, the credential and GraphQL/MCP/JSON-RPC options) and
-//! `credential_binding` are parsed and reported as not yet enforced: one
-//! warning per field per policy at load, listed by [`Policy::summary`] and in
-//! [`Endpoint::not_enforced`]. Such endpoints are decided on host, port and
-//! binary alone.
+//! and `credential_binding` too). Endpoints with REST or WebSocket rules, or
+//! a `credential_binding`, are inspected: each HTTP request is decided by
+//! [`Policy::evaluate_request`] (egress.rego's L7 part). Fields of the L7
+//! protocols not inspected (GraphQL, MCP, JSON-RPC, SQL) and the credential
+//! rewrite and signing options are parsed and reported as not yet enforced:
+//! one warning per field per policy at load, listed by [`Policy::summary`]
+//! and in [`Endpoint::not_enforced`]. Such endpoints are decided on host,
+//! port and binary alone.
 //!
 //! As in OpenShell: `protocol` takes any case; `tls` and `enforcement` are
 //! compared exactly, so only `skip` skips (other values have no effect) and
@@ -200,6 +201,16 @@ pub struct RequestDecision {
     /// read-only`), or the endpoint's rules when none matched.
     pub rule: Option<String>,
     pub reason: Option<String>,
+    /// The deciding endpoint's `credential_binding` provider: its secret
+    /// goes into the request (see [`crate::credentials`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential_provider: Option<String>,
+}
+
+impl RequestDecision {
+    pub fn denied(reason: Option<String>) -> Self {
+        RequestDecision { allow: false, audit: false, policy: None, rule: None, reason, credential_provider: None }
+    }
 }
 
 /// One connection to decide on.
@@ -270,7 +281,7 @@ pub struct Endpoint {
     pub protocol: Option<String>,
     /// Set when the agent inspects this endpoint's HTTP requests.
     pub inspection: Option<Inspection>,
-    /// `credential_binding.provider`: not used yet.
+    /// `credential_binding.provider`: its requests get that provider's secret.
     pub credential_provider: Option<String>,
     /// Fields of this endpoint that need L7 inspection, which is not done yet.
     pub not_enforced: Vec<&'static str>,
@@ -471,6 +482,11 @@ impl Policy {
     /// What `policy check` prints: each policy with its endpoints and
     /// binaries, then the load warnings.
     pub fn summary(&self) -> String {
+        self.summary_with(&[])
+    }
+
+    /// [`Policy::summary`] with `more_warnings` after the load warnings.
+    pub fn summary_with(&self, more_warnings: &[String]) -> String {
         let endpoint_count: usize = self.policies.values().map(|policy| policy.endpoints.len()).sum();
         let mut out = format!(
             "{} network {}, {} {}\n",
@@ -494,9 +510,9 @@ impl Policy {
             let binaries = if policy.binaries.is_empty() { "none".to_owned() } else { policy.binaries.join(", ") };
             let _ = writeln!(out, "  binaries: {binaries}");
         }
-        if !self.warnings.is_empty() {
+        if !self.warnings.is_empty() || !more_warnings.is_empty() {
             out.push_str("warnings:\n");
-            for warning in &self.warnings {
+            for warning in self.warnings.iter().chain(more_warnings) {
                 let _ = writeln!(out, "  {warning}");
             }
         }
@@ -548,22 +564,51 @@ impl Policy {
             _ => None,
         };
         let policy = text("policy");
-        let rule = match (text("rule"), &policy, &output["endpoint"]) {
-            (Some(rule), _, _) => Some(rule),
-            // No rule matched: name the rules that did not.
-            (None, Some(name), position @ Value::Number(_)) => {
-                let endpoint = self.endpoint(name, usize::try_from(position.as_u64()?)?)?;
-                endpoint.inspection.as_ref().map(|inspection| inspection.rules.clone())
+        let endpoint = match (&policy, &output["endpoint"]) {
+            (Some(name), position @ Value::Number(_)) => {
+                Some(self.endpoint(name, usize::try_from(position.as_u64()?)?)?)
             }
-            (None, _, _) => None,
+            _ => None,
         };
+        // No rule matched: name the rules that did not.
+        let rule = text("rule").or_else(|| Some(endpoint?.inspection.as_ref()?.rules.clone()));
         Ok(RequestDecision {
             allow: *output["allow"].as_bool()?,
             audit: *output["audit"].as_bool()?,
             policy,
             rule,
             reason: text("reason"),
+            credential_provider: endpoint.and_then(|endpoint| endpoint.credential_provider.clone()),
         })
+    }
+
+    /// Every `credential_binding`: (policy, endpoint position, provider).
+    pub fn credential_bindings(&self) -> impl Iterator<Item = (&str, usize, &str)> {
+        self.policies.iter().flat_map(|(name, policy)| {
+            policy.endpoints.iter().enumerate().filter_map(move |(position, endpoint)| {
+                Some((name.as_str(), position, endpoint.credential_provider.as_deref()?))
+            })
+        })
+    }
+
+    /// Refuses a binding to a provider that is not in `providers` (those
+    /// of the agent's `--credentials`).
+    pub fn check_credential_bindings<'a>(&self, providers: impl Iterator<Item = &'a str> + Clone) -> Result<()> {
+        for (name, position, provider) in self.credential_bindings() {
+            if !providers.clone().any(|known| known == provider) {
+                let known: Vec<&str> = providers.clone().collect();
+                let known = if known.is_empty() {
+                    "the agent runs without --credentials".to_owned()
+                } else {
+                    format!("--credentials has {}", known.join(", "))
+                };
+                bail!(
+                    "network_policies.{name}.endpoints[{position}].credential_binding.provider: \
+                     no credential provider '{provider}' ({known})"
+                );
+            }
+        }
+        Ok(())
     }
 
     fn endpoint(&self, policy: &str, position: usize) -> Result<&Endpoint> {
@@ -721,6 +766,9 @@ fn describe_endpoint(endpoint: &Endpoint) -> String {
         }
         if inspection.allow_encoded_slash {
             description.push_str(", allow_encoded_slash");
+        }
+        if let Some(provider) = &endpoint.credential_provider {
+            let _ = write!(description, ", credential provider {provider}");
         }
         description.push(')');
     }

@@ -16,10 +16,13 @@ use super::{
     schema::{Access, EndpointDef, NetworkPolicyDef, PolicyFile, Protocol, QueryMatcherDef, RequestMatchDef},
     Endpoint, Enforcement, Inspection,
 };
+use crate::credentials::placeholder::is_valid_name as is_provider_name;
 
 /// Longest DNS name in text form without the trailing dot (RFC 1035 §3.1).
 const MAX_DNS_NAME_LEN: usize = 253;
 const MAX_LABEL_LEN: usize = 63;
+/// The rule of a bound endpoint without `access` or `rules`: every request.
+const BINDING_ONLY_RULES: &str = "credential_binding (no rules)";
 
 pub(super) struct NetworkPolicy {
     pub display_name: Option<String>,
@@ -88,7 +91,7 @@ fn normalize_policy(
         let enforcement_implicit = endpoint.enforcement.is_none();
         let (endpoint, pattern) = normalize_endpoint(endpoint, &endpoint_context)?;
         if let Some(inspection) = &endpoint.inspection {
-            if enforcement_implicit {
+            if enforcement_implicit && inspection.rules != BINDING_ONLY_RULES {
                 warnings.push(format!(
                     "policy '{name}': endpoint {position} has rules but no `enforcement`: sandbox-egress enforces \
                      them, OpenShell would only audit them; write `enforcement: enforce` (or `audit`) to mean the \
@@ -165,6 +168,26 @@ struct Matching {
 }
 
 fn normalize_endpoint(definition: EndpointDef, context: &str) -> Result<(Endpoint, Matching)> {
+    if let Some(binding) = &definition.credential_binding {
+        if !definition.inspected() {
+            bail!(
+                "{context}.credential_binding: a bound endpoint is inspected, and sandbox-egress inspects \
+                 `protocol: rest` and `websocket` only (this one is `{}`)",
+                definition.protocol.map_or("tcp", Protocol::name)
+            );
+        }
+        if definition.tls.as_deref() == Some("skip") {
+            bail!(
+                "{context}.credential_binding: the agent must terminate TLS to apply credentials: remove `tls: skip`"
+            );
+        }
+        if !is_provider_name(&binding.provider) {
+            bail!(
+                "{context}.credential_binding.provider: {:?} must be 1 to 64 letters, digits, '-' or '_'",
+                binding.provider
+            );
+        }
+    }
     let not_enforced = definition.not_enforced_fields();
     let (inspection, rules) = normalize_inspection(&definition, context)?.unzip();
     let enforcement = enforcement(&definition);
@@ -231,6 +254,7 @@ fn check_inspection_overlaps(policies: &BTreeMap<String, NetworkPolicy>) -> Resu
                     ("enforcement", endpoint.enforcement != other.enforcement),
                     ("allow_encoded_slash", inspection.allow_encoded_slash != theirs.allow_encoded_slash),
                     ("tls", endpoint.tls_skip != other.tls_skip),
+                    ("credential_binding", endpoint.credential_provider != other.credential_provider),
                 ];
                 if let Some((field, _)) = differs.iter().find(|(_, differs)| *differs) {
                     bail!(
@@ -269,6 +293,11 @@ fn normalize_inspection(definition: &EndpointDef, context: &str) -> Result<Optio
     let mut rules = Vec::new();
     let rules_text = match (definition.access, &definition.rules) {
         (Some(_), Some(_)) => bail!("{context}: set either `access` or `rules`, not both"),
+        // A binding alone inspects only to apply the credential.
+        (None, None) if definition.credential_binding.is_some() => {
+            rules.push(json!({ "label": BINDING_ONLY_RULES, "method": "*", "path": "**", "query": {} }));
+            BINDING_ONLY_RULES.to_owned()
+        }
         (None, None) => bail!(
             "{context}: an inspected endpoint needs `access` (read-only, read-write, full) or `rules`; \
              without either it would allow no request"

@@ -82,19 +82,27 @@ pub(super) struct EndpointDef {
     pub signing_region: Option<IgnoredAny>,
     pub json_rpc: Option<JsonRpcOptions>,
     pub mcp: Option<McpOptions>,
-    /// Credential injection, later work: the provider is kept, not used.
+    /// Ties the endpoint to a credential provider (`run --credentials`):
+    /// its requests get that provider's secret, so it is always inspected.
     pub credential_binding: Option<CredentialBinding>,
 }
 
 impl EndpointDef {
     /// Whether the agent inspects this endpoint's HTTP requests (and so
-    /// terminates its TLS): a REST or WebSocket protocol, or rules of any
-    /// kind. Other L7 protocols are reported as not enforced instead.
+    /// terminates its TLS): a REST or WebSocket protocol, rules of any kind,
+    /// or a credential binding. Other L7 protocols are reported as not
+    /// enforced instead.
     pub fn inspected(&self) -> bool {
         match self.protocol {
             Some(Protocol::Rest | Protocol::Websocket) => true,
             Some(protocol) if protocol.needs_inspection() => false,
-            _ => self.access.is_some() || self.rules.is_some() || self.deny_rules.is_some() || self.path.is_some(),
+            _ => {
+                self.access.is_some()
+                    || self.rules.is_some()
+                    || self.deny_rules.is_some()
+                    || self.path.is_some()
+                    || self.credential_binding.is_some()
+            }
         }
     }
 
@@ -119,7 +127,6 @@ impl EndpointDef {
             ("signing_region", self.signing_region.is_some()),
             ("json_rpc", self.json_rpc.is_some()),
             ("mcp", self.mcp.is_some()),
-            ("credential_binding", self.credential_binding.is_some()),
         ]
         .into_iter()
         .filter_map(|(field, present)| present.then_some(field))
@@ -276,7 +283,7 @@ pub(super) struct McpOptions {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CredentialBinding {
-    /// The provider whose credentials this endpoint would get.
+    /// The provider whose secret this endpoint's requests get.
     pub provider: String,
 }
 

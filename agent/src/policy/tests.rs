@@ -888,7 +888,7 @@ network_policies:
         port: 443
         protocol: graphql
         access: read-only
-        credential_binding: { provider: github }
+        request_body_credential_rewrite: true
       - host: uploads.github.com
         port: 443
         protocol: graphql
@@ -908,24 +908,24 @@ network_policies:
     assert_eq!(warnings_for("protocol"), 1, "{:?}", policy.warnings);
     assert_eq!(warnings_for("access"), 1, "{:?}", policy.warnings);
     assert_eq!(warnings_for("rules"), 1, "{:?}", policy.warnings);
-    assert_eq!(warnings_for("credential_binding"), 1, "{:?}", policy.warnings);
+    assert_eq!(warnings_for("request_body_credential_rewrite"), 1, "{:?}", policy.warnings);
     assert!(policy.warnings.iter().any(|warning| warning.contains("`protocol` is not yet enforced (endpoints 0, 1)")));
 
     let gh = Some("/usr/bin/gh");
     let decision = evaluate(&policy, &Case { host: Some("api.github.com"), binary: gh, ..DEFAULT_CASE });
     assert!(decision.inspect.is_none(), "GraphQL is decided at L4 only");
     let endpoint = decision.endpoint.expect("allowed");
-    assert_eq!(endpoint.not_enforced, ["protocol", "access", "credential_binding"]);
+    assert_eq!(endpoint.not_enforced, ["protocol", "access", "request_body_credential_rewrite"]);
     assert_eq!(endpoint.protocol.as_deref(), Some("graphql"));
-    assert_eq!(endpoint.credential_provider.as_deref(), Some("github"));
     let codeload = evaluate(&policy, &Case { host: Some("codeload.github.com"), binary: gh, ..DEFAULT_CASE });
     assert!(codeload.inspect.is_some(), "REST, in any case, is inspected");
     assert!(codeload.endpoint.expect("allowed").not_enforced.is_empty());
 
     let summary = policy.summary();
     assert!(
-        summary
-            .contains("api.github.com:443 protocol graphql (not yet enforced: protocol, access, credential_binding)"),
+        summary.contains(
+            "api.github.com:443 protocol graphql (not yet enforced: protocol, access, request_body_credential_rewrite)"
+        ),
         "{summary}"
     );
     assert!(summary.contains("codeload.github.com:443 protocol rest inspected (rest, access: read-only)"), "{summary}");

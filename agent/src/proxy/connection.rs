@@ -21,6 +21,7 @@ use super::{
     respond, Config, Stats,
 };
 use crate::{
+    credentials::{check_stream, check_unbound, Credentials},
     dns::{is_inference_address, DnsResponder, INFERENCE_HOST},
     inference::InferenceLog,
     redirect::Redirect,
@@ -38,6 +39,8 @@ pub struct Shared {
     pub dns: Arc<DnsResponder>,
     /// `None` when the agent runs without an inference config.
     pub inference: Option<InferenceRoute>,
+    /// Empty when the agent runs without `--credentials`.
+    pub credentials: Credentials,
 }
 
 /// Everything the close log line says about a connection, filled in as it goes.
@@ -338,6 +341,12 @@ async fn transparent(mut client: TcpStream, origin: &Origin, shared: &Shared, lo
             Box::pin(inspect::terminate(client, sniffed.buffered, target, None, origin, shared, log)).await
         }
         Ok(allowed) => {
+            // Relayed as it is: a placeholder in what was read never leaves.
+            let host = log.host.clone().unwrap_or_else(|| destination.ip().to_canonical().to_string());
+            if let Err(refusal) = check_stream(&sniffed.buffered, &host, log.protocol) {
+                inspect::log_refusal(&refusal, origin, &host, log);
+                return reset(client);
+            }
             let prefill = Prefill { to_upstream: sniffed.buffered, ..Prefill::default() };
             match early.map(Early::into_stream) {
                 Some((address, upstream)) if address == allowed.upstream => {
@@ -469,6 +478,12 @@ async fn explicit(mut client: TcpStream, origin: &Origin, shared: &Shared, log: 
                 Host::Name(name) => name.clone(),
                 Host::Ip(ip) => ip.to_string(),
             };
+            let reason = "a CONNECT request is for this proxy, and no credential is sent through it";
+            if let Err(refusal) = check_unbound(&head, &host, reason) {
+                inspect::log_refusal(&refusal, origin, &host, log);
+                let body = respond::ErrorBody::new(refusal.kind, &refusal.detail, &refusal.reason);
+                return respond::error(&mut client, refusal.status, &body).await;
+            }
             let verdict = shared.decider.connect(origin, &target, port).await;
             match log.decided(verdict) {
                 Err(denial) => deny_http(client, &format!("CONNECT {host}:{port}"), &denial).await,
@@ -497,6 +512,10 @@ async fn explicit(mut client: TcpStream, origin: &Origin, shared: &Shared, log: 
                             log,
                         ))
                         .await;
+                    }
+                    if let Err(refusal) = check_stream(&tunnel_start, &host, "connect") {
+                        inspect::log_refusal(&refusal, origin, &host, log);
+                        return reset(client);
                     }
                     log.relayed(
                         relay::relay(

@@ -167,19 +167,21 @@ impl Decider {
         let current = self.policies.current();
         let connection = request(origin, Some(host), Some(destination.ip()), destination.port());
         let decided = current.policy.evaluate(&connection).and_then(|decision| match decision {
-            Decision { allow: false, reason, .. } => {
-                Ok(RequestDecision { allow: false, audit: false, policy: None, rule: None, reason })
-            }
+            Decision { allow: false, reason, .. } => Ok(RequestDecision::denied(reason)),
             // No longer inspected since a reload: the connection's allow stands for its requests.
-            Decision { inspect: None, policy, .. } => {
-                Ok(RequestDecision { allow: true, audit: false, policy, rule: None, reason: None })
-            }
+            Decision { inspect: None, policy, .. } => Ok(RequestDecision {
+                allow: true,
+                audit: false,
+                policy,
+                rule: None,
+                reason: None,
+                credential_provider: None,
+            }),
             Decision { inspect: Some(_), .. } => current.policy.evaluate_request(&connection, http),
         });
         let decision = decided.unwrap_or_else(|error| {
             tracing::error!(%error, "policy evaluation failed: denying");
-            let reason = Some(format!("policy evaluation failed: {error}"));
-            RequestDecision { allow: false, audit: false, policy: None, rule: None, reason }
+            RequestDecision::denied(Some(format!("policy evaluation failed: {error}")))
         });
         (current.generation, decision)
     }

@@ -12,11 +12,12 @@ use super::{
     connection::{bad_request, connect_upstream, deny_http, CloseLog, Shared},
     decide::Denial,
     exchange::{exchange, Exchanged, KEEP_ALIVE_IDLE, VIA},
-    inspect::{check_request, Checked, Target},
+    inspect::{check_request, log_refusal, Checked, Target},
     origin::Origin,
-    respond,
+    respond::{self, ErrorBody},
 };
 use crate::{
+    credentials::check_unbound,
     http1::{self, HeadReader},
     relay::{self, Prefill},
     sniff::{
@@ -97,18 +98,31 @@ pub async fn serve(
                 return deny_http(stream, &format!("{} {host_text}:{port}", head.method), &denial).await;
             }
         };
-        if let Some(inspection) = allowed.inspect.clone() {
-            let upstream = SocketAddr::new(allowed.upstream.ip(), port);
-            let target = Target { name: lookup_name.clone(), upstream, inspection, tls: false };
-            match check_request(client.get_mut(), &mut head, &target, origin, shared, log).await {
-                Checked::Allowed => {}
-                Checked::Denied { close: true } => return,
-                Checked::Denied { close: false } => {
-                    match next_request(&mut client, shared, log).await {
-                        Some(next) => head = next,
-                        None => return,
+        match allowed.inspect.clone() {
+            Some(inspection) => {
+                let upstream = SocketAddr::new(allowed.upstream.ip(), port);
+                let target = Target { name: lookup_name.clone(), upstream, inspection, tls: false };
+                match check_request(client.get_mut(), &mut head, &target, origin, shared, log).await {
+                    // Without TLS to the origin no credential is applied:
+                    // check_request refuses placeholders instead.
+                    Checked::Allowed(_) => {}
+                    Checked::Denied { close: true } => return,
+                    Checked::Denied { close: false } => {
+                        match next_request(&mut client, shared, log).await {
+                            Some(next) => head = next,
+                            None => return,
+                        }
+                        continue;
                     }
-                    continue;
+                }
+            }
+            None => {
+                let reason = "plain HTTP goes to no endpoint bound to a credential provider (credentials are only \
+                              sent over TLS the agent terminates)";
+                if let Err(refusal) = check_unbound(&head, &host_text, reason) {
+                    log_refusal(&refusal, origin, &host_text, log);
+                    let body = ErrorBody::new(refusal.kind, &refusal.detail, &refusal.reason);
+                    return respond::error(client.get_mut(), refusal.status, &body).await;
                 }
             }
         }

@@ -9,6 +9,7 @@ use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
 };
+use zeroize::Zeroizing;
 
 use super::{
     connection::{bad_request, connect_upstream, CloseLog, Shared},
@@ -17,6 +18,7 @@ use super::{
     respond::{self, ErrorBody},
 };
 use crate::{
+    credentials::{CredentialedHead, Refusal},
     http1::{self, forward::wants_close, BodyFraming, HeadReader},
     inference::Io,
     l7::path::canonicalize,
@@ -30,18 +32,21 @@ use crate::{
 };
 
 pub enum Checked {
-    Allowed,
-    /// A 403 went out; `close`: the connection ended with it.
-    Denied {
-        close: bool,
-    },
+    /// Forward the request: `head` as it is, or this head with the bound
+    /// provider's credential in it.
+    Allowed(Option<CredentialedHead>),
+    /// A 403 (or a 502 for an unavailable credential) went out; `close`:
+    /// the connection ended with it.
+    Denied { close: bool },
 }
 
 /// The L7 step of one request on a connection to `target`: the request
 /// target canonicalised (and `head` rewritten to forward it so), the request
-/// decided by the current policy, one log line, and a 403 JSON for a denial.
-/// A denied request without a body leaves a keep-alive connection open; one
-/// with a body closes it (its body is never read).
+/// decided by the current policy, the credential of the deciding endpoint's
+/// provider applied (placeholders anywhere else refused), one log line, and
+/// a JSON error for a refusal. A refused request without a body leaves a
+/// keep-alive connection open; one with a body closes it (its body is never
+/// read).
 pub async fn check_request<W: AsyncWrite + Unpin>(
     client: &mut W,
     head: &mut RequestHead,
@@ -66,20 +71,38 @@ pub async fn check_request<W: AsyncWrite + Unpin>(
         Err(reason) => {
             let generation = shared.decider.policies.current().generation;
             let reason = Some(format!("{} {request_target} refused: {reason}", head.method));
-            (
-                generation,
-                RequestDecision { allow: false, audit: false, policy: None, rule: None, reason },
-                request_target,
-            )
+            (generation, RequestDecision::denied(reason), request_target)
         }
     };
-    log_request(origin, host, destination, &head.method, &path, generation, &decision);
+    let credential = if decision.allow {
+        match shared.credentials.apply(head, decision.credential_provider.as_deref(), host, target.tls) {
+            Ok(credential) => credential,
+            Err(refusal) => {
+                let what = Request { method: &head.method, path: &path, generation };
+                let reason = Some(format!("{}: {}", refusal.detail, refusal.reason));
+                let refused = RequestDecision { allow: false, audit: false, reason, ..decision };
+                log_request(origin, host, destination, &what, &refused, Some(&refusal.provider));
+                log_refusal(&refusal, origin, host, log);
+                log.requests += 1;
+                log.requests_denied += 1;
+                let body = ErrorBody {
+                    policy: refused.policy.as_deref(),
+                    ..ErrorBody::new(refusal.kind, &refusal.detail, &refusal.reason)
+                };
+                return refuse(client, head, refusal.status, &body).await;
+            }
+        }
+    } else {
+        None
+    };
+    let what = Request { method: &head.method, path: &path, generation };
+    log_request(origin, host, destination, &what, &decision, credential.as_ref().map(CredentialedHead::provider));
     log.requests += 1;
     if decision.allow {
         if decision.audit {
             log.audit = decision.reason.clone();
         }
-        return Checked::Allowed;
+        return Checked::Allowed(credential);
     }
     log.requests_denied += 1;
     if log.verdict.is_empty() {
@@ -96,22 +119,65 @@ pub async fn check_request<W: AsyncWrite + Unpin>(
         rule: decision.rule.as_deref(),
         ..ErrorBody::new("policy_denied", &detail, &reason)
     };
+    refuse(client, head, 403, &body).await
+}
+
+/// Answers a refused request; the connection stays open unless the request
+/// has a body (never read) or the client asked to close.
+async fn refuse<W: AsyncWrite + Unpin>(
+    client: &mut W,
+    head: &RequestHead,
+    status: u16,
+    body: &ErrorBody<'_>,
+) -> Checked {
     let has_body = !matches!(http1::request_framing(head), BodyFraming::Empty | BodyFraming::Length(0));
     let close = has_body || wants_close(head.version, &head.headers);
-    let written = respond::denied(client, &body, close).await;
+    let written = respond::refused(client, status, body, close).await;
     Checked::Denied { close: close || !written }
 }
 
-/// One line per request on an inspected connection.
+/// A placeholder where it does not belong, or a bound credential that
+/// cannot be applied: a warning of its own (the sandbox may be
+/// misconfigured, or trying to send a placeholder elsewhere), and the
+/// connection's close line says why.
+pub fn log_refusal(refusal: &Refusal, origin: &Origin, host: &str, log: &mut CloseLog) {
+    tracing::warn!(
+        event = "credential_refused",
+        error = refusal.kind,
+        provider = refusal.provider,
+        host,
+        pid = origin.pid,
+        exe = origin.exe.as_ref().map(|exe| exe.display().to_string()),
+        cgroup_id = origin.cgroup_id,
+        "{}: {}",
+        refusal.detail,
+        refusal.reason,
+    );
+    if log.verdict.is_empty() {
+        log.verdict = "denied";
+    }
+    log.reason = Some(format!("{}: {}", refusal.detail, refusal.reason));
+}
+
+/// What a request log line says of the request itself.
+struct Request<'a> {
+    method: &'a str,
+    /// Canonical, placeholders as sent: never a secret.
+    path: &'a str,
+    generation: u64,
+}
+
+/// One line per request on an inspected connection; `credential`: the
+/// provider whose credential it carried (or whose placeholder was refused).
 fn log_request(
     origin: &Origin,
     host: &str,
     destination: SocketAddr,
-    method: &str,
-    path: &str,
-    generation: u64,
+    request: &Request,
     decision: &RequestDecision,
+    credential: Option<&str>,
 ) {
+    let Request { method, path, generation } = *request;
     let verdict = match (decision.allow, decision.audit) {
         (true, false) => "allowed",
         (true, true) => "audit",
@@ -128,6 +194,7 @@ fn log_request(
         rule = decision.rule,
         policy_generation = generation,
         reason = decision.reason,
+        credential,
         pid = origin.pid,
         exe = origin.exe.as_ref().map(|exe| exe.display().to_string()),
         cgroup_id = origin.cgroup_id,
@@ -210,11 +277,11 @@ pub async fn serve<C>(
             let body = ErrorBody::new("host_mismatch", &head.target, &reason);
             return respond::error(client.get_mut(), 403, &body).await;
         }
-        match check_request(client.get_mut(), &mut head, &target, origin, shared, log).await {
-            Checked::Allowed => {}
+        let credential = match check_request(client.get_mut(), &mut head, &target, origin, shared, log).await {
+            Checked::Allowed(credential) => credential,
             Checked::Denied { close: true } => return,
             Checked::Denied { close: false } => continue,
-        }
+        };
         let what = format!("{} {}", head.method, target.name);
         if upstream.is_none() {
             match connect(&target, preconnected.take(), shared, log).await {
@@ -225,7 +292,12 @@ pub async fn serve<C>(
             }
         }
         let up = upstream.as_mut().expect("connected above");
-        let forwarded_head = http1::forward_request_head(&head, true, VIA);
+        // Wiped once sent, as the credentialed head is when dropped.
+        let forwarded_head = Zeroizing::new(http1::forward_request_head(
+            credential.as_ref().map_or(&head, CredentialedHead::head),
+            true,
+            VIA,
+        ));
         match exchange(&mut client, up, &head, &forwarded_head, shared.config.idle_timeout, &what, log).await {
             Exchanged::Complete { close: false } => {}
             Exchanged::Complete { close: true } | Exchanged::Failed | Exchanged::FailedMidResponse => return,

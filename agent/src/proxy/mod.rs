@@ -134,10 +134,11 @@ pub struct Parts {
     pub policies: PolicyStore,
     pub dns: Arc<DnsResponder>,
     pub inference: Option<InferenceRoute>,
+    pub credentials: crate::credentials::Credentials,
 }
 
 pub async fn serve(listeners: Listeners, parts: Parts, cgroup: &Cgroup) -> Result<()> {
-    let Parts { redirect, config, policies, dns, inference } = parts;
+    let Parts { redirect, config, policies, dns, inference, credentials } = parts;
     policies.spawn_watch()?;
     let shared = Arc::new(connection::Shared {
         sandbox_slots: limits::SandboxSlots::new(config.max_connections_per_sandbox),
@@ -147,6 +148,7 @@ pub async fn serve(listeners: Listeners, parts: Parts, cgroup: &Cgroup) -> Resul
         decider: decide::Decider { policies, dns: dns.clone() },
         dns,
         inference,
+        credentials,
     });
     for socket in listeners.dns {
         let attributing = shared.clone();

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::policy::Policy;
@@ -25,15 +25,20 @@ pub struct Loaded {
 #[derive(Clone)]
 pub struct PolicyStore {
     path: Arc<PathBuf>,
+    /// The providers of `--credentials`: every `credential_binding` of a
+    /// policy must name one, at start-up and on reload.
+    credential_providers: Arc<Vec<String>>,
     current: Arc<RwLock<Arc<Loaded>>>,
 }
 
 impl PolicyStore {
-    pub fn load(path: &Path) -> Result<Self> {
-        let policy = Policy::from_file(path)?;
+    pub fn load(path: &Path, credential_providers: Vec<String>) -> Result<Self> {
+        let credential_providers = Arc::new(credential_providers);
+        let policy = load_checked(path, &credential_providers)?;
         tracing::info!(policy_file = %path.display(), generation = 1, "policy loaded");
         Ok(Self {
             path: Arc::new(path.to_owned()),
+            credential_providers,
             current: Arc::new(RwLock::new(Arc::new(Loaded { policy, generation: 1 }))),
         })
     }
@@ -43,7 +48,7 @@ impl PolicyStore {
     }
 
     pub(crate) fn reload(&self, trigger: &str) {
-        match Policy::from_file(&self.path) {
+        match load_checked(&self.path, &self.credential_providers) {
             Ok(policy) => {
                 let mut current = self.current.write().unwrap_or_else(|poisoned| poisoned.into_inner());
                 let generation = current.generation + 1;
@@ -84,6 +89,14 @@ impl PolicyStore {
         });
         Ok(())
     }
+}
+
+fn load_checked(path: &Path, credential_providers: &[String]) -> Result<Policy> {
+    let policy = Policy::from_file(path)?;
+    policy
+        .check_credential_bindings(credential_providers.iter().map(String::as_str))
+        .with_context(|| format!("policy file {}", path.display()))?;
+    Ok(policy)
 }
 
 fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {

@@ -10,7 +10,8 @@ pub const POLICY_HEADER: &str = "X-Sandbox-Egress-Policy";
 #[derive(Serialize)]
 pub struct ErrorBody<'a> {
     /// Machine-readable: `policy_denied`, `ssrf_denied`, `host_mismatch`,
-    /// `bad_request`, `upstream_failed`, `upstream_timeout`, `upstream_tls_failed`.
+    /// `bad_request`, `upstream_failed`, `upstream_timeout`, `upstream_tls_failed`,
+    /// `credential_not_bound`, `credential_unavailable`.
     pub error: &'a str,
     /// What was refused, e.g. `CONNECT h:p not permitted by policy`.
     pub detail: &'a str,
@@ -54,10 +55,11 @@ pub async fn upstream_failed<W: AsyncWrite + Unpin>(client: &mut W, what: &str, 
     error(client, 502, &ErrorBody::new("upstream_failed", what, reason)).await;
 }
 
-/// A 403 for one request of a keep-alive connection; with `close`, the
-/// connection ends after it. Returns whether it was written.
-pub async fn denied<W: AsyncWrite + Unpin>(client: &mut W, body: &ErrorBody<'_>, close: bool) -> bool {
-    let written = client.write_all(&render(403, body, close)).await.is_ok() && client.flush().await.is_ok();
+/// A refusal (403, or 502 for a credential) of one request of a keep-alive
+/// connection; with `close`, the connection ends after it. Returns whether
+/// it was written.
+pub async fn refused<W: AsyncWrite + Unpin>(client: &mut W, status: u16, body: &ErrorBody<'_>, close: bool) -> bool {
+    let written = client.write_all(&render(status, body, close)).await.is_ok() && client.flush().await.is_ok();
     if close {
         let _ = client.shutdown().await;
     }

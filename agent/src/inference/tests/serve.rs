@@ -246,6 +246,22 @@ async fn unknown_paths_and_other_hosts_are_403() {
 }
 
 #[tokio::test]
+async fn a_credential_placeholder_is_refused_and_never_sent_to_the_provider() {
+    let world = World::start(ROUTED_OPENAI).await;
+    let headers = "User-Agent: SANDBOX_EGRESS_PLACEHOLDER_github\r\n";
+    let (response, _) = world.exchange(&post(CHAT, headers, r#"{"messages":[]}"#)).await;
+    assert_eq!(response.status(), 403);
+    let (kind, message) = response.error();
+    assert_eq!(kind, "credential_not_bound");
+    assert_eq!(
+        message,
+        "credential placeholder of provider 'github' in header User-Agent, sent to inference.local: \
+         inference.local is bound to no credential provider"
+    );
+    assert!(world.fake.seen().is_empty());
+}
+
+#[tokio::test]
 async fn a_protocol_the_provider_does_not_speak_is_400() {
     let world = World::start(ROUTED_OPENAI).await;
     let (response, _) = world.exchange(&post("/v1/messages", "", r#"{"max_tokens":1}"#)).await;
