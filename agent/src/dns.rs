@@ -198,6 +198,39 @@ pub struct DnsResponder {
     pub records: DnsRecords,
     policies: PolicyStore,
     budgets: Arc<Budgets>,
+    lookups: LookupCache,
+}
+
+/// The agent's own lookups (CONNECT, the plain-HTTP gate, SNI and Host
+/// checks), kept for their answers' TTL, at most `--dns-record-max-ttl`: the
+/// requests of a keep-alive connection then cost no round trip to the
+/// resolver each. A TTL of 0 is not kept, nor is a failure.
+struct LookupCache {
+    max_ttl: Duration,
+    entries: Mutex<HashMap<String, (Vec<IpAddr>, Instant)>>,
+}
+
+/// Names whose lookups are kept; past this the cache starts over.
+const MAX_CACHED_LOOKUPS: usize = 4096;
+
+impl LookupCache {
+    fn get(&self, name: &str, now: Instant) -> Option<Vec<IpAddr>> {
+        let entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        entries.get(name).filter(|(_, expiry)| *expiry > now).map(|(addresses, _)| addresses.clone())
+    }
+
+    fn put(&self, name: &str, answers: &[(IpAddr, u32)], now: Instant) {
+        let Some(ttl) = answers.iter().map(|&(_, ttl)| ttl).min().filter(|&ttl| ttl > 0) else { return };
+        let expiry = now + Duration::from_secs(ttl.into()).min(self.max_ttl);
+        let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if entries.len() >= MAX_CACHED_LOOKUPS {
+            entries.retain(|_, (_, kept_until)| *kept_until > now);
+            if entries.len() >= MAX_CACHED_LOOKUPS {
+                entries.clear();
+            }
+        }
+        entries.insert(name.to_owned(), (answers.iter().map(|&(ip, _)| ip).collect(), expiry));
+    }
 }
 
 /// What to do with one query.
@@ -252,7 +285,8 @@ impl DnsResponder {
             "DNS: answering the sandbox for the policy's hosts, forwarding to this resolver"
         );
         let budgets = Arc::new(Budgets::new(limits));
-        Ok(Self { upstream, records: DnsRecords::new(records), policies, budgets })
+        let lookups = LookupCache { max_ttl: records.max_ttl, entries: Mutex::default() };
+        Ok(Self { upstream, records: DnsRecords::new(records), policies, budgets, lookups })
     }
 
     /// Serves DNS over UDP on `socket` (the agent's loopback port).
@@ -297,21 +331,26 @@ impl DnsResponder {
         if let Ok(ip) = name.parse::<IpAddr>() {
             return Ok(vec![ip.to_canonical()]);
         }
+        let key = normalize(name);
+        if let Some(addresses) = self.lookups.get(&key, Instant::now()) {
+            return Ok(addresses);
+        }
         // Fully qualified: the answer must not depend on search domains.
-        let fqdn = Name::from_ascii(format!("{}.", name.trim_end_matches('.')))
-            .map_err(|error| format!("cannot resolve {name}: {error}"))?;
+        let fqdn = Name::from_ascii(format!("{key}.")).map_err(|error| format!("cannot resolve {name}: {error}"))?;
         let (v4, v6) = tokio::join!(self.ask(&fqdn, RecordType::A), self.ask(&fqdn, RecordType::AAAA));
-        let addresses: Vec<IpAddr> = match (v4, v6) {
+        let answers: Vec<(IpAddr, u32)> = match (v4, v6) {
             (Err(error), Err(_)) => return Err(format!("cannot resolve {name}: {error}")),
             (v4, v6) => v4.into_iter().chain(v6).flatten().collect(),
         };
-        if addresses.is_empty() {
+        if answers.is_empty() {
             return Err(format!("{name} has no addresses"));
         }
-        Ok(addresses)
+        self.lookups.put(&key, &answers, Instant::now());
+        Ok(answers.into_iter().map(|(ip, _)| ip).collect())
     }
 
-    async fn ask(&self, name: &Name, record_type: RecordType) -> Result<Vec<IpAddr>, String> {
+    /// The addresses in the answer, each with its TTL.
+    async fn ask(&self, name: &Name, record_type: RecordType) -> Result<Vec<(IpAddr, u32)>, String> {
         let mut query = Message::query();
         query.metadata.recursion_desired = true;
         query.queries.push(Query::query(name.clone(), record_type));
@@ -326,7 +365,7 @@ impl DnsResponder {
             ResponseCode::NoError | ResponseCode::NXDomain => {}
             code => return Err(format!("{} answered {code}", self.upstream)),
         }
-        Ok(addresses_in(&message).map(|(ip, _)| ip).collect())
+        Ok(addresses_in(&message).collect())
     }
 
     /// Serves DNS over TCP (two-byte length prefixes) on a redirected
@@ -1024,5 +1063,23 @@ network_policies:
         assert_eq!(responder.records.names(1, ip(9)), vec!["api.example.test".to_owned()]);
         assert!(responder.records.addresses(1, "edge.cdn.test").is_empty());
         assert_eq!(sent.answers.iter().map(|record| record.ttl).collect::<Vec<_>>(), vec![3600, 30]);
+    }
+
+    #[test]
+    fn the_agents_lookups_are_kept_for_their_ttl_only() {
+        let cache = LookupCache { max_ttl: Duration::from_secs(30), entries: Mutex::default() };
+        let now = Instant::now();
+        let (a, b): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap());
+        cache.put("kept.test", &[(a, 10), (b, 60)], now);
+        assert_eq!(cache.get("kept.test", now + Duration::from_secs(9)), Some(vec![a, b]));
+        assert_eq!(cache.get("kept.test", now + Duration::from_secs(10)), None, "the shortest TTL bounds the entry");
+        cache.put("long.test", &[(a, 86_400)], now);
+        assert_eq!(cache.get("long.test", now + Duration::from_secs(31)), None, "at most max_ttl");
+        cache.put("zero.test", &[(a, 0)], now);
+        assert_eq!(cache.get("zero.test", now), None, "a TTL of 0 is not kept");
+        for n in 0..MAX_CACHED_LOOKUPS + 10 {
+            cache.put(&format!("n{n}.test"), &[(a, 10)], now);
+        }
+        assert!(cache.entries.lock().unwrap().len() <= MAX_CACHED_LOOKUPS, "bounded");
     }
 }
