@@ -101,7 +101,7 @@ impl Bench<'_> {
                         Some(direct) => table.add(added_row, *column, per_request - direct),
                     }
                     eprintln!(
-                        "bench: run {}/{} keep-alive HTTP {}, {connections} connections: {rate:.0} requests/s, p50 {:.0} µs",
+                        "bench: run {}/{} keep-alive HTTP {}, wrk -c{connections}: {rate:.0} requests/s, p50 {:.0} µs",
                         run + 1,
                         self.args.runs,
                         column.title,

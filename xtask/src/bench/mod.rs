@@ -53,7 +53,7 @@ pub struct Args {
     #[arg(long, default_value_t = 10_000)]
     idle: usize,
     /// TLS connections made one after another per figure.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 500)]
     tls_connections: usize,
     /// Keep-alive requests on each TLS connection.
     #[arg(long, default_value_t = 10)]
