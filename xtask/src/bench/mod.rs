@@ -1,15 +1,20 @@
 //! `cargo xtask bench`: the same workloads, in one run on this machine,
 //! direct (the limit), through the agent (transparent redirect and explicit
 //! CONNECT, clients inside the sandbox cgroup) and through peer proxies
-//! (squid and tinyproxy by CONNECT, haproxy in TCP mode) on loopback.
+//! (squid and tinyproxy by CONNECT, haproxy in TCP mode) on loopback; then
+//! workloads with columns of their own (TLS termination, keep-alive HTTP,
+//! server-first and letter-first streams), each in a small table.
 //!
 //! Servers run in the harness's network namespace (e2e::TestNet), so nothing
 //! leaves the machine; clients and servers are `bench-peer` (release build).
 //! Every process, namespace, cgroup and pin is released on drop, Ctrl-C included.
 
+mod keepalive;
 mod process;
 mod proxies;
 mod report;
+mod stalls;
+mod tls;
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -23,8 +28,9 @@ use anyhow::{bail, ensure, Context, Result};
 use e2e::{PolicyFile, Sandbox, TestNet};
 use serde_json::{json, Value};
 
-use process::{rss_bytes, AgentProcess, Client};
-use report::{Metric, Results, Sizes};
+use process::{cpu_seconds, rss_bytes, AgentProcess, Client};
+use proxies::HaproxyMode;
+use report::{Column, Metric, Results, Row, Sizes, Table};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -46,6 +52,18 @@ pub struct Args {
     /// Idle connections held open for the memory figure.
     #[arg(long, default_value_t = 10_000)]
     idle: usize,
+    /// TLS connections made one after another per figure.
+    #[arg(long, default_value_t = 500)]
+    tls_connections: usize,
+    /// Keep-alive requests on each TLS connection.
+    #[arg(long, default_value_t = 10)]
+    tls_requests: usize,
+    /// Connections one after another per server-greeting and letter-first figure.
+    #[arg(long, default_value_t = 1000)]
+    stall_connections: usize,
+    /// Seconds each wrk run of the keep-alive HTTP workload lasts.
+    #[arg(long, default_value_t = 3)]
+    wrk_secs: u64,
 }
 
 /// How a client reaches the server.
@@ -85,6 +103,10 @@ impl Way {
         }
     }
 
+    fn column(self) -> Column {
+        Column { key: self.key(), title: self.title() }
+    }
+
     fn through_agent(self) -> bool {
         matches!(self, Way::Transparent | Way::AgentConnect)
     }
@@ -97,6 +119,13 @@ impl Way {
 const BULK_PORT: u16 = 5201;
 const HTTP_PORT_BASE: u16 = 8000;
 const IDLE_PORT_BASE: u16 = 9000;
+/// The servers from here on close first (TIME_WAIT on their side), so one port each will do.
+const KEEPALIVE_PORT: u16 = 7000;
+const GREETING_PORT: u16 = 7100;
+const ECHO_PORT: u16 = 7101;
+/// One host and port cannot be both passthrough and inspected: two TLS ports.
+const TLS_PORT: u16 = 4430;
+const TLS_INSPECTED_PORT: u16 = 4431;
 /// Enough for the idle workload: client, agent and squid (two per connection), server.
 const NOFILE: u64 = 65_536;
 /// Idle connections opened and closed before the memory baseline, so lazy
@@ -114,6 +143,9 @@ pub fn run(args: &Args) -> Result<()> {
     );
     ensure!(args.concurrency > 0 && args.idle > 0, "sizes must be positive");
     ensure!(args.runs <= 50, "at most 50 runs (one server port per way and run)");
+    ensure!(args.tls_connections > 0 && args.tls_requests > 1, "at least one TLS connection and two requests on each");
+    ensure!(args.stall_connections > 0, "sizes must be positive");
+    ensure!((1..=60).contains(&args.wrk_secs), "--wrk-secs: from 1 to 60");
     crate::setup::run()?;
     crate::setup::ensure_packages(&proxies::PACKAGES)?;
     proxies::stop_distro_services();
@@ -143,6 +175,9 @@ pub fn run(args: &Args) -> Result<()> {
     let bench = Bench::new(args, Limits { nofile, idle }, agent_bin, peer_bin, &net, &work)?;
     let mut results = Results::default();
     bench.throughput_and_latency(&mut results)?;
+    bench.tls_requests(&mut results)?;
+    bench.keepalive(&mut results)?;
+    bench.stalls(&mut results)?;
     bench.memory(&mut results)?;
     bench.netns.check_alone()?;
     drop(bench);
@@ -155,6 +190,10 @@ pub fn run(args: &Args) -> Result<()> {
         concurrency: args.concurrency,
         idle,
         idle_note,
+        tls_connections: args.tls_connections,
+        tls_requests: args.tls_requests,
+        wrk_secs: args.wrk_secs,
+        stall_connections: args.stall_connections,
     };
     let header = format!(
         "## Benchmark ({}; Linux {}, {} CPUs, load average {} at the start; {:.0} s in all)",
@@ -173,6 +212,10 @@ pub fn run(args: &Args) -> Result<()> {
     println!("\n{}", report::markdown(&results, &sizes, &header, false));
     println!("Every run: {} and {}", markdown_path.display(), json_path.display());
     Ok(())
+}
+
+fn path_str(path: &Path) -> Result<&str> {
+    path.to_str().with_context(|| format!("not UTF-8: {}", path.display()))
 }
 
 fn build_peer() -> Result<PathBuf> {
@@ -308,9 +351,12 @@ struct Bench<'a> {
     netns: Netns,
     /// Numbers the agents' log files.
     agents_started: std::cell::Cell<usize>,
-    // Dropped in declaration order: clients are gone by then, the server
-    // goes before the namespace, the policy after the agents that read it.
+    tls_ca: tls::TestCa,
+    // Dropped in declaration order: clients are gone by then, the servers
+    // go before the namespace, the policy after the agents that read it.
     _server: Client,
+    /// Answers tls::NAME with the server's address, for the agent's SNI check.
+    dns: e2e::Dns,
     sandbox: Sandbox,
     policy: PolicyFile,
 }
@@ -328,28 +374,56 @@ impl<'a> Bench<'a> {
         let ways = Way::ALL.len() * args.runs;
         let http: Vec<String> = (0..ways).map(|i| format!("0.0.0.0:{}", HTTP_PORT_BASE + i as u16)).collect();
         let idle: Vec<String> = (0..ways).map(|i| format!("0.0.0.0:{}", IDLE_PORT_BASE + i as u16)).collect();
+        let tls_ca = tls::TestCa::create(&work.0, server_ip.into())?;
+        let any = |port: u16| format!("0.0.0.0:{port}");
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &net.netns]).arg(&peer_bin);
+        command.args(["serve", "--bulk", &any(BULK_PORT), "--http", &http.join(","), "--idle", &idle.join(",")]);
         command.args([
-            "serve",
-            "--bulk",
-            &format!("0.0.0.0:{BULK_PORT}"),
-            "--http",
-            &http.join(","),
-            "--idle",
-            &idle.join(","),
+            "--keepalive",
+            &any(KEEPALIVE_PORT),
+            "--greeting",
+            &any(GREETING_PORT),
+            "--echo",
+            &any(ECHO_PORT),
         ]);
+        command.args(["--tls", &format!("{},{}", any(TLS_PORT), any(TLS_INSPECTED_PORT))]);
+        command.args(["--cert", path_str(&tls_ca.cert)?, "--key", path_str(&tls_ca.key)?]);
         let mut server = Client::spawn(command, "bench servers".into())?;
         server.next_json(e2e::WAIT)?;
+        let dns = net.start_dns(&[(tls::NAME, server_ip.into())])?;
         // Plain HTTP through the agent must go to a private address listed
-        // in allowed_ips; one endpoint with every port serves all workloads.
-        let ports: Vec<String> = std::iter::once(BULK_PORT)
+        // in allowed_ips; one endpoint with every port serves all workloads
+        // but TLS, whose endpoints are by name (the SNI), one of them inspected.
+        let ports: Vec<String> = [BULK_PORT, KEEPALIVE_PORT, GREETING_PORT, ECHO_PORT]
+            .into_iter()
             .chain((0..ways as u16).flat_map(|i| [HTTP_PORT_BASE + i, IDLE_PORT_BASE + i]))
             .map(|p| p.to_string())
             .collect();
         let policy = PolicyFile::new(&format!(
-            "version: 1\nnetwork_policies:\n  bench:\n    endpoints:\n      - host: \"{server_ip}\"\n        ports: [{}]\n        allowed_ips: [\"{server_ip}/32\"]\n    binaries: [{{ path: \"/**\" }}]\n",
-            ports.join(", ")
+            r#"version: 1
+network_policies:
+  bench:
+    endpoints:
+      - host: "{server_ip}"
+        ports: [{ports}]
+        allowed_ips: ["{server_ip}/32"]
+    binaries:
+      - path: "/**"
+  bench-tls:
+    endpoints:
+      - host: {name}
+        port: {TLS_PORT}
+      - host: {name}
+        port: {TLS_INSPECTED_PORT}
+        protocol: rest
+        access: full
+        enforcement: enforce
+    binaries:
+      - path: "/**"
+"#,
+            ports = ports.join(", "),
+            name = tls::NAME,
         ))?;
         Ok(Self {
             args,
@@ -360,7 +434,9 @@ impl<'a> Bench<'a> {
             server_ip,
             netns: Netns::of(net)?,
             agents_started: Default::default(),
+            tls_ca,
             _server: server,
+            dns,
             sandbox: Sandbox::new("bench")?,
             policy,
         })
@@ -391,14 +467,20 @@ impl<'a> Bench<'a> {
             .collect()
     }
 
+    /// The agents' CA, in the work directory rather than the system's.
+    fn ca_dir(&self) -> PathBuf {
+        self.work.join("ca")
+    }
+
     fn start_agent(&self, extra_args: &[&str]) -> Result<AgentProcess> {
         let n = self.agents_started.get() + 1;
         self.agents_started.set(n);
+        let ca_dir = self.ca_dir();
         AgentProcess::start(
             &self.agent_bin,
             &self.sandbox,
             &self.policy,
-            extra_args,
+            &[&["--ca-dir", path_str(&ca_dir)?], extra_args].concat(),
             &self.work.join(format!("agent-{n}.log")),
         )
     }
@@ -410,7 +492,8 @@ impl<'a> Bench<'a> {
         let squid = proxies::squid(self.work, self.limits.nofile)?;
         let tinyproxy = proxies::tinyproxy(self.work, self.args.concurrency * 2)?;
         let haproxy_targets = self.haproxy_targets();
-        let (haproxy, haproxy_ports) = proxies::haproxy(self.work, &haproxy_targets, self.args.concurrency * 2)?;
+        let (haproxy, haproxy_ports) =
+            proxies::haproxy(self.work, &haproxy_targets, self.args.concurrency * 2, HaproxyMode::Tcp)?;
         let routes = Routes {
             agent_port: agent.port,
             squid: squid.port,
@@ -418,17 +501,42 @@ impl<'a> Bench<'a> {
             haproxy: haproxy_targets.into_iter().zip(haproxy_ports).collect(),
         };
         let bytes = (self.args.bulk_mib << 20).to_string();
+        // Upload and download.
+        let relayed_gib = 2.0 * self.args.bulk_mib as f64 / 1024.0;
+        let mut cpu = Table::new(
+            "bulk_cpu",
+            format!("Bulk relay CPU: the bulk stream above, {} MiB each way", self.args.bulk_mib),
+            "User plus system CPU time of the proxy's processes and threads (/proc/PID/stat) over the bulk \
+             transfer, per GiB relayed (upload and download counted). Direct has no proxy. Packet processing \
+             in softirq context may be charged to other processes."
+                .into(),
+            &Way::ALL[1..].iter().map(|way| way.column()).collect::<Vec<_>>(),
+        );
+        let cpu_row = Row { key: "cpu_seconds_per_gib", title: "proxy CPU-seconds per GiB relayed", decimals: 2 };
         for run in 0..self.args.runs {
             for way in Way::ALL {
                 self.netns.check_alone()?;
                 let mut summary = Vec::new();
                 let relayed_before = agent.relayed()?;
 
+                let proxy = match way {
+                    Way::Direct => None,
+                    Way::Transparent | Way::AgentConnect => Some(agent.pid()),
+                    Way::Squid => Some(squid.pid()),
+                    Way::Tinyproxy => Some(tinyproxy.pid()),
+                    Way::Haproxy => Some(haproxy.pid()),
+                };
+                let cpu_before = proxy.map(cpu_seconds).transpose()?;
                 let out = self.client(way, "bulk", &routes.route(way, self.bulk_target()), &["--bytes", &bytes])?;
                 for (metric, key) in [(Metric::UploadGbps, "upload_gbps"), (Metric::DownloadGbps, "download_gbps")] {
                     let value = number(&out, key)?;
                     results.add(metric, way, value);
                     summary.push(format!("{} {value:.2} Gbit/s", key.trim_end_matches("_gbps")));
+                }
+                if let Some((pid, before)) = proxy.zip(cpu_before) {
+                    let per_gib = (cpu_seconds(pid)? - before) / relayed_gib;
+                    cpu.add(cpu_row, way.column(), per_gib);
+                    summary.push(format!("{per_gib:.2} CPU-s/GiB"));
                 }
 
                 // Connections the agent must have relayed: the bulk one and every successful request.
@@ -474,6 +582,7 @@ impl<'a> Bench<'a> {
             }
         }
         drop((squid, tinyproxy, haproxy));
+        results.tables.push(cpu);
         Ok(())
     }
 
@@ -519,7 +628,7 @@ impl<'a> Bench<'a> {
                         (Proxy::Peer(daemon), route)
                     }
                     Way::Haproxy => {
-                        let (daemon, ports) = proxies::haproxy(self.work, &[target], capacity)?;
+                        let (daemon, ports) = proxies::haproxy(self.work, &[target], capacity, HaproxyMode::Tcp)?;
                         (Proxy::Peer(daemon), Route { to: loopback(ports[0]), connect: None })
                     }
                 };
@@ -576,14 +685,31 @@ impl<'a> Bench<'a> {
 
     fn spawn_client(&self, way: Way, workload: &str, route: &Route, args: &[&str]) -> Result<Client> {
         // Through the agent, the client runs in the sandbox cgroup; every other way outside it.
-        let mut command =
-            if way.through_agent() { self.sandbox.command(&self.peer_bin) } else { Command::new(&self.peer_bin) };
+        let mut command = self.peer_command(way.through_agent());
         command.arg(workload).args(["--to", &route.to.to_string()]);
         if let Some(authority) = route.connect {
             command.args(["--connect", &authority.to_string()]);
         }
         command.args(args);
         Client::spawn(command, format!("{workload} client via {}", way.title()))
+    }
+
+    fn peer_command(&self, sandboxed: bool) -> Command {
+        if sandboxed {
+            self.sandbox.command(&self.peer_bin)
+        } else {
+            Command::new(&self.peer_bin)
+        }
+    }
+
+    /// Runs a client of the small tables' workloads to completion; its JSON line.
+    fn peer(&self, sandboxed: bool, workload: &str, column: Column, args: &[&str]) -> Result<Value> {
+        let mut command = self.peer_command(sandboxed);
+        command.arg(workload).args(args);
+        let mut client = Client::spawn(command, format!("{workload} client via {}", column.title))?;
+        let out = client.next_json(CLIENT_TIMEOUT)?;
+        client.finish(CLIENT_TIMEOUT)?;
+        Ok(out)
     }
 }
 

@@ -6,10 +6,14 @@
 //! proxy there for a tunnel (`CONNECT AUTHORITY`), so one client covers
 //! direct, transparent (the same connect, made inside the sandbox cgroup),
 //! CONNECT proxies and TCP forwarders.
+//!
+//! The other clients connect to `--to` only: `tls` (keep-alive HTTP over
+//! TLS), `greeting` and `echo` (the first bytes of a stream, either side first).
 
 use std::{
     io::{Read, Write},
     net::SocketAddr,
+    path::{Path, PathBuf},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -19,9 +23,10 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, Subcommand};
+use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::json;
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader},
     net::{TcpListener, TcpStream},
     task::JoinSet,
 };
@@ -45,6 +50,14 @@ const HOLD_LIMIT: Duration = Duration::from_secs(120);
 /// Connections being opened at once by the idle client.
 const OPENING_AT_ONCE: usize = 64;
 const HTTP_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
+const KEEPALIVE_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+/// What the greeting server says on accept, as an SMTP or FTP server would.
+const GREETING: &[u8] = b"220 bench-peer ready\r\n";
+/// What the echo client sends: letters that cannot start an HTTP request
+/// line, so a sniffer must not wait for a line end.
+const ECHO: &[u8] = b"xxxx";
+/// Largest request or response head the keep-alive ends accept.
+const MAX_HEAD: usize = 16 * 1024;
 
 #[derive(Parser)]
 struct Cli {
@@ -54,17 +67,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the three workloads until killed; prints `{"ready":true}`.
-    Serve {
-        #[arg(long)]
-        bulk: SocketAddr,
-        /// HTTP responders (one per way and run, so TIME_WAITs never run out of ports).
-        #[arg(long, value_delimiter = ',', required = true)]
-        http: Vec<SocketAddr>,
-        /// Echo one byte, then hold the connection open.
-        #[arg(long, value_delimiter = ',', required = true)]
-        idle: Vec<SocketAddr>,
-    },
+    /// Serve every workload until killed; prints `{"ready":true}`.
+    Serve(Servers),
     /// One stream: upload `bytes`, then download `bytes`.
     Bulk {
         #[command(flatten)]
@@ -91,6 +95,66 @@ enum Command {
         #[arg(long)]
         count: usize,
     },
+    /// `connections` TLS connections one after another, `requests`
+    /// keep-alive requests on each (the last asks the server to close).
+    Tls {
+        #[arg(long)]
+        to: SocketAddr,
+        /// PEM file of the CA the server's certificate must chain to.
+        #[arg(long)]
+        ca: PathBuf,
+        /// SNI, and the Host of every request.
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        connections: usize,
+        #[arg(long)]
+        requests: usize,
+    },
+    /// Connections one after another, each timed from connect to the server's greeting.
+    Greeting {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        connections: usize,
+    },
+    /// Connections one after another, each timed from connect to the echo of `xxxx`.
+    Echo {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        connections: usize,
+    },
+}
+
+#[derive(clap::Args)]
+struct Servers {
+    #[arg(long)]
+    bulk: SocketAddr,
+    /// HTTP responders (one per way and run, so TIME_WAITs never run out of ports).
+    #[arg(long, value_delimiter = ',', required = true)]
+    http: Vec<SocketAddr>,
+    /// Echo one byte, then hold the connection open.
+    #[arg(long, value_delimiter = ',', required = true)]
+    idle: Vec<SocketAddr>,
+    /// Keep-alive HTTP/1.1: `200` with a 2-byte body to every request.
+    #[arg(long)]
+    keepalive: SocketAddr,
+    /// The same over TLS, with `--cert` and `--key`.
+    #[arg(long, value_delimiter = ',', required = true)]
+    tls: Vec<SocketAddr>,
+    /// PEM certificate chain of the TLS servers.
+    #[arg(long)]
+    cert: PathBuf,
+    /// PEM private key of the TLS servers.
+    #[arg(long)]
+    key: PathBuf,
+    /// Says `GREETING` on accept, then closes.
+    #[arg(long)]
+    greeting: SocketAddr,
+    /// Echoes the client's `ECHO`, then closes.
+    #[arg(long)]
+    echo: SocketAddr,
 }
 
 #[derive(clap::Args, Clone)]
@@ -106,7 +170,7 @@ struct Route {
 fn main() {
     let cli = Cli::parse();
     let outcome = match cli.command {
-        Command::Serve { bulk, http, idle } => runtime(2).and_then(|rt| rt.block_on(serve(bulk, http, idle))),
+        Command::Serve(servers) => runtime(2).and_then(|rt| rt.block_on(serve(servers))),
         Command::Bulk { route, bytes } => bulk(&route, bytes),
         // One client thread: enough to outrun any proxy here, and it leaves
         // the other core to the proxy and the server.
@@ -114,6 +178,15 @@ fn main() {
             runtime(1).and_then(|rt| rt.block_on(http(route, host, requests, concurrency)))
         }
         Command::Idle { route, count } => runtime(1).and_then(|rt| rt.block_on(idle(route, count))),
+        Command::Tls { to, ca, name, connections, requests } => {
+            runtime(1).and_then(|rt| rt.block_on(tls(to, &ca, name, connections, requests)))
+        }
+        Command::Greeting { to, connections } => {
+            runtime(1).and_then(|rt| rt.block_on(first_bytes(to, connections, b"", GREETING)))
+        }
+        Command::Echo { to, connections } => {
+            runtime(1).and_then(|rt| rt.block_on(first_bytes(to, connections, ECHO, ECHO)))
+        }
     };
     if let Err(error) = outcome {
         eprintln!("bench-peer: {error:#}");
@@ -132,26 +205,35 @@ fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
     Ok(builder.enable_all().build()?)
 }
 
-async fn serve(bulk: SocketAddr, http: Vec<SocketAddr>, idle: Vec<SocketAddr>) -> Result<()> {
+async fn serve(config: Servers) -> Result<()> {
     let mut servers = JoinSet::new();
-    servers.spawn(accept_loop(TcpListener::bind(bulk).await?, serve_bulk));
-    for address in http {
-        servers.spawn(accept_loop(
-            TcpListener::bind(address).await.with_context(|| format!("bind {address}"))?,
-            serve_http,
-        ));
+    servers.spawn(accept_loop(bind(config.bulk).await?, serve_bulk));
+    for address in config.http {
+        servers.spawn(accept_loop(bind(address).await?, serve_http));
     }
-    for address in idle {
-        servers.spawn(accept_loop(
-            TcpListener::bind(address).await.with_context(|| format!("bind {address}"))?,
-            serve_idle,
-        ));
+    for address in config.idle {
+        servers.spawn(accept_loop(bind(address).await?, serve_idle));
     }
+    servers.spawn(accept_loop(bind(config.keepalive).await?, serve_keepalive));
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config(&config.cert, &config.key)?));
+    for address in config.tls {
+        let acceptor = acceptor.clone();
+        servers.spawn(accept_loop(bind(address).await?, move |stream| {
+            let accepting = acceptor.accept(stream);
+            async move { serve_keepalive(accepting.await.context("TLS handshake")?).await }
+        }));
+    }
+    servers.spawn(accept_loop(bind(config.greeting).await?, serve_greeting));
+    servers.spawn(accept_loop(bind(config.echo).await?, serve_echo));
     println!("{}", json!({ "ready": true }));
     while let Some(done) = servers.join_next().await {
         done??;
     }
     Ok(())
+}
+
+async fn bind(address: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(address).await.with_context(|| format!("bind {address}"))
 }
 
 async fn accept_loop<F, Fut>(listener: TcpListener, handler: F) -> Result<()>
@@ -202,6 +284,80 @@ async fn serve_http(mut stream: TcpStream) -> Result<()> {
     }
     stream.write_all(HTTP_RESPONSE).await?;
     Ok(())
+}
+
+/// Keep-alive HTTP/1.1 (plain or over TLS): answers every request head in
+/// order, pipelined ones too (bodies are not expected). After a request
+/// with `Connection: close` it closes first, so TIME_WAIT stays on this side.
+async fn serve_keepalive<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) -> Result<()> {
+    let mut pending = Vec::with_capacity(1024);
+    let mut buffer = [0u8; 4096];
+    loop {
+        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let close = pending[..end].to_ascii_lowercase().windows(17).any(|w| w == b"connection: close");
+            pending.drain(..end + 4);
+            if close {
+                stream.write_all(HTTP_RESPONSE).await?;
+                stream.shutdown().await?;
+                return Ok(());
+            }
+            stream.write_all(KEEPALIVE_RESPONSE).await?;
+        }
+        // TLS holds written records until flushed.
+        stream.flush().await?;
+        let n = stream.read(&mut buffer).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        ensure!(pending.len() + n <= MAX_HEAD, "request head too long");
+        pending.extend_from_slice(&buffer[..n]);
+    }
+}
+
+/// Speaks first, then closes first (TIME_WAIT on this side).
+async fn serve_greeting(mut stream: TcpStream) -> Result<()> {
+    stream.write_all(GREETING).await?;
+    Ok(())
+}
+
+async fn serve_echo(mut stream: TcpStream) -> Result<()> {
+    let mut bytes = [0u8; ECHO.len()];
+    stream.read_exact(&mut bytes).await?;
+    stream.write_all(&bytes).await?;
+    Ok(())
+}
+
+fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(Iterator::collect)
+        .with_context(|| format!("read {}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("read {}", key.display()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(crypto())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Trusts `ca` only. No session resumption: every connection makes a full
+/// handshake, as a new client process (curl, a script) does.
+fn client_config(ca: &Path) -> Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).with_context(|| format!("read {}", ca.display()))? {
+        roots.add(cert?)?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(crypto())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
+}
+
+fn crypto() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// Echoes one byte, then holds the connection until the client sends
@@ -298,12 +454,11 @@ async fn http(route: Route, host: String, requests: usize, concurrency: usize) -
         bail!("all {requests} requests failed, e.g.: {}", errors.first().map_or("", String::as_str));
     }
     latencies.sort_unstable();
-    let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e6;
     println!(
         "{}",
         json!({
-            "p50_us": percentile(0.50),
-            "p99_us": percentile(0.99),
+            "p50_us": percentile_us(&latencies, 0.50),
+            "p99_us": percentile_us(&latencies, 0.99),
             "conn_per_s": latencies.len() as f64 / elapsed.as_secs_f64(),
             "errors": errors.len(),
             "first_error": errors.first(),
@@ -312,25 +467,38 @@ async fn http(route: Route, host: String, requests: usize, concurrency: usize) -
     Ok(())
 }
 
+/// `sorted[p]`, in µs.
+fn percentile_us(sorted: &[Duration], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e6
+}
+
 /// Connect (and tunnel), send the request, read the whole response: the
 /// latency. Then read on to the server's close, so TIME_WAIT lands there.
 async fn one_request(route: &Route, request: &[u8]) -> Result<Duration> {
     let started = Instant::now();
     let mut stream = open(route).await?;
     stream.write_all(request).await?;
+    read_response(&mut stream).await?;
+    let complete = started.elapsed();
+    let mut buffer = [0u8; 4096];
+    while stream.read(&mut buffer).await? > 0 {}
+    Ok(complete)
+}
+
+/// Reads one whole 200 response, and not a byte more.
+async fn read_response<S: AsyncRead + Unpin>(stream: &mut S) -> Result<()> {
     let mut response = Vec::with_capacity(512);
     let mut buffer = [0u8; 4096];
-    let complete = loop {
+    loop {
         let n = stream.read(&mut buffer).await?;
         ensure!(n > 0, "connection closed before a complete response ({} bytes)", response.len());
         response.extend_from_slice(&buffer[..n]);
         if let Some(length) = complete_response_len(&response)? {
             ensure!(response.len() == length, "bytes past the response");
-            break started.elapsed();
+            return Ok(());
         }
-    };
-    while stream.read(&mut buffer).await? > 0 {}
-    Ok(complete)
+        ensure!(response.len() <= MAX_HEAD, "response head too long");
+    }
 }
 
 /// The length of a complete 200 response with a Content-Length body, `None` while incomplete.
@@ -435,4 +603,91 @@ async fn idle(route: Route, count: usize) -> Result<()> {
     })
     .await
     .context("the servers did not close every idle connection")?
+}
+
+async fn tls(to: SocketAddr, ca: &Path, name: String, connections: usize, requests: usize) -> Result<()> {
+    ensure!(connections > 0 && requests > 1, "at least one connection and two requests on each");
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(ca)?));
+    let server_name = ServerName::try_from(name.clone())?;
+    let keep_alive = format!("GET / HTTP/1.1\r\nHost: {name}\r\n\r\n");
+    let last = format!("GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n");
+    let mut first = Vec::with_capacity(connections);
+    let mut later = Vec::with_capacity(connections * (requests - 1));
+    for n in 1..=connections {
+        let connection = async {
+            let started = Instant::now();
+            let tcp = TcpStream::connect(to).await.with_context(|| format!("connect {to}"))?;
+            tcp.set_nodelay(true)?;
+            let mut stream = connector.connect(server_name.clone(), tcp).await.context("TLS handshake")?;
+            for i in 0..requests {
+                let sent = Instant::now();
+                let request = if i + 1 == requests { &last } else { &keep_alive };
+                stream.write_all(request.as_bytes()).await?;
+                stream.flush().await?;
+                read_response(&mut stream).await.with_context(|| format!("request {}", i + 1))?;
+                if i == 0 {
+                    first.push(started.elapsed());
+                } else {
+                    later.push(sent.elapsed());
+                }
+            }
+            // The server closes after the last response (TIME_WAIT on its side);
+            // a relay may close without TLS's close_notify.
+            let mut rest = [0u8; 64];
+            match stream.read(&mut rest).await {
+                Ok(0) => Ok(()),
+                Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => Ok(()),
+                Ok(_) => bail!("bytes past the last response"),
+                Err(error) => Err(error.into()),
+            }
+        };
+        tokio::time::timeout(STEP_TIMEOUT, connection)
+            .await
+            .context("timed out")
+            .and_then(|done| done)
+            .with_context(|| format!("TLS connection {n} of {connections}"))?;
+    }
+    first.sort_unstable();
+    later.sort_unstable();
+    println!(
+        "{}",
+        json!({
+            "new_p50_us": percentile_us(&first, 0.50),
+            "new_p99_us": percentile_us(&first, 0.99),
+            "keepalive_p50_us": percentile_us(&later, 0.50),
+            "keepalive_p99_us": percentile_us(&later, 0.99),
+        })
+    );
+    Ok(())
+}
+
+/// Connections one after another: each connects, sends `send`, and is timed
+/// until `expect` arrived; then reads on to the server's close (TIME_WAIT there).
+async fn first_bytes(to: SocketAddr, connections: usize, send: &[u8], expect: &[u8]) -> Result<()> {
+    ensure!(connections > 0, "connections must be positive");
+    let mut latencies = Vec::with_capacity(connections);
+    for n in 1..=connections {
+        let connection = async {
+            let started = Instant::now();
+            let mut stream = TcpStream::connect(to).await.with_context(|| format!("connect {to}"))?;
+            stream.set_nodelay(true)?;
+            stream.write_all(send).await?;
+            let mut got = vec![0u8; expect.len()];
+            stream.read_exact(&mut got).await.context("closed early")?;
+            let latency = started.elapsed();
+            ensure!(got == expect, "expected {}, got {}", expect.escape_ascii(), got.escape_ascii());
+            let mut rest = [0u8; 64];
+            ensure!(stream.read(&mut rest).await? == 0, "bytes past the expected ones");
+            Ok(latency)
+        };
+        let latency = tokio::time::timeout(STEP_TIMEOUT, connection)
+            .await
+            .context("timed out")
+            .and_then(|done| done)
+            .with_context(|| format!("connection {n} of {connections}"))?;
+        latencies.push(latency);
+    }
+    latencies.sort_unstable();
+    println!("{}", json!({ "p50_us": percentile_us(&latencies, 0.50), "p99_us": percentile_us(&latencies, 0.99) }));
+    Ok(())
 }

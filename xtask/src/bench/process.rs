@@ -58,15 +58,27 @@ impl Client {
 
     /// The next stdout line, as JSON; fails if the process ends first or it takes longer than `timeout`.
     pub fn next_json(&mut self, timeout: Duration) -> Result<Value> {
+        let line = self.next_line(|_| true, timeout)?;
+        serde_json::from_str(&line).with_context(|| format!("{}: not JSON: {line}", self.what))
+    }
+
+    /// The first stdout line that starts with `{`, as JSON: a program with
+    /// a report of its own (wrk) prints its figures so among other lines.
+    pub fn json_among_lines(&mut self, timeout: Duration) -> Result<Value> {
+        let line = self.next_line(|line| line.starts_with('{'), timeout)?;
+        serde_json::from_str(&line).with_context(|| format!("{}: not JSON: {line}", self.what))
+    }
+
+    fn next_line(&mut self, wanted: impl Fn(&str) -> bool, timeout: Duration) -> Result<String> {
         let deadline = Instant::now() + timeout;
         loop {
             interrupt::check()?;
             match self.lines.recv_timeout(Duration::from_millis(100)) {
-                Ok(line) => {
-                    return serde_json::from_str(&line).with_context(|| format!("{}: not JSON: {line}", self.what))
+                Ok(line) if wanted(&line) => return Ok(line),
+                Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+                Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {
+                    bail!("{} gave no result within {timeout:?}", self.what)
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
-                Err(mpsc::RecvTimeoutError::Timeout) => bail!("{} gave no result within {timeout:?}", self.what),
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let status = self.wait(Duration::from_secs(5))?;
                     let stderr = self.stderr();
@@ -243,6 +255,43 @@ impl Drop for AgentProcess {
 
 /// VmRSS of `pid` and its descendants (a proxy may fork helpers).
 pub fn rss_bytes(pid: u32) -> Result<u64> {
+    let mut total = 0;
+    for pid in family(pid)? {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .with_context(|| format!("read /proc/{pid}/status"))?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .with_context(|| format!("no VmRSS in /proc/{pid}/status"))?;
+        total += kib * 1024;
+    }
+    Ok(total)
+}
+
+/// User plus system CPU time of `pid` and its descendants, every thread
+/// included, in seconds.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut ticks = 0;
+    for pid in family(pid)? {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("read /proc/{pid}/stat"))?;
+        // utime and stime are fields 14 and 15, the 12th and 13th after the parenthesised command name.
+        let fields: Vec<&str> =
+            stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+        let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+        ticks += field(11)
+            .zip(field(12))
+            .map(|(user, system)| user + system)
+            .with_context(|| format!("bad /proc/{pid}/stat"))?;
+    }
+    Ok(ticks as f64 / ticks_per_second)
+}
+
+/// `pid` and its descendants.
+fn family(pid: u32) -> Result<Vec<u32>> {
     let mut family = vec![pid];
     let mut parents = Vec::new();
     for entry in std::fs::read_dir("/proc")?.flatten() {
@@ -261,16 +310,5 @@ pub fn rss_bytes(pid: u32) -> Result<u64> {
         family.extend(parents.iter().filter(|(_, p)| *p == parent).map(|(c, _)| *c));
         i += 1;
     }
-    let mut total = 0;
-    for pid in family {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .with_context(|| format!("read /proc/{pid}/status"))?;
-        let kib: u64 = status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-            .with_context(|| format!("no VmRSS in /proc/{pid}/status"))?;
-        total += kib * 1024;
-    }
-    Ok(total)
+    Ok(family)
 }

@@ -1,6 +1,6 @@
 //! The peer proxies (squid, tinyproxy, haproxy from Debian), started on
 //! loopback with minimal configs in the bench's work directory, and stopped
-//! on drop.
+//! on drop; and wrk, the keep-alive HTTP load generator.
 
 use std::{
     fs::File,
@@ -15,14 +15,16 @@ use anyhow::{bail, Context, Result};
 
 use super::interrupt;
 
-pub const PACKAGES: [&str; 3] = ["squid", "tinyproxy", "haproxy"];
+pub const PACKAGES: [&str; 4] = ["squid", "tinyproxy", "haproxy", "wrk"];
+/// The packages that come with a service apt may start.
+const SERVICES: [&str; 3] = ["squid", "tinyproxy", "haproxy"];
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// apt may start the packages' own services: stop them, so they hold no
 /// port and take no CPU while we measure (our instances use free ports anyway).
 pub fn stop_distro_services() {
-    for name in PACKAGES {
+    for name in SERVICES {
         let running =
             Command::new("service").args([name, "status"]).stdout(Stdio::null()).stderr(Stdio::null()).status();
         if running.is_ok_and(|status| status.success()) {
@@ -158,14 +160,32 @@ pub fn tinyproxy(work: &Path, max_clients: usize) -> Result<Daemon> {
     Daemon::spawn("tinyproxy", command, &dir, port)
 }
 
-/// One `mode tcp` listener per target; returns the daemon and the listening
-/// port of each target, in order.
-pub fn haproxy(work: &Path, targets: &[SocketAddr], max_connections: usize) -> Result<(Daemon, Vec<u16>)> {
+/// How haproxy relays.
+#[derive(Clone, Copy)]
+pub enum HaproxyMode {
+    /// Bytes, both ways.
+    Tcp,
+    /// HTTP requests, on keep-alive connections to the client and the server.
+    Http,
+}
+
+/// One listener per target; returns the daemon and the listening port of
+/// each target, in order.
+pub fn haproxy(
+    work: &Path,
+    targets: &[SocketAddr],
+    max_connections: usize,
+    mode: HaproxyMode,
+) -> Result<(Daemon, Vec<u16>)> {
     let dir = work.join("haproxy");
     std::fs::create_dir_all(&dir)?;
+    let mode = match mode {
+        HaproxyMode::Tcp => "mode tcp",
+        HaproxyMode::Http => "mode http\n    option http-keep-alive\n    timeout http-keep-alive 10s",
+    };
     let mut config = format!(
         "global\n    maxconn {max_connections}\n\
-         defaults\n    mode tcp\n    maxconn {max_connections}\n    timeout connect 10s\n    timeout client 10m\n    timeout server 10m\n"
+         defaults\n    {mode}\n    maxconn {max_connections}\n    timeout connect 10s\n    timeout client 10m\n    timeout server 10m\n"
     );
     let mut ports = Vec::with_capacity(targets.len());
     for (i, target) in targets.iter().enumerate() {

@@ -1,5 +1,6 @@
 //! Results: raw runs, medians, ratios to direct, the targets, and the
-//! markdown and JSON reports.
+//! markdown and JSON reports. The main table compares every `Way`; the
+//! workloads measured over other columns each get a small `Table` after it.
 
 use std::collections::BTreeMap;
 
@@ -86,6 +87,10 @@ pub struct Sizes {
     pub idle: usize,
     /// Why `idle` is less than asked, if it is.
     pub idle_note: Option<String>,
+    pub tls_connections: usize,
+    pub tls_requests: usize,
+    pub wrk_secs: u64,
+    pub stall_connections: usize,
 }
 
 #[derive(Default)]
@@ -93,6 +98,10 @@ pub struct Results {
     runs: BTreeMap<(Metric, Way), Vec<f64>>,
     /// Failed requests, summed over runs, with the first error seen.
     errors: BTreeMap<(Metric, Way), (u64, String)>,
+    /// The small tables, in the order measured.
+    pub tables: Vec<Table>,
+    /// Targets of the small tables, reported after the main ones.
+    pub targets: Vec<Target>,
 }
 
 impl Results {
@@ -137,6 +146,127 @@ pub struct Target {
     pub measured: String,
     /// `None` when a figure it needs is missing.
     pub met: Option<bool>,
+}
+
+impl Target {
+    /// A time in µs that should be at most `limit`.
+    pub fn at_most_us(what: &'static str, measured: Option<f64>, limit: f64) -> Self {
+        Self {
+            what,
+            measured: measured.map_or("n/a".into(), |us| format!("{us:.0} µs")),
+            met: measured.map(|us| us <= limit),
+        }
+    }
+}
+
+/// A column of a [`Table`].
+#[derive(Clone, Copy)]
+pub struct Column {
+    pub key: &'static str,
+    pub title: &'static str,
+}
+
+/// A row of a [`Table`].
+#[derive(Clone, Copy)]
+pub struct Row {
+    pub key: &'static str,
+    pub title: &'static str,
+    pub decimals: usize,
+}
+
+/// A workload measured over columns of its own: per row and column, one
+/// figure per run; the medians are shown.
+pub struct Table {
+    key: &'static str,
+    title: String,
+    /// What the rows mean, under the table.
+    note: String,
+    columns: Vec<Column>,
+    /// In the order first added; per column, the runs.
+    rows: Vec<(Row, Vec<Vec<f64>>)>,
+}
+
+impl Table {
+    pub fn new(key: &'static str, title: String, note: String, columns: &[Column]) -> Self {
+        Self { key, title, note, columns: columns.to_vec(), rows: Vec::new() }
+    }
+
+    pub fn add(&mut self, row: Row, column: Column, value: f64) {
+        let at = self.column_index(column);
+        let index = match self.rows.iter().position(|(r, _)| r.key == row.key) {
+            Some(index) => index,
+            None => {
+                self.rows.push((row, vec![Vec::new(); self.columns.len()]));
+                self.rows.len() - 1
+            }
+        };
+        self.rows[index].1[at].push(value);
+    }
+
+    pub fn median(&self, row: Row, column: Column) -> Option<f64> {
+        let at = self.column_index(column);
+        median(self.rows.iter().find(|(r, _)| r.key == row.key)?.1[at].clone())
+    }
+
+    fn column_index(&self, column: Column) -> usize {
+        self.columns.iter().position(|c| c.key == column.key).expect("a column of this table")
+    }
+
+    fn markdown(&self) -> String {
+        let mut out = format!("**{}**\n\n|  |", self.title);
+        for column in &self.columns {
+            out += &format!(" {} |", column.title);
+        }
+        out += "\n|---|";
+        out += &"---:|".repeat(self.columns.len());
+        out += "\n";
+        for (row, cells) in &self.rows {
+            out += &format!("| {} |", row.title);
+            for runs in cells {
+                let cell = median(runs.clone()).map_or("—".into(), |value| format!("{value:.*}", row.decimals));
+                out += &format!(" {cell} |");
+            }
+            out += "\n";
+        }
+        out + &format!("\n{}\n", self.note)
+    }
+
+    fn raw_markdown(&self) -> String {
+        let mut out = String::new();
+        for (row, cells) in &self.rows {
+            for (column, runs) in self.columns.iter().zip(cells).filter(|(_, runs)| !runs.is_empty()) {
+                let runs: Vec<String> = runs.iter().map(|v| format!("{v:.*}", row.decimals)).collect();
+                out += &format!("| {}: {} | {} | {} |\n", self.key, row.title, column.title, runs.join(", "));
+            }
+        }
+        out
+    }
+
+    fn json(&self) -> Value {
+        let rows: Vec<Value> = self
+            .rows
+            .iter()
+            .map(|(row, cells)| {
+                let cells: serde_json::Map<String, Value> = self
+                    .columns
+                    .iter()
+                    .zip(cells)
+                    .filter(|(_, runs)| !runs.is_empty())
+                    .map(|(column, runs)| {
+                        (column.key.to_owned(), json!({ "runs": runs, "median": median(runs.clone()) }))
+                    })
+                    .collect();
+                json!({ "key": row.key, "title": row.title, "cells": cells })
+            })
+            .collect();
+        json!({
+            "key": self.key,
+            "title": self.title,
+            "note": self.note,
+            "columns": self.columns.iter().map(|c| c.key).collect::<Vec<_>>(),
+            "rows": rows,
+        })
+    }
 }
 
 pub fn targets(results: &Results) -> Vec<Target> {
@@ -254,8 +384,11 @@ pub fn markdown(results: &Results, sizes: &Sizes, header: &str, raw: bool) -> St
     for (n, footnote) in footnotes.iter().enumerate() {
         out += &format!("[{}] {footnote}\n", n + 1);
     }
+    for table in &results.tables {
+        out += &format!("\n{}", table.markdown());
+    }
     out += "\n| target | measured | met |\n|---|---|---|\n";
-    for target in targets(results) {
+    for target in targets(results).iter().chain(&results.targets) {
         let met = match target.met {
             Some(true) => "yes",
             Some(false) => "**no**",
@@ -269,6 +402,9 @@ pub fn markdown(results: &Results, sizes: &Sizes, header: &str, raw: bool) -> St
         for ((metric, way), runs) in &results.runs {
             let runs: Vec<String> = runs.iter().map(|&v| metric.format(v)).collect();
             out += &format!("| {} | {} | {} |\n", metric.title(sizes), way.title(), runs.join(", "));
+        }
+        for table in &results.tables {
+            out += &table.raw_markdown();
         }
     }
     out
@@ -289,7 +425,8 @@ pub fn json(results: &Results, sizes: &Sizes, machine: Value) -> Value {
         }));
     }
     let targets: Vec<Value> = targets(results)
-        .into_iter()
+        .iter()
+        .chain(&results.targets)
         .map(|t| json!({ "target": t.what, "measured": t.measured, "met": t.met }))
         .collect();
     json!({
@@ -302,8 +439,13 @@ pub fn json(results: &Results, sizes: &Sizes, machine: Value) -> Value {
             "concurrency": sizes.concurrency,
             "idle_connections": sizes.idle,
             "idle_note": sizes.idle_note,
+            "tls_connections": sizes.tls_connections,
+            "tls_requests_per_connection": sizes.tls_requests,
+            "wrk_secs": sizes.wrk_secs,
+            "stall_connections": sizes.stall_connections,
         },
         "figures": figures,
+        "tables": results.tables.iter().map(Table::json).collect::<Vec<_>>(),
         "targets": targets,
         "not_measured": [NOT_MEASURED],
     })
