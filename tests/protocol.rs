@@ -449,6 +449,59 @@ fn policy_reload_applies_to_new_connections_and_logs_the_generation() -> Result<
     Ok(())
 }
 
+/// Two GETs on one keep-alive connection, the second after a line on stdin;
+/// prints each status.
+const KEEP_ALIVE_CLIENT: &str = r#"
+import http.client, sys
+connection = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=10)
+for _ in range(2):
+    connection.request('GET', '/bytes/16', headers={'Host': sys.argv[3]})
+    response = connection.getresponse()
+    response.read()
+    print(response.status, flush=True)
+    sys.stdin.readline()
+"#;
+
+#[test]
+fn a_reload_decides_the_next_plain_http_request_of_an_open_keep_alive_connection() -> Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    let policy = |net: &TestNet, port: u16| {
+        format!(
+            "version: 1\nnetwork_policies:\n  internal:\n    endpoints:\n      - host: allowed.test\n        port: {port}\n        allowed_ips: [\"{}/24\"]\n    binaries: [{{ path: \"/**\" }}]\n",
+            net.private_v4
+        )
+    };
+    let setup = Setup::new(
+        "keepalive-reload",
+        |net| vec![("allowed.test", net.private_v4.into())],
+        |net| policy(net, HTTP_PORT),
+    )?;
+    let mut client = setup
+        .sandbox
+        .command(PYTHON)
+        .args(["-c", KEEP_ALIVE_CLIENT, &setup.net.private_v4.to_string(), &HTTP_PORT.to_string(), "allowed.test"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let (mut stdin, mut stdout) = (client.stdin.take().unwrap(), BufReader::new(client.stdout.take().unwrap()));
+    let mut line = String::new();
+    stdout.read_line(&mut line)?;
+    assert_eq!(line, "200\n");
+    // The endpoint moves to another port: the open connection's next request is no longer allowed.
+    setup.policy.write(&policy(&setup.net, 1))?;
+    setup.agent.log.wait_for("reload", |e| e["event"] == "policy_reloaded" && e["generation"] == 2)?;
+    writeln!(stdin, "next")?;
+    line.clear();
+    stdout.read_line(&mut line)?;
+    assert_eq!(line, "403\n", "decided by generation 2, not a decision cached from generation 1");
+    drop(stdin);
+    ensure!(client.wait()?.success(), "client failed");
+    let log = setup.agent.wait_connection_of(client.id())?;
+    assert_eq!((log["verdict"].as_str(), log["policy_generation"].as_u64()), (Some("denied"), Some(2)));
+    assert_eq!(setup.servers.events.matching(|e| e["path"] == "/bytes/16").len(), 1, "one request reached the server");
+    Ok(())
+}
+
 #[test]
 fn policy_cli_checks_and_evaluates_offline() -> Result<()> {
     let agent = agent_bin();
