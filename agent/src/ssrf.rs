@@ -3,7 +3,7 @@
 //! reachable only when an endpoint's `allowed_ips` lists a range inside the
 //! class itself: `0.0.0.0/0` does not count as listing 127.0.0.1.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::LazyLock};
 
 use ipnet::IpNet;
 
@@ -30,11 +30,16 @@ const CLASS_RANGES: [(AddressClass, &[&str]); 6] = [
     (AddressClass::Private, &["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"]),
 ];
 
-fn ranges(class: AddressClass) -> impl Iterator<Item = IpNet> {
+/// [`CLASS_RANGES`] parsed once: every connection classes its address.
+static PARSED_RANGES: LazyLock<Vec<(AddressClass, IpNet)>> = LazyLock::new(|| {
     CLASS_RANGES
         .iter()
-        .filter(move |(c, _)| *c == class)
-        .flat_map(|(_, ranges)| ranges.iter().map(|range| range.parse().expect("valid built-in range")))
+        .flat_map(|(class, ranges)| ranges.iter().map(|range| (*class, range.parse().expect("valid built-in range"))))
+        .collect()
+});
+
+fn ranges(class: AddressClass) -> impl Iterator<Item = IpNet> {
+    PARSED_RANGES.iter().filter(move |(c, _)| *c == class).map(|(_, range)| *range)
 }
 
 impl AddressClass {
