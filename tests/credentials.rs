@@ -478,6 +478,7 @@ fn agent_start_failure(sandbox: &Sandbox, policy: &PolicyFile, credentials: &str
         .args(["run", "--cgroup", sandbox.path_str(), "--listen-port", "0", "--policy"])
         .arg(&policy.path)
         .args(["--credentials", credentials])
+        .args(own_control_socket(&[]))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()?;

@@ -364,7 +364,7 @@ fn ebpf_redirect_traces_reach_the_agent_log() -> Result<()> {
 }
 
 fn run_agent(args: &[&str]) -> Result<(bool, String)> {
-    let output = Command::new(agent_bin()).args(args).output()?;
+    let output = Command::new(agent_bin()).args(args).args(own_control_socket(args)).output()?;
     Ok((output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned()))
 }
 

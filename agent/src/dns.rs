@@ -40,6 +40,8 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
 };
 
+use tracing::Instrument;
+
 use crate::proxy::PolicyStore;
 
 pub const INFERENCE_HOST: &str = "inference.local";
@@ -181,6 +183,23 @@ pub type Sandbox = Option<u64>;
 /// Which sandbox sent a UDP query, from its source address.
 pub type SandboxOf = Arc<dyn Fn(SocketAddr) -> Sandbox + Send + Sync>;
 
+/// Counts each query by its answer ([`answer_label`]), for the metrics.
+pub type CountAnswer = Arc<dyn Fn(&'static str) + Send + Sync>;
+
+/// The answer a reply gives, by its response code; `dropped` for none.
+fn answer_label(reply: Option<&[u8]>) -> &'static str {
+    match reply.and_then(|reply| reply.get(3)).map(|flags| flags & 0x0f) {
+        None => "dropped",
+        Some(0) => "noerror",
+        Some(1) => "formerr",
+        Some(2) => "servfail",
+        Some(3) => "nxdomain",
+        Some(4) => "notimp",
+        Some(5) => "refused",
+        Some(_) => "other",
+    }
+}
+
 /// Budgets for the sandboxes' queries; over one, a query gets REFUSED at
 /// once instead of being forwarded.
 #[derive(Clone, Copy, Debug)]
@@ -196,7 +215,6 @@ pub struct DnsLimits {
 pub struct DnsResponder {
     upstream: SocketAddr,
     pub records: DnsRecords,
-    policies: PolicyStore,
     budgets: Arc<Budgets>,
     lookups: LookupCache,
 }
@@ -233,6 +251,14 @@ impl LookupCache {
     }
 }
 
+fn names_host(policies: &PolicyStore, name: &str) -> bool {
+    let current = policies.current();
+    current.policy.names_host(name).unwrap_or_else(|error| {
+        tracing::error!(generation = current.generation, "DNS: policy evaluation failed, refusing: {error:#}");
+        false
+    })
+}
+
 /// What to do with one query.
 enum Step {
     /// Unparseable, or not a query: stay silent.
@@ -254,14 +280,9 @@ enum Refusal {
 
 impl DnsResponder {
     /// `upstream`: where allowed queries go (default: the first nameserver
-    /// of /etc/resolv.conf). `policies`: read per query, so a reload changes
-    /// which names are answered at once.
-    pub fn new(
-        upstream: Option<SocketAddr>,
-        policies: PolicyStore,
-        limits: DnsLimits,
-        records: RecordLimits,
-    ) -> Result<Self> {
+    /// of /etc/resolv.conf). One responder serves every sandbox: each query
+    /// is answered for the policy of the sandbox whose socket it came to.
+    pub fn new(upstream: Option<SocketAddr>, limits: DnsLimits, records: RecordLimits) -> Result<Self> {
         let upstream = match upstream {
             Some(server) => server,
             None => {
@@ -286,11 +307,18 @@ impl DnsResponder {
         );
         let budgets = Arc::new(Budgets::new(limits));
         let lookups = LookupCache { max_ttl: records.max_ttl, entries: Mutex::default() };
-        Ok(Self { upstream, records: DnsRecords::new(records), policies, budgets, lookups })
+        Ok(Self { upstream, records: DnsRecords::new(records), budgets, lookups })
     }
 
-    /// Serves DNS over UDP on `socket` (the agent's loopback port).
-    pub async fn serve_udp(self: Arc<Self>, socket: UdpSocket, sandbox_of: SandboxOf) {
+    /// Serves DNS over UDP on `socket` (a sandbox's loopback port), for the
+    /// names of `policies` (read per query: a reload changes them at once).
+    pub async fn serve_udp(
+        self: Arc<Self>,
+        socket: UdpSocket,
+        sandbox_of: SandboxOf,
+        policies: PolicyStore,
+        count: CountAnswer,
+    ) {
         let socket = Arc::new(socket);
         let mut buffer = vec![0u8; MAX_MESSAGE];
         loop {
@@ -302,20 +330,26 @@ impl DnsResponder {
                 }
             };
             // Decided here, so refusals cost no task and tasks are bounded by the budgets.
-            match self.prepare(&buffer[..len], sandbox_of(client)) {
-                Step::Silent => {}
+            match self.prepare(&buffer[..len], sandbox_of(client), &policies) {
+                Step::Silent => count(answer_label(None)),
                 Step::Reply(reply) => {
+                    count(answer_label(Some(&reply)));
                     let _ = socket.send_to(&reply, client).await;
                 }
                 Step::Forward(permit, request) => {
                     let query = buffer[..len].to_vec();
-                    let (responder, socket) = (self.clone(), socket.clone());
-                    tokio::spawn(async move {
-                        if let Some(reply) = responder.forward_answer(&query, &request, permit.sandbox).await {
-                            let _ = socket.send_to(&reply, client).await;
+                    let (responder, socket, count) = (self.clone(), socket.clone(), count.clone());
+                    tokio::spawn(
+                        async move {
+                            let reply = responder.forward_answer(&query, &request, permit.sandbox).await;
+                            count(answer_label(reply.as_deref()));
+                            if let Some(reply) = reply {
+                                let _ = socket.send_to(&reply, client).await;
+                            }
+                            drop(permit);
                         }
-                        drop(permit);
-                    });
+                        .in_current_span(),
+                    );
                 }
             }
         }
@@ -370,7 +404,13 @@ impl DnsResponder {
 
     /// Serves DNS over TCP (two-byte length prefixes) on a redirected
     /// connection of `sandbox`.
-    pub async fn serve_tcp(&self, mut stream: TcpStream, sandbox: Sandbox) -> io::Result<()> {
+    pub async fn serve_tcp(
+        &self,
+        mut stream: TcpStream,
+        sandbox: Sandbox,
+        policies: &PolicyStore,
+        count: &CountAnswer,
+    ) -> io::Result<()> {
         loop {
             let len = match tokio::time::timeout(TCP_IDLE, stream.read_u16()).await {
                 Ok(Ok(len)) => usize::from(len),
@@ -382,15 +422,17 @@ impl DnsResponder {
             tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut query))
                 .await
                 .map_err(|_| io::ErrorKind::TimedOut)??;
-            let Some(reply) = self.answer(&query, sandbox).await else { return Ok(()) };
+            let reply = self.answer(&query, sandbox, policies).await;
+            count(answer_label(reply.as_deref()));
+            let Some(reply) = reply else { return Ok(()) };
             let len = u16::try_from(reply.len()).map_err(|_| io::ErrorKind::InvalidData)?;
             stream.write_all(&[&len.to_be_bytes()[..], &reply].concat()).await?;
         }
     }
 
     /// The reply to one query, or `None` to stay silent (unparseable query).
-    async fn answer(&self, query: &[u8], sandbox: Sandbox) -> Option<Vec<u8>> {
-        match self.prepare(query, sandbox) {
+    async fn answer(&self, query: &[u8], sandbox: Sandbox, policies: &PolicyStore) -> Option<Vec<u8>> {
+        match self.prepare(query, sandbox, policies) {
             Step::Silent => None,
             Step::Reply(reply) => Some(reply),
             Step::Forward(_permit, request) => self.forward_answer(query, &request, sandbox).await,
@@ -398,7 +440,7 @@ impl DnsResponder {
     }
 
     /// Everything but the forwarding: parse, budgets, policy.
-    fn prepare(&self, query: &[u8], sandbox: Sandbox) -> Step {
+    fn prepare(&self, query: &[u8], sandbox: Sandbox, policies: &PolicyStore) -> Step {
         let Ok(request) = Message::from_vec(query) else { return Step::Silent };
         if request.metadata.message_type != MessageType::Query {
             return Step::Silent;
@@ -420,21 +462,13 @@ impl DnsResponder {
         {
             return self.refuse(&request, sandbox, Refusal::Unanswered);
         }
-        if !self.names_host(&name) {
+        if !names_host(policies, &name) {
             return self.refuse(&request, sandbox, Refusal::NotNamed);
         }
         match self.budgets.acquire(sandbox) {
             Some(permit) => Step::Forward(permit, request),
             None => self.refuse(&request, sandbox, Refusal::OverInFlight),
         }
-    }
-
-    fn names_host(&self, name: &str) -> bool {
-        let current = self.policies.current();
-        current.policy.names_host(name).unwrap_or_else(|error| {
-            tracing::error!(generation = current.generation, "DNS: policy evaluation failed, refusing: {error:#}");
-            false
-        })
     }
 
     /// REFUSED, with the question echoed, and a log line within the limits.
@@ -741,10 +775,34 @@ network_policies:
         (PolicyStore::load(&path, Vec::new()).unwrap(), path)
     }
 
-    fn responder(upstream: SocketAddr, limits: DnsLimits) -> DnsResponder {
+    /// A responder with the policy its queries are answered for.
+    struct Tested {
+        dns: DnsResponder,
+        policies: PolicyStore,
+    }
+
+    impl std::ops::Deref for Tested {
+        type Target = DnsResponder;
+
+        fn deref(&self) -> &DnsResponder {
+            &self.dns
+        }
+    }
+
+    impl Tested {
+        async fn answer(&self, query: &[u8], sandbox: Sandbox) -> Option<Vec<u8>> {
+            self.dns.answer(query, sandbox, &self.policies).await
+        }
+
+        fn prepare(&self, query: &[u8], sandbox: Sandbox) -> Step {
+            self.dns.prepare(query, sandbox, &self.policies)
+        }
+    }
+
+    fn responder(upstream: SocketAddr, limits: DnsLimits) -> Tested {
         let (policies, path) = store(POLICY);
         std::fs::remove_file(path).unwrap();
-        DnsResponder::new(Some(upstream), policies, limits, RECORDS).unwrap()
+        Tested { dns: DnsResponder::new(Some(upstream), limits, RECORDS).unwrap(), policies }
     }
 
     fn query(name: &str, record_type: RecordType) -> Vec<u8> {
@@ -754,7 +812,7 @@ network_policies:
         message.to_vec().unwrap()
     }
 
-    async fn ask(responder: &DnsResponder, name: &str, record_type: RecordType, sandbox: Sandbox) -> Message {
+    async fn ask(responder: &Tested, name: &str, record_type: RecordType, sandbox: Sandbox) -> Message {
         Message::from_vec(&responder.answer(&query(name, record_type), sandbox).await.unwrap()).unwrap()
     }
 
@@ -876,7 +934,8 @@ network_policies:
     async fn a_reload_changes_the_answered_names() {
         let (upstream, asked) = fake_upstream(Ipv4Addr::new(10, 1, 2, 3)).await;
         let (policies, path) = store(POLICY);
-        let responder = DnsResponder::new(Some(upstream), policies.clone(), LIMITS, RECORDS).unwrap();
+        let responder =
+            Tested { dns: DnsResponder::new(Some(upstream), LIMITS, RECORDS).unwrap(), policies: policies.clone() };
         assert_refused(&ask(&responder, "new.test.", RecordType::A, None).await, "new.test.");
         std::fs::write(&path, POLICY.replace("api.example.test", "new.test")).unwrap();
         policies.reload("test");
@@ -1050,9 +1109,7 @@ network_policies:
 
     #[test]
     fn a_cname_chain_is_recorded_under_the_name_asked_and_ttls_are_capped() {
-        let (policies, path) = store(POLICY);
-        std::fs::remove_file(path).unwrap();
-        let responder = DnsResponder::new(Some("127.0.0.1:9".parse().unwrap()), policies, LIMITS, RECORDS).unwrap();
+        let responder = DnsResponder::new(Some("127.0.0.1:9".parse().unwrap()), LIMITS, RECORDS).unwrap();
         let (asked, target) =
             (Name::from_ascii("api.example.test.").unwrap(), Name::from_ascii("edge.cdn.test.").unwrap());
         let mut reply = Message::response(7, OpCode::Query);

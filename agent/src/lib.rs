@@ -1,12 +1,15 @@
 //! sandbox-egress: the agent's modules, as a library so fuzz targets and
 //! the `sandbox-egress` binary share them.
 
+pub mod control;
 pub mod credentials;
+pub mod daemon;
 pub mod dns;
 pub mod http1;
 pub mod inference;
 pub mod l7;
 pub mod logging;
+pub mod observe;
 pub mod policy;
 pub mod preflight;
 pub mod proxy;

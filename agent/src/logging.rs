@@ -12,10 +12,16 @@ use std::{
     io::IsTerminal,
 };
 
-use tracing::{field::Field, Subscriber};
+use serde_json::{Map, Value};
+use tracing::{field::Field, Event, Subscriber};
 use tracing_subscriber::{
     field::{RecordFields, Visit},
-    fmt::{format::Writer, FormatFields, MakeWriter},
+    fmt::{
+        format::{JsonFields, Writer},
+        time::{FormatTime, SystemTime},
+        FmtContext, FormatEvent, FormatFields, FormattedFields, MakeWriter,
+    },
+    registry::LookupSpan,
     util::SubscriberInitExt,
     EnvFilter,
 };
@@ -39,8 +45,75 @@ where
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
     match format {
         Format::Text => Box::new(builder.fmt_fields(EscapedFields).finish()),
-        Format::Json => Box::new(builder.json().flatten_event(true).with_current_span(false).finish()),
+        Format::Json => Box::new(builder.fmt_fields(JsonFields::new()).event_format(FlatJson).finish()),
     }
+}
+
+/// One JSON object per line: timestamp, level, target, the event's fields,
+/// and the fields of the spans it happened in (the `sandbox` a connection,
+/// DNS query or reload belongs to), all at the top level.
+struct FlatJson;
+
+impl<S> FormatEvent<S, JsonFields> for FlatJson
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, JsonFields>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let mut timestamp = String::new();
+        SystemTime.format_time(&mut Writer::new(&mut timestamp))?;
+        let mut object = Map::new();
+        object.insert("timestamp".into(), timestamp.into());
+        object.insert("level".into(), event.metadata().level().as_str().into());
+        for span in ctx.event_scope().into_iter().flat_map(|scope| scope.from_root()) {
+            let extensions = span.extensions();
+            let Some(fields) = extensions.get::<FormattedFields<JsonFields>>() else { continue };
+            if let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(fields) {
+                object.extend(fields);
+            }
+        }
+        event.record(&mut JsonVisitor(&mut object));
+        object.insert("target".into(), event.metadata().target().into());
+        writeln!(writer, "{}", Value::Object(object))
+    }
+}
+
+struct JsonVisitor<'a>(&'a mut Map<String, Value>);
+
+impl Visit for JsonVisitor<'_> {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.insert(key(field), value.into());
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(key(field), value.into());
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(key(field), value.into());
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(key(field), value.into());
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(key(field), value.into());
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if !field.name().starts_with("log.") {
+            self.0.insert(key(field), format!("{value:?}").into());
+        }
+    }
+}
+
+fn key(field: &Field) -> String {
+    field.name().trim_start_matches("r#").to_owned()
 }
 
 /// The text format's fields, as tracing-subscriber's default writes them

@@ -1,10 +1,12 @@
 //! sandbox-egress: transparent egress proxy for sandbox cgroups.
 
-use std::{num::NonZeroUsize, path::PathBuf, process::ExitCode, time::Duration};
+use std::{num::NonZeroUsize, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use sandbox_egress::{credentials, dns, inference, logging, policy, preflight, proxy, redirect, sniff, tls};
+use sandbox_egress::{
+    control, credentials, daemon, dns, inference, logging, observe, policy, preflight, proxy, redirect, sniff, tls,
+};
 
 #[derive(Parser)]
 #[command(name = "sandbox-egress", version, about = "Transparent egress proxy for sandbox cgroups")]
@@ -18,8 +20,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Redirect every TCP connect of a cgroup v2 to this agent and relay it.
-    Run(RunArgs),
+    /// Serve sandboxes: redirect every TCP connect and DNS query of their
+    /// cgroups to this agent and relay them under each one's policy.
+    Run(Box<RunArgs>),
+    /// Add, remove or list the sandboxes of the running daemon.
+    #[command(subcommand)]
+    Sandbox(daemon::cli::SandboxCommand),
+    /// The running daemon's sandboxes, connections in flight and most
+    /// frequent recent denials.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = control::DEFAULT_CONTROL_SOCKET)]
+        socket: PathBuf,
+    },
     /// Show or change the inference.local route of the running agent.
     #[command(subcommand)]
     Inference(inference::cli::InferenceCommand),
@@ -51,15 +65,32 @@ enum CaCommand {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// The sandbox's cgroup v2 directory.
-    #[arg(long)]
-    cgroup: PathBuf,
-    /// Network policy file (OpenShell schema; see policies/). Reloaded on SIGHUP and on change.
-    #[arg(long)]
-    policy: PathBuf,
-    /// Port of the loopback listener connects are redirected to (0: any free port).
+    /// One sandbox served from the start (named by --name): its cgroup v2
+    /// directory. Without it (and --sandboxes) the daemon starts empty.
+    #[arg(long, requires = "policy")]
+    cgroup: Option<PathBuf>,
+    /// The --cgroup sandbox's policy file (OpenShell schema; see policies/).
+    /// Reloaded on SIGHUP and on change.
+    #[arg(long, requires = "cgroup")]
+    policy: Option<PathBuf>,
+    /// Name of the --cgroup sandbox.
+    #[arg(long, default_value = "default", requires = "cgroup")]
+    name: String,
+    /// The --cgroup sandbox's network namespace, if it has its own
+    /// (/run/netns/NAME or /proc/PID/ns/net).
+    #[arg(long, requires = "cgroup")]
+    netns: Option<PathBuf>,
+    /// Port of the --cgroup sandbox's loopback listener (0: any free port).
     #[arg(long, default_value_t = 15001)]
     listen_port: u16,
+    /// A directory of sandbox specs (one YAML file each, see README):
+    /// loaded at start and followed (files added, changed, removed).
+    #[arg(long, value_name = "DIR")]
+    sandboxes: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off by default).
+    /// Never reachable from a sandbox.
+    #[arg(long, value_name = "IP:PORT")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// DNS server the agent asks when it checks host names, and forwards the
     /// sandbox's queries to (default: /etc/resolv.conf).
     #[arg(long, value_name = "IP:PORT")]
@@ -93,16 +124,17 @@ struct RunArgs {
     /// Time allowed to connect to the original destination.
     #[arg(long, value_parser = parse_millis, default_value = "10000", value_name = "MS")]
     connect_timeout: Duration,
-    /// Providers and route of inference.local (see README); without it, inference.local is refused.
-    #[arg(long, value_name = "FILE")]
+    /// The --cgroup sandbox's providers and route of inference.local (see
+    /// README); without it, inference.local is refused.
+    #[arg(long, value_name = "FILE", requires = "cgroup")]
     inference_config: Option<PathBuf>,
     /// Credential providers (YAML, see README "Credentials"): endpoints with
     /// `credential_binding` get their secrets, which the sandbox never holds.
     /// Read at start-up; secret files are read again on every use.
     #[arg(long, value_name = "FILE")]
     credentials: Option<PathBuf>,
-    /// Control socket for `sandbox-egress inference set|get|update` (root only, 0600).
-    #[arg(long, default_value = inference::DEFAULT_CONTROL_SOCKET)]
+    /// Control socket for `sandbox-egress sandbox|status|inference` (root only, 0600).
+    #[arg(long, default_value = control::DEFAULT_CONTROL_SOCKET)]
     control_socket: PathBuf,
     /// Where the agent's CA lives (created on first run): it signs the
     /// certificates of inference.local and of TLS-terminated (L7) endpoints.
@@ -144,7 +176,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
     let outcome = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
+        Command::Sandbox(command) => daemon::cli::run(command),
+        Command::Status { json, socket } => daemon::cli::status(&socket, json),
         Command::Policy(command) => policy::cli::run(command),
         Command::Credentials(command) => credentials::cli::run(command),
         Command::Inference(command) => inference::cli::run(command),
@@ -162,7 +196,21 @@ fn main() -> ExitCode {
 
 fn run(args: RunArgs) -> Result<()> {
     preflight::require_root("run")?;
-    let cgroup = preflight::cgroup_v2_dir(&args.cgroup)?;
+    let shorthand = match (&args.cgroup, &args.policy) {
+        (Some(cgroup), Some(policy)) => Some(daemon::SandboxSpec {
+            name: args.name.clone(),
+            cgroup: cgroup.clone(),
+            policy: policy.clone(),
+            netns: args.netns.clone(),
+            inference_config: args.inference_config.clone(),
+            listen_port: args.listen_port,
+            max_connections: None,
+        }),
+        _ => None,
+    };
+    if let Some(spec) = &shorthand {
+        spec.check_name().context("--name")?;
+    }
     let open_files = preflight::raise_fd_limit()?;
     if (open_files as usize) < args.max_connections * 6 {
         tracing::warn!(
@@ -180,46 +228,34 @@ fn run(args: RunArgs) -> Result<()> {
             credentials::Credentials::load(path)?
         }
     };
-    let providers = credentials.provider_names().map(str::to_owned).collect();
-    let policies = proxy::PolicyStore::load(&args.policy, providers)?;
+    let credential_providers = credentials.provider_names().map(str::to_owned).collect();
     let ca = tls::AgentCa::load_or_create(&args.ca_dir)?;
-    let inference = match &args.inference_config {
-        None => None,
-        Some(path) => Some(proxy::InferenceRoute {
-            inference: std::sync::Arc::new(inference::Inference::load(path)?),
-            tls: ca.acceptor(dns::INFERENCE_HOST)?,
-        }),
-    };
+    let inference_tls = ca.acceptor(dns::INFERENCE_HOST)?;
     let leaf_certs = tls::LeafCache::new(ca, args.leaf_cache_size)?;
     let upstream_tls = tls::UpstreamTls::new(tls::system_roots(), args.upstream_ca.as_deref(), args.connect_timeout)
         .context("--upstream-ca")?;
+    anyhow::ensure!(
+        args.dns_record_min_ttl <= args.dns_record_max_ttl,
+        "--dns-record-min-ttl ({}) exceeds --dns-record-max-ttl ({})",
+        args.dns_record_min_ttl,
+        args.dns_record_max_ttl
+    );
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
-        // Bind before touching the cgroup, so a taken port fails without side effects.
-        let listeners = proxy::Listeners::bind(args.listen_port).await?;
         let limits = dns::DnsLimits {
             max_in_flight: args.dns_max_in_flight as usize,
             max_in_flight_per_sandbox: args.dns_max_in_flight_per_sandbox as usize,
             queries_per_second: args.dns_queries_per_second,
         };
-        anyhow::ensure!(
-            args.dns_record_min_ttl <= args.dns_record_max_ttl,
-            "--dns-record-min-ttl ({}) exceeds --dns-record-max-ttl ({})",
-            args.dns_record_min_ttl,
-            args.dns_record_max_ttl
-        );
         let records = dns::RecordLimits {
             min_ttl: Duration::from_secs(args.dns_record_min_ttl.into()),
             max_ttl: Duration::from_secs(args.dns_record_max_ttl.into()),
             per_sandbox: dns::RECORDS_PER_SANDBOX,
         };
-        let dns = std::sync::Arc::new(dns::DnsResponder::new(args.dns_server, policies.clone(), limits, records)?);
+        let dns = Arc::new(dns::DnsResponder::new(args.dns_server, limits, records)?);
         preflight::ensure_bpffs()?;
         preflight::ensure_tracefs()?;
-        let redirect =
-            redirect::Redirect::attach(&cgroup, listeners.port(), args.ebpf_log_level, &args.allow_abstract_unix)?;
         let config = proxy::Config {
-            listen_port: listeners.port(),
             max_connections: args.max_connections,
             max_connections_per_sandbox: args.max_connections_per_sandbox,
             connect_timeout: args.connect_timeout,
@@ -228,17 +264,68 @@ fn run(args: RunArgs) -> Result<()> {
             leaf_certs,
             upstream_tls,
         };
-        if let Some(route) = &inference {
-            let control = route.inference.clone();
-            let socket = args.control_socket.clone();
-            tokio::spawn(async move {
-                if let Err(error) = control.serve_control(&socket).await {
-                    tracing::error!("inference control socket {}: {error:#}", socket.display());
-                }
-            });
+        let common = proxy::Common {
+            config: Arc::new(config),
+            stats: Arc::default(),
+            slots: Arc::new(tokio::sync::Semaphore::new(args.max_connections)),
+            dns,
+            credentials: Arc::new(credentials),
+            observer: Arc::new(observe::Observer::default()),
+        };
+        let observer = common.observer.clone();
+        let options = daemon::Options {
+            ebpf_log_level: args.ebpf_log_level,
+            allow_abstract_unix: args.allow_abstract_unix.clone(),
+            credential_providers,
+            inference_tls,
+        };
+        let daemon = Arc::new(daemon::Daemon::new(common, options));
+        if let Some(address) = args.metrics_listen {
+            let gauges_of = daemon.clone();
+            let gauges: observe::Gauges = Arc::new(move || gauges_of.gauges());
+            observe::serve_metrics(address, observer, gauges).await?;
         }
-        let parts = proxy::Parts { redirect, config, policies, dns, inference, credentials };
-        proxy::serve(listeners, parts, &cgroup).await
+        daemon.serve_control(&args.control_socket).await?;
+        let _control_socket = RemovedOnExit(args.control_socket.clone());
+        // Installed before "ready": a signal right after it must not kill the agent.
+        let shutdown_signal = shutdown_signal()?;
+        if let Some(spec) = shorthand {
+            daemon.add(spec)?;
+        }
+        if let Some(dir) = &args.sandboxes {
+            daemon::follow_dir(daemon.clone(), dir.clone()).await?;
+        }
+        tracing::info!(
+            event = "ready",
+            sandboxes = daemon.list().len(),
+            listen_port = daemon.only_listen_port(),
+            control_socket = %args.control_socket.display(),
+            "agent ready"
+        );
+        shutdown_signal.await;
+        daemon.shutdown().await;
+        Ok(())
+    })
+}
+
+/// The control socket's file, removed when the agent stops (or fails to start).
+struct RemovedOnExit(PathBuf);
+
+impl Drop for RemovedOnExit {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
+        }
     })
 }
 

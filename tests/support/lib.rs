@@ -14,7 +14,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, ChildStderr, ChildStdout, Command, Output, Stdio},
     sync::{
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicU32, AtomicU64, Ordering},
         Arc, Condvar, Mutex,
     },
     thread,
@@ -755,6 +755,7 @@ impl Agent {
         let mut child = Command::new(agent_bin())
             .args(["--log-format", format, "run", "--cgroup", sandbox.path_str(), "--listen-port", "0", "--policy"])
             .arg(&policy.path)
+            .args(own_control_socket(extra_args))
             .args(extra_args)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
@@ -941,6 +942,7 @@ impl Agent {
                 "--policy",
             ])
             .arg(&policy.path)
+            .args(own_control_socket(extra_args))
             .args(extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -950,6 +952,22 @@ impl Agent {
         agent.log.wait_for("agent ready", |e| e["event"] == "ready")?;
         Ok(agent)
     }
+}
+
+/// `--control-socket` at a path of its own, unless `args` give one: agents
+/// of tests running at once must not share the default socket.
+pub fn own_control_socket(args: &[&str]) -> Vec<String> {
+    if args.contains(&"--control-socket") {
+        return Vec::new();
+    }
+    vec!["--control-socket".into(), unique_control_socket()]
+}
+
+/// A control socket path no other agent of this test run uses.
+pub fn unique_control_socket() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("/run/sandbox-egress-tests/{}-{n}.sock", std::process::id())
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: one clock for the test and the clients it

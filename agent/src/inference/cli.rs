@@ -6,8 +6,10 @@ use std::path::PathBuf;
 use anyhow::Result;
 use serde_json::Value;
 
-use super::{control_request, ControlRequest, DEFAULT_CONTROL_SOCKET};
-use crate::dns::INFERENCE_HOST;
+use crate::{
+    control::{self, ControlRequest, DEFAULT_CONTROL_SOCKET},
+    dns::INFERENCE_HOST,
+};
 
 #[derive(clap::Subcommand)]
 pub enum InferenceCommand {
@@ -19,15 +21,23 @@ pub enum InferenceCommand {
         /// The model every request is sent with.
         #[arg(long)]
         model: String,
-        /// The agent's control socket.
+        /// The agent's control socket (`run --control-socket`).
         #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
         socket: PathBuf,
+        /// The sandbox whose route it is; needed only when more than one
+        /// sandbox has an inference config.
+        #[arg(long)]
+        sandbox: Option<String>,
     },
     /// Show the current route
     Get {
-        /// The agent's control socket.
+        /// The agent's control socket (`run --control-socket`).
         #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
         socket: PathBuf,
+        /// The sandbox whose route it is; needed only when more than one
+        /// sandbox has an inference config.
+        #[arg(long)]
+        sandbox: Option<String>,
     },
     /// Change the provider or the model of the route, keeping the other
     Update {
@@ -35,21 +45,29 @@ pub enum InferenceCommand {
         provider: Option<String>,
         #[arg(long)]
         model: Option<String>,
-        /// The agent's control socket.
+        /// The agent's control socket (`run --control-socket`).
         #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
         socket: PathBuf,
+        /// The sandbox whose route it is; needed only when more than one
+        /// sandbox has an inference config.
+        #[arg(long)]
+        sandbox: Option<String>,
     },
 }
 
 /// Prints the route after the request.
 pub fn run(command: InferenceCommand) -> Result<()> {
     let (socket, request) = match command {
-        InferenceCommand::Set { provider, model, socket } => (socket, ControlRequest::Set { provider, model }),
-        InferenceCommand::Get { socket } => (socket, ControlRequest::Get),
-        InferenceCommand::Update { provider, model, socket } => (socket, ControlRequest::Update { provider, model }),
+        InferenceCommand::Set { provider, model, socket, sandbox } => {
+            (socket, ControlRequest::Set { provider, model, sandbox })
+        }
+        InferenceCommand::Get { socket, sandbox } => (socket, ControlRequest::Get { sandbox }),
+        InferenceCommand::Update { provider, model, socket, sandbox } => {
+            (socket, ControlRequest::Update { provider, model, sandbox })
+        }
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let reply = runtime.block_on(control_request(&socket, &request))?;
+    let reply = runtime.block_on(control::request(&socket, &request))?;
     println!("{}", describe(&reply));
     Ok(())
 }
@@ -79,7 +97,7 @@ mod tests {
     #[test]
     fn update_needs_a_provider_or_a_model() {
         assert!(Cli::try_parse_from(["x", "update"]).is_err());
-        let Cli { command: InferenceCommand::Update { provider, model, socket } } =
+        let Cli { command: InferenceCommand::Update { provider, model, socket, sandbox: None } } =
             Cli::try_parse_from(["x", "update", "--model", "m"]).unwrap()
         else {
             panic!("not an update");

@@ -9,13 +9,11 @@
 //! - `provider`: what each provider type speaks, its auth and kept headers;
 //! - `session`: the request loop on one client connection ([`Inference::serve`]);
 //! - `stream`: the response relay, SSE error events on failure;
-//! - `control`: the root-only Unix socket that reads and changes the route;
 //! - `cli`: `sandbox-egress inference get|set|update`.
 
 mod body;
 pub mod cli;
 mod config;
-mod control;
 mod provider;
 mod respond;
 mod session;
@@ -35,11 +33,14 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use self::config::{check_route, serialise, write_atomic, Config, ConfigFile, Limits, Provider};
-pub use self::{
-    config::Route,
-    control::{control_request, ControlRequest, DEFAULT_CONTROL_SOCKET},
-    session::InferenceLog,
-};
+pub use self::{config::Route, session::InferenceLog};
+
+/// What the control socket asks of the route.
+pub enum RouteChange {
+    Get,
+    Set { provider: String, model: String },
+    Update { provider: Option<String>, model: Option<String> },
+}
 
 /// The configured providers and the current route, shared by every
 /// connection and the control socket (Send + Sync; share it in an `Arc`).
@@ -75,6 +76,22 @@ impl Inference {
     }
 
     /// The current route; `None` until one is set.
+    /// A route change (or read) from the control socket, off the async
+    /// threads (it writes the config file): the reply's `route` and `providers`.
+    pub async fn answer_control(self: Arc<Self>, change: RouteChange) -> Result<serde_json::Value> {
+        let inference = self.clone();
+        let route = tokio::task::spawn_blocking(move || match change {
+            RouteChange::Get => Ok(inference.route()),
+            RouteChange::Set { provider, model } => inference.set_route(&provider, &model).map(Some),
+            RouteChange::Update { provider, model } => {
+                inference.update_route(provider.as_deref(), model.as_deref()).map(Some)
+            }
+        })
+        .await
+        .context("the route change failed")??;
+        Ok(serde_json::json!({"route": route, "providers": self.provider_names()}))
+    }
+
     pub fn route(&self) -> Option<Route> {
         self.route.read().unwrap_or_else(PoisonError::into_inner).clone()
     }

@@ -22,25 +22,35 @@ use super::{
 };
 use crate::{
     credentials::{check_stream, check_unbound, Credentials},
-    dns::{is_inference_address, DnsResponder, INFERENCE_HOST},
+    dns::{is_inference_address, CountAnswer, DnsResponder, INFERENCE_HOST},
     inference::InferenceLog,
+    observe::{Denied, Ended, Observer, SandboxMetrics},
     redirect::Redirect,
     relay::{self, Prefill},
     rewound::Rewound,
     sniff::{self, host::Host, http::TargetForm, StreamKind},
 };
 
+/// One sandbox, as its connections see it; the daemon-wide parts are shared
+/// by every sandbox.
 pub struct Shared {
+    pub name: Arc<str>,
+    /// Its listener's port: a connect to it is an explicit proxy request.
+    pub listen_port: u16,
+    /// The sandbox has a network namespace of its own: its loopback is not the agent's.
+    pub own_netns: bool,
     pub redirect: Redirect,
-    pub config: Config,
-    pub stats: Stats,
+    pub config: Arc<Config>,
+    pub stats: Arc<Stats>,
     pub sandbox_slots: SandboxSlots,
     pub decider: Decider,
     pub dns: Arc<DnsResponder>,
-    /// `None` when the agent runs without an inference config.
+    /// `None` when the sandbox has no inference config.
     pub inference: Option<InferenceRoute>,
     /// Empty when the agent runs without `--credentials`.
-    pub credentials: Credentials,
+    pub credentials: Arc<Credentials>,
+    pub observer: Arc<Observer>,
+    pub observed: Arc<SandboxMetrics>,
 }
 
 /// Everything the close log line says about a connection, filled in as it goes.
@@ -48,6 +58,8 @@ pub struct Shared {
 pub struct CloseLog {
     pub verdict: &'static str,
     pub reason: Option<String>,
+    /// The kind of denial (`policy_denied`, `ssrf_denied`...), for the metrics.
+    pub denial: Option<&'static str>,
     /// tls, http, connect, opaque, silent, closed, invalid.
     pub protocol: &'static str,
     pub host: Option<String>,
@@ -81,6 +93,7 @@ impl CloseLog {
             Err(denial) => {
                 self.verdict = "denied";
                 self.reason = Some(denial.reason.clone());
+                self.denial = Some(denial.kind);
                 Err(denial)
             }
         }
@@ -121,11 +134,17 @@ impl Accepted {
 
 pub async fn handle(client: TcpStream, peer: SocketAddr, accepted: Accepted, shared: &Shared) {
     let Some(origin) = attribute(peer, shared) else { return };
+    let _active = shared.observed.connection_started();
     if let Some(reason) = origin.identity_lost {
         reset(client);
-        let log =
-            CloseLog { verdict: "denied", reason: Some(reason.into()), protocol: "unknown", ..CloseLog::default() };
-        return log.emit(&origin, peer, accepted);
+        let log = CloseLog {
+            verdict: "denied",
+            reason: Some(reason.into()),
+            denial: Some("identity_lost"),
+            protocol: "unknown",
+            ..CloseLog::default()
+        };
+        return log.emit(shared, &origin, peer, accepted);
     }
     let Some(_sandbox_slot) = shared.sandbox_slots.try_acquire(origin.cgroup_id) else {
         let max = shared.sandbox_slots.max_per_sandbox();
@@ -141,12 +160,12 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, accepted: Accepted, sha
     };
     let _ = client.set_nodelay(true);
     let mut log = CloseLog::default();
-    if is_own_listener(origin.destination, shared.config.listen_port) {
+    if is_own_listener(origin.destination, shared.listen_port) {
         explicit(client, &origin, shared, &mut log).await;
     } else {
         transparent(client, &origin, shared, &mut log).await;
     }
-    log.emit(&origin, peer, accepted);
+    log.emit(shared, &origin, peer, accepted);
 }
 
 /// Turns away a connection beyond `--max-connections`, logged like any other.
@@ -162,8 +181,14 @@ fn refuse(client: TcpStream, origin: &Origin, peer: SocketAddr, accepted: Accept
     reset(client);
     shared.stats.over_limit.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(pid = origin.pid, cgroup_id = origin.cgroup_id, "connection refused: {reason}");
-    let log = CloseLog { verdict: "denied", reason: Some(reason), protocol: "unknown", ..CloseLog::default() };
-    log.emit(origin, peer, accepted);
+    let log = CloseLog {
+        verdict: "denied",
+        reason: Some(reason),
+        denial: Some("over_limit"),
+        protocol: "unknown",
+        ..CloseLog::default()
+    };
+    log.emit(shared, origin, peer, accepted);
 }
 
 /// Who made the connection, from the kernel's record; a connection without
@@ -180,7 +205,23 @@ fn attribute(peer: SocketAddr, shared: &Shared) -> Option<Origin> {
 
 impl CloseLog {
     /// The one line every connection logs when it ends.
-    fn emit(&self, origin: &Origin, peer: SocketAddr, accepted: Accepted) {
+    fn emit(&self, shared: &Shared, origin: &Origin, peer: SocketAddr, accepted: Accepted) {
+        let denial = (self.verdict == "denied").then(|| self.denial.unwrap_or("other"));
+        shared.observed.connection_ended(&Ended {
+            verdict: self.verdict,
+            protocol: self.protocol,
+            bytes_up: self.bytes_up,
+            bytes_down: self.bytes_down,
+            denial,
+        });
+        if denial.is_some() {
+            shared.observed.denied(Denied {
+                host: self.host.clone().unwrap_or_else(|| origin.destination.ip().to_canonical().to_string()),
+                port: origin.destination.port(),
+                binary: origin.exe.as_ref().map(|exe| exe.display().to_string()),
+                reason: self.reason.clone().unwrap_or_default(),
+            });
+        }
         let inference = self.inference.as_ref();
         tracing::info!(
             event = "connection",
@@ -219,6 +260,21 @@ fn is_own_listener(destination: SocketAddr, listen_port: u16) -> bool {
     destination.ip().to_canonical().is_loopback() && destination.port() == listen_port
 }
 
+/// Destinations the agent never connects to for a sandbox, whatever its
+/// policy: its metrics listener, and the agent's loopback for a sandbox
+/// whose loopback is its own (it meant its own namespace's).
+fn agent_side_only(destination: SocketAddr, shared: &Shared) -> Option<String> {
+    if shared.observer.is_metrics_address(destination) {
+        return Some(format!("{destination} is the agent's metrics listener, never reachable from a sandbox"));
+    }
+    (shared.own_netns && destination.ip().to_canonical().is_loopback()).then(|| {
+        format!(
+            "{destination} is the loopback of the sandbox's own network namespace: the agent does not relay it to \
+             the host's"
+        )
+    })
+}
+
 /// A connect to some destination, redirected here by the kernel.
 async fn transparent(mut client: TcpStream, origin: &Origin, shared: &Shared, log: &mut CloseLog) {
     let destination = origin.destination;
@@ -227,11 +283,20 @@ async fn transparent(mut client: TcpStream, origin: &Origin, shared: &Shared, lo
         log.reason = Some(format!("{destination} is not a valid destination"));
         return;
     }
+    if let Some(reason) = agent_side_only(destination, shared) {
+        log.verdict = "denied";
+        log.denial = Some("agent_address");
+        log.reason = Some(reason);
+        return reset(client);
+    }
     if destination.port() == DNS_PORT {
         // DNS over TCP: the agent is the sandbox's resolver, whatever address it asked.
         log.protocol = "dns";
         log.verdict = "answered";
-        if let Err(error) = shared.dns.serve_tcp(client, Some(origin.cgroup_id)).await {
+        let observed = shared.observed.clone();
+        let count: CountAnswer = Arc::new(move |answer| observed.dns_answer(answer));
+        let policies = &shared.decider.policies;
+        if let Err(error) = shared.dns.serve_tcp(client, Some(origin.cgroup_id), policies, &count).await {
             log.error = Some(error.to_string());
         }
         return;

@@ -5,6 +5,7 @@
 use std::{
     net::{IpAddr, SocketAddr},
     sync::Arc,
+    time::Instant,
 };
 
 use ipnet::IpNet;
@@ -12,6 +13,7 @@ use ipnet::IpNet;
 use super::{origin::Origin, policy_store::PolicyStore};
 use crate::{
     dns::DnsResponder,
+    observe::SandboxMetrics,
     policy::{Decision, HttpRequest, Inspection, Request, RequestDecision},
     ssrf::{sensitive_address_allowed, AddressClass},
 };
@@ -20,6 +22,8 @@ pub struct Decider {
     pub policies: PolicyStore,
     /// The agent's DNS: what it told the sandbox, and lookups of its own.
     pub dns: Arc<DnsResponder>,
+    /// Where the time each decision takes is counted.
+    pub observed: Arc<SandboxMetrics>,
 }
 
 /// Why a connection was refused; `kind` is the JSON `error` of a 403.
@@ -164,6 +168,7 @@ impl Decider {
         destination: SocketAddr,
         http: &HttpRequest,
     ) -> (u64, RequestDecision) {
+        let started = Instant::now();
         let current = self.policies.current();
         let connection = request(origin, Some(host), Some(destination.ip()), destination.port());
         let decided = current.policy.evaluate(&connection).and_then(|decision| match decision {
@@ -183,12 +188,14 @@ impl Decider {
             tracing::error!(%error, "policy evaluation failed: denying");
             RequestDecision::denied(Some(format!("policy evaluation failed: {error}")))
         });
+        self.observed.decided_in(started.elapsed());
         (current.generation, decision)
     }
 
     /// With `resolved`, a stream without a host decided by those names (see
     /// [`crate::policy::Policy::evaluate_resolved`]); also returns the name that allowed.
     fn evaluate(&self, request: &Request, resolved: Option<&[String]>) -> (u64, Decision, Option<String>) {
+        let started = Instant::now();
         let current = self.policies.current();
         let evaluated = match resolved {
             None => current.policy.evaluate(request).map(|decision| (decision, None)),
@@ -208,6 +215,7 @@ impl Decider {
             };
             (decision, None)
         });
+        self.observed.decided_in(started.elapsed());
         (current.generation, decision, resolved_host)
     }
 

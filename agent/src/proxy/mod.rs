@@ -7,6 +7,7 @@ mod http_proxy;
 mod inference_route;
 mod inspect;
 mod limits;
+mod netns;
 mod origin;
 mod policy_store;
 mod respond;
@@ -14,6 +15,7 @@ mod respond;
 use std::{
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::Path,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -24,25 +26,22 @@ use std::{
 use anyhow::{Context, Result};
 use tokio::{
     net::{TcpListener, TcpSocket, UdpSocket},
-    signal::unix::{signal, SignalKind},
     sync::{watch, Semaphore},
 };
+use tracing::Instrument;
 
 use crate::{
     dns::{DnsResponder, SandboxOf},
-    preflight::Cgroup,
+    observe::Observer,
     redirect::Redirect,
 };
 
-/// How long in-flight connections may finish after SIGINT/SIGTERM.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const LISTEN_BACKLOG: u32 = 4096;
 
 pub use inference_route::InferenceRoute;
 pub use policy_store::PolicyStore;
 
 pub struct Config {
-    pub listen_port: u16,
     pub max_connections: usize,
     /// Per cgroup (sandbox) below and including the attached one.
     pub max_connections_per_sandbox: usize,
@@ -56,9 +55,10 @@ pub struct Config {
     pub upstream_tls: crate::tls::UpstreamTls,
 }
 
-/// The loopback sockets the sandbox is redirected to: TCP connects to
+/// The loopback sockets a sandbox is redirected to: TCP connects to
 /// 127.0.0.1:P (v4-mapped ones included) and [::1]:P, DNS over UDP to the
-/// same port number.
+/// same port number; in the agent's network namespace, or in the sandbox's
+/// own (`--netns`).
 pub struct Listeners {
     v4: TcpListener,
     v6: Option<TcpListener>,
@@ -66,19 +66,43 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    pub async fn bind(port: u16) -> Result<Self> {
+    /// Binds port `port` (0: any free one) on the loopback of `netns`, or of
+    /// the agent's own namespace. A namespace's loopback that is down is
+    /// brought up: the sandbox reaches the agent over it.
+    pub fn bind(port: u16, netns: Option<&Path>) -> Result<Self> {
+        let Some(path) = netns else { return Self::bind_here(port) };
+        let namespace =
+            std::fs::File::open(path).with_context(|| format!("open the network namespace {}", path.display()))?;
+        let runtime = tokio::runtime::Handle::current();
+        // Sockets stay in the namespace they were made in: a thread enters
+        // it, makes them, and ends.
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .with_context(|| format!("enter the network namespace {} (is it one?)", path.display()))?;
+                    netns::loopback_up()?;
+                    let _runtime = runtime.enter();
+                    Self::bind_here(port)
+                })
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("binding in {} panicked", path.display())))
+        })
+    }
+
+    fn bind_here(port: u16) -> Result<Self> {
         let v4 = bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?;
         let port = v4.local_addr()?.port();
-        let mut dns = vec![bind_udp(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await?];
+        let mut dns = vec![bind_udp(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?];
         let v6 = match bind(SocketAddr::from((Ipv6Addr::LOCALHOST, port))) {
             Ok(listener) => {
-                dns.push(bind_udp(SocketAddr::from((Ipv6Addr::LOCALHOST, port))).await?);
+                dns.push(bind_udp(SocketAddr::from((Ipv6Addr::LOCALHOST, port)))?);
                 Some(listener)
             }
             Err(error)
                 if error.downcast_ref::<io::Error>().map(io::Error::kind) == Some(io::ErrorKind::AddrNotAvailable) =>
             {
-                tracing::warn!("no IPv6 loopback on this host: IPv6 connects from the sandbox will be refused");
+                tracing::warn!("no IPv6 loopback: IPv6 connects from the sandbox will be refused");
                 None
             }
             Err(error) => return Err(error),
@@ -89,17 +113,24 @@ impl Listeners {
     pub fn port(&self) -> u16 {
         self.v4.local_addr().map(|a| a.port()).unwrap_or_default()
     }
+
+    /// The kernel's cookie of the network namespace the sockets are in.
+    pub fn netns_cookie(&self) -> Result<u64> {
+        netns::cookie(&self.v4)
+    }
 }
 
-async fn bind_udp(addr: SocketAddr) -> Result<UdpSocket> {
-    UdpSocket::bind(addr).await.map_err(|error| {
+fn bind_udp(addr: SocketAddr) -> Result<UdpSocket> {
+    let socket = std::net::UdpSocket::bind(addr).map_err(|error| {
         let hint = if error.kind() == io::ErrorKind::AddrInUse {
-            ": the UDP port is already in use (choose another with --listen-port)"
+            ": the UDP port is already in use (choose another listen port)"
         } else {
             ""
         };
         anyhow::Error::new(error).context(format!("cannot serve DNS on {addr}{hint}"))
-    })
+    })?;
+    socket.set_nonblocking(true)?;
+    Ok(UdpSocket::from_std(socket)?)
 }
 
 fn bind(addr: SocketAddr) -> Result<TcpListener> {
@@ -107,7 +138,7 @@ fn bind(addr: SocketAddr) -> Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr).map_err(|error| {
         let hint = if error.kind() == io::ErrorKind::AddrInUse {
-            ": the port is already in use (choose another with --listen-port)"
+            ": the port is already in use (choose another listen port)"
         } else {
             ""
         };
@@ -127,86 +158,89 @@ pub struct Stats {
     pub over_limit: AtomicU64,
 }
 
-/// Everything a connection may need, made by `run` before serving.
-pub struct Parts {
-    pub redirect: Redirect,
-    pub config: Config,
-    pub policies: PolicyStore,
+/// What every sandbox's connections share: made once by the daemon.
+pub struct Common {
+    pub config: Arc<Config>,
+    pub stats: Arc<Stats>,
+    /// `--max-connections`, all sandboxes together.
+    pub slots: Arc<Semaphore>,
     pub dns: Arc<DnsResponder>,
-    pub inference: Option<InferenceRoute>,
-    pub credentials: crate::credentials::Credentials,
+    pub credentials: Arc<crate::credentials::Credentials>,
+    pub observer: Arc<Observer>,
 }
 
-pub async fn serve(listeners: Listeners, parts: Parts, cgroup: &Cgroup) -> Result<()> {
-    let Parts { redirect, config, policies, dns, inference, credentials } = parts;
-    policies.spawn_watch()?;
-    let shared = Arc::new(connection::Shared {
-        sandbox_slots: limits::SandboxSlots::new(config.max_connections_per_sandbox),
+/// One sandbox's own parts, made by the daemon when it is added.
+pub struct SandboxParts {
+    pub name: Arc<str>,
+    pub redirect: Redirect,
+    pub policies: PolicyStore,
+    pub inference: Option<InferenceRoute>,
+    /// Set when the sandbox has a network namespace of its own: its
+    /// loopback is its own, never the agent's.
+    pub own_netns: bool,
+    /// Connections of one of its cgroups relayed at once.
+    pub max_connections: usize,
+}
+
+pub use connection::Shared as Sandbox;
+
+/// Serves one sandbox on `listeners` until `stop` turns true: its policy
+/// watch, its DNS and its connections, every log line inside naming it.
+/// Connections in flight when it stops run to their end.
+pub fn serve_sandbox(
+    common: &Common,
+    parts: SandboxParts,
+    listeners: Listeners,
+    stop: watch::Receiver<bool>,
+) -> Result<Arc<Sandbox>> {
+    let SandboxParts { name, redirect, policies, inference, own_netns, max_connections } = parts;
+    let span = tracing::info_span!("sandbox", sandbox = %name);
+    let _entered = span.enter();
+    policies.spawn_watch(stop.clone())?;
+    let observed = common.observer.sandbox(&name);
+    let listen_port = listeners.port();
+    let sandbox = Arc::new(connection::Shared {
+        name,
+        listen_port,
+        own_netns,
+        sandbox_slots: limits::SandboxSlots::new(max_connections),
         redirect,
-        config,
-        stats: Stats::default(),
-        decider: decide::Decider { policies, dns: dns.clone() },
-        dns,
+        config: common.config.clone(),
+        stats: common.stats.clone(),
+        decider: decide::Decider { policies: policies.clone(), dns: common.dns.clone(), observed: observed.clone() },
+        dns: common.dns.clone(),
         inference,
-        credentials,
+        credentials: common.credentials.clone(),
+        observer: common.observer.clone(),
+        observed: observed.clone(),
     });
     for socket in listeners.dns {
-        let attributing = shared.clone();
+        let attributing = sandbox.clone();
         let sandbox_of: SandboxOf = Arc::new(move |client| attributing.redirect.dns_client_sandbox(client));
-        tokio::spawn(shared.dns.clone().serve_udp(socket, sandbox_of));
+        let answers = observed.clone();
+        let count: crate::dns::CountAnswer = Arc::new(move |answer| answers.dns_answer(answer));
+        let serving = common.dns.clone().serve_udp(socket, sandbox_of, policies.clone(), count);
+        let mut stop = stop.clone();
+        tokio::spawn(
+            async move {
+                tokio::select! {
+                    () = serving => {}
+                    _ = stop.changed() => {}
+                }
+            }
+            .in_current_span(),
+        );
     }
-    // Installed before "ready": a signal right after it must not kill the agent.
-    let shutdown_signal = shutdown_signal()?;
-    let slots = Arc::new(Semaphore::new(shared.config.max_connections));
-    let (stop_tx, stop_rx) = watch::channel(false);
-
-    let mut accept_loops =
-        vec![tokio::spawn(accept_loop(listeners.v4, shared.clone(), slots.clone(), stop_rx.clone()))];
-    if let Some(v6) = listeners.v6 {
-        accept_loops.push(tokio::spawn(accept_loop(v6, shared.clone(), slots.clone(), stop_rx.clone())));
+    let listeners = std::iter::once(listeners.v4).chain(listeners.v6);
+    for listener in listeners {
+        tokio::spawn(accept_loop(listener, sandbox.clone(), common.slots.clone(), stop.clone()).in_current_span());
     }
-    tracing::info!(
-        event = "ready",
-        cgroup = %cgroup.path.display(),
-        cgroup_id = cgroup.id,
-        listen_port = shared.config.listen_port,
-        "agent ready: the cgroup's TCP connects are redirected to this agent"
-    );
-
-    shutdown_signal.await;
-    let _ = stop_tx.send(true);
-    for accept_loop in accept_loops {
-        let _ = accept_loop.await;
-    }
-    let max = shared.config.max_connections as u32;
-    let drained = tokio::time::timeout(SHUTDOWN_GRACE, slots.acquire_many(max)).await.is_ok();
-    let stats = &shared.stats;
-    tracing::info!(
-        event = "shutdown",
-        accepted = stats.accepted.load(Ordering::Relaxed),
-        unattributed = stats.unattributed.load(Ordering::Relaxed),
-        over_limit = stats.over_limit.load(Ordering::Relaxed),
-        in_flight_cut = !drained,
-        "agent stopped; the cgroup stays redirected to this port, so its connects are refused until the agent runs again \
-         or `sandbox-egress detach` removes the redirect"
-    );
-    Ok(())
-}
-
-fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
-    let mut terminate = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-    Ok(async move {
-        tokio::select! {
-            _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
-        }
-    })
+    Ok(sandbox)
 }
 
 async fn accept_loop(
     listener: TcpListener,
-    shared: Arc<connection::Shared>,
+    sandbox: Arc<Sandbox>,
     slots: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -224,15 +258,18 @@ async fn accept_loop(
             },
         };
         let accepted = connection::Accepted::now();
-        shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        sandbox.stats.accepted.fetch_add(1, Ordering::Relaxed);
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            connection::refuse_over_limit(stream, peer, accepted, &shared);
+            connection::refuse_over_limit(stream, peer, accepted, &sandbox);
             continue;
         };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            connection::handle(stream, peer, accepted, &shared).await;
-            drop(slot);
-        });
+        let sandbox = sandbox.clone();
+        tokio::spawn(
+            async move {
+                connection::handle(stream, peer, accepted, &sandbox).await;
+                drop(slot);
+            }
+            .in_current_span(),
+        );
     }
 }

@@ -5,12 +5,19 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, RwLock},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, RwLock,
+    },
     time::{Duration, SystemTime},
 };
 
 use anyhow::{Context, Result};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::watch,
+};
+use tracing::Instrument;
 
 use crate::policy::Policy;
 
@@ -29,6 +36,7 @@ pub struct PolicyStore {
     /// policy must name one, at start-up and on reload.
     credential_providers: Arc<Vec<String>>,
     current: Arc<RwLock<Arc<Loaded>>>,
+    reload_failures: Arc<AtomicU64>,
 }
 
 impl PolicyStore {
@@ -40,6 +48,7 @@ impl PolicyStore {
             path: Arc::new(path.to_owned()),
             credential_providers,
             current: Arc::new(RwLock::new(Arc::new(Loaded { policy, generation: 1 }))),
+            reload_failures: Arc::default(),
         })
     }
 
@@ -55,24 +64,39 @@ impl PolicyStore {
                 *current = Arc::new(Loaded { policy, generation });
                 tracing::info!(event = "policy_reloaded", trigger, generation, policy_file = %self.path.display(), "policy reloaded");
             }
-            Err(error) => tracing::error!(
-                event = "policy_reload_failed",
-                trigger,
-                generation = self.current().generation,
-                "policy reload refused, the previous policy stays in force: {error:#}"
-            ),
+            Err(error) => {
+                self.reload_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    event = "policy_reload_failed",
+                    trigger,
+                    generation = self.current().generation,
+                    policy_file = %self.path.display(),
+                    "policy reload refused, the previous policy stays in force: {error:#}"
+                )
+            }
         }
     }
 
-    /// Reloads on SIGHUP and whenever the file's modification time or size changes.
-    pub fn spawn_watch(&self) -> Result<()> {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reloads refused since the start (the previous policy stayed in force).
+    pub fn reload_failures(&self) -> u64 {
+        self.reload_failures.load(Ordering::Relaxed)
+    }
+
+    /// Reloads on SIGHUP and whenever the file's modification time or size
+    /// changes, until `stop` turns true (the sandbox was removed).
+    pub fn spawn_watch(&self, mut stop: watch::Receiver<bool>) -> Result<()> {
         let mut hangup = signal(SignalKind::hangup())?;
         let store = self.clone();
         let mut last_seen = file_stamp(&self.path);
-        tokio::spawn(async move {
+        let watch = async move {
             let mut tick = tokio::time::interval(WATCH_INTERVAL);
             loop {
                 tokio::select! {
+                    _ = stop.changed() => return,
                     _ = hangup.recv() => {
                         last_seen = file_stamp(&store.path);
                         store.reload("SIGHUP");
@@ -86,7 +110,8 @@ impl PolicyStore {
                     }
                 }
             }
-        });
+        };
+        tokio::spawn(watch.in_current_span());
         Ok(())
     }
 }

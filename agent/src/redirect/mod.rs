@@ -16,9 +16,9 @@ use std::{
 
 use agent_common::{
     event_kind, AbstractName, ConnectRecord, KernelEvent, ProcessTimes, SockAddrKey, ABSTRACT_NAME_MAX,
-    GLOBAL_AGENT_NETNS_COOKIE, GLOBAL_LISTEN_PORT, GLOBAL_SANDBOX_CGROUP_ID, GLOBAL_SANDBOX_CGROUP_LEVEL,
-    MAP_ABSTRACT_UNIX_ALLOWED, MAP_BY_CLIENT, MAP_BY_COOKIE, MAP_DNS_CLIENTS, MAP_DNS_SERVER_BY_COOKIE, MAP_EVENTS,
-    MAP_PROCESS_TIMES,
+    BY_CLIENT_MAX_ENTRIES, DNS_CLIENTS_MAX_ENTRIES, GLOBAL_AGENT_NETNS_COOKIE, GLOBAL_LISTEN_PORT,
+    GLOBAL_SANDBOX_CGROUP_ID, GLOBAL_SANDBOX_CGROUP_LEVEL, MAP_ABSTRACT_UNIX_ALLOWED, MAP_BY_CLIENT, MAP_BY_COOKIE,
+    MAP_DNS_CLIENTS, MAP_DNS_SERVER_BY_COOKIE, MAP_EVENTS, MAP_PROCESS_TIMES, PROCESS_TIMES_MAX_ENTRIES,
 };
 use anyhow::{bail, Context, Result};
 use aya::{
@@ -30,7 +30,8 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use tokio::io::unix::AsyncFd;
+use tokio::{io::unix::AsyncFd, sync::watch};
+use tracing::Instrument;
 
 mod abstract_unix;
 mod raw_bpf;
@@ -88,6 +89,8 @@ pub struct Redirect {
     process_times: HashMap<MapData, u32, ProcessTimes>,
     /// Keeps the programs and the log ring buffer alive.
     _ebpf: Ebpf,
+    /// Dropped with the redirect: its trace and event drains end.
+    _drains: watch::Sender<()>,
 }
 
 fn pin_dir(cgroup: &Cgroup) -> PathBuf {
@@ -97,9 +100,12 @@ fn pin_dir(cgroup: &Cgroup) -> PathBuf {
 impl Redirect {
     /// Loads and attaches the programs to `cgroup`, replacing (without a gap)
     /// any left pinned by an earlier agent, and starts draining eBPF traces.
+    /// `netns_cookie`: the network namespace the sandbox's listener is in
+    /// (its sockets elsewhere are refused).
     pub fn attach(
         cgroup: &Cgroup,
         listen_port: u16,
+        netns_cookie: u64,
         log_level: EbpfLogLevel,
         abstract_unix: &[String],
     ) -> Result<Self> {
@@ -109,7 +115,6 @@ impl Redirect {
         let pins = LINKS.iter().map(|(pin, _, _)| *pin).chain(ABSTRACT_UNIX_PINS);
         let previous: Vec<PinnedLink> = pins.filter_map(|pin| PinnedLink::from_pin(dir.join(pin)).ok()).collect();
 
-        let netns_cookie = own_netns_cookie()?;
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_LISTEN_PORT, &listen_port, true)
             .override_global(GLOBAL_AGENT_NETNS_COOKIE, &netns_cookie, true)
@@ -130,8 +135,9 @@ impl Redirect {
                     cgroup.path.display()
                 )
             })?;
-        start_ebpf_log_drain(&mut ebpf);
-        start_event_drain(take_map(&mut ebpf, MAP_EVENTS)?)?;
+        let (drains, stopped) = watch::channel(());
+        start_ebpf_log_drain(&mut ebpf, stopped.clone());
+        start_event_drain(take_map(&mut ebpf, MAP_EVENTS)?, stopped)?;
         allow_abstract_unix(&mut ebpf, abstract_unix)?;
 
         for (_, program, hook) in LINKS {
@@ -165,7 +171,7 @@ impl Redirect {
         let dns_clients = HashMap::try_from(take_map(&mut ebpf, MAP_DNS_CLIENTS)?)?;
         let process_times = HashMap::try_from(take_map(&mut ebpf, MAP_PROCESS_TIMES)?)?;
         tracing::info!(cgroup = %cgroup.path.display(), pins = %dir.display(), "redirect attached");
-        Ok(Self { by_client: Mutex::new(by_client), dns_clients, process_times, _ebpf: ebpf })
+        Ok(Self { by_client: Mutex::new(by_client), dns_clients, process_times, _ebpf: ebpf, _drains: drains })
     }
 
     /// Takes the record the kernel wrote for the connection whose client end
@@ -190,6 +196,16 @@ impl Redirect {
     /// `None` if it is not tracked (not in a sandbox, or evicted).
     pub fn process_times(&self, pid: u32) -> Option<ProcessTimes> {
         self.process_times.get(&pid, 0).ok()
+    }
+
+    /// Entries in the maps the agent reads, with their capacity: (name, entries, capacity).
+    pub fn map_fill(&self) -> Vec<(&'static str, usize, u32)> {
+        let by_client = self.by_client.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).keys().count();
+        vec![
+            ("connects_by_client", by_client, BY_CLIENT_MAX_ENTRIES),
+            ("dns_clients", self.dns_clients.keys().count(), DNS_CLIENTS_MAX_ENTRIES),
+            ("process_times", self.process_times.keys().count(), PROCESS_TIMES_MAX_ENTRIES),
+        ]
     }
 }
 
@@ -239,33 +255,10 @@ fn warn_about_earlier_members(cgroup: &Cgroup) {
 }
 
 /// Processes in `dir` and its descendant cgroups.
-fn count_processes(dir: &Path) -> usize {
+pub fn count_processes(dir: &Path) -> usize {
     let members = std::fs::read_to_string(dir.join("cgroup.procs")).map_or(0, |procs| procs.lines().count());
     let children = std::fs::read_dir(dir).into_iter().flatten().flatten();
     members + children.filter(|entry| entry.path().is_dir()).map(|entry| count_processes(&entry.path())).sum::<usize>()
-}
-
-/// The kernel's cookie for the agent's network namespace (SO_NETNS_COOKIE, Linux 5.14+).
-fn own_netns_cookie() -> Result<u64> {
-    use std::os::fd::AsRawFd;
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
-    let mut cookie = 0u64;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .context("read the network namespace cookie (SO_NETNS_COOKIE needs Linux 5.14+)");
-    }
-    Ok(cookie)
 }
 
 fn load_program(ebpf: &mut Ebpf, name: &str, hook: Hook) -> Result<()> {
@@ -353,12 +346,12 @@ fn attach_program(ebpf: &mut Ebpf, name: &str, hook: Hook, cgroup_dir: &std::fs:
 }
 
 /// Logs the kernel side's refusals and drops as they arrive.
-fn start_event_drain(map: aya::maps::Map) -> Result<()> {
+fn start_event_drain(map: aya::maps::Map, mut stopped: watch::Receiver<()>) -> Result<()> {
     let ring = aya::maps::RingBuf::try_from(map)?;
     // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|error| error.into_parts().1)?;
-    tokio::spawn(async move {
+    let drain = async move {
         while let Ok(mut ready) = ring.readable_mut().await {
             while let Some(item) = ready.get_inner_mut().next() {
                 if item.len() >= std::mem::size_of::<KernelEvent>() {
@@ -368,7 +361,16 @@ fn start_event_drain(map: aya::maps::Map) -> Result<()> {
             }
             ready.clear_ready();
         }
-    });
+    };
+    tokio::spawn(
+        async move {
+            tokio::select! {
+                () = drain => {}
+                _ = stopped.changed() => {}
+            }
+        }
+        .in_current_span(),
+    );
     Ok(())
 }
 
@@ -385,8 +387,8 @@ fn log_kernel_event(event: &KernelEvent) {
             comm,
             cgroup_id,
             suppressed,
-            "refused pid={pid} comm={comm}: it is in another network namespace than the agent; run sandboxes in the \
-             agent's network namespace ({suppressed} similar suppressed)"
+            "refused pid={pid} comm={comm}: it is in another network namespace than its sandbox's listener; register \
+             the namespace with the sandbox (--netns) ({suppressed} similar suppressed)"
         ),
         event_kind::ABSTRACT_UNIX => tracing::warn!(
             event = "kernel_refusal",
@@ -416,7 +418,7 @@ fn log_kernel_event(event: &KernelEvent) {
 }
 
 /// Forwards aya-log records to `tracing` (via the log bridge) as they arrive.
-fn start_ebpf_log_drain(ebpf: &mut Ebpf) {
+fn start_ebpf_log_drain(ebpf: &mut Ebpf, mut stopped: watch::Receiver<()>) {
     let logger = match aya_log::EbpfLogger::init(ebpf) {
         Ok(logger) => logger,
         Err(error) => {
@@ -433,12 +435,21 @@ fn start_ebpf_log_drain(ebpf: &mut Ebpf) {
             return;
         }
     };
-    tokio::spawn(async move {
+    let drain = async move {
         while let Ok(mut ready) = logger.readable_mut().await {
             ready.get_inner_mut().flush();
             ready.clear_ready();
         }
-    });
+    };
+    tokio::spawn(
+        async move {
+            tokio::select! {
+                () = drain => {}
+                _ = stopped.changed() => {}
+            }
+        }
+        .in_current_span(),
+    );
 }
 
 /// Removes the pins left for cgroups that no longer exist: a sandbox cgroup

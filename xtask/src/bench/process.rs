@@ -148,6 +148,8 @@ impl AgentProcess {
         let child = Command::new(bin)
             .args(["--log-format", "json", "run", "--cgroup", sandbox.path_str(), "--listen-port", "0", "--policy"])
             .arg(&policy.path)
+            .arg("--control-socket")
+            .arg(log.with_extension("sock"))
             .args(extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -9,10 +9,12 @@ use tokio::{
     net::UnixStream,
 };
 
+use crate::control::{self, request as control_request, ControlRequest};
+
 use super::{
     super::{
         config::{Config, DEFAULT_MAX_REQUEST_BODY, DEFAULT_STREAM_IDLE_TIMEOUT},
-        control_request, ControlRequest, Route,
+        Route, RouteChange,
     },
     fake_provider::test_ca,
     *,
@@ -25,15 +27,18 @@ fn route(provider: &str, model: &str) -> Route {
 /// Starts the control socket for `allowed_uid` and waits until it accepts.
 async fn control_socket(world: &World, allowed_uid: u32) -> PathBuf {
     let socket = world.temp.path().join("run/control.sock");
-    let (inference, path) = (world.inference.clone(), socket.clone());
-    tokio::spawn(async move { inference.serve_control_for(&path, allowed_uid).await });
-    timeout(TEST_TIMEOUT, async {
-        while UnixStream::connect(&socket).await.is_err() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the control socket comes up");
+    let inference = world.inference.clone();
+    // The daemon's dispatch, for one sandbox's route.
+    let handler: control::Handler = Arc::new(move |request| {
+        let change = match request {
+            ControlRequest::Get { .. } => RouteChange::Get,
+            ControlRequest::Set { provider, model, .. } => RouteChange::Set { provider, model },
+            ControlRequest::Update { provider, model, .. } => RouteChange::Update { provider, model },
+            _ => return Box::pin(async { anyhow::bail!("not a route request") }),
+        };
+        Box::pin(inference.clone().answer_control(change))
+    });
+    control::spawn(&socket, allowed_uid, handler).await.unwrap();
     socket
 }
 
@@ -47,22 +52,22 @@ async fn route_changes_over_the_control_socket_are_validated_and_persisted() {
     let socket = control_socket(&world, current_uid()).await;
     assert_eq!(std::fs::metadata(&socket).unwrap().mode() & 0o777, 0o600);
 
-    let reply = control_request(&socket, &ControlRequest::Get).await.unwrap();
+    let reply = control_request(&socket, &ControlRequest::Get { sandbox: None }).await.unwrap();
     assert_eq!(
         reply,
         json!({"ok": true, "route": {"provider": "openai", "model": "gpt-routed"}, "providers": ["claude", "openai"]})
     );
 
-    let set = ControlRequest::Set { provider: "claude".into(), model: "claude-x".into() };
+    let set = ControlRequest::Set { provider: "claude".into(), model: "claude-x".into(), sandbox: None };
     assert_eq!(
         control_request(&socket, &set).await.unwrap()["route"],
         json!({"provider": "claude", "model": "claude-x"})
     );
-    let update = ControlRequest::Update { provider: None, model: Some("claude-y".into()) };
+    let update = ControlRequest::Update { provider: None, model: Some("claude-y".into()), sandbox: None };
     assert_eq!(control_request(&socket, &update).await.unwrap()["route"]["model"], "claude-y");
     assert_eq!(world.inference.route(), Some(route("claude", "claude-y")));
 
-    let unknown = ControlRequest::Update { provider: Some("nope".into()), model: None };
+    let unknown = ControlRequest::Update { provider: Some("nope".into()), model: None, sandbox: None };
     let error = control_request(&socket, &unknown).await.unwrap_err().to_string();
     assert!(error.contains("no provider named \"nope\" (configured: claude, openai)"), "{error}");
     assert_eq!(world.inference.route(), Some(route("claude", "claude-y")), "a refused change changes nothing");
@@ -99,7 +104,7 @@ async fn a_peer_with_another_uid_is_refused() {
     let world = World::start(ROUTED_OPENAI).await;
     // The socket admits one uid: a fake one, so this test's own uid is "not root".
     let socket = control_socket(&world, current_uid().wrapping_add(1)).await;
-    let set = ControlRequest::Set { provider: "claude".into(), model: "m".into() };
+    let set = ControlRequest::Set { provider: "claude".into(), model: "m".into(), sandbox: None };
     let error = control_request(&socket, &set).await.unwrap_err().to_string();
     assert!(error.contains("permission denied"), "{error}");
     assert_eq!(world.inference.route(), Some(route("openai", "gpt-routed")));

@@ -1,16 +1,17 @@
-//! The local control socket: reads and changes the route at runtime.
+//! The daemon's control socket: sandboxes added, removed and listed, its
+//! status, and the inference.local route of a sandbox, changed at runtime.
 //!
 //! A Unix stream socket, mode 0600 in a 0700 directory, and every peer's
 //! uid checked (SO_PEERCRED) to be root. One JSON request per line, one
-//! JSON reply per line:
+//! JSON reply per line, `{"ok":true,...}` or `{"ok":false,"error":"..."}`:
 //!
 //! ```text
-//! {"op":"get"}
+//! {"op":"sandbox_add","spec":{"name":"web","cgroup":"/sys/fs/cgroup/web","policy":"/etc/web.yaml"}}
+//! {"op":"sandbox_remove","name":"web","detach":false,"force":false}
+//! {"op":"sandbox_list"}   {"op":"status"}
+//! {"op":"get","sandbox":"web"}                      (sandbox optional when one has inference)
 //! {"op":"set","provider":"openai","model":"gpt-4o-mini"}
 //! {"op":"update","model":"gpt-4o"}                  (provider and model each optional)
-//! -> {"ok":true,"route":{"provider":"openai","model":"gpt-4o"},"providers":["anthropic","openai"]}
-//! -> {"ok":true,"route":null,"providers":[...]}    (no route)
-//! -> {"ok":false,"error":"route: provider: no provider named \"x\" (configured: ...)"}
 //! ```
 
 use std::{
@@ -32,14 +33,14 @@ use tokio::{
     time::timeout,
 };
 
-use super::Inference;
+use crate::daemon::SandboxSpec;
 
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/sandbox-egress/control.sock";
-const ROOT_UID: u32 = 0;
+pub const ROOT_UID: u32 = 0;
 /// Requests are a few dozen bytes.
 const MAX_REQUEST_LINE: usize = 4096;
-/// Replies list the providers, still small.
-const MAX_REPLY_LINE: usize = 64 * 1024;
+/// Replies list every sandbox: up to 1024 spec files of a few hundred bytes each.
+const MAX_REPLY_LINE: usize = 4 * 1024 * 1024;
 const MAX_CONTROL_CLIENTS: usize = 8;
 /// A control client that says nothing for this long is dropped.
 const CONTROL_IDLE: Duration = Duration::from_secs(30);
@@ -47,38 +48,59 @@ const CONTROL_IDLE: Duration = Duration::from_secs(30);
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ControlRequest {
-    Get,
+    Get {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sandbox: Option<String>,
+    },
     Set {
         provider: String,
         model: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sandbox: Option<String>,
     },
     Update {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         provider: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         model: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sandbox: Option<String>,
     },
+    SandboxAdd {
+        spec: SandboxSpec,
+    },
+    SandboxRemove {
+        name: String,
+        #[serde(default)]
+        detach: bool,
+        #[serde(default)]
+        force: bool,
+    },
+    SandboxList,
+    Status,
 }
 
-impl Inference {
-    /// Serves the control socket at `path` until accepting fails for good.
-    /// A stale socket file there is replaced; anything else is an error.
-    pub async fn serve_control(self: Arc<Self>, path: &Path) -> Result<()> {
-        self.serve_control_for(path, ROOT_UID).await
-    }
+/// Answers one request: the reply's fields besides `ok`, or the error.
+pub type Handler = Arc<dyn Fn(ControlRequest) -> BoxFuture<Result<Value>> + Send + Sync>;
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
-    pub(super) async fn serve_control_for(self: Arc<Self>, path: &Path, allowed_uid: u32) -> Result<()> {
-        let listener = bind_private(path)?;
-        tracing::info!(socket = %path.display(), "inference control socket listening");
+/// Binds the control socket now (so a start fails at once when it cannot)
+/// and serves it in the background to peers with uid `allowed_uid` (root,
+/// but in tests). A stale socket file there is replaced; a live one
+/// (another agent's) or anything else is an error.
+pub async fn spawn(path: &Path, allowed_uid: u32, handler: Handler) -> Result<()> {
+    let listener = bind_private(path).await?;
+    tracing::info!(socket = %path.display(), "control socket listening");
+    let path = path.to_owned();
+    tokio::spawn(async move {
         let slots = Arc::new(Semaphore::new(MAX_CONTROL_CLIENTS));
         loop {
             let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
                 Err(error) => {
-                    // Out of descriptors and the like: transient, back off.
-                    tracing::warn!("control socket accept failed: {error}");
+                    tracing::warn!(socket = %path.display(), "control socket accept failed: {error}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -87,68 +109,56 @@ impl Inference {
                 tracing::warn!("control socket busy: connection dropped");
                 continue;
             };
-            let inference = self.clone();
+            let handler = handler.clone();
             tokio::spawn(async move {
-                inference.control_client(stream, allowed_uid).await;
+                control_client(stream, allowed_uid, handler).await;
                 drop(slot);
             });
         }
-    }
+    });
+    Ok(())
+}
 
-    async fn control_client(self: Arc<Self>, stream: UnixStream, allowed_uid: u32) {
-        let peer = stream.peer_cred();
-        let (read, mut write) = stream.into_split();
-        let authorized = match &peer {
-            Ok(credentials) => authorize_peer(credentials.uid(), allowed_uid),
-            Err(error) => Err(format!("peer credentials unavailable: {error}")),
-        };
-        if let Err(reason) = authorized {
-            tracing::warn!(pid = ?peer.ok().and_then(|credentials| credentials.pid()), "control socket: {reason}");
-            let _ = write.write_all(reply_line(&json!({"ok": false, "error": reason})).as_bytes()).await;
-            return;
-        }
-        let mut reader = BufReader::new(read);
-        loop {
-            let line = match timeout(CONTROL_IDLE, read_line(&mut reader, MAX_REQUEST_LINE)).await {
-                Ok(Ok(Some(line))) => line,
-                Ok(Ok(None)) | Err(_) => return,
-                Ok(Err(error)) => {
-                    let _ =
-                        write.write_all(reply_line(&json!({"ok": false, "error": error.to_string()})).as_bytes()).await;
-                    return;
-                }
-            };
-            let reply = self.clone().answer(&line).await;
-            if write.write_all(reply_line(&reply).as_bytes()).await.is_err() {
+async fn control_client(stream: UnixStream, allowed_uid: u32, handler: Handler) {
+    let peer = stream.peer_cred();
+    let (read, mut write) = stream.into_split();
+    let authorized = match &peer {
+        Ok(credentials) => authorize_peer(credentials.uid(), allowed_uid),
+        Err(error) => Err(format!("peer credentials unavailable: {error}")),
+    };
+    if let Err(reason) = authorized {
+        tracing::warn!(pid = ?peer.ok().and_then(|credentials| credentials.pid()), "control socket: {reason}");
+        let _ = write.write_all(reply_line(&json!({"ok": false, "error": reason})).as_bytes()).await;
+        return;
+    }
+    let mut reader = BufReader::new(read);
+    loop {
+        let line = match timeout(CONTROL_IDLE, read_line(&mut reader, MAX_REQUEST_LINE)).await {
+            Ok(Ok(Some(line))) => line,
+            Ok(Ok(None)) | Err(_) => return,
+            Ok(Err(error)) => {
+                let _ = write.write_all(reply_line(&json!({"ok": false, "error": error.to_string()})).as_bytes()).await;
                 return;
             }
-        }
-    }
-
-    async fn answer(self: Arc<Self>, line: &[u8]) -> Value {
-        let request: ControlRequest = match serde_json::from_slice(line) {
-            Ok(request) => request,
-            Err(error) => return json!({"ok": false, "error": format!("invalid request: {error}")}),
         };
-        let inference = self.clone();
-        // Route changes write the config file: off the async threads.
-        let changed = tokio::task::spawn_blocking(move || match request {
-            ControlRequest::Get => Ok(inference.route()),
-            ControlRequest::Set { provider, model } => inference.set_route(&provider, &model).map(Some),
-            ControlRequest::Update { provider, model } => {
-                inference.update_route(provider.as_deref(), model.as_deref()).map(Some)
-            }
-        })
-        .await;
-        match changed {
-            Ok(Ok(route)) => json!({"ok": true, "route": route, "providers": self.provider_names()}),
-            Ok(Err(error)) => json!({"ok": false, "error": format!("{error:#}")}),
-            Err(error) => json!({"ok": false, "error": format!("request failed: {error}")}),
+        let reply = match serde_json::from_slice::<ControlRequest>(&line) {
+            Err(error) => json!({"ok": false, "error": format!("invalid request: {error}")}),
+            Ok(request) => match handler(request).await {
+                Ok(Value::Object(mut fields)) => {
+                    fields.insert("ok".into(), true.into());
+                    Value::Object(fields)
+                }
+                Ok(other) => json!({"ok": true, "result": other}),
+                Err(error) => json!({"ok": false, "error": format!("{error:#}")}),
+            },
+        };
+        if write.write_all(reply_line(&reply).as_bytes()).await.is_err() {
+            return;
         }
     }
 }
 
-/// Only root may change where the sandbox's inference goes.
+/// Only root may act on the daemon.
 fn authorize_peer(peer_uid: u32, allowed_uid: u32) -> Result<(), String> {
     if peer_uid == allowed_uid {
         Ok(())
@@ -159,7 +169,7 @@ fn authorize_peer(peer_uid: u32, allowed_uid: u32) -> Result<(), String> {
 
 /// Binds `path` so that it is never reachable with looser permissions than
 /// 0600: bound under a temporary name, restricted, then renamed into place.
-fn bind_private(path: &Path) -> Result<UnixListener> {
+async fn bind_private(path: &Path) -> Result<UnixListener> {
     let shown = path.display();
     let directory = path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let file_name = path.file_name().with_context(|| format!("control socket path {shown} names no file"))?;
@@ -169,6 +179,9 @@ fn bind_private(path: &Path) -> Result<UnixListener> {
             .mode(0o700)
             .create(directory)
             .with_context(|| format!("cannot create {}", directory.display()))?;
+    }
+    if UnixStream::connect(path).await.is_ok() {
+        bail!("{shown}: another agent is serving this control socket (stop it, or give --control-socket another path)");
     }
     remove_stale_socket(path)?;
     let temporary = directory.join(format!(".{}.{}", file_name.to_string_lossy(), std::process::id()));
@@ -219,7 +232,7 @@ fn reply_line(reply: &Value) -> String {
 
 /// Sends one request to the agent's control socket; the reply when it says
 /// `"ok": true`, its error otherwise.
-pub async fn control_request(path: &Path, request: &ControlRequest) -> Result<Value> {
+pub async fn request(path: &Path, request: &ControlRequest) -> Result<Value> {
     let shown = path.display();
     let exchange = async {
         let stream = UnixStream::connect(path).await.with_context(|| {
@@ -250,7 +263,29 @@ pub async fn control_request(path: &Path, request: &ControlRequest) -> Result<Va
 mod tests {
     use std::os::unix::fs::MetadataExt;
 
-    use super::{super::tests::TempDir, *};
+    use super::*;
+
+    /// A directory of its own under the system's temporary directory.
+    struct TempDir(std::path::PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let path = std::env::temp_dir().join(format!("sandbox-egress-{name}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&path);
+            fs::create_dir_all(&path).unwrap();
+            Self(path)
+        }
+
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
 
     #[test]
     fn only_the_allowed_uid_passes() {
@@ -262,10 +297,14 @@ mod tests {
     #[test]
     fn requests_parse_strictly() {
         let parse = |text: &str| serde_json::from_str::<ControlRequest>(text);
-        assert_eq!(parse(r#"{"op":"get"}"#).unwrap(), ControlRequest::Get);
+        assert_eq!(parse(r#"{"op":"get"}"#).unwrap(), ControlRequest::Get { sandbox: None });
         assert_eq!(
-            parse(r#"{"op":"update","model":"m"}"#).unwrap(),
-            ControlRequest::Update { provider: None, model: Some("m".into()) }
+            parse(r#"{"op":"update","model":"m","sandbox":"web"}"#).unwrap(),
+            ControlRequest::Update { provider: None, model: Some("m".into()), sandbox: Some("web".into()) }
+        );
+        assert_eq!(
+            parse(r#"{"op":"sandbox_remove","name":"web"}"#).unwrap(),
+            ControlRequest::SandboxRemove { name: "web".into(), detach: false, force: false }
         );
         assert!(parse(r#"{"op":"set","provider":"p"}"#).unwrap_err().to_string().contains("model"));
         assert!(parse(r#"{"op":"set","provider":"p","model":"m","extra":1}"#)
@@ -290,16 +329,20 @@ mod tests {
     async fn socket_is_private_and_replaces_only_sockets() {
         let temp = TempDir::new("control-bind");
         let path = temp.path().join("run/sub/control.sock");
-        let _listener = bind_private(&path).unwrap();
+        let listener = bind_private(&path).await.unwrap();
         let mode = |path: &Path| fs::metadata(path).unwrap().mode() & 0o777;
         assert_eq!(mode(&path), 0o600);
         assert_eq!(mode(path.parent().unwrap()), 0o700);
-        // A restart replaces its own stale socket...
-        let _again = bind_private(&path).unwrap();
+        // A live socket is another agent's: never taken over...
+        let error = bind_private(&path).await.unwrap_err().to_string();
+        assert!(error.contains("another agent is serving this control socket"), "{error}");
+        // ...a stale one is replaced.
+        drop(listener);
+        let _again = bind_private(&path).await.unwrap();
         // ...but never a regular file.
         let file = temp.path().join("file");
         fs::write(&file, "keep").unwrap();
-        assert!(bind_private(&file).unwrap_err().to_string().contains("is not a socket"));
+        assert!(bind_private(&file).await.unwrap_err().to_string().contains("is not a socket"));
         assert_eq!(fs::read_to_string(&file).unwrap(), "keep");
     }
 }

@@ -1,0 +1,321 @@
+//! One daemon, many sandboxes: each a name, a cgroup, a policy, optionally
+//! a network namespace and an inference config, served on a listener of
+//! its own. Sandboxes come and go at run time (control socket, spec
+//! directory); an add, remove or reload never disturbs another sandbox's
+//! connections.
+
+pub mod cli;
+mod spec;
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+pub use spec::{follow_dir, SandboxSpec};
+
+use crate::{
+    control::{self, ControlRequest},
+    inference::{Inference, RouteChange},
+    observe::SandboxGauges,
+    preflight::{self, Cgroup},
+    proxy::{self, Common, InferenceRoute, Listeners, PolicyStore, Sandbox, SandboxParts},
+    redirect::{self, EbpfLogLevel, Redirect},
+};
+
+/// How long in-flight connections may finish after SIGINT/SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Denials shown by `status`.
+const STATUS_DENIALS: usize = 20;
+
+/// What every sandbox is set up with.
+pub struct Options {
+    pub ebpf_log_level: EbpfLogLevel,
+    pub allow_abstract_unix: Vec<String>,
+    /// Every `credential_binding` of a policy must name one of these.
+    pub credential_providers: Vec<String>,
+    /// inference.local's certificate, signed by the agent's CA.
+    pub inference_tls: TlsAcceptor,
+}
+
+struct Running {
+    spec: SandboxSpec,
+    cgroup: Cgroup,
+    sandbox: Arc<Sandbox>,
+    inference: Option<Arc<Inference>>,
+    /// `true` stops its listeners, DNS and policy watch.
+    stop: watch::Sender<bool>,
+}
+
+pub struct Daemon {
+    common: Common,
+    options: Options,
+    sandboxes: Mutex<BTreeMap<String, Running>>,
+}
+
+impl Daemon {
+    pub fn new(common: Common, options: Options) -> Self {
+        Self { common, options, sandboxes: Mutex::default() }
+    }
+
+    fn sandboxes(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Running>> {
+        self.sandboxes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts serving a sandbox: its policy loaded, its listener bound (in
+    /// its namespace), its cgroup redirected there. Returns what `sandbox
+    /// list` shows of it.
+    pub fn add(&self, spec: SandboxSpec) -> Result<Value> {
+        spec.check_name()?;
+        let mut sandboxes = self.sandboxes();
+        if sandboxes.contains_key(&spec.name) {
+            bail!("a sandbox named {} is already served (remove it first)", spec.name);
+        }
+        let cgroup = preflight::cgroup_v2_dir(&spec.cgroup)?;
+        for (name, other) in sandboxes.iter() {
+            if cgroup.path.starts_with(&other.cgroup.path) || other.cgroup.path.starts_with(&cgroup.path) {
+                bail!(
+                    "cgroup {} overlaps sandbox {name}'s cgroup {}: a cgroup tree belongs to one sandbox",
+                    cgroup.path.display(),
+                    other.cgroup.path.display()
+                );
+            }
+        }
+        let span = tracing::info_span!("sandbox", sandbox = %spec.name);
+        let _entered = span.enter();
+        let policies = PolicyStore::load(&spec.policy, self.options.credential_providers.clone())?;
+        let inference = match &spec.inference_config {
+            None => None,
+            Some(path) => Some(Arc::new(Inference::load(path)?)),
+        };
+        let listeners = Listeners::bind(spec.listen_port, spec.netns.as_deref())?;
+        let listen_port = listeners.port();
+        let redirect = Redirect::attach(
+            &cgroup,
+            listen_port,
+            listeners.netns_cookie()?,
+            self.options.ebpf_log_level,
+            &self.options.allow_abstract_unix,
+        )?;
+        let (stop, stopped) = watch::channel(false);
+        let parts = SandboxParts {
+            name: spec.name.as_str().into(),
+            redirect,
+            policies,
+            inference: inference
+                .clone()
+                .map(|inference| InferenceRoute { inference, tls: self.options.inference_tls.clone() }),
+            own_netns: spec.netns.is_some(),
+            max_connections: spec.max_connections.unwrap_or(self.common.config.max_connections_per_sandbox),
+        };
+        let sandbox = proxy::serve_sandbox(&self.common, parts, listeners, stopped)?;
+        tracing::info!(
+            event = "sandbox_added",
+            cgroup = %cgroup.path.display(),
+            cgroup_id = cgroup.id,
+            netns = spec.netns.as_ref().map(|netns| netns.display().to_string()),
+            listen_port,
+            policy_file = %spec.policy.display(),
+            "sandbox added: its cgroup's connects and DNS queries go to this agent"
+        );
+        let running = Running { spec, cgroup, sandbox, inference, stop };
+        let shown = describe(&running);
+        sandboxes.insert(running.spec.name.clone(), running);
+        Ok(shown)
+    }
+
+    /// Stops serving a sandbox. Its cgroup stays redirected to the closed
+    /// listener (its connects fail) unless `detach`, which refuses while
+    /// processes remain in the cgroup unless `force`. Its connections in
+    /// flight run to their end.
+    pub fn remove(&self, name: &str, detach: bool, force: bool) -> Result<()> {
+        let mut sandboxes = self.sandboxes();
+        let running = sandboxes.get(name).with_context(|| format!("no sandbox named {name}"))?;
+        if detach && !force {
+            let processes = redirect::count_processes(&running.cgroup.path);
+            if processes > 0 {
+                bail!(
+                    "{processes} processes remain in {}: detaching would let their connects go direct; stop them \
+                     first, or give --force",
+                    running.cgroup.path.display()
+                );
+            }
+        }
+        let running = sandboxes.remove(name).expect("checked above");
+        let _ = running.stop.send(true);
+        if detach {
+            redirect::detach(&running.cgroup)?;
+        }
+        tracing::info!(
+            event = "sandbox_removed",
+            sandbox = name,
+            cgroup = %running.cgroup.path.display(),
+            detached = detach,
+            "{}",
+            if detach {
+                "sandbox removed and detached: its cgroup's connects go direct again"
+            } else {
+                "sandbox removed: its cgroup stays redirected, so its connects are refused (fail closed)"
+            }
+        );
+        Ok(())
+    }
+
+    /// From a spec file: adds it, or replaces the sandbox `previous` (the
+    /// one this file made before) when the spec changed. A spec that does
+    /// not load leaves the previous sandbox as it was.
+    pub fn apply(&self, spec: SandboxSpec, previous: Option<&str>) -> Result<String> {
+        if let Some(previous) = previous {
+            let unchanged = self.sandboxes().get(previous).is_some_and(|running| running.spec == spec);
+            if unchanged {
+                return Ok(spec.name);
+            }
+            // Checked before the previous one goes: a broken file removes nothing.
+            PolicyStore::load(&spec.policy, self.options.credential_providers.clone())?;
+            if let Some(path) = &spec.inference_config {
+                Inference::load(path)?;
+            }
+            preflight::cgroup_v2_dir(&spec.cgroup)?;
+            if self.sandboxes().contains_key(previous) {
+                self.remove(previous, false, false)?;
+            }
+        }
+        let name = spec.name.clone();
+        self.add(spec)?;
+        Ok(name)
+    }
+
+    pub fn list(&self) -> Vec<Value> {
+        self.sandboxes().values().map(describe).collect()
+    }
+
+    /// The port of the one sandbox served, for the `run --cgroup` ready line.
+    pub fn only_listen_port(&self) -> Option<u16> {
+        let sandboxes = self.sandboxes();
+        let mut all = sandboxes.values();
+        match (all.next(), all.next()) {
+            (Some(only), None) => Some(only.sandbox.listen_port),
+            _ => None,
+        }
+    }
+
+    pub fn status(&self) -> Value {
+        let in_flight = self.common.config.max_connections - self.common.slots.available_permits();
+        json!({
+            "sandboxes": self.list(),
+            "connections_in_flight": in_flight,
+            "max_connections": self.common.config.max_connections,
+            "recent_denials": self.common.observer.recent_denials.top(STATUS_DENIALS),
+        })
+    }
+
+    /// What the metrics read at scrape time.
+    pub fn gauges(&self) -> Vec<(String, SandboxGauges)> {
+        self.sandboxes()
+            .iter()
+            .map(|(name, running)| {
+                let policies = &running.sandbox.decider.policies;
+                let gauges = SandboxGauges {
+                    generation: policies.current().generation,
+                    reload_failures: policies.reload_failures(),
+                    maps: running.sandbox.redirect.map_fill(),
+                };
+                (name.clone(), gauges)
+            })
+            .collect()
+    }
+
+    fn inference_of(&self, name: Option<&str>) -> Result<Arc<Inference>> {
+        let sandboxes = self.sandboxes();
+        if let Some(name) = name {
+            let running = sandboxes.get(name).with_context(|| format!("no sandbox named {name}"))?;
+            return running.inference.clone().with_context(|| format!("sandbox {name} has no inference config"));
+        }
+        let with: Vec<(&String, &Arc<Inference>)> = sandboxes
+            .iter()
+            .filter_map(|(name, running)| running.inference.as_ref().map(|inference| (name, inference)))
+            .collect();
+        match with.as_slice() {
+            [] => bail!("no sandbox has an inference config"),
+            [(_, inference)] => Ok((*inference).clone()),
+            several => bail!(
+                "several sandboxes have an inference config ({}): name one with --sandbox",
+                several.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        }
+    }
+
+    async fn answer(self: Arc<Self>, request: ControlRequest) -> Result<Value> {
+        let change = match request {
+            ControlRequest::SandboxAdd { spec } => {
+                let name = spec.name.clone();
+                let added = self.add(spec).with_context(|| format!("sandbox {name}"))?;
+                return Ok(json!({ "sandbox": added }));
+            }
+            ControlRequest::SandboxRemove { name, detach, force } => {
+                self.remove(&name, detach, force)?;
+                return Ok(json!({ "removed": name, "detached": detach }));
+            }
+            ControlRequest::SandboxList => return Ok(json!({ "sandboxes": self.list() })),
+            ControlRequest::Status => return Ok(self.status()),
+            ControlRequest::Get { sandbox } => (sandbox, RouteChange::Get),
+            ControlRequest::Set { provider, model, sandbox } => (sandbox, RouteChange::Set { provider, model }),
+            ControlRequest::Update { provider, model, sandbox } => (sandbox, RouteChange::Update { provider, model }),
+        };
+        let (sandbox, change) = change;
+        self.inference_of(sandbox.as_deref())?.answer_control(change).await
+    }
+
+    /// Serves the control socket at `path` (root only).
+    pub async fn serve_control(self: &Arc<Self>, path: &Path) -> Result<()> {
+        let daemon = self.clone();
+        let handler: control::Handler = Arc::new(move |request| Box::pin(daemon.clone().answer(request)));
+        control::spawn(path, control::ROOT_UID, handler).await
+    }
+
+    /// Stops every sandbox's listeners and waits (a while) for the
+    /// connections in flight. Cgroups stay redirected: their connects are
+    /// refused until an agent serves them again, or `detach`.
+    pub async fn shutdown(&self) {
+        for running in self.sandboxes().values() {
+            let _ = running.stop.send(true);
+        }
+        let max = self.common.config.max_connections as u32;
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, self.common.slots.acquire_many(max)).await.is_ok();
+        let stats = &self.common.stats;
+        let count = |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            event = "shutdown",
+            accepted = count(&stats.accepted),
+            unattributed = count(&stats.unattributed),
+            over_limit = count(&stats.over_limit),
+            in_flight_cut = !drained,
+            "agent stopped; the sandboxes' cgroups stay redirected to their ports, so their connects are refused \
+             until the agent runs again or `sandbox-egress detach` removes the redirect"
+        );
+    }
+}
+
+fn describe(running: &Running) -> Value {
+    let sandbox = &running.sandbox;
+    let policies = &sandbox.decider.policies;
+    json!({
+        "name": running.spec.name,
+        "cgroup": running.cgroup.path,
+        "cgroup_id": running.cgroup.id,
+        "policy": running.spec.policy,
+        "policy_generation": policies.current().generation,
+        "policy_reload_failures": policies.reload_failures(),
+        "netns": running.spec.netns,
+        "listen_port": sandbox.listen_port,
+        "inference_config": running.spec.inference_config,
+        "connections_active": sandbox.observed.active(),
+    })
+}
