@@ -726,7 +726,8 @@ pub struct Agent {
     child: Child,
     pub log: JsonLines,
     pub port: u16,
-    cgroup: String,
+    /// Detached when the agent is dropped.
+    cgroups: Vec<String>,
 }
 
 impl Agent {
@@ -762,7 +763,7 @@ impl Agent {
             .stderr(Stdio::piped())
             .spawn()?;
         let log = JsonLines::follow_stderr(child.stderr.take().unwrap());
-        let mut agent = Self { child, log, port: 0, cgroup: sandbox.path_str().to_owned() };
+        let mut agent = Self { child, log, port: 0, cgroups: vec![sandbox.path_str().to_owned()] };
         if format == "json" {
             let ready = agent.log.wait_for("agent ready", |e| e["event"] == "ready")?;
             agent.port = ready["listen_port"].as_u64().context("ready line without listen_port")? as u16;
@@ -811,7 +812,63 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.kill();
-        detach(&self.cgroup);
+        for cgroup in &self.cgroups {
+            detach(cgroup);
+        }
+    }
+}
+
+/// A daemon started with `run ARGS` (no sandbox of its own), its control
+/// socket, and the JSON log.
+pub struct AgentDaemon {
+    pub agent: Agent,
+    pub socket: String,
+}
+
+impl AgentDaemon {
+    pub fn start(args: &[&str]) -> Result<Self> {
+        let socket = unique_control_socket();
+        let mut child = Command::new(agent_bin())
+            .args(["--log-format", "json", "run", "--control-socket", &socket])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let log = JsonLines::follow_stderr(child.stderr.take().unwrap());
+        let agent = Agent { child, log, port: 0, cgroups: Vec::new() };
+        agent.log.wait_for("agent ready", |e| e["event"] == "ready")?;
+        Ok(Self { agent, socket })
+    }
+
+    /// `sandbox-egress ARGS --socket <this daemon's>`: (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> Result<(bool, String, String)> {
+        let output = Command::new(agent_bin()).args(args).args(["--socket", &self.socket]).output()?;
+        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+        Ok((output.status.success(), text(&output.stdout), text(&output.stderr)))
+    }
+
+    /// Adds a sandbox (detached again when the daemon is dropped).
+    pub fn add(&mut self, name: &str, sandbox: &Sandbox, policy: &PolicyFile, extra: &[&str]) -> Result<Value> {
+        let policy = policy.path.to_str().context("policy path")?;
+        let args = [&["sandbox", "add", name, "--cgroup", sandbox.path_str(), "--policy", policy][..], extra].concat();
+        let (ok, stdout, stderr) = self.cli(&args)?;
+        ensure!(ok, "sandbox add {name}: {stderr}");
+        self.agent.cgroups.push(sandbox.path_str().to_owned());
+        let added =
+            self.agent.log.wait_for("sandbox added", |e| e["event"] == "sandbox_added" && e["sandbox"] == name)?;
+        ensure!(stdout.starts_with("added: "), "{stdout}");
+        Ok(added)
+    }
+
+    /// Detaches `cgroup` when the daemon is dropped (a sandbox it serves from a spec file).
+    pub fn detach_on_drop(&mut self, cgroup: &str) {
+        self.agent.cgroups.push(cgroup.to_owned());
+    }
+
+    pub fn list(&self) -> Result<Vec<Value>> {
+        let (ok, stdout, stderr) = self.cli(&["sandbox", "list", "--json"])?;
+        ensure!(ok, "sandbox list: {stderr}");
+        Ok(serde_json::from_str(&stdout)?)
     }
 }
 
@@ -948,7 +1005,7 @@ impl Agent {
             .stderr(Stdio::piped())
             .spawn()?;
         let log = JsonLines::follow_stderr(child.stderr.take().unwrap());
-        let agent = Self { child, log, port, cgroup: sandbox.path_str().to_owned() };
+        let agent = Self { child, log, port, cgroups: vec![sandbox.path_str().to_owned()] };
         agent.log.wait_for("agent ready", |e| e["event"] == "ready")?;
         Ok(agent)
     }
