@@ -237,7 +237,8 @@ fn a_sandbox_in_its_own_network_namespace_is_refused_with_a_clear_error() -> Res
         assert_eq!(result[attempt]["error"], "EPERM", "{attempt} from another network namespace: {result}");
     }
     assert_eq!(result["decoy_accepted"], false, "a connect was redirected into the sandbox's own namespace");
-    let expected = format!("refused pid={pid} comm=python3: it is in another network namespace than the agent");
+    let expected =
+        format!("refused pid={pid} comm=python3: it is in another network namespace than its sandbox's listener");
     let trace = setup
         .agent
         .log
@@ -268,7 +269,7 @@ fn the_control_socket_is_out_of_reach_of_sandboxed_users() -> Result<()> {
         &["--inference-config", &dir.file("inference.yaml"), "--control-socket", &socket, "--ca-dir", &dir.file("ca")],
         &[("SE_TEST_KEY", "sk-test")],
     )?;
-    agent.log.wait_for("the control socket", |e| e["message"] == "inference control socket listening")?;
+    agent.log.wait_for("the control socket", |e| e["message"] == "control socket listening")?;
     let mode = std::fs::metadata(&socket)?.permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "control socket mode");
     let script = support_file("bypass_probe.py");

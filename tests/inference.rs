@@ -91,6 +91,8 @@ fn the_sandboxes_dns_is_answered_by_the_agent() -> Result<()> {
 
 const OPENAI_KEY: &str = "sk-test-openai-secret";
 const ANTHROPIC_KEY: &str = "sk-test-anthropic-secret";
+/// Known to the test host's DNS only, not to the machine's resolver.
+const PROVIDER_NAME: &str = "provider.inference.test";
 
 /// A sandbox whose agent routes inference.local to the fake provider.
 struct InferenceSetup {
@@ -98,6 +100,7 @@ struct InferenceSetup {
     sandbox: Sandbox,
     provider: Servers,
     dir: TempDir,
+    _dns: Dns,
     _net: TestNet,
 }
 
@@ -107,6 +110,9 @@ impl InferenceSetup {
         let net = TestNet::new()?;
         let dir = TempDir::new(test)?;
         let (provider, provider_ca) = net.start_fake_provider(&dir)?;
+        // The agent resolves a provider's name with its --dns-server, as every other name.
+        let dns = net.start_dns(&[(PROVIDER_NAME, net.v4.into())])?;
+        let dns_args = dns.agent_args();
         std::fs::write(dir.path.join("openai.key"), OPENAI_KEY)?;
         let route = route
             .map(|(provider, model)| format!("route: {{ provider: {provider}, model: {model} }}\n"))
@@ -115,7 +121,7 @@ impl InferenceSetup {
             "providers:\n\
              \x20 - name: openai\n    type: openai\n    base_url: https://{ip}:{PROVIDER_TLS_PORT}\n\
              \x20   credential: {{ file: {key} }}\n    ca_file: {ca}\n\
-             \x20 - name: anthropic\n    type: anthropic\n    base_url: http://{ip}:{PROVIDER_HTTP_PORT}\n\
+             \x20 - name: anthropic\n    type: anthropic\n    base_url: http://{PROVIDER_NAME}:{PROVIDER_HTTP_PORT}\n\
              \x20   credential: {{ env: SE_TEST_ANTHROPIC_KEY }}\n{route}",
             ip = net.v4,
             key = dir.file("openai.key"),
@@ -128,6 +134,8 @@ impl InferenceSetup {
             &sandbox,
             &policy,
             &[
+                &dns_args[0],
+                &dns_args[1],
                 "--inference-config",
                 &dir.file("inference.yaml"),
                 "--control-socket",
@@ -143,7 +151,7 @@ impl InferenceSetup {
         ensure!(ca.status.success(), "ca export: {}", String::from_utf8_lossy(&ca.stderr));
         std::fs::write(dir.path.join("agent-ca.pem"), &ca.stdout)?;
         drop(policy);
-        Ok(Self { agent, sandbox, provider, dir, _net: net })
+        Ok(Self { agent, sandbox, provider, dir, _dns: dns, _net: net })
     }
 
     fn control(&self, args: &[&str]) -> Result<String> {

@@ -366,6 +366,11 @@ impl DnsResponder {
             return Ok(vec![ip.to_canonical()]);
         }
         let key = normalize(name);
+        // RFC 6761: localhost names are loopback, never asked of a server
+        // (a provider at http://localhost:11434 resolves as it does for curl).
+        if key == "localhost" || key.ends_with(".localhost") {
+            return Ok(vec![Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()]);
+        }
         if let Some(addresses) = self.lookups.get(&key, Instant::now()) {
             return Ok(addresses);
         }

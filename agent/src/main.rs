@@ -168,6 +168,9 @@ struct RunArgs {
     ebpf_log_level: redirect::EbpfLogLevel,
 }
 
+const FDS_PER_CONNECTION: u64 = 6;
+const FDS_OF_THE_AGENT: u64 = 1024;
+
 fn parse_millis(value: &str) -> Result<Duration, String> {
     value.parse::<u64>().map(Duration::from_millis).map_err(|e| format!("expected milliseconds: {e}"))
 }
@@ -211,12 +214,17 @@ fn run(args: RunArgs) -> Result<()> {
     if let Some(spec) = &shorthand {
         spec.check_name().context("--name")?;
     }
-    let open_files = preflight::raise_fd_limit()?;
-    if (open_files as usize) < args.max_connections * 6 {
+    // About 6 descriptors per relayed connection (two sockets, two pipes
+    // while data flows), and some for the agent itself.
+    let needed = args.max_connections as u64 * FDS_PER_CONNECTION + FDS_OF_THE_AGENT;
+    let open_files = preflight::raise_fd_limit(needed)?;
+    if open_files < needed {
         tracing::warn!(
             open_files,
             max_connections = args.max_connections,
-            "the open-file limit may not cover --max-connections (about 6 fds each while relaying)"
+            "the open-file limit ({open_files}) covers about {} connections, fewer than --max-connections: raise \
+             the hard limit (LimitNOFILE=, ulimit -Hn) or lower --max-connections",
+            open_files.saturating_sub(FDS_OF_THE_AGENT) / FDS_PER_CONNECTION
         );
     }
     let credentials = match &args.credentials {

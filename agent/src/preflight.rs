@@ -50,14 +50,27 @@ pub fn cgroup_v2_dir(path: &Path) -> Result<Cgroup> {
     Ok(Cgroup { path, id, level })
 }
 
-/// Raises the open-file soft limit to the hard one: every relayed connection
-/// holds two sockets, and two pipes while data flows.
-pub fn raise_fd_limit() -> Result<u64> {
+/// Raises the open-file limit to cover `needed` descriptors: the soft limit
+/// to the hard one, and the hard one too where it is lower (root with
+/// CAP_SYS_RESOURCE may, up to /proc/sys/fs/nr_open). Returns the soft
+/// limit in force; the caller warns if it is still below `needed`.
+pub fn raise_fd_limit(needed: u64) -> Result<u64> {
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        .unwrap_or(needed);
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
             return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+        }
+        let wanted = needed.min(nr_open);
+        if limit.rlim_max < wanted {
+            let raised = libc::rlimit { rlim_cur: wanted, rlim_max: wanted };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return Ok(wanted);
+            }
         }
         if limit.rlim_cur < limit.rlim_max {
             limit.rlim_cur = limit.rlim_max;

@@ -109,9 +109,11 @@ impl Daemon {
             name: spec.name.as_str().into(),
             redirect,
             policies,
-            inference: inference
-                .clone()
-                .map(|inference| InferenceRoute { inference, tls: self.options.inference_tls.clone() }),
+            inference: inference.clone().map(|inference| InferenceRoute {
+                inference,
+                tls: self.options.inference_tls.clone(),
+                dns: self.common.dns.clone(),
+            }),
             own_netns: spec.netns.is_some(),
             max_connections: spec.max_connections.unwrap_or(self.common.config.max_connections_per_sandbox),
         };

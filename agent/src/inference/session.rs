@@ -31,7 +31,7 @@ use super::{
 };
 use crate::{
     credentials::{check_unbound, Secret},
-    dns::INFERENCE_HOST,
+    dns::{DnsResponder, INFERENCE_HOST},
     http1::{
         forward::{forward_response_head, wants_close},
         request_framing, response_framing, BodyFraming, HeadReader, ResponseHead,
@@ -73,28 +73,36 @@ impl Inference {
     /// already read; `buffered` holds the bytes read past that head (not the
     /// head itself). Returns when the connection ends; the client stream is
     /// shut down by then.
-    pub async fn serve<S>(&self, client: S, buffered: Vec<u8>, first: RequestHead, log: &mut InferenceLog)
-    where
+    pub async fn serve<S>(
+        &self,
+        client: S,
+        buffered: Vec<u8>,
+        first: RequestHead,
+        dns: &DnsResponder,
+        log: &mut InferenceLog,
+    ) where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let mut session =
-            Session { inference: self, client: HeadReader::with_buffered(client, buffered), upstream: None, log };
+            Session { inference: self, dns, client: HeadReader::with_buffered(client, buffered), upstream: None, log };
         session.run(Some(first)).await;
     }
 
     /// Serves a client connection of which nothing was read yet, e.g. one
     /// just decrypted. A first head that does not parse gets a 400.
-    pub async fn serve_connection<S>(&self, client: S, log: &mut InferenceLog)
+    pub async fn serve_connection<S>(&self, client: S, dns: &DnsResponder, log: &mut InferenceLog)
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let mut session = Session { inference: self, client: HeadReader::new(client), upstream: None, log };
+        let mut session = Session { inference: self, dns, client: HeadReader::new(client), upstream: None, log };
         session.run(None).await;
     }
 }
 
 struct Session<'a, S> {
     inference: &'a Inference,
+    /// Resolves the providers' names.
+    dns: &'a DnsResponder,
     client: HeadReader<S>,
     upstream: Option<Upstream>,
     log: &'a mut InferenceLog,
@@ -335,7 +343,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     async fn connect(&mut self, provider: &Arc<Provider>) -> Result<(), Refusal> {
         self.upstream = None;
         let limit = self.inference.limits.connect_timeout;
-        let stream = provider.connector.connect(limit).await.map_err(|error| match error {
+        let stream = provider.connector.connect(limit, self.dns).await.map_err(|error| match error {
             ConnectError::Timeout(limit) => Refusal::new(
                 504,
                 "upstream_timeout",

@@ -1,19 +1,19 @@
 //! Connections to providers: name resolution, TCP, and TLS verified against
 //! the system roots plus the provider's own `ca_file`.
 
-use std::{fmt, io, path::Path, sync::Arc, time::Duration};
+use std::{fmt, io, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use rustls::{pki_types::ServerName, ClientConfig, RootCertStore};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    net::{lookup_host, TcpStream},
+    net::TcpStream,
     time::timeout,
 };
 use tokio_rustls::TlsConnector;
 
 use super::provider::BaseUrl;
-use crate::{sniff::host::Host, tls::add_pem_roots};
+use crate::{dns::DnsResponder, sniff::host::Host, tls::add_pem_roots};
 
 /// Addresses tried per connect: a name with dozens of records must not turn
 /// one request into dozens of connection attempts.
@@ -75,19 +75,19 @@ impl Connector {
 
     /// Resolves, connects and, for https, completes the TLS handshake, all
     /// within `limit`. Errors name the host, never a credential.
-    pub async fn connect(&self, limit: Duration) -> Result<Box<dyn Io>, ConnectError> {
-        timeout(limit, self.connect_unbounded())
+    pub async fn connect(&self, limit: Duration, dns: &DnsResponder) -> Result<Box<dyn Io>, ConnectError> {
+        timeout(limit, self.connect_unbounded(dns))
             .await
             .map_err(|_elapsed| ConnectError::Timeout(limit))?
             .map_err(ConnectError::Failed)
     }
 
-    async fn connect_unbounded(&self) -> Result<Box<dyn Io>, String> {
+    /// The provider's name is resolved by the agent's resolver
+    /// (`--dns-server`), as every other name the agent looks up.
+    async fn connect_unbounded(&self, dns: &DnsResponder) -> Result<Box<dyn Io>, String> {
         let host = self.base_url.lookup_host();
         let port = self.base_url.port;
-        let addresses = lookup_host((host.as_str(), port))
-            .await
-            .map_err(|error| format!("cannot resolve {}: {error}", self.base_url.host_header))?;
+        let addresses = dns.lookup(&host).await?.into_iter().map(|ip| SocketAddr::new(ip, port));
         let mut last_error = None;
         let mut stream = None;
         for address in addresses.take(MAX_ADDRESSES_TRIED) {

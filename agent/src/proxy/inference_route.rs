@@ -9,7 +9,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::connection::CloseLog;
 use crate::{
-    dns::{is_inference_address, INFERENCE_HOST},
+    dns::{is_inference_address, DnsResponder, INFERENCE_HOST},
     inference::{Inference, InferenceLog},
     rewound::Rewound,
     sniff::{
@@ -22,6 +22,8 @@ pub struct InferenceRoute {
     pub inference: Arc<Inference>,
     /// Serves a certificate for inference.local signed by the agent's CA.
     pub tls: TlsAcceptor,
+    /// Resolves the providers' names, like every name the agent looks up.
+    pub dns: Arc<DnsResponder>,
 }
 
 pub fn names_inference(authority: Option<&Authority>) -> bool {
@@ -50,7 +52,7 @@ impl InferenceRoute {
             }
         };
         let mut inference_log = InferenceLog::default();
-        self.inference.serve_connection(tls, &mut inference_log).await;
+        self.inference.serve_connection(tls, &self.dns, &mut inference_log).await;
         record(log, inference_log);
     }
 
@@ -62,7 +64,7 @@ impl InferenceRoute {
         log.protocol = "inference-http";
         log.host = Some(INFERENCE_HOST.into());
         let mut inference_log = InferenceLog::default();
-        self.inference.serve(client, after_head, head, &mut inference_log).await;
+        self.inference.serve(client, after_head, head, &self.dns, &mut inference_log).await;
         record(log, inference_log);
     }
 }

@@ -122,7 +122,7 @@ impl World {
         let inference = self.inference.clone();
         let session = tokio::spawn(async move {
             let mut log = InferenceLog::default();
-            inference.serve_connection(server, &mut log).await;
+            inference.serve_connection(server, &test_dns(), &mut log).await;
             log
         });
         Client { reader: HeadReader::new(client), session }
@@ -213,6 +213,14 @@ impl Client {
         assert_no_secret(&format!("{log:?}"));
         log
     }
+}
+
+/// A resolver for the tests' providers, which are IP literals (never asked).
+pub fn test_dns() -> crate::dns::DnsResponder {
+    let limits = crate::dns::DnsLimits { max_in_flight: 1, max_in_flight_per_sandbox: 1, queries_per_second: 1 };
+    let records =
+        crate::dns::RecordLimits { min_ttl: Duration::from_secs(1), max_ttl: Duration::from_secs(1), per_sandbox: 1 };
+    crate::dns::DnsResponder::new(Some("127.0.0.1:9".parse().unwrap()), limits, records).unwrap()
 }
 
 pub fn chunk(data: &[u8]) -> Vec<u8> {

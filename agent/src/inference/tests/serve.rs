@@ -389,7 +389,7 @@ async fn serve_continues_after_a_head_read_by_the_caller() {
     let after_head = raw[first.head_len..].to_vec();
     let session = tokio::spawn(async move {
         let mut log = InferenceLog::default();
-        inference.serve(server, after_head, first, &mut log).await;
+        inference.serve(server, after_head, first, &test_dns(), &mut log).await;
         log
     });
     let mut client = Client { reader: HeadReader::new(client), session };
