@@ -115,8 +115,11 @@ fn curl_in(sandbox: &Sandbox, url: &str) -> Result<(u32, String, Option<i32>)> {
     curl_status(sandbox.command("curl"), url)
 }
 
+/// A sample's name and labels.
+type Series = (String, BTreeMap<String, String>);
+
 /// The daemon's /metrics, parsed: (name, labels) -> value.
-fn scrape(address: &str) -> Result<BTreeMap<(String, BTreeMap<String, String>), f64>> {
+fn scrape(address: &str) -> Result<BTreeMap<Series, f64>> {
     let text = run("curl", &["-sS", "--noproxy", "*", "-m", "10", &format!("http://{address}/metrics")])?;
     let mut parser = Command::new(PYTHON)
         .args(["-c", PARSE_METRICS])
