@@ -3,7 +3,7 @@
 //! cgroup know nothing about proxies, yet every connect goes through the agent.
 
 use anyhow::{ensure, Result};
-use e2e::{curl, exchange, url_host, Agent, PolicyFile, Sandbox, TestNet, HTTP_PORT};
+use e2e::{curl, exchange, url_host, AgentDaemon, PolicyFile, Sandbox, TestNet, EXCHANGE_PORT, HTTP_PORT};
 use serde_json::Value;
 
 pub fn run() -> Result<()> {
@@ -14,61 +14,95 @@ pub fn run() -> Result<()> {
 
     let net = TestNet::new()?;
     let _servers = net.start_servers()?;
-    let sandbox = Sandbox::new("demo")?;
-    let policy = PolicyFile::new(&net.allow_all_policy())?;
+    let web = Sandbox::new("demo-web")?;
+    let ops = Sandbox::new("demo-ops")?;
+    let web_policy = PolicyFile::new(&net.allow_all_policy())?;
+    // ops may only reach the exchange port: the same HTTP request is denied there.
+    let ops_policy = PolicyFile::new(&format!(
+        "version: 1\nnetwork_policies:\n  exchange-only:\n    binaries: [{{ path: \"/**\" }}]\n    endpoints:\n      - host: \"{}\"\n        port: {EXCHANGE_PORT}\n        allowed_ips: [\"{}/24\"]\n",
+        net.private_v4, net.private_v4
+    ))?;
     step(&format!(
         "remote server at {} and {} (private), {} (public), in network namespace {}",
         net.private_v4, net.private_v6, net.v4, net.netns
     ));
-    println!("    policy {}:\n{}", policy.path.display(), indent(&std::fs::read_to_string(&policy.path)?));
-    step(&format!(
-        "sandbox cgroup {}; starting {} run --cgroup ... --policy ...",
-        sandbox.path.display(),
-        agent_bin.display()
-    ));
-    let mut agent = Agent::start(&sandbox, &policy, &[])?;
-    println!("    agent listening on 127.0.0.1:{0} and [::1]:{0}", agent.port);
+    step(&format!("starting one daemon for every sandbox: {} run --metrics-listen 127.0.0.1:0", agent_bin.display()));
+    let mut daemon = AgentDaemon::start(&["--metrics-listen", "127.0.0.1:0"])?;
+    let metrics = daemon.agent.log.wait_for("metrics", |e| e["event"] == "metrics_listening")?["address"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    for (name, sandbox, policy) in [("web", &web, &web_policy), ("ops", &ops, &ops_policy)] {
+        step(&format!(
+            "sandbox-egress sandbox add {name} --cgroup {} --policy {}",
+            sandbox.path_str(),
+            policy.path.display()
+        ));
+        println!("{}", indent(&std::fs::read_to_string(&policy.path)?));
+        let added = daemon.add(name, sandbox, policy, &[])?;
+        println!("    agent: sandbox {name} listening on port {}", added["listen_port"]);
+    }
 
     for ip in [url_host(net.private_v4.into()), url_host(net.private_v6.into())] {
         let url = format!("http://{ip}:{HTTP_PORT}/bytes/1048576");
-        step(&format!("sandboxed `curl {url}` (no proxy variables)"));
-        let (pid, output) = curl(Some(&sandbox), &url)?;
+        step(&format!("in web: `curl {url}` (no proxy variables)"));
+        let (pid, output) = curl(Some(&web), &url)?;
         println!("    curl: {}", describe_curl(&output));
-        println!("    agent: {}", describe_connection(&agent.wait_connection_of(pid)?));
+        println!("    agent: {}", describe_connection(&daemon.agent.wait_connection_of(pid)?));
     }
+    let url = format!("http://{}:{HTTP_PORT}/bytes/10", net.private_v4);
+    step(&format!("in ops, whose policy differs: the same `curl {url}`"));
+    let (pid, output) = e2e::curl_body(&ops, &url)?;
+    println!("    curl: {}", String::from_utf8_lossy(&output.stdout).trim());
+    println!("    agent: {}", describe_connection(&daemon.agent.wait_connection_of(pid)?));
+    step(&format!("in ops: a raw TCP exchange with {}:{EXCHANGE_PORT}, which its policy allows", net.private_v4));
+    let (pid, output) = exchange(Some(&ops), "inet", &net.private_v4.to_string(), 65536, 65536)?;
+    println!("    client: {}", String::from_utf8_lossy(&output.stdout).trim());
+    println!("    agent: {}", describe_connection(&daemon.agent.wait_connection_of(pid)?));
 
     let mapped = format!("::ffff:{}", net.v4);
-    step(&format!("sandboxed raw TCP client on an AF_INET6 socket to {mapped} (v4-mapped)"));
-    let (pid, output) = exchange(Some(&sandbox), "inet6", &mapped, 65536, 65536)?;
+    step(&format!("in web: raw TCP client on an AF_INET6 socket to {mapped} (v4-mapped)"));
+    let (pid, output) = exchange(Some(&web), "inet6", &mapped, 65536, 65536)?;
     println!("    client: {}", String::from_utf8_lossy(&output.stdout).trim());
-    println!("    agent: {}", describe_connection(&agent.wait_connection_of(pid)?));
+    println!("    agent: {}", describe_connection(&daemon.agent.wait_connection_of(pid)?));
 
     let url = format!("http://{}:{HTTP_PORT}/bytes/10", net.v4);
-    step(&format!("sandboxed plain HTTP to a public address is refused: `curl {url}`"));
-    let (pid, output) = e2e::curl_body(&sandbox, &url)?;
+    step(&format!("in web: plain HTTP to a public address is refused: `curl {url}`"));
+    let (pid, output) = e2e::curl_body(&web, &url)?;
     println!("    curl: {}", String::from_utf8_lossy(&output.stdout).trim());
-    println!("    agent: {}", describe_connection(&agent.wait_connection_of(pid)?));
+    println!("    agent: {}", describe_connection(&daemon.agent.wait_connection_of(pid)?));
 
-    step("the same curl from outside the sandbox is not intercepted");
+    step("the same curl from outside any sandbox is not intercepted");
     let (pid, output) = curl(None, &format!("http://{}:{HTTP_PORT}/bytes/10", net.v4))?;
     println!("    curl: {}", describe_curl(&output));
-    ensure!(agent.connections_of(pid).is_empty(), "a process outside the sandbox was intercepted");
+    ensure!(daemon.agent.connections_of(pid).is_empty(), "a process outside the sandbox was intercepted");
     println!("    agent: no record of pid {pid}");
 
-    step("SIGKILL the agent: the sandbox fails closed");
-    agent.kill();
-    let (_, output) = curl(Some(&sandbox), &format!("http://{}:{HTTP_PORT}/bytes/10", net.private_v4))?;
+    step("sandbox-egress status");
+    let (_, status, _) = daemon.cli(&["status"])?;
+    println!("{}", indent(&status));
+    step(&format!("curl http://{metrics}/metrics (connections by sandbox)"));
+    let scraped = std::process::Command::new("curl").args(["-sS", &format!("http://{metrics}/metrics")]).output()?;
+    let text = String::from_utf8_lossy(&scraped.stdout);
+    let lines: Vec<&str> = text.lines().filter(|line| line.starts_with("sandbox_egress_connections_total")).collect();
+    println!("{}", indent(&lines.join("\n")));
+
+    step("SIGKILL the daemon: every sandbox fails closed");
+    daemon.agent.kill();
+    let (_, output) = curl(Some(&web), &format!("http://{}:{HTTP_PORT}/bytes/10", net.private_v4))?;
     println!("    curl: {}", describe_curl(&output));
     ensure!(!output.status.success(), "the sandbox reached the server with the agent dead");
 
-    step("restart the agent: it replaces the pinned links and interception resumes");
-    let agent = Agent::start(&sandbox, &policy, &[])?;
-    let (pid, output) = curl(Some(&sandbox), &format!("http://{}:{HTTP_PORT}/bytes/10", net.private_v4))?;
+    step("restart the daemon and add web again: it replaces the pinned links and interception resumes");
+    let mut daemon = AgentDaemon::start(&[])?;
+    daemon.add("web", &web, &web_policy, &[])?;
+    daemon.detach_on_drop(ops.path_str());
+    let (pid, output) = curl(Some(&web), &format!("http://{}:{HTTP_PORT}/bytes/10", net.private_v4))?;
     println!("    curl: {}", describe_curl(&output));
-    println!("    agent: {}", describe_connection(&agent.wait_connection_of(pid)?));
+    println!("    agent: {}", describe_connection(&daemon.agent.wait_connection_of(pid)?));
 
-    step("stop the agent and detach the sandbox; remove the namespace and cgroup");
-    drop(agent);
+    step("stop the daemon and detach the sandboxes; remove the namespace and cgroups");
+    drop(daemon);
     println!("\ndemo complete");
     Ok(())
 }
@@ -93,7 +127,8 @@ fn indent(text: &str) -> String {
 fn describe_connection(log: &Value) -> String {
     let reason = log["reason"].as_str().map(|reason| format!(": {reason}")).unwrap_or_default();
     format!(
-        "pid {} {} -> {} {} {}{reason} ({} B up, {} B down, {:.1} ms)",
+        "[{}] pid {} {} -> {} {} {}{reason} ({} B up, {} B down, {:.1} ms)",
+        log["sandbox"].as_str().unwrap_or("?"),
         log["pid"],
         log["exe"].as_str().unwrap_or("?"),
         log["destination"].as_str().unwrap_or("?"),

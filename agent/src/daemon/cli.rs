@@ -108,7 +108,7 @@ pub fn status(socket: &std::path::Path, json: bool) -> Result<()> {
         println!("{}", line(sandbox));
     }
     let denials = reply["recent_denials"].as_array().cloned().unwrap_or_default();
-    println!("most frequent recent denials: {}", if denials.is_empty() { "none" } else { "" });
+    println!("most frequent recent denials:{}", if denials.is_empty() { " none" } else { "" });
     for denial in &denials {
         println!(
             "  {:>6}  {} {}:{} by {}  ({})",
