@@ -10,7 +10,7 @@ use crate::status;
 /// rustc-web/cargo-web/rust-web-src: a compiler whose library source matches
 /// exactly, so `core` can be built for bpfel-unknown-none. llvm-22-dev: what
 /// bpf-linker links against. The rest: what the tests and the demo run.
-const PACKAGES: [&str; 15] = [
+const PACKAGES: [&str; 16] = [
     "rustc-web",
     "cargo-web",
     "rust-web-src",
@@ -28,6 +28,8 @@ const PACKAGES: [&str; 15] = [
     "redis-tools",
     // A real clone against `git http-backend` for tests/credentials.rs.
     "git",
+    // Prometheus' own text parser, for the metrics in tests/sandboxes.rs.
+    "python3-prometheus-client",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";

@@ -678,6 +678,7 @@ fn starts_with_empty_line(buffered: &[u8]) -> bool {
 
 pub async fn bad_request<W: tokio::io::AsyncWrite + Unpin>(mut client: W, log: &mut CloseLog, reason: String) {
     log.verdict = "denied";
+    log.denial = Some("bad_request");
     let body = respond::ErrorBody::new("bad_request", "malformed HTTP request", &reason);
     respond::error(&mut client, 400, &body).await;
     log.reason = Some(reason);

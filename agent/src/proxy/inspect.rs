@@ -107,6 +107,7 @@ pub async fn check_request<W: AsyncWrite + Unpin>(
     log.requests_denied += 1;
     if log.verdict.is_empty() {
         log.verdict = "denied";
+        log.denial = Some("policy_denied");
     }
     let detail = decision.reason.unwrap_or_else(|| format!("{} {path} not permitted by policy", head.method));
     let reason = match (&decision.policy, &decision.rule) {
@@ -155,6 +156,7 @@ pub fn log_refusal(refusal: &Refusal, origin: &Origin, host: &str, log: &mut Clo
     );
     if log.verdict.is_empty() {
         log.verdict = "denied";
+        log.denial = Some(refusal.kind);
     }
     log.reason = Some(format!("{}: {}", refusal.detail, refusal.reason));
 }

@@ -145,8 +145,14 @@ impl Redirect {
         }
         let cgroup_dir = std::fs::File::open(&cgroup.path)?;
         for (pin, program, hook) in LINKS {
-            let link = attach_program(&mut ebpf, program, hook, &cgroup_dir)
-                .with_context(|| format!("attach {program} ({pin}) for {}", cgroup.path.display()))?;
+            let link = attach_program(&mut ebpf, program, hook, &cgroup_dir).with_context(|| {
+                let limit = if matches!(hook, Hook::TracePoint(..)) {
+                    " (the kernel allows 64 programs per tracepoint: each sandbox attaches its own)"
+                } else {
+                    ""
+                };
+                format!("attach {program} ({pin}) for {}{limit}", cgroup.path.display())
+            })?;
             pin_over(link, &dir, pin)?;
         }
         let allowed = ebpf.map(MAP_ABSTRACT_UNIX_ALLOWED).context("map missing from the eBPF object")?;
