@@ -9,6 +9,7 @@
 //! leaves the machine; clients and servers are `bench-peer` (release build).
 //! Every process, namespace, cgroup and pin is released on drop, Ctrl-C included.
 
+mod inference;
 mod keepalive;
 mod process;
 mod proxies;
@@ -123,6 +124,8 @@ const IDLE_PORT_BASE: u16 = 9000;
 const KEEPALIVE_PORT: u16 = 7000;
 const GREETING_PORT: u16 = 7100;
 const ECHO_PORT: u16 = 7101;
+/// The streaming provider inference.local is routed to.
+const SSE_PORT: u16 = 7200;
 /// One host and port cannot be both passthrough and inspected: two TLS ports.
 const TLS_PORT: u16 = 4430;
 const TLS_INSPECTED_PORT: u16 = 4431;
@@ -178,6 +181,7 @@ pub fn run(args: &Args) -> Result<()> {
     bench.tls_requests(&mut results)?;
     bench.keepalive(&mut results)?;
     bench.stalls(&mut results)?;
+    bench.inference_stream(&mut results)?;
     bench.memory(&mut results)?;
     bench.netns.check_alone()?;
     drop(bench);
@@ -386,6 +390,8 @@ impl<'a> Bench<'a> {
             &any(GREETING_PORT),
             "--echo",
             &any(ECHO_PORT),
+            "--sse",
+            &any(SSE_PORT),
         ]);
         command.args(["--tls", &format!("{},{}", any(TLS_PORT), any(TLS_INSPECTED_PORT))]);
         command.args(["--cert", path_str(&tls_ca.cert)?, "--key", path_str(&tls_ca.key)?]);

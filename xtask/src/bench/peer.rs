@@ -125,6 +125,17 @@ enum Command {
         #[arg(long)]
         connections: usize,
     },
+    /// Streamed chat completions one after another, a new connection each,
+    /// each timed from connect to the first event's bytes.
+    Stream {
+        #[arg(long)]
+        to: SocketAddr,
+        /// The Host header: the provider's authority, or inference.local.
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        connections: usize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -155,6 +166,10 @@ struct Servers {
     /// Echoes the client's `ECHO`, then closes.
     #[arg(long)]
     echo: SocketAddr,
+    /// A streaming chat-completions provider: the first server-sent event at
+    /// once, the rest after [`SSE_PAUSE`].
+    #[arg(long)]
+    sse: SocketAddr,
 }
 
 #[derive(clap::Args, Clone)]
@@ -186,6 +201,9 @@ fn main() {
         }
         Command::Echo { to, connections } => {
             runtime(1).and_then(|rt| rt.block_on(first_bytes(to, connections, ECHO, ECHO)))
+        }
+        Command::Stream { to, host, connections } => {
+            runtime(1).and_then(|rt| rt.block_on(first_event(to, &host, connections)))
         }
     };
     if let Err(error) = outcome {
@@ -225,6 +243,7 @@ async fn serve(config: Servers) -> Result<()> {
     }
     servers.spawn(accept_loop(bind(config.greeting).await?, serve_greeting));
     servers.spawn(accept_loop(bind(config.echo).await?, serve_echo));
+    servers.spawn(accept_loop(bind(config.sse).await?, serve_sse));
     println!("{}", json!({ "ready": true }));
     while let Some(done) = servers.join_next().await {
         done??;
@@ -283,6 +302,51 @@ async fn serve_http(mut stream: TcpStream) -> Result<()> {
         head.extend_from_slice(&buffer[..n]);
     }
     stream.write_all(HTTP_RESPONSE).await?;
+    Ok(())
+}
+
+/// What a streaming provider sends: the head, then server-sent events as
+/// chunks; a relay that buffered the response would hold the first event
+/// for [`SSE_PAUSE`].
+const SSE_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+const SSE_FIRST: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n";
+const SSE_DONE: &[u8] = b"data: [DONE]\n\n";
+const SSE_PAUSE: Duration = Duration::from_millis(20);
+
+fn chunk(data: &[u8]) -> Vec<u8> {
+    [format!("{:x}\r\n", data.len()).as_bytes(), data, b"\r\n"].concat()
+}
+
+/// One streamed request: reads the head and its Content-Length body, sends
+/// the first event at once and the rest after a pause.
+async fn serve_sse(mut stream: TcpStream) -> Result<()> {
+    stream.set_nodelay(true)?;
+    let mut request = Vec::with_capacity(1024);
+    let mut buffer = [0u8; 4096];
+    let end = loop {
+        if let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        let n = stream.read(&mut buffer).await?;
+        ensure!(n > 0 && request.len() + n <= MAX_HEAD, "bad request head");
+        request.extend_from_slice(&buffer[..n]);
+    };
+    let head = String::from_utf8_lossy(&request[..end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0);
+    ensure!(length <= MAX_HEAD, "request body too long");
+    while request.len() < end + length {
+        let n = stream.read(&mut buffer).await?;
+        ensure!(n > 0, "request body cut short");
+        request.extend_from_slice(&buffer[..n]);
+    }
+    stream.write_all(&[SSE_HEAD, &chunk(SSE_FIRST)].concat()).await?;
+    tokio::time::sleep(SSE_PAUSE).await;
+    // The client may have gone after the first event: that is what it measures.
+    let _ = stream.write_all(&[&chunk(SSE_DONE)[..], b"0\r\n\r\n"].concat()).await;
     Ok(())
 }
 
@@ -663,6 +727,50 @@ async fn tls(to: SocketAddr, ca: &Path, name: String, connections: usize, reques
 
 /// Connections one after another: each connects, sends `send`, and is timed
 /// until `expect` arrived; then reads on to the server's close (TIME_WAIT there).
+/// Streamed requests one after another: p50/p99 from connect to the first
+/// event's bytes (`data:` past the response head).
+async fn first_event(to: SocketAddr, host: &str, connections: usize) -> Result<()> {
+    ensure!(connections > 0, "connections must be positive");
+    let body = r#"{"model":"bench","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut latencies = Vec::with_capacity(connections);
+    for n in 1..=connections {
+        let connection = async {
+            let started = Instant::now();
+            let mut stream = TcpStream::connect(to).await.with_context(|| format!("connect {to}"))?;
+            stream.set_nodelay(true)?;
+            stream.write_all(request.as_bytes()).await?;
+            let mut response = Vec::with_capacity(1024);
+            let mut buffer = [0u8; 4096];
+            loop {
+                let read = stream.read(&mut buffer).await?;
+                ensure!(read > 0, "closed before the first event: {}", response.escape_ascii());
+                response.extend_from_slice(&buffer[..read]);
+                let head_end = response.windows(4).position(|w| w == b"\r\n\r\n");
+                if head_end.is_some_and(|end| response[end..].windows(5).any(|w| w == b"data:")) {
+                    break;
+                }
+                ensure!(response.len() <= MAX_HEAD, "no event in {} bytes", response.len());
+            }
+            let latency = started.elapsed();
+            ensure!(response.starts_with(b"HTTP/1.1 200"), "not a 200: {}", response.escape_ascii());
+            Ok(latency)
+        };
+        let latency = tokio::time::timeout(STEP_TIMEOUT, connection)
+            .await
+            .context("timed out")
+            .and_then(|done| done)
+            .with_context(|| format!("request {n} of {connections}"))?;
+        latencies.push(latency);
+    }
+    latencies.sort_unstable();
+    println!("{}", json!({ "p50_us": percentile_us(&latencies, 0.50), "p99_us": percentile_us(&latencies, 0.99) }));
+    Ok(())
+}
+
 async fn first_bytes(to: SocketAddr, connections: usize, send: &[u8], expect: &[u8]) -> Result<()> {
     ensure!(connections > 0, "connections must be positive");
     let mut latencies = Vec::with_capacity(connections);
