@@ -258,7 +258,12 @@ impl Daemon {
         let change = match request {
             ControlRequest::SandboxAdd { spec } => {
                 let name = spec.name.clone();
-                let added = self.add(spec).with_context(|| format!("sandbox {name}"))?;
+                // Loading and attaching the eBPF programs blocks for a while.
+                let daemon = self.clone();
+                let added = tokio::task::spawn_blocking(move || daemon.add(spec))
+                    .await
+                    .context("adding the sandbox failed")?
+                    .with_context(|| format!("sandbox {name}"))?;
                 return Ok(json!({ "sandbox": added }));
             }
             ControlRequest::SandboxRemove { name, detach, force } => {

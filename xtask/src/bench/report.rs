@@ -332,9 +332,6 @@ fn short(metric: Metric) -> &'static str {
     }
 }
 
-pub const NOT_MEASURED: &str =
-    "inference.local: not measured (no column): this bench has no fake model provider to route it to.";
-
 /// The summary table, the targets, and (with `raw`) every run.
 pub fn markdown(results: &Results, sizes: &Sizes, header: &str, raw: bool) -> String {
     let mut out = format!("{header}\n\n");
@@ -396,7 +393,6 @@ pub fn markdown(results: &Results, sizes: &Sizes, header: &str, raw: bool) -> St
         };
         out += &format!("| {} | {} | {met} |\n", target.what, target.measured);
     }
-    out += &format!("\n{NOT_MEASURED}\n");
     if raw {
         out += "\n### Every run\n\n| workload | way | runs |\n|---|---|---|\n";
         for ((metric, way), runs) in &results.runs {
@@ -447,6 +443,5 @@ pub fn json(results: &Results, sizes: &Sizes, machine: Value) -> Value {
         "figures": figures,
         "tables": results.tables.iter().map(Table::json).collect::<Vec<_>>(),
         "targets": targets,
-        "not_measured": [NOT_MEASURED],
     })
 }
