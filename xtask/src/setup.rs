@@ -10,7 +10,7 @@ use crate::status;
 /// rustc-web/cargo-web/rust-web-src: a compiler whose library source matches
 /// exactly, so `core` can be built for bpfel-unknown-none. llvm-22-dev: what
 /// bpf-linker links against. The rest: what the tests and the demo run.
-const PACKAGES: [&str; 16] = [
+const PACKAGES: [&str; 18] = [
     "rustc-web",
     "cargo-web",
     "rust-web-src",
@@ -28,9 +28,17 @@ const PACKAGES: [&str; 16] = [
     "redis-tools",
     // A real clone against `git http-backend` for tests/credentials.rs.
     "git",
-    // Prometheus' own text parser, for the metrics in tests/sandboxes.rs.
-    "python3-prometheus-client",
+    // tests/deploy.rs: `systemd-analyze verify` of the unit, shellcheck of
+    // register-pod.sh; pip for the PyPI packages below.
+    "systemd",
+    "shellcheck",
+    "python3-pip",
 ];
+/// PyPI packages for Debian's python3 (the one the tests run), pinned:
+/// kubernetes-validate checks deploy/kubernetes/ against the Kubernetes
+/// schemas it ships (offline); prometheus-client parses /metrics.
+const PYTHON_PACKAGES: [(&str, &str); 2] = [("kubernetes-validate", "1.37.0"), ("prometheus-client", "0.26.0")];
+const PYTHON: &str = "/usr/bin/python3";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
@@ -57,8 +65,38 @@ pub fn run() -> Result<()> {
                 .arg("--debug"),
         )?;
     }
+    ensure_python_packages()?;
     check()?;
     check_cargo_fuzz()
+}
+
+/// Installs the pinned PyPI packages unless each is there at its version.
+fn ensure_python_packages() -> Result<()> {
+    let missing: Vec<String> = PYTHON_PACKAGES
+        .iter()
+        .filter(|(name, version)| python_package_version(name).as_deref() != Some(*version))
+        .map(|(name, version)| format!("{name}=={version}"))
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("xtask setup: installing {} (pip)", missing.join(" "));
+        // Debian's python3 is "externally managed": these go to /usr/local,
+        // apart from Debian's own python3-* packages.
+        status(
+            Command::new(PYTHON)
+                .args(["-m", "pip", "install", "--quiet", "--break-system-packages", "--root-user-action=ignore"])
+                .args(&missing),
+        )?;
+    }
+    Ok(())
+}
+
+/// The installed version of a PyPI package for Debian's python3.
+fn python_package_version(name: &str) -> Option<String> {
+    let output = Command::new(PYTHON)
+        .args(["-c", "import importlib.metadata, sys; print(importlib.metadata.version(sys.argv[1]))", name])
+        .output()
+        .ok()?;
+    output.status.success().then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }
 
 /// Installs the Debian packages that are missing (nothing, quickly, when none is).
