@@ -208,11 +208,15 @@ fn pins_of_a_cgroup_removed_without_detach_are_removed_by_the_next_agent() -> Re
     let mut first = Agent::start(&removed, &policy, &[])?;
     first.kill();
     ensure!(pins.exists(), "a killed agent leaves its pins (fail closed)");
-    // The cgroup goes without a detach, as when a container runtime removes it.
-    drop(removed);
-    ensure!(pins.exists(), "nothing removes them with the cgroup");
     let other = Sandbox::new("pins-other")?;
-    let agent = Agent::start(&other, &policy, &[])?;
+    // The cgroup goes without a detach, as when a container runtime removes
+    // it; no other test's agent may attach (and remove the pins) meanwhile.
+    let mut left = false;
+    let agent = Agent::start_alone(&other, &policy, || {
+        drop(removed);
+        left = pins.exists();
+    })?;
+    ensure!(left, "nothing removes them with the cgroup");
     ensure!(!pins.exists(), "the next agent removed the pins of the removed cgroup");
     agent.log.wait_for("the removal logged", |e| {
         e["message"] == "removed the pins of a cgroup that no longer exists"

@@ -721,6 +721,9 @@ fn remove_cgroup(path: &Path) {
     }
 }
 
+/// Held (shared) while an agent of this test process starts; see [`Agent::start_alone`].
+static ATTACHING: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
 /// A running agent with its JSON log.
 pub struct Agent {
     child: Child,
@@ -747,6 +750,27 @@ impl Agent {
     /// With `--log-format FORMAT`: "json" (the events in `log`), or "text"
     /// (only `log.raw_lines()`; the port read from the ready line).
     pub fn start_with_format(
+        sandbox: &Sandbox,
+        policy: &PolicyFile,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+        format: &str,
+    ) -> Result<Self> {
+        let _attaching = ATTACHING.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Self::start_unlocked(sandbox, policy, extra_args, env, format)
+    }
+
+    /// Runs `before`, then starts an agent, while no other agent of this
+    /// test process attaches: every agent removes the pins of cgroups that
+    /// no longer exist when it attaches, so a test of that must keep the
+    /// others out from the removal to its agent's start.
+    pub fn start_alone(sandbox: &Sandbox, policy: &PolicyFile, before: impl FnOnce()) -> Result<Self> {
+        let _alone = ATTACHING.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        before();
+        Self::start_unlocked(sandbox, policy, &[], &[], "json")
+    }
+
+    fn start_unlocked(
         sandbox: &Sandbox,
         policy: &PolicyFile,
         extra_args: &[&str],
@@ -851,7 +875,9 @@ impl AgentDaemon {
     pub fn add(&mut self, name: &str, sandbox: &Sandbox, policy: &PolicyFile, extra: &[&str]) -> Result<Value> {
         let policy = policy.path.to_str().context("policy path")?;
         let args = [&["sandbox", "add", name, "--cgroup", sandbox.path_str(), "--policy", policy][..], extra].concat();
+        let attaching = ATTACHING.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         let (ok, stdout, stderr) = self.cli(&args)?;
+        drop(attaching);
         ensure!(ok, "sandbox add {name}: {stderr}");
         self.agent.cgroups.push(sandbox.path_str().to_owned());
         let added =
@@ -987,6 +1013,7 @@ impl Agent {
     /// restarted agent takes over the port its predecessor's pinned
     /// redirect points at.
     pub fn start_on_port(sandbox: &Sandbox, policy: &PolicyFile, port: u16, extra_args: &[&str]) -> Result<Self> {
+        let _attaching = ATTACHING.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut child = Command::new(agent_bin())
             .args([
                 "--log-format",
