@@ -439,3 +439,37 @@ print('\n'.join(results))
     assert!(stdout.lines().all(|line| line.ends_with(": refused")), "UDP left the sandbox:\n{stdout}");
     Ok(())
 }
+
+#[test]
+fn the_open_file_limit_sizes_the_default_connection_budget_and_warns_only_for_a_flag_it_cannot_cover() -> Result<()> {
+    require_root();
+    let sandbox = Sandbox::new("nofile")?;
+    let policy = PolicyFile::new("version: 1\nnetwork_policies: {}\n")?;
+    // A hard limit of 4000 the agent may not raise (no CAP_SYS_RESOURCE):
+    // (4000 - 1024) / 6 = 496 connections fit.
+    let limited = ["prlimit", "--nofile=4000:4000", "setpriv", "--bounding-set", "-sys_resource"];
+    let defaulted = Agent::start_under(&limited, &sandbox, &policy, &[])?;
+    let sized = defaulted.log.wait_for("the default sized", |e| {
+        e["message"].as_str().is_some_and(|m| m.starts_with("--max-connections defaults to"))
+    })?;
+    assert_eq!(
+        (&sized["level"], &sized["max_connections"], &sized["open_files"]),
+        (&Value::from("INFO"), &Value::from(496), &Value::from(4000)),
+        "{sized}"
+    );
+    ensure!(
+        defaulted.log.matching(|e| e["level"] == "WARN").is_empty(),
+        "no warning for the default: {:?}",
+        defaulted.log.matching(|e| e["level"] == "WARN")
+    );
+    drop(defaulted);
+    let asked = Agent::start_under(&limited, &sandbox, &policy, &["--max-connections", "1000"])?;
+    let warned = asked.log.wait_for("the warning", |e| e["level"] == "WARN" && e["max_connections"] == 1000)?;
+    ensure!(
+        warned["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("covers about 496 connections, fewer than --max-connections 1000")),
+        "{warned}"
+    );
+    Ok(())
+}

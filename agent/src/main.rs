@@ -115,8 +115,10 @@ struct RunArgs {
     #[arg(long, default_value_t = 3600, value_name = "SECONDS", value_parser = clap::value_parser!(u32).range(1..))]
     dns_record_max_ttl: u32,
     /// Connections relayed at once; beyond this new connections are refused.
-    #[arg(long, default_value_t = 4096)]
-    max_connections: usize,
+    /// Default: 4096, or fewer when the open-file limit cannot be raised to
+    /// cover them (about 6 descriptors each).
+    #[arg(long)]
+    max_connections: Option<usize>,
     /// Connections relayed at once for one sandbox: the attached cgroup or
     /// any cgroup below it (each counts apart); beyond this they are refused.
     #[arg(long, default_value_t = 1024)]
@@ -168,8 +170,39 @@ struct RunArgs {
     ebpf_log_level: redirect::EbpfLogLevel,
 }
 
+/// About 6 descriptors per relayed connection (two sockets, two pipes
+/// while data flows), and some for the agent itself.
 const FDS_PER_CONNECTION: u64 = 6;
 const FDS_OF_THE_AGENT: u64 = 1024;
+const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+
+/// Raises the open-file limit for `--max-connections` and returns the
+/// number to use: the flag's, with a warning if the limit cannot cover it;
+/// without the flag, 4096 or as many as the limit covers (logged).
+fn connection_budget(asked: Option<usize>) -> Result<usize> {
+    anyhow::ensure!(asked != Some(0), "--max-connections must be at least 1");
+    let wanted = asked.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    let needed = wanted as u64 * FDS_PER_CONNECTION + FDS_OF_THE_AGENT;
+    let open_files = preflight::raise_fd_limit(needed)?;
+    if open_files >= needed {
+        return Ok(wanted);
+    }
+    let covered = (open_files.saturating_sub(FDS_OF_THE_AGENT) / FDS_PER_CONNECTION).max(1) as usize;
+    match asked {
+        Some(asked) => tracing::warn!(
+            open_files,
+            max_connections = asked,
+            "the open-file limit ({open_files}) covers about {covered} connections, fewer than --max-connections \
+             {asked}: raise the hard limit (LimitNOFILE=, ulimit -Hn) or lower --max-connections"
+        ),
+        None => tracing::info!(
+            open_files,
+            max_connections = covered,
+            "--max-connections defaults to {covered}, what the open-file limit ({open_files}) covers"
+        ),
+    }
+    Ok(asked.unwrap_or(covered))
+}
 
 fn parse_millis(value: &str) -> Result<Duration, String> {
     value.parse::<u64>().map(Duration::from_millis).map_err(|e| format!("expected milliseconds: {e}"))
@@ -214,19 +247,7 @@ fn run(args: RunArgs) -> Result<()> {
     if let Some(spec) = &shorthand {
         spec.check_name().context("--name")?;
     }
-    // About 6 descriptors per relayed connection (two sockets, two pipes
-    // while data flows), and some for the agent itself.
-    let needed = args.max_connections as u64 * FDS_PER_CONNECTION + FDS_OF_THE_AGENT;
-    let open_files = preflight::raise_fd_limit(needed)?;
-    if open_files < needed {
-        tracing::warn!(
-            open_files,
-            max_connections = args.max_connections,
-            "the open-file limit ({open_files}) covers about {} connections, fewer than --max-connections: raise \
-             the hard limit (LimitNOFILE=, ulimit -Hn) or lower --max-connections",
-            open_files.saturating_sub(FDS_OF_THE_AGENT) / FDS_PER_CONNECTION
-        );
-    }
+    let max_connections = connection_budget(args.max_connections)?;
     let credentials = match &args.credentials {
         None => credentials::Credentials::default(),
         Some(path) => {
@@ -264,7 +285,7 @@ fn run(args: RunArgs) -> Result<()> {
         preflight::ensure_bpffs()?;
         preflight::ensure_tracefs()?;
         let config = proxy::Config {
-            max_connections: args.max_connections,
+            max_connections,
             max_connections_per_sandbox: args.max_connections_per_sandbox,
             connect_timeout: args.connect_timeout,
             idle_timeout: args.idle_timeout,
@@ -275,7 +296,7 @@ fn run(args: RunArgs) -> Result<()> {
         let common = proxy::Common {
             config: Arc::new(config),
             stats: Arc::default(),
-            slots: Arc::new(tokio::sync::Semaphore::new(args.max_connections)),
+            slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
             dns,
             credentials: Arc::new(credentials),
             observer: Arc::new(observe::Observer::default()),

@@ -757,7 +757,14 @@ impl Agent {
         format: &str,
     ) -> Result<Self> {
         let _attaching = ATTACHING.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        Self::start_unlocked(sandbox, policy, extra_args, env, format)
+        Self::start_unlocked(&[], sandbox, policy, extra_args, env, format)
+    }
+
+    /// The agent run by `wrapper` (a command line the agent's own is
+    /// appended to: `prlimit ...`, `setpriv ...`).
+    pub fn start_under(wrapper: &[&str], sandbox: &Sandbox, policy: &PolicyFile, extra_args: &[&str]) -> Result<Self> {
+        let _attaching = ATTACHING.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Self::start_unlocked(wrapper, sandbox, policy, extra_args, &[], "json")
     }
 
     /// Runs `before`, then starts an agent, while no other agent of this
@@ -767,17 +774,26 @@ impl Agent {
     pub fn start_alone(sandbox: &Sandbox, policy: &PolicyFile, before: impl FnOnce()) -> Result<Self> {
         let _alone = ATTACHING.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         before();
-        Self::start_unlocked(sandbox, policy, &[], &[], "json")
+        Self::start_unlocked(&[], sandbox, policy, &[], &[], "json")
     }
 
     fn start_unlocked(
+        wrapper: &[&str],
         sandbox: &Sandbox,
         policy: &PolicyFile,
         extra_args: &[&str],
         env: &[(&str, &str)],
         format: &str,
     ) -> Result<Self> {
-        let mut child = Command::new(agent_bin())
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(agent_bin());
+                command
+            }
+            None => Command::new(agent_bin()),
+        };
+        let mut child = command
             .args(["--log-format", format, "run", "--cgroup", sandbox.path_str(), "--listen-port", "0", "--policy"])
             .arg(&policy.path)
             .args(own_control_socket(extra_args))
