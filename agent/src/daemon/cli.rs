@@ -109,15 +109,17 @@ pub fn status(socket: &std::path::Path, json: bool) -> Result<()> {
     }
     let denials = reply["recent_denials"].as_array().cloned().unwrap_or_default();
     println!("most frequent recent denials:{}", if denials.is_empty() { " none" } else { "" });
+    // Hosts, binaries and reasons come from sandboxes: escaped for the terminal.
+    let text = |value: &Value, default: &'static str| value.as_str().unwrap_or(default).escape_debug().to_string();
     for denial in &denials {
         println!(
             "  {:>6}  {} {}:{} by {}  ({})",
             denial["count"],
-            denial["sandbox"].as_str().unwrap_or_default(),
-            denial["host"].as_str().unwrap_or_default(),
+            text(&denial["sandbox"], ""),
+            text(&denial["host"], ""),
             denial["port"],
-            denial["binary"].as_str().unwrap_or("unknown binary"),
-            denial["last_reason"].as_str().unwrap_or_default().escape_debug()
+            text(&denial["binary"], "unknown binary"),
+            text(&denial["last_reason"], "")
         );
     }
     Ok(())

@@ -233,10 +233,6 @@ pub struct Ended<'a> {
 }
 
 impl SandboxMetrics {
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     pub fn connection_started(&self) -> ActiveConnection {
         self.active.inc();
         ActiveConnection(self.active.clone())

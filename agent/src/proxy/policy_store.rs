@@ -77,10 +77,6 @@ impl PolicyStore {
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Reloads refused since the start (the previous policy stayed in force).
     pub fn reload_failures(&self) -> u64 {
         self.reload_failures.load(Ordering::Relaxed)
