@@ -67,9 +67,11 @@ fn build() -> Result<()> {
     let mut build = cargo();
     build
         .args(["fuzz", "build", "--fuzz-dir", "fuzz"])
-        // Stable Rust ships the AddressSanitizer runtime, but the flag that
-        // enables it is -Zsanitizer, so stable needs RUSTC_BOOTSTRAP=1.
-        .args(["--sanitizer", "address"])
+        // The fuzzed parsers are safe Rust (bounds are checked by the
+        // language): without AddressSanitizer the same seconds run 5-8x as
+        // many inputs and the build takes a quarter less. cargo-fuzz still
+        // passes -Z flags, so stable needs RUSTC_BOOTSTRAP=1.
+        .args(["--sanitizer", "none"])
         .arg("--target-dir")
         .arg(fuzz_dir())
         .env("RUSTC_BOOTSTRAP", "1");
@@ -144,8 +146,8 @@ fn executions(output: &str) -> Option<u64> {
     output.lines().find_map(|line| line.strip_prefix("stat::number_of_executed_units:")?.trim().parse().ok())
 }
 
-/// The lines that say what went wrong: a panic's message or a sanitizer's
-/// or libFuzzer's error, without the stack trace that follows.
+/// The lines that say what went wrong: a panic's message or libFuzzer's
+/// error (out of memory, a timeout), without the stack trace that follows.
 fn failure_report(output: &str) -> impl Iterator<Item = &str> {
     output
         .lines()
