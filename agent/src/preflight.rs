@@ -82,29 +82,30 @@ pub fn raise_fd_limit(needed: u64) -> Result<u64> {
     Ok(limit.rlim_cur)
 }
 
-/// Pins need a BPF filesystem; mount one at /sys/fs/bpf if there is none.
 /// Tracepoints (process tracking) are found through tracefs.
 pub fn ensure_tracefs() -> Result<()> {
     ensure_mounted(TRACEFS, "tracefs", TRACEFS_MAGIC)
 }
 
-fn ensure_mounted(dir: &str, fstype: &str, magic: nix::sys::statfs::FsType) -> Result<()> {
-    if statfs(dir).is_ok_and(|fs| fs.filesystem_type() == magic) {
-        return Ok(());
-    }
-    mount(Some(fstype), dir, Some(fstype), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None::<&str>)
-        .with_context(|| format!("mount {fstype} at {dir}"))?;
-    tracing::info!("mounted {fstype} at {dir}");
-    Ok(())
-}
-
+/// Pins need a BPF filesystem; mount one at /sys/fs/bpf if there is none.
 pub fn ensure_bpffs() -> Result<()> {
     std::fs::create_dir_all(BPFFS).with_context(|| format!("create {BPFFS}"))?;
-    if statfs(BPFFS)?.filesystem_type() == BPF_FS_MAGIC {
+    ensure_mounted(BPFFS, "bpf", BPF_FS_MAGIC)
+}
+
+fn ensure_mounted(dir: &str, fstype: &str, magic: nix::sys::statfs::FsType) -> Result<()> {
+    let mounted = || statfs(dir).is_ok_and(|fs| fs.filesystem_type() == magic);
+    if mounted() {
         return Ok(());
     }
-    mount(Some("bpf"), BPFFS, Some("bpf"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None::<&str>)
-        .with_context(|| format!("mount the BPF filesystem at {BPFFS}"))?;
-    tracing::info!("mounted the BPF filesystem at {BPFFS}");
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    if let Err(error) = mount(Some(fstype), dir, Some(fstype), flags, None::<&str>) {
+        // Another agent starting at the same moment may have mounted it first (EBUSY).
+        if mounted() {
+            return Ok(());
+        }
+        return Err(error).with_context(|| format!("mount {fstype} at {dir}"));
+    }
+    tracing::info!("mounted {fstype} at {dir}");
     Ok(())
 }
