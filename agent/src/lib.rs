@@ -1,6 +1,7 @@
 //! sandbox-egress: the agent's modules, as a library so fuzz targets and
 //! the `sandbox-egress` binary share them.
 
+pub mod conn;
 pub mod control;
 pub mod credentials;
 pub mod daemon;
@@ -19,3 +20,4 @@ pub mod rewound;
 pub mod sniff;
 pub mod ssrf;
 pub mod tls;
+pub mod wire;

@@ -5,7 +5,8 @@ use std::{num::NonZeroUsize, path::PathBuf, process::ExitCode, sync::Arc, time::
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use sandbox_egress::{
-    control, credentials, daemon, dns, inference, logging, observe, policy, preflight, proxy, redirect, sniff, tls,
+    conn, control, credentials, daemon, dns, inference, logging, observe, policy, preflight, proxy, redirect, sniff,
+    tls,
 };
 
 #[derive(Parser)]
@@ -233,7 +234,7 @@ fn main() -> ExitCode {
 fn run(args: RunArgs) -> Result<()> {
     preflight::require_root("run")?;
     let shorthand = match (&args.cgroup, &args.policy) {
-        (Some(cgroup), Some(policy)) => Some(daemon::SandboxSpec {
+        (Some(cgroup), Some(policy)) => Some(control::SandboxSpec {
             name: args.name.clone(),
             cgroup: cgroup.clone(),
             policy: policy.clone(),
@@ -281,10 +282,12 @@ fn run(args: RunArgs) -> Result<()> {
             max_ttl: Duration::from_secs(args.dns_record_max_ttl.into()),
             per_sandbox: dns::RECORDS_PER_SANDBOX,
         };
-        let dns = Arc::new(dns::DnsResponder::new(args.dns_server, limits, records)?);
+        let resolver = Arc::new(dns::Resolver::new(args.dns_server, records.max_ttl)?);
+        let records = Arc::new(dns::DnsRecords::new(records));
+        let dns = Arc::new(dns::DnsResponder::new(resolver.clone(), records.clone(), limits));
         preflight::ensure_bpffs()?;
         preflight::ensure_tracefs()?;
-        let config = proxy::Config {
+        let config = conn::Config {
             max_connections,
             max_connections_per_sandbox: args.max_connections_per_sandbox,
             connect_timeout: args.connect_timeout,
@@ -298,6 +301,8 @@ fn run(args: RunArgs) -> Result<()> {
             stats: Arc::default(),
             slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
             dns,
+            records,
+            resolver,
             credentials: Arc::new(credentials),
             observer: Arc::new(observe::Observer::default()),
         };

@@ -6,10 +6,12 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sandbox_egress::sniff::{
-    host::{dns_name, Host},
-    http::{parse_request_head, TargetForm, MAX_HEADERS, MAX_HEAD_BYTES},
-    Parse,
+use sandbox_egress::{
+    http1::{parse_request_head, TargetForm, MAX_HEADERS, MAX_HEAD_BYTES},
+    wire::{
+        host::{dns_name, Host},
+        Parse,
+    },
 };
 
 fuzz_target!(|input: &[u8]| {

@@ -15,12 +15,14 @@ use std::{
 };
 
 use libfuzzer_sys::fuzz_target;
-use sandbox_egress::sniff::{
-    classify_first_byte,
-    http::{parse_request_head, MAX_HEAD_BYTES},
-    sniff,
-    tls::{parse_client_hello, MAX_CLIENT_HELLO_WIRE},
-    FirstByte, Limits, Parse, StreamKind,
+use sandbox_egress::{
+    http1::{parse_request_head, MAX_HEAD_BYTES},
+    sniff::{
+        classify_first_byte, sniff,
+        tls::{parse_client_hello, MAX_CLIENT_HELLO_WIRE},
+        FirstByte, Limits, StreamKind,
+    },
+    wire::Parse,
 };
 use tokio::{
     io::{AsyncRead, ReadBuf},

@@ -6,10 +6,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sandbox_egress::sniff::{
-    host::dns_name,
-    tls::{parse_client_hello, MAX_CLIENT_HELLO_WIRE, MAX_RECORD_LEN},
-    Parse,
+use sandbox_egress::{
+    sniff::tls::{parse_client_hello, MAX_CLIENT_HELLO_WIRE, MAX_RECORD_LEN},
+    wire::{host::dns_name, Parse},
 };
 
 const RECORD_HEADER_LEN: usize = 5;

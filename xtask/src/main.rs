@@ -1,8 +1,9 @@
-//! Project tasks: `cargo xtask <setup|build|run|demo|test|fuzz|bench|soak>`.
+//! Project tasks: `cargo xtask <setup|build|run|demo|test|fuzz|bench|soak|modules>`.
 
 mod bench;
 mod demo;
 mod fuzz;
+mod modules;
 mod setup;
 mod soak;
 
@@ -50,6 +51,8 @@ enum Task {
     Fuzz(fuzz::Args),
     /// Set up, then measure direct vs the agent vs squid/tinyproxy/haproxy (as root).
     Bench(bench::Args),
+    /// Check agent/src for import circles between modules (part of `test`).
+    Modules,
     /// Set up, then run the load soak of tests/load.rs for longer than CI does (as root).
     Soak {
         /// How long the 64 sandboxed clients keep transferring.
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
         Task::Test { args } => test(&args),
         Task::Fuzz(args) => fuzz::run(&args),
         Task::Bench(args) => bench::run(&args),
+        Task::Modules => modules::check(&workspace_root().join("agent/src/lib.rs")),
         Task::Soak { seconds } => soak::run(seconds),
     };
     match outcome {
@@ -138,6 +142,7 @@ fn test(args: &[String]) -> Result<()> {
     require_root("test")?;
     setup::run()?;
     lint()?;
+    modules::check(&workspace_root().join("agent/src/lib.rs"))?;
     let agent = build_agent(false)?;
     let mut child = cargo()
         .args(["test", "--workspace", "--exclude", "agent-ebpf"])

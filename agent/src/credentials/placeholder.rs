@@ -5,7 +5,7 @@ use base64::{engine::general_purpose::STANDARD as BASE64, Engine as _};
 use percent_encoding::percent_decode;
 use zeroize::Zeroizing;
 
-use crate::sniff::http::RequestHead;
+use crate::http1::RequestHead;
 
 /// Distinctive, and made of characters that need no escaping in a URL, a
 /// header or a shell: a placeholder survives env files and git config as is.
@@ -104,7 +104,7 @@ pub fn split_scheme(value: &[u8]) -> Option<(&[u8], &[u8])> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sniff::{http::parse_request_head, Parse};
+    use crate::{http1::parse_request_head, wire::Parse};
 
     fn head(raw: &str) -> RequestHead {
         match parse_request_head(raw.as_bytes()) {

@@ -10,7 +10,7 @@ use super::{
     placeholder::{basic_credentials, find_in_head, names_in, placeholder, split_scheme, Found},
     Credentials, Inject, Provider, Secret,
 };
-use crate::sniff::http::RequestHead;
+use crate::http1::RequestHead;
 
 /// Everything but RFC 3986's unreserved characters: a secret placed in a
 /// path segment or a query value reads back as itself.
@@ -259,7 +259,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::{super::SecretSource, *};
-    use crate::sniff::{http::parse_request_head, Parse};
+    use crate::{http1::parse_request_head, wire::Parse};
 
     const SECRET: &str = "tok/en+1 x";
 

@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use serde_json::Value;
 
-use super::SandboxSpec;
-use crate::control::{self, ControlRequest, DEFAULT_CONTROL_SOCKET};
+use crate::control::{self, ControlRequest, SandboxSpec, DEFAULT_CONTROL_SOCKET};
 
 #[derive(clap::Subcommand)]
 pub enum SandboxCommand {

@@ -5,7 +5,7 @@
 //! connections.
 
 pub mod cli;
-mod spec;
+mod spec_dir;
 
 use std::{
     collections::BTreeMap,
@@ -19,14 +19,15 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-pub use spec::{follow_dir, SandboxSpec};
+pub use spec_dir::follow_dir;
 
 use crate::{
-    control::{self, ControlRequest},
-    inference::{Inference, RouteChange},
+    control::{self, Answer, BoxFuture, ControlRequest, SandboxSpec},
+    inference::{Inference, InferenceRoute, RouteChange},
     observe::SandboxGauges,
+    policy::PolicyStore,
     preflight::{self, Cgroup},
-    proxy::{self, Common, InferenceRoute, Listeners, PolicyStore, Sandbox, SandboxParts},
+    proxy::{self, Common, Listeners, Sandbox, SandboxParts},
     redirect::{self, EbpfLogLevel, Redirect},
 };
 
@@ -112,7 +113,7 @@ impl Daemon {
             inference: inference.clone().map(|inference| InferenceRoute {
                 inference,
                 tls: self.options.inference_tls.clone(),
-                dns: self.common.dns.clone(),
+                dns: self.common.resolver.clone(),
             }),
             own_netns: spec.netns.is_some(),
             max_connections: spec.max_connections.unwrap_or(self.common.config.max_connections_per_sandbox),
@@ -223,7 +224,7 @@ impl Daemon {
         self.sandboxes()
             .iter()
             .map(|(name, running)| {
-                let policies = &running.sandbox.decider.policies;
+                let policies = &running.sandbox.context.decider.policies;
                 let gauges = SandboxGauges {
                     generation: policies.current().generation,
                     reload_failures: policies.reload_failures(),
@@ -254,7 +255,7 @@ impl Daemon {
         }
     }
 
-    async fn answer(self: Arc<Self>, request: ControlRequest) -> Result<Value> {
+    async fn answer_request(self: Arc<Self>, request: ControlRequest) -> Result<Value> {
         let change = match request {
             ControlRequest::SandboxAdd { spec } => {
                 let name = spec.name.clone();
@@ -282,9 +283,7 @@ impl Daemon {
 
     /// Serves the control socket at `path` (root only).
     pub async fn serve_control(self: &Arc<Self>, path: &Path) -> Result<()> {
-        let daemon = self.clone();
-        let handler: control::Handler = Arc::new(move |request| Box::pin(daemon.clone().answer(request)));
-        control::spawn(path, control::ROOT_UID, handler).await
+        control::spawn(path, control::ROOT_UID, self.clone()).await
     }
 
     /// Stops every sandbox's listeners and waits (a while) for the
@@ -310,9 +309,15 @@ impl Daemon {
     }
 }
 
+impl Answer for Daemon {
+    fn answer(self: Arc<Self>, request: ControlRequest) -> BoxFuture<Result<Value>> {
+        Box::pin(self.answer_request(request))
+    }
+}
+
 fn describe(running: &Running) -> Value {
     let sandbox = &running.sandbox;
-    let policies = &sandbox.decider.policies;
+    let policies = &sandbox.context.decider.policies;
     json!({
         "name": running.spec.name,
         "cgroup": running.cgroup.path,
@@ -323,6 +328,6 @@ fn describe(running: &Running) -> Value {
         "netns": running.spec.netns,
         "listen_port": sandbox.listen_port,
         "inference_config": running.spec.inference_config,
-        "connections_active": sandbox.observed.active(),
+        "connections_active": sandbox.context.observed.active(),
     })
 }

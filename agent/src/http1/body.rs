@@ -9,8 +9,8 @@ use tokio::{
     time::timeout,
 };
 
+use super::head::{MAX_HEADERS, MAX_HEAD_BYTES};
 use super::{reader::HeadReader, BodyFraming};
-use crate::sniff::http::{MAX_HEADERS, MAX_HEAD_BYTES};
 
 /// 16 hex digits fit in a u64 exactly; more (leading zeros included) are
 /// refused rather than truncated, as some parsers do.
@@ -556,5 +556,25 @@ mod tests {
         let mut written = Vec::new();
         assert_eq!(copy_body(&mut reader, &mut written, BodyFraming::Empty, &PATIENT).await.unwrap(), 0);
         assert!(written.is_empty());
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_come_out_one_after_the_other() {
+        let first = b"GET /one HTTP/1.1\r\nHost: a.example\r\n\r\n";
+        let second = b"POST /two HTTP/1.1\r\nHost: b.example\r\nContent-Length: 3\r\n\r\n";
+        let buffered = [&first[..], second, b"abc"].concat();
+        let mut reader = HeadReader::with_buffered(empty(), buffered);
+
+        let head = reader.read_request_head(PATIENT.idle, PATIENT.idle).await.unwrap().expect("first request");
+        assert_eq!((head.target.as_str(), head.head_len), ("/one", first.len()));
+        assert_eq!(reader.buffered(), [&second[..], b"abc"].concat());
+
+        let head = reader.read_request_head(PATIENT.idle, PATIENT.idle).await.unwrap().expect("second request");
+        assert_eq!((head.method.as_str(), head.target.as_str(), head.head_len), ("POST", "/two", second.len()));
+        assert_eq!(reader.buffered(), b"abc");
+        let mut body = Vec::new();
+        assert_eq!(copy_body(&mut reader, &mut body, super::super::request_framing(&head), &PATIENT).await.unwrap(), 3);
+        assert_eq!(body, b"abc");
+        assert!(reader.read_request_head(PATIENT.idle, PATIENT.idle).await.unwrap().is_none());
     }
 }

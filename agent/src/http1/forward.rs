@@ -4,6 +4,7 @@ use std::{io, time::Duration};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+use super::request::RequestHead;
 use super::{
     body::{copy_body, BodyLimits},
     field_values, has_element, list_elements,
@@ -11,7 +12,6 @@ use super::{
     response::ResponseHead,
     response_framing, BodyFraming, Fields,
 };
-use crate::sniff::http::RequestHead;
 
 /// Fields about one connection rather than the message (RFC 9110 §7.6.1),
 /// and proxy credentials meant for us, not the origin (§11.7). Upgrade is
@@ -225,7 +225,7 @@ mod tests {
         super::{response::parse_response_head, testing::Trickle},
         *,
     };
-    use crate::sniff::{http::parse_request_head, Parse};
+    use crate::{http1::parse_request_head, wire::Parse};
 
     const PATIENT: ResponseLimits = ResponseLimits {
         head_timeout: Duration::from_secs(10),

@@ -1,6 +1,6 @@
 //! The rules request and response heads share (RFC 9112): one bound on size
 //! and header count, CRLF line endings only, and one unambiguous body
-//! framing. The request head is parsed in [`crate::sniff::http`], the
+//! framing. The request head is parsed in [`super::request`], the
 //! response head in [`super::response`]; both go through here so the two
 //! cannot drift apart.
 
@@ -9,7 +9,9 @@ use std::fmt;
 use httparse::{Header, Status};
 
 use super::{field_values, list_elements, parse_content_length, Fields};
-use crate::sniff::http::{MAX_HEADERS, MAX_HEAD_BYTES};
+
+pub const MAX_HEADERS: usize = 100;
+pub const MAX_HEAD_BYTES: usize = 32 * 1024;
 
 /// Which head is parsed: named in error texts, and a request's body framing
 /// is stricter than a response's.

@@ -8,13 +8,14 @@
 //! differently is refused: a disagreement over where a message ends is how a
 //! second request gets smuggled past the policy.
 //!
-//! Request heads come from [`crate::sniff::http::parse_request_head`], which
+//! Request heads come from [`parse_request_head`], which
 //! already refuses ambiguous request framing with the rules in [`head`].
 
 pub mod body;
 pub mod forward;
 pub mod head;
 mod reader;
+mod request;
 mod response;
 #[cfg(test)]
 mod testing;
@@ -22,10 +23,11 @@ mod testing;
 pub use self::{
     body::{copy_body, BodyLimits},
     forward::{forward_request_head, forward_responses, ResponseLimits, ResponseOutcome},
+    head::{MAX_HEADERS, MAX_HEAD_BYTES},
     reader::HeadReader,
+    request::{parse_request_head, RequestHead, TargetForm},
     response::ResponseHead,
 };
-use crate::sniff::http::RequestHead;
 
 /// Header fields as the parsers keep them: names as spelled, values trimmed.
 type Fields = [(String, Vec<u8>)];
@@ -104,7 +106,7 @@ fn has_element(fields: &Fields, name: &str, element: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::{testing::fields, *};
-    use crate::sniff::{http::parse_request_head, Parse};
+    use crate::wire::Parse;
 
     fn request(raw: &str) -> RequestHead {
         match parse_request_head(raw.as_bytes()) {

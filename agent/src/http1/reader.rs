@@ -7,11 +7,12 @@ use tokio::{
     time::{timeout, timeout_at, Instant},
 };
 
-use super::response::{parse_response_head, ResponseHead};
-use crate::sniff::{
-    http::{parse_request_head, RequestHead, MAX_HEAD_BYTES},
-    Parse,
+use super::{
+    head::MAX_HEAD_BYTES,
+    request::{parse_request_head, RequestHead},
+    response::{parse_response_head, ResponseHead},
 };
+use crate::wire::Parse;
 
 /// The most bytes one read takes: a few TLS records, and a bound on what a
 /// body read leaves buffered past the end of its message.
@@ -180,10 +181,7 @@ impl Head for ResponseHead {
 mod tests {
     use tokio::io::{duplex, empty, AsyncWriteExt};
 
-    use super::{
-        super::{copy_body, request_framing, testing::Trickle, BodyLimits},
-        *,
-    };
+    use super::{super::testing::Trickle, *};
 
     const PATIENT: Duration = Duration::from_secs(10);
 
@@ -196,27 +194,6 @@ mod tests {
         let error = reader.read_request_head(PATIENT, PATIENT).await.expect_err("a malformed head");
         assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
         assert!(error.to_string().contains("malformed request head"), "{error}");
-    }
-
-    #[tokio::test]
-    async fn pipelined_requests_come_out_one_after_the_other() {
-        let first = b"GET /one HTTP/1.1\r\nHost: a.example\r\n\r\n";
-        let second = b"POST /two HTTP/1.1\r\nHost: b.example\r\nContent-Length: 3\r\n\r\n";
-        let buffered = [&first[..], second, b"abc"].concat();
-        let mut reader = HeadReader::with_buffered(empty(), buffered);
-
-        let head = reader.read_request_head(PATIENT, PATIENT).await.unwrap().expect("first request");
-        assert_eq!((head.target.as_str(), head.head_len), ("/one", first.len()));
-        assert_eq!(reader.buffered(), [&second[..], b"abc"].concat());
-
-        let head = reader.read_request_head(PATIENT, PATIENT).await.unwrap().expect("second request");
-        assert_eq!((head.method.as_str(), head.target.as_str(), head.head_len), ("POST", "/two", second.len()));
-        assert_eq!(reader.buffered(), b"abc");
-        let mut body = Vec::new();
-        let limits = BodyLimits { max_body: None, idle: PATIENT };
-        assert_eq!(copy_body(&mut reader, &mut body, request_framing(&head), &limits).await.unwrap(), 3);
-        assert_eq!(body, b"abc");
-        assert!(reader.read_request_head(PATIENT, PATIENT).await.unwrap().is_none());
     }
 
     #[tokio::test]

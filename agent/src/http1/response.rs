@@ -4,8 +4,9 @@
 
 use httparse::{Response, EMPTY_HEADER};
 
+use super::head::MAX_HEADERS;
 use super::head::{self, Kind};
-use crate::sniff::{http::MAX_HEADERS, Parse};
+use crate::wire::Parse;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResponseHead {
@@ -59,7 +60,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<ResponseHead>, String> {
 #[cfg(test)]
 mod tests {
     use super::{super::testing::fields, *};
-    use crate::sniff::http::MAX_HEAD_BYTES;
+    use crate::http1::MAX_HEAD_BYTES;
 
     fn done(raw: &[u8]) -> ResponseHead {
         match parse_response_head(raw) {

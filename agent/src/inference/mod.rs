@@ -7,6 +7,7 @@
 //!
 //! - `config`: the YAML file (providers, route, limits), loaded and written back;
 //! - `provider`: what each provider type speaks, its auth and kept headers;
+//! - `route`: where the proxy hands inference.local connections over ([`InferenceRoute`]);
 //! - `session`: the request loop on one client connection ([`Inference::serve`]);
 //! - `stream`: the response relay, SSE error events on failure;
 //! - `cli`: `sandbox-egress inference get|set|update`.
@@ -16,13 +17,12 @@ pub mod cli;
 mod config;
 mod provider;
 mod respond;
+mod route;
 mod session;
 mod stream;
 #[cfg(test)]
 mod tests;
 mod upstream;
-
-pub use upstream::Io;
 
 use std::{
     collections::BTreeMap,
@@ -33,7 +33,10 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use self::config::{check_route, serialise, write_atomic, Config, ConfigFile, Limits, Provider};
-pub use self::{config::Route, session::InferenceLog};
+pub use self::{
+    config::Route,
+    route::{is_inference, names_inference, no_route, route_or_refuse, InferenceRoute},
+};
 
 /// What the control socket asks of the route.
 pub enum RouteChange {

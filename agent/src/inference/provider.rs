@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     credentials::Secret,
-    sniff::host::{Authority, Host},
+    wire::host::{Authority, Host},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -16,7 +16,6 @@
 
 use std::{sync::Arc, time::Duration};
 
-use serde::Serialize;
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
@@ -26,17 +25,19 @@ use super::{
     provider::Endpoint,
     respond::{write_refusal, Refusal},
     stream::{is_event_stream, relay_body, StreamEnd},
-    upstream::{is_connection_gone, ConnectError, Io},
+    upstream::{is_connection_gone, ConnectError},
     Inference,
 };
 use crate::{
+    conn::InferenceLog,
     credentials::{check_unbound, Secret},
-    dns::{DnsResponder, INFERENCE_HOST},
+    dns::{Resolver, INFERENCE_HOST},
     http1::{
         forward::{forward_response_head, wants_close},
-        request_framing, response_framing, BodyFraming, HeadReader, ResponseHead,
+        request_framing, response_framing, BodyFraming, HeadReader, RequestHead, ResponseHead,
     },
-    sniff::{host::Host, http::RequestHead},
+    tls::Io,
+    wire::host::Host,
 };
 
 const VIA: &str = "sandbox-egress";
@@ -46,27 +47,6 @@ const KEEP_ALIVE_IDLE: Duration = Duration::from_secs(60);
 const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Interim (1xx) responses skipped before giving up on a final one.
 const MAX_INTERIM_RESPONSES: usize = 8;
-
-/// What one connection did, for the connection's close log line. Never
-/// holds a credential.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
-pub struct InferenceLog {
-    /// Requests received, refused ones included.
-    pub requests: u64,
-    /// The status of the last response, the provider's or the agent's own.
-    pub last_status: Option<u16>,
-    /// `POST /v1/chat/completions`..., of the last recognised request.
-    pub endpoint: Option<&'static str>,
-    /// Provider and model of the last routed request.
-    pub provider: Option<String>,
-    pub model: Option<String>,
-    /// Bytes sent to the provider (heads and bodies).
-    pub bytes_up: u64,
-    /// Bytes sent to the client (heads and bodies, agent errors included).
-    pub bytes_down: u64,
-    /// The last error or refusal, `type: message`.
-    pub error: Option<String>,
-}
 
 impl Inference {
     /// Serves the client connection whose first request head `first` was
@@ -78,7 +58,7 @@ impl Inference {
         client: S,
         buffered: Vec<u8>,
         first: RequestHead,
-        dns: &DnsResponder,
+        dns: &Resolver,
         log: &mut InferenceLog,
     ) where
         S: AsyncRead + AsyncWrite + Unpin,
@@ -90,7 +70,7 @@ impl Inference {
 
     /// Serves a client connection of which nothing was read yet, e.g. one
     /// just decrypted. A first head that does not parse gets a 400.
-    pub async fn serve_connection<S>(&self, client: S, dns: &DnsResponder, log: &mut InferenceLog)
+    pub async fn serve_connection<S>(&self, client: S, dns: &Resolver, log: &mut InferenceLog)
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -102,7 +82,7 @@ impl Inference {
 struct Session<'a, S> {
     inference: &'a Inference,
     /// Resolves the providers' names.
-    dns: &'a DnsResponder,
+    dns: &'a Resolver,
     client: HeadReader<S>,
     upstream: Option<Upstream>,
     log: &'a mut InferenceLog,

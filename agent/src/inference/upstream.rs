@@ -5,23 +5,19 @@ use std::{fmt, io, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use rustls::{pki_types::ServerName, ClientConfig, RootCertStore};
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::TcpStream,
-    time::timeout,
-};
+use tokio::{net::TcpStream, time::timeout};
 use tokio_rustls::TlsConnector;
 
 use super::provider::BaseUrl;
-use crate::{dns::DnsResponder, sniff::host::Host, tls::add_pem_roots};
+use crate::{
+    dns::Resolver,
+    tls::{add_pem_roots, Io},
+    wire::host::Host,
+};
 
 /// Addresses tried per connect: a name with dozens of records must not turn
 /// one request into dozens of connection attempts.
 const MAX_ADDRESSES_TRIED: usize = 4;
-
-/// A byte stream to a provider, plain or TLS.
-pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// How to reach one provider; built once when the config is loaded.
 #[derive(Clone)]
@@ -75,7 +71,7 @@ impl Connector {
 
     /// Resolves, connects and, for https, completes the TLS handshake, all
     /// within `limit`. Errors name the host, never a credential.
-    pub async fn connect(&self, limit: Duration, dns: &DnsResponder) -> Result<Box<dyn Io>, ConnectError> {
+    pub async fn connect(&self, limit: Duration, dns: &Resolver) -> Result<Box<dyn Io>, ConnectError> {
         timeout(limit, self.connect_unbounded(dns))
             .await
             .map_err(|_elapsed| ConnectError::Timeout(limit))?
@@ -84,7 +80,7 @@ impl Connector {
 
     /// The provider's name is resolved by the agent's resolver
     /// (`--dns-server`), as every other name the agent looks up.
-    async fn connect_unbounded(&self, dns: &DnsResponder) -> Result<Box<dyn Io>, String> {
+    async fn connect_unbounded(&self, dns: &Resolver) -> Result<Box<dyn Io>, String> {
         let host = self.base_url.lookup_host();
         let port = self.base_url.port;
         let addresses = dns.lookup(&host).await?.into_iter().map(|ip| SocketAddr::new(ip, port));

@@ -147,7 +147,7 @@ fn evaluate_http(
         let verdict = if decision.allow { "not_inspected" } else { "connection_denied" };
         return Ok(outcome(verdict, None, None, None));
     };
-    let mut canonical = match crate::l7::path::canonicalize(target, inspection.allow_encoded_slash) {
+    let mut canonical = match crate::wire::path::canonicalize(target, inspection.allow_encoded_slash) {
         Ok(canonical) => canonical,
         Err(reason) => return Ok(outcome("deny", None, None, Some(reason))),
     };

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use super::{HttpRequest, Policy, Request};
-use crate::l7::path::canonicalize;
+use crate::wire::path::canonicalize;
 
 const RULES: &str = r#"
 version: 1

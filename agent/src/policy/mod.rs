@@ -124,6 +124,7 @@ pub mod cli;
 mod l7_tests;
 mod normalize;
 mod schema;
+mod store;
 #[cfg(test)]
 mod tests;
 
@@ -142,6 +143,7 @@ use regorus::{CompiledPolicy, Value};
 use serde::Serialize;
 
 use normalize::{canonical_host, validate_dns_name, NetworkPolicy};
+pub use store::PolicyStore;
 
 const EGRESS_REGO: &str = include_str!("../../../policies/egress.rego");
 const DECISION_RULE: &str = "data.sandbox_egress.decision";
@@ -182,7 +184,7 @@ struct RequestKey {
 pub struct HttpRequest<'a> {
     /// As sent (rules compare methods in any case).
     pub method: &'a str,
-    /// Canonical (see [`crate::l7::path::canonicalize`]).
+    /// Canonical (see [`crate::wire::path::canonicalize`]).
     pub path: &'a str,
     /// Decoded names to decoded values.
     pub query: &'a BTreeMap<String, Vec<String>>,

@@ -6,12 +6,10 @@
 //! upstream before relaying the rest.
 //!
 //! The parsers underneath ([`tls::parse_client_hello`],
-//! [`http::parse_request_head`]) are pure functions over the bytes received
+//! [`crate::http1::parse_request_head`]) are pure functions over the bytes received
 //! so far: the caller appends what arrives and calls again until they answer
 //! `Done` or `Invalid`.
 
-pub mod host;
-pub mod http;
 pub mod tls;
 
 use std::{io, time::Duration};
@@ -21,20 +19,11 @@ use tokio::{
     time::{timeout, timeout_at, Instant},
 };
 
-use self::{
-    http::{parse_request_head, RequestHead, MAX_HEAD_BYTES},
-    tls::{parse_client_hello, ClientHello, MAX_CLIENT_HELLO_WIRE},
+use self::tls::{parse_client_hello, ClientHello, MAX_CLIENT_HELLO_WIRE};
+use crate::{
+    http1::{parse_request_head, RequestHead, MAX_HEAD_BYTES},
+    wire::Parse,
 };
-
-/// Outcome of parsing a possibly incomplete prefix of a stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Parse<T> {
-    /// Valid so far; more bytes are needed to finish.
-    NeedMore,
-    Done(T),
-    /// The bytes can never become a valid message; the reason is for logs.
-    Invalid(String),
-}
 
 /// What the first byte of a client stream says about its protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,7 +85,7 @@ pub enum StreamKind {
 }
 
 /// Reads `stream` until its first bytes are classified, within `limits`.
-/// Never buffers more than the protocol's bound: [`http::MAX_HEAD_BYTES`]
+/// Never buffers more than the protocol's bound: [`MAX_HEAD_BYTES`]
 /// or [`tls::MAX_CLIENT_HELLO_WIRE`].
 pub async fn sniff<S: AsyncRead + Unpin>(stream: &mut S, limits: &Limits) -> Sniffed {
     let mut buffered = Vec::with_capacity(FIRST_READ_LEN);
@@ -263,10 +252,10 @@ mod tests {
     use tokio::io::{duplex, AsyncWriteExt, ReadBuf};
 
     use super::{
-        host::{Authority, Host},
         tls::tests::{records, typical_expected, typical_message},
         *,
     };
+    use crate::wire::host::{Authority, Host};
 
     #[test]
     fn every_tls_content_type_is_tls() {

@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 
-use super::{host::dns_name, Parse};
+use crate::wire::{host::dns_name, Parse};
 
 /// TLSPlaintext.length must not exceed 2^14 (RFC 8446 §5.1).
 pub const MAX_RECORD_LEN: usize = 1 << 14;

@@ -87,7 +87,7 @@ impl AgentCa {
     /// A TLS acceptor for `name`, with a fresh leaf certificate signed by the
     /// CA. Only HTTP/1.1 is offered: the agent parses what it terminates.
     pub fn acceptor(&self, name: &str) -> Result<TlsAcceptor> {
-        let mut config = super::leaf::http1_server_config()?;
+        let mut config = super::server::http1_server_config()?;
         config.cert_resolver = Arc::new(SingleCertAndKey::from(self.leaf(name)?));
         Ok(TlsAcceptor::from(Arc::new(config)))
     }

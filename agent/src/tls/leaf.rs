@@ -8,26 +8,13 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use lru::LruCache;
-use rustls::{server::ResolvesServerCertUsingSni, sign::SingleCertAndKey, ServerConfig};
+use rustls::{sign::SingleCertAndKey, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::{server::TlsStream, TlsAcceptor};
 
-use super::AgentCa;
-
-/// A server config offering only HTTP/1.1 (the agent parses what it
-/// terminates; a client that insists on h2 fails the handshake), with no
-/// certificate yet: the caller sets `cert_resolver`.
-pub(super) fn http1_server_config() -> Result<ServerConfig> {
-    let mut config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(ResolvesServerCertUsingSni::new()));
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
-}
+use super::{server::http1_server_config, AgentCa};
 
 /// Leaf certificates by name. The `lru` crate gives O(1) lookups and
 /// evictions whatever `--leaf-cache-size` is, where a hand-made map would

@@ -3,8 +3,15 @@
 
 mod ca;
 mod leaf;
+mod server;
 mod upstream;
 
 pub use ca::{AgentCa, DEFAULT_CA_DIR};
 pub use leaf::LeafCache;
 pub use upstream::{add_pem_roots, system_roots, UpstreamTls, UpstreamTlsError, UpstreamTlsErrorKind};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// A byte stream to an origin or a provider, plain or TLS.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}

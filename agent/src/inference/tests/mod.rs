@@ -25,9 +25,12 @@ use tokio::{
 use self::fake_provider::{test_ca, FakeProvider};
 use super::{
     body::{BodySource, Piece},
-    Inference, InferenceLog,
+    Inference,
 };
-use crate::http1::{response_framing, HeadReader, ResponseHead};
+use crate::{
+    conn::InferenceLog,
+    http1::{response_framing, HeadReader, ResponseHead},
+};
 
 pub const OPENAI_KEY: &str = "sk-test-openai-0123456789";
 pub const ANTHROPIC_KEY: &str = "sk-ant-test-9876543210";
@@ -216,11 +219,8 @@ impl Client {
 }
 
 /// A resolver for the tests' providers, which are IP literals (never asked).
-pub fn test_dns() -> crate::dns::DnsResponder {
-    let limits = crate::dns::DnsLimits { max_in_flight: 1, max_in_flight_per_sandbox: 1, queries_per_second: 1 };
-    let records =
-        crate::dns::RecordLimits { min_ttl: Duration::from_secs(1), max_ttl: Duration::from_secs(1), per_sandbox: 1 };
-    crate::dns::DnsResponder::new(Some("127.0.0.1:9".parse().unwrap()), limits, records).unwrap()
+pub fn test_dns() -> crate::dns::Resolver {
+    crate::dns::Resolver::new(Some("127.0.0.1:9".parse().unwrap()), Duration::from_secs(1)).unwrap()
 }
 
 pub fn chunk(data: &[u8]) -> Vec<u8> {

@@ -24,21 +24,26 @@ fn route(provider: &str, model: &str) -> Route {
     Route { provider: provider.into(), model: model.into() }
 }
 
-/// Starts the control socket for `allowed_uid` and waits until it accepts.
-async fn control_socket(world: &World, allowed_uid: u32) -> PathBuf {
-    let socket = world.temp.path().join("run/control.sock");
-    let inference = world.inference.clone();
-    // The daemon's dispatch, for one sandbox's route.
-    let handler: control::Handler = Arc::new(move |request| {
+/// The daemon's dispatch, for one sandbox's route.
+struct RouteOnly(Arc<Inference>);
+
+impl control::Answer for RouteOnly {
+    fn answer(self: Arc<Self>, request: ControlRequest) -> control::BoxFuture<anyhow::Result<serde_json::Value>> {
         let change = match request {
             ControlRequest::Get { .. } => RouteChange::Get,
             ControlRequest::Set { provider, model, .. } => RouteChange::Set { provider, model },
             ControlRequest::Update { provider, model, .. } => RouteChange::Update { provider, model },
             _ => return Box::pin(async { anyhow::bail!("not a route request") }),
         };
-        Box::pin(inference.clone().answer_control(change))
-    });
-    control::spawn(&socket, allowed_uid, handler).await.unwrap();
+        Box::pin(self.0.clone().answer_control(change))
+    }
+}
+
+/// Starts the control socket for `allowed_uid` and waits until it accepts.
+async fn control_socket(world: &World, allowed_uid: u32) -> PathBuf {
+    let socket = world.temp.path().join("run/control.sock");
+    let answer = Arc::new(RouteOnly(world.inference.clone()));
+    control::spawn(&socket, allowed_uid, answer).await.unwrap();
     socket
 }
 

@@ -8,10 +8,7 @@ use super::{
     super::{body::Piece, respond::sse_error_event},
     *,
 };
-use crate::{
-    http1::BodyFraming,
-    sniff::{http::parse_request_head, Parse},
-};
+use crate::{http1::parse_request_head, http1::BodyFraming, wire::Parse};
 
 const CHAT: &str = "/v1/chat/completions";
 

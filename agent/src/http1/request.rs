@@ -1,15 +1,13 @@
 //! HTTP/1.x request head (RFC 9112) via httparse, plus what a policy proxy
 //! needs on top: one unambiguous destination and one unambiguous body
 //! framing, since the upstream server parses the same bytes after us. The
-//! checks a response head gets too are in [`crate::http1::head`].
+//! checks a response head gets too are in [`super::head`].
 
 use httparse::{Request, EMPTY_HEADER};
 
-use super::{host::Authority, Parse};
-use crate::http1::head::{self, Kind};
+use super::head::{self, Kind};
+use crate::wire::{host::Authority, Parse};
 
-pub const MAX_HEADERS: usize = 100;
-pub const MAX_HEAD_BYTES: usize = 32 * 1024;
 const HTTP_SCHEME: &str = "http://";
 const HTTP_DEFAULT_PORT: u16 = 80;
 
@@ -81,7 +79,7 @@ pub fn parse_request_head(buf: &[u8]) -> Parse<RequestHead> {
 }
 
 fn parse_head(buf: &[u8]) -> Result<Option<RequestHead>, String> {
-    let mut headers = [EMPTY_HEADER; MAX_HEADERS];
+    let mut headers = [EMPTY_HEADER; head::MAX_HEADERS];
     let mut request = Request::new(&mut headers);
     let Some(head_len) = head::parse(buf, Kind::Request, |buf| request.parse(buf))? else {
         return Ok(None);
@@ -166,8 +164,11 @@ fn check_host_matches(host: &Authority, target: &Authority) -> Result<(), String
 mod tests {
     use std::net::{IpAddr, Ipv6Addr};
 
-    use super::*;
-    use crate::sniff::host::Host;
+    use super::{
+        super::head::{MAX_HEADERS, MAX_HEAD_BYTES},
+        *,
+    };
+    use crate::wire::host::Host;
 
     fn done(raw: &[u8]) -> RequestHead {
         match parse_request_head(raw) {

@@ -19,7 +19,7 @@ use tokio::{
 };
 use tracing::Instrument;
 
-use crate::policy::Policy;
+use super::Policy;
 
 /// How often the policy file is checked for changes.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);

@@ -1,8 +1,14 @@
-//! Responses the agent writes itself to HTTP clients: errors and denials
-//! with a JSON body.
+//! Refusals in one place: a reset for TLS and opaque clients, and the
+//! responses the agent writes itself to HTTP/1 clients (errors and denials
+//! with a JSON body).
 
 use serde::Serialize;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::{
+    io::{AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use super::{ledger::CloseLog, verdict::Denial};
 
 /// Names the policy that decided, on L7 denials.
 pub const POLICY_HEADER: &str = "X-Sandbox-Egress-Policy";
@@ -31,6 +37,24 @@ impl<'a> ErrorBody<'a> {
     pub fn new(error: &'a str, detail: &'a str, reason: &'a str) -> Self {
         Self { error, detail, reason, address_class: None, policy: None, rule: None }
     }
+
+    /// As a JSON response with `status`, naming the policy in a header.
+    pub fn response(&self, status: u16) -> Response {
+        let mut headers = vec![("Content-Type", "application/json".to_owned())];
+        if let Some(policy) = self.policy {
+            headers.push((POLICY_HEADER, header_safe(policy)));
+        }
+        Response { status, headers, body: serde_json::to_vec(self).unwrap_or_default() }
+    }
+}
+
+/// A response the agent writes itself: the HTTP/1 writer here adds the
+/// framing (Content-Length, Connection); an L7 room fills it in its own
+/// protocol's terms.
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
 }
 
 fn status_text(status: u16) -> &'static str {
@@ -46,7 +70,7 @@ fn status_text(status: u16) -> &'static str {
 /// Writes a complete `Connection: close` response with a JSON body. Failure to
 /// write is not worth reporting: the client is being turned away anyway.
 pub async fn error<W: AsyncWrite + Unpin>(client: &mut W, status: u16, body: &ErrorBody<'_>) {
-    let _ = client.write_all(&render(status, body, true)).await;
+    let _ = client.write_all(&render(&body.response(status), true)).await;
     let _ = client.shutdown().await;
 }
 
@@ -58,31 +82,27 @@ pub async fn upstream_failed<W: AsyncWrite + Unpin>(client: &mut W, what: &str, 
 /// A refusal (403, or 502 for a credential) of one request of a keep-alive
 /// connection; with `close`, the connection ends after it. Returns whether
 /// it was written.
-pub async fn refused<W: AsyncWrite + Unpin>(client: &mut W, status: u16, body: &ErrorBody<'_>, close: bool) -> bool {
-    let written = client.write_all(&render(status, body, close)).await.is_ok() && client.flush().await.is_ok();
+pub async fn refused<W: AsyncWrite + Unpin>(client: &mut W, response: &Response, close: bool) -> bool {
+    let written = client.write_all(&render(response, close)).await.is_ok() && client.flush().await.is_ok();
     if close {
         let _ = client.shutdown().await;
     }
     written
 }
 
-fn render(status: u16, body: &ErrorBody<'_>, close: bool) -> Vec<u8> {
-    let json = serde_json::to_string(body).unwrap_or_default();
-    let mut head = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-        status_text(status),
-        json.len()
-    );
-    if let Some(policy) = body.policy {
-        head.push_str(&format!("{POLICY_HEADER}: {}\r\n", header_safe(policy)));
+fn render(response: &Response, close: bool) -> Vec<u8> {
+    let mut head = format!("HTTP/1.1 {} {}\r\n", response.status, status_text(response.status));
+    for (name, value) in &response.headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
     }
+    head.push_str(&format!("Content-Length: {}\r\n", response.body.len()));
     if close {
         head.push_str("Connection: close\r\n");
     }
     head.push_str("\r\n");
-    let mut response = head.into_bytes();
-    response.extend_from_slice(json.as_bytes());
-    response
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(&response.body);
+    bytes
 }
 
 /// A policy name is any YAML key: only visible ASCII goes into a header as
@@ -101,6 +121,31 @@ fn header_safe(value: &str) -> String {
 /// The answer to an allowed CONNECT, after which the tunnel starts.
 pub const CONNECT_ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection Established\r\n\r\n";
 
+/// A 400 for a request the agent cannot parse, logged as a denial.
+pub async fn bad_request<W: AsyncWrite + Unpin>(mut client: W, log: &mut CloseLog, reason: String) {
+    log.verdict = "denied";
+    log.denial = Some("bad_request");
+    let body = ErrorBody::new("bad_request", "malformed HTTP request", &reason);
+    error(&mut client, 400, &body).await;
+    log.reason = Some(reason);
+}
+
+/// A 403 with the decision's reason; `what` is e.g. `CONNECT h:p` or `GET h:p`.
+pub async fn deny_http<W: AsyncWrite + Unpin>(mut client: W, what: &str, denial: &Denial) {
+    let detail = format!("{what} not permitted by policy");
+    let body =
+        ErrorBody { address_class: denial.address_class, ..ErrorBody::new(denial.kind, &detail, &denial.reason) };
+    error(&mut client, 403, &body).await;
+}
+
+/// Closes with a reset: a TLS or opaque client gets no readable answer, and
+/// a RST tells it at once that the connection was refused.
+pub fn reset(client: TcpStream) {
+    // Deprecated because a non-zero linger blocks on drop; zero resets at once.
+    #[allow(deprecated)]
+    let _ = client.set_linger(Some(std::time::Duration::ZERO));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,7 +157,7 @@ mod tests {
             rule: Some("rules[0]"),
             ..ErrorBody::new("policy_denied", "d", "r")
         };
-        let text = String::from_utf8(render(403, &body, false)).unwrap();
+        let text = String::from_utf8(render(&body.response(403), false)).unwrap();
         assert!(text.contains("\r\nX-Sandbox-Egress-Policy: api%0D%0AX-Evil: 1\r\n"), "{text}");
         assert!(!text.contains("Connection: close"), "{text}");
         let json: serde_json::Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();

@@ -10,67 +10,25 @@ use std::{
 
 use ipnet::IpNet;
 
-use super::{origin::Origin, policy_store::PolicyStore};
+use super::{
+    origin::Origin,
+    verdict::{Allowed, Denial, Verdict},
+};
 use crate::{
-    dns::DnsResponder,
+    dns::{DnsRecords, Resolver},
     observe::SandboxMetrics,
-    policy::{Decision, HttpRequest, Inspection, Request, RequestDecision},
+    policy::{Decision, HttpRequest, Inspection, PolicyStore, Request, RequestDecision},
     ssrf::{sensitive_address_allowed, AddressClass},
 };
 
 pub struct Decider {
     pub policies: PolicyStore,
-    /// The agent's DNS: what it told the sandbox, and lookups of its own.
-    pub dns: Arc<DnsResponder>,
+    /// What the agent's DNS told each sandbox.
+    pub records: Arc<DnsRecords>,
+    /// The agent's own lookups.
+    pub resolver: Arc<Resolver>,
     /// Where the time each decision takes is counted.
     pub observed: Arc<SandboxMetrics>,
-}
-
-/// Why a connection was refused; `kind` is the JSON `error` of a 403.
-#[derive(Debug)]
-pub struct Denial {
-    pub kind: &'static str,
-    pub reason: String,
-    pub address_class: Option<&'static str>,
-}
-
-impl Denial {
-    fn policy(reason: String) -> Self {
-        Self { kind: "policy_denied", reason, address_class: None }
-    }
-
-    fn ssrf(ip: IpAddr, reason: String) -> Self {
-        Self { kind: "ssrf_denied", reason, address_class: Some(AddressClass::of(ip).name()) }
-    }
-
-    fn mismatch(reason: String) -> Self {
-        Self { kind: "host_mismatch", reason, address_class: None }
-    }
-
-    pub fn unresolved(reason: String) -> Self {
-        Self { kind: "policy_denied", reason, address_class: None }
-    }
-}
-
-#[derive(Debug)]
-pub struct Allowed {
-    /// The address to connect to: always one the checks ran on.
-    pub upstream: SocketAddr,
-    pub policy: Option<String>,
-    /// Set when only an `enforcement: audit` endpoint let it through: what would have denied.
-    pub audit: Option<String>,
-    /// The name, resolved by the sandbox to the address, that allowed a
-    /// stream with no host of its own.
-    pub resolved_host: Option<String>,
-    /// Set when an inspected endpoint allowed it: each HTTP request is then
-    /// decided on its own ([`Decider::request`]).
-    pub inspect: Option<Inspection>,
-}
-
-pub struct Verdict {
-    pub outcome: Result<Allowed, Denial>,
-    /// Which policy generation decided (it changes on every reload).
-    pub generation: u64,
 }
 
 impl Decider {
@@ -80,7 +38,7 @@ impl Decider {
     /// agent's DNS (by the address alone if none).
     pub async fn stream(&self, origin: &Origin, host: Option<&str>, destination: SocketAddr) -> Verdict {
         let request = request(origin, host, Some(destination.ip()), destination.port());
-        let resolved = host.is_none().then(|| self.dns.records.names(origin.cgroup_id, destination.ip()));
+        let resolved = host.is_none().then(|| self.records.names(origin.cgroup_id, destination.ip()));
         let (generation, decision, resolved_host) = self.evaluate(&request, resolved.as_deref());
         let outcome = async {
             let allowed = allowed_by_policy(decision)?;
@@ -96,7 +54,7 @@ impl Decider {
     /// An explicit `CONNECT host:port`: the agent resolves the host and
     /// connects to an address it checked.
     pub async fn connect(&self, origin: &Origin, host: &str, port: u16) -> Verdict {
-        let addresses = match self.dns.lookup(host).await {
+        let addresses = match self.resolver.lookup(host).await {
             Ok(addresses) => addresses,
             Err(reason) => return self.unresolved(reason),
         };
@@ -124,7 +82,7 @@ impl Decider {
         let (generation, decision, _) = self.evaluate(&request(origin, Some(host), destination, port), None);
         let outcome = async {
             let allowed = allowed_by_policy(decision)?;
-            let addresses = self.dns.lookup(host).await.map_err(Denial::unresolved)?;
+            let addresses = self.resolver.lookup(host).await.map_err(Denial::unresolved)?;
             if let Some(destination) = destination {
                 let connected = addresses.iter().any(|ip| ip.to_canonical() == destination.to_canonical());
                 if !connected && !self.was_told(origin.cgroup_id, host, destination) {
@@ -230,7 +188,7 @@ impl Decider {
         if self.was_told(sandbox, host, destination) {
             return Ok(());
         }
-        let addresses = self.dns.lookup(host).await.map_err(Denial::unresolved)?;
+        let addresses = self.resolver.lookup(host).await.map_err(Denial::unresolved)?;
         if addresses.iter().any(|ip| ip.to_canonical() == destination.to_canonical()) {
             Ok(())
         } else {
@@ -240,7 +198,7 @@ impl Decider {
 
     /// Whether the agent's DNS gave `sandbox` the address `destination` for `host`.
     fn was_told(&self, sandbox: u64, host: &str, destination: IpAddr) -> bool {
-        self.dns.records.addresses(sandbox, host).contains(&destination.to_canonical())
+        self.records.addresses(sandbox, host).contains(&destination.to_canonical())
     }
 }
 

@@ -8,22 +8,18 @@ use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
 
-use super::{
-    connection::{bad_request, connect_upstream, deny_http, CloseLog, Shared},
-    decide::Denial,
-    exchange::{exchange, Exchanged, KEEP_ALIVE_IDLE, VIA},
-    inspect::{check_request, log_refusal, Checked, Target},
-    origin::Origin,
-    respond::{self, ErrorBody},
-};
+use super::sandbox::Sandbox;
 use crate::{
-    credentials::check_unbound,
-    http1::{self, HeadReader},
-    relay::{self, Prefill},
-    sniff::{
-        host::Host,
-        http::{RequestHead, TargetForm},
+    conn::{
+        connect_upstream,
+        refuse::{self, bad_request, deny_http, ErrorBody},
+        CloseLog, Denial, Origin,
     },
+    credentials::check_unbound,
+    http1::{self, HeadReader, RequestHead, TargetForm},
+    l7::{check_request, exchange, Checked, Exchanged, Target, KEEP_ALIVE_IDLE, VIA},
+    relay::{self, Prefill},
+    wire::host::Host,
 };
 
 pub enum HttpMode {
@@ -61,7 +57,7 @@ pub async fn serve(
     first: RequestHead,
     mode: HttpMode,
     origin: &Origin,
-    shared: &Shared,
+    sandbox: &Sandbox,
     log: &mut CloseLog,
 ) {
     let (mode, mut preconnected) = mode.split();
@@ -90,7 +86,7 @@ pub async fn serve(
             Host::Ip(ip) => ip.to_string(),
         };
         log.host = Some(host_text.clone());
-        let verdict = shared.decider.plain_http(origin, &lookup_name, port, destination).await;
+        let verdict = sandbox.context.decider.plain_http(origin, &lookup_name, port, destination).await;
         let allowed = match log.decided(verdict) {
             Ok(allowed) => allowed,
             Err(denial) => {
@@ -102,13 +98,13 @@ pub async fn serve(
             Some(inspection) => {
                 let upstream = SocketAddr::new(allowed.upstream.ip(), port);
                 let target = Target { name: lookup_name.clone(), upstream, inspection, tls: false };
-                match check_request(client.get_mut(), &mut head, &target, origin, shared, log).await {
+                match check_request(client.get_mut(), &mut head, &target, origin, &sandbox.context, log).await {
                     // Without TLS to the origin no credential is applied:
                     // check_request refuses placeholders instead.
                     Checked::Allowed(_) => {}
                     Checked::Denied { close: true } => return,
                     Checked::Denied { close: false } => {
-                        match next_request(&mut client, shared, log).await {
+                        match next_request(&mut client, sandbox, log).await {
                             Some(next) => head = next,
                             None => return,
                         }
@@ -120,9 +116,9 @@ pub async fn serve(
                 let reason = "plain HTTP goes to no endpoint bound to a credential provider (credentials are only \
                               sent over TLS the agent terminates)";
                 if let Err(refusal) = check_unbound(&head, &host_text, reason) {
-                    log_refusal(&refusal, origin, &host_text, log);
+                    log.credential_refused(&refusal, origin, &host_text);
                     let body = ErrorBody::new(refusal.kind, &refusal.detail, &refusal.reason);
-                    return respond::error(client.get_mut(), refusal.status, &body).await;
+                    return refuse::error(client.get_mut(), refusal.status, &body).await;
                 }
             }
         }
@@ -133,12 +129,12 @@ pub async fn serve(
                 preconnected.take().filter(|(address, _)| *address == allowed.upstream).map(|(_, stream)| stream);
             let connected = match ready {
                 Some(stream) => Some(stream),
-                None => connect_upstream(allowed.upstream, shared, log).await,
+                None => connect_upstream(allowed.upstream, &sandbox.context, log).await,
             };
             let Some(stream) = connected else {
                 let (mut stream, _) = client.into_parts();
                 let reason = log.reason.clone().unwrap_or_default();
-                return respond::upstream_failed(&mut stream, &format!("{} {host_text}:{port}", head.method), &reason)
+                return refuse::upstream_failed(&mut stream, &format!("{} {host_text}:{port}", head.method), &reason)
                     .await;
             };
             upstream = Some(Upstream { address: allowed.upstream, reader: HeadReader::new(stream) });
@@ -146,8 +142,16 @@ pub async fn serve(
         let up = upstream.as_mut().expect("connected above");
         let forwarded_head = http1::forward_request_head(&head, matches!(mode, Mode::Explicit), VIA);
         let what = format!("{} {host_text}:{port}", head.method);
-        match exchange(&mut client, &mut up.reader, &head, &forwarded_head, shared.config.idle_timeout, &what, log)
-            .await
+        match exchange(
+            &mut client,
+            &mut up.reader,
+            &head,
+            &forwarded_head,
+            sandbox.context.config.idle_timeout,
+            &what,
+            log,
+        )
+        .await
         {
             Exchanged::Complete { close: false } => {}
             Exchanged::Complete { close: true } | Exchanged::Failed => return,
@@ -160,11 +164,12 @@ pub async fn serve(
                 let (client_stream, to_upstream) = client.into_parts();
                 log.protocol = "http-upgrade";
                 let prefill = Prefill { to_upstream, to_client };
-                return log
-                    .relayed(relay::relay(client_stream, upstream_stream, prefill, shared.config.idle_timeout).await);
+                return log.relayed(
+                    relay::relay(client_stream, upstream_stream, prefill, sandbox.context.config.idle_timeout).await,
+                );
             }
         }
-        match next_request(&mut client, shared, log).await {
+        match next_request(&mut client, sandbox, log).await {
             Some(next) => head = next,
             None => return,
         }
@@ -173,8 +178,12 @@ pub async fn serve(
 
 /// The next request head on a keep-alive connection; `None` when the
 /// connection ends (closed, idle, or a malformed head answered with a 400).
-async fn next_request(client: &mut HeadReader<TcpStream>, shared: &Shared, log: &mut CloseLog) -> Option<RequestHead> {
-    match client.read_request_head(KEEP_ALIVE_IDLE, shared.config.sniff.head_timeout).await {
+async fn next_request(
+    client: &mut HeadReader<TcpStream>,
+    sandbox: &Sandbox,
+    log: &mut CloseLog,
+) -> Option<RequestHead> {
+    match client.read_request_head(KEEP_ALIVE_IDLE, sandbox.context.config.sniff.head_timeout).await {
         Ok(next) => next,
         // The client left a keep-alive connection idle: a normal end.
         Err(error) if error.kind() == std::io::ErrorKind::TimedOut => None,

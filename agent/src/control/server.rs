@@ -1,18 +1,5 @@
-//! The daemon's control socket: sandboxes added, removed and listed, its
-//! status, and the inference.local route of a sandbox, changed at runtime.
-//!
-//! A Unix stream socket, mode 0600 in a 0700 directory, and every peer's
-//! uid checked (SO_PEERCRED) to be root. One JSON request per line, one
-//! JSON reply per line, `{"ok":true,...}` or `{"ok":false,"error":"..."}`:
-//!
-//! ```text
-//! {"op":"sandbox_add","spec":{"name":"web","cgroup":"/sys/fs/cgroup/web","policy":"/etc/web.yaml"}}
-//! {"op":"sandbox_remove","name":"web","detach":false,"force":false}
-//! {"op":"sandbox_list"}   {"op":"status"}
-//! {"op":"get","sandbox":"web"}                      (sandbox optional when one has inference)
-//! {"op":"set","provider":"openai","model":"gpt-4o-mini"}
-//! {"op":"update","model":"gpt-4o"}                  (provider and model each optional)
-//! ```
+//! The daemon's end: a root-only socket, one task per client, each request
+//! handed to the [`Answer`] the daemon gave.
 
 use std::{
     fs::{self, DirBuilder, Permissions},
@@ -24,73 +11,30 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::{
-    io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
     sync::Semaphore,
     time::timeout,
 };
 
-use crate::daemon::SandboxSpec;
+use super::{
+    line::{read_line, reply_line},
+    Answer, ControlRequest,
+};
 
-pub const DEFAULT_CONTROL_SOCKET: &str = "/run/sandbox-egress/control.sock";
-pub const ROOT_UID: u32 = 0;
 /// Requests are a few dozen bytes.
 const MAX_REQUEST_LINE: usize = 4096;
-/// Replies list every sandbox: up to 1024 spec files of a few hundred bytes each.
-const MAX_REPLY_LINE: usize = 4 * 1024 * 1024;
 const MAX_CONTROL_CLIENTS: usize = 8;
 /// A control client that says nothing for this long is dropped.
 const CONTROL_IDLE: Duration = Duration::from_secs(30);
-/// How long the CLI waits for the agent.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
-pub enum ControlRequest {
-    Get {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        sandbox: Option<String>,
-    },
-    Set {
-        provider: String,
-        model: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        sandbox: Option<String>,
-    },
-    Update {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        provider: Option<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        model: Option<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        sandbox: Option<String>,
-    },
-    SandboxAdd {
-        spec: SandboxSpec,
-    },
-    SandboxRemove {
-        name: String,
-        #[serde(default)]
-        detach: bool,
-        #[serde(default)]
-        force: bool,
-    },
-    SandboxList,
-    Status,
-}
-
-/// Answers one request: the reply's fields besides `ok`, or the error.
-pub type Handler = Arc<dyn Fn(ControlRequest) -> BoxFuture<Result<Value>> + Send + Sync>;
-pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
 /// Binds the control socket now (so a start fails at once when it cannot)
 /// and serves it in the background to peers with uid `allowed_uid` (root,
 /// but in tests). A stale socket file there is replaced; a live one
 /// (another agent's) or anything else is an error.
-pub async fn spawn(path: &Path, allowed_uid: u32, handler: Handler) -> Result<()> {
+pub async fn spawn<A: Answer>(path: &Path, allowed_uid: u32, answer: Arc<A>) -> Result<()> {
     let listener = bind_private(path).await?;
     tracing::info!(socket = %path.display(), "control socket listening");
     let path = path.to_owned();
@@ -109,9 +53,9 @@ pub async fn spawn(path: &Path, allowed_uid: u32, handler: Handler) -> Result<()
                 tracing::warn!("control socket busy: connection dropped");
                 continue;
             };
-            let handler = handler.clone();
+            let answer = answer.clone();
             tokio::spawn(async move {
-                control_client(stream, allowed_uid, handler).await;
+                control_client(stream, allowed_uid, answer).await;
                 drop(slot);
             });
         }
@@ -119,7 +63,7 @@ pub async fn spawn(path: &Path, allowed_uid: u32, handler: Handler) -> Result<()
     Ok(())
 }
 
-async fn control_client(stream: UnixStream, allowed_uid: u32, handler: Handler) {
+async fn control_client<A: Answer>(stream: UnixStream, allowed_uid: u32, answer: Arc<A>) {
     let peer = stream.peer_cred();
     let (read, mut write) = stream.into_split();
     let authorized = match &peer {
@@ -143,7 +87,7 @@ async fn control_client(stream: UnixStream, allowed_uid: u32, handler: Handler) 
         };
         let reply = match serde_json::from_slice::<ControlRequest>(&line) {
             Err(error) => json!({"ok": false, "error": format!("invalid request: {error}")}),
-            Ok(request) => match handler(request).await {
+            Ok(request) => match answer.clone().answer(request).await {
                 Ok(Value::Object(mut fields)) => {
                     fields.insert("ok".into(), true.into());
                     Value::Object(fields)
@@ -208,62 +152,12 @@ fn remove_stale_socket(path: &Path) -> Result<()> {
     }
 }
 
-/// One line without its end, at most `max` bytes; `None` at EOF.
-async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R, max: usize) -> io::Result<Option<Vec<u8>>> {
-    let mut line = Vec::new();
-    (&mut *reader).take(max as u64 + 1).read_until(b'\n', &mut line).await?;
-    if line.is_empty() {
-        return Ok(None);
-    }
-    if line.last() == Some(&b'\n') {
-        line.pop();
-    } else if line.len() > max {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("line longer than {max} bytes")));
-    }
-    if line.last() == Some(&b'\r') {
-        line.pop();
-    }
-    Ok(Some(line))
-}
-
-fn reply_line(reply: &Value) -> String {
-    format!("{reply}\n")
-}
-
-/// Sends one request to the agent's control socket; the reply when it says
-/// `"ok": true`, its error otherwise.
-pub async fn request(path: &Path, request: &ControlRequest) -> Result<Value> {
-    let shown = path.display();
-    let exchange = async {
-        let stream = UnixStream::connect(path).await.with_context(|| {
-            format!("cannot connect to the agent's control socket {shown} (is the agent running, and are you root?)")
-        })?;
-        let (read, mut write) = stream.into_split();
-        let sent = write.write_all(format!("{}\n", serde_json::to_string(request)?).as_bytes()).await;
-        // A refused peer gets its reply at once and the connection closed,
-        // possibly before the request was written: the reply still counts.
-        match (read_line(&mut BufReader::new(read), MAX_REPLY_LINE).await?, sent) {
-            (Some(line), _) => Ok(line),
-            (None, Err(error)) => Err(error).context("sending the request failed"),
-            (None, Ok(())) => bail!("the agent closed the control connection without a reply"),
-        }
-    };
-    let line = timeout(CLIENT_TIMEOUT, exchange)
-        .await
-        .with_context(|| format!("no reply on {shown} within {CLIENT_TIMEOUT:?}"))??;
-    let reply: Value = serde_json::from_slice(&line).context("the agent's reply is not JSON")?;
-    if reply["ok"] == Value::Bool(true) {
-        Ok(reply)
-    } else {
-        bail!("{}", reply["error"].as_str().unwrap_or("the agent refused the request"))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::MetadataExt;
 
     use super::*;
+    use crate::control::ROOT_UID;
 
     /// A directory of its own under the system's temporary directory.
     struct TempDir(std::path::PathBuf);
@@ -292,37 +186,6 @@ mod tests {
         assert_eq!(authorize_peer(0, ROOT_UID), Ok(()));
         let refused = authorize_peer(1000, ROOT_UID).unwrap_err();
         assert!(refused.contains("permission denied") && refused.contains("uid 1000"), "{refused}");
-    }
-
-    #[test]
-    fn requests_parse_strictly() {
-        let parse = |text: &str| serde_json::from_str::<ControlRequest>(text);
-        assert_eq!(parse(r#"{"op":"get"}"#).unwrap(), ControlRequest::Get { sandbox: None });
-        assert_eq!(
-            parse(r#"{"op":"update","model":"m","sandbox":"web"}"#).unwrap(),
-            ControlRequest::Update { provider: None, model: Some("m".into()), sandbox: Some("web".into()) }
-        );
-        assert_eq!(
-            parse(r#"{"op":"sandbox_remove","name":"web"}"#).unwrap(),
-            ControlRequest::SandboxRemove { name: "web".into(), detach: false, force: false }
-        );
-        assert!(parse(r#"{"op":"set","provider":"p"}"#).unwrap_err().to_string().contains("model"));
-        assert!(parse(r#"{"op":"set","provider":"p","model":"m","extra":1}"#)
-            .unwrap_err()
-            .to_string()
-            .contains("extra"));
-        assert!(parse(r#"{"op":"delete"}"#).is_err());
-    }
-
-    #[tokio::test]
-    async fn lines_are_bounded() {
-        let mut reader = BufReader::new(&b"short\r\nnext"[..]);
-        assert_eq!(read_line(&mut reader, 16).await.unwrap(), Some(b"short".to_vec()));
-        assert_eq!(read_line(&mut reader, 16).await.unwrap(), Some(b"next".to_vec()));
-        assert_eq!(read_line(&mut reader, 16).await.unwrap(), None);
-        let long = [b'x'; 100];
-        let error = read_line(&mut BufReader::new(&long[..]), 16).await.unwrap_err();
-        assert!(error.to_string().contains("longer than 16 bytes"), "{error}");
     }
 
     #[tokio::test]

@@ -7,15 +7,13 @@ use std::{net::SocketAddr, sync::Arc};
 
 use tokio_rustls::TlsAcceptor;
 
-use super::connection::CloseLog;
+use super::Inference;
 use crate::{
-    dns::{is_inference_address, DnsResponder, INFERENCE_HOST},
-    inference::{Inference, InferenceLog},
+    conn::{CloseLog, Denial, InferenceLog},
+    dns::{is_inference_address, Resolver, INFERENCE_HOST},
+    http1::RequestHead,
     rewound::Rewound,
-    sniff::{
-        host::{Authority, Host},
-        http::RequestHead,
-    },
+    wire::host::{Authority, Host},
 };
 
 pub struct InferenceRoute {
@@ -23,7 +21,7 @@ pub struct InferenceRoute {
     /// Serves a certificate for inference.local signed by the agent's CA.
     pub tls: TlsAcceptor,
     /// Resolves the providers' names, like every name the agent looks up.
-    pub dns: Arc<DnsResponder>,
+    pub dns: Arc<Resolver>,
 }
 
 pub fn names_inference(authority: Option<&Authority>) -> bool {
@@ -75,4 +73,20 @@ fn record(log: &mut CloseLog, inference: InferenceLog) {
     log.bytes_down += inference.bytes_down;
     log.error.clone_from(&inference.error);
     log.inference = Some(inference);
+}
+
+/// The sandbox's inference route, or `None` after logging why there is none.
+pub fn route_or_refuse<'a>(route: Option<&'a InferenceRoute>, log: &mut CloseLog) -> Option<&'a InferenceRoute> {
+    if route.is_none() {
+        log.protocol = "inference";
+        log.verdict = "denied";
+        log.reason = Some(no_route().reason);
+    }
+    route
+}
+
+/// Why a request for inference.local is refused when the sandbox has no route.
+pub fn no_route() -> Denial {
+    let reason = "inference.local is not configured: the agent runs without --inference-config".into();
+    Denial { kind: "policy_denied", reason, address_class: None }
 }

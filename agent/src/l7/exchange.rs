@@ -1,6 +1,6 @@
-//! One request and its responses between a client and an upstream: the step
-//! the plain-HTTP loop and the inspected (L7) loop share once a request is
-//! allowed.
+//! One HTTP/1 request and its responses between a client and an upstream:
+//! the step the plain-HTTP gate and the inspected session share once a
+//! request is allowed.
 
 use std::{
     pin::Pin,
@@ -10,10 +10,9 @@ use std::{
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use super::{connection::CloseLog, respond};
 use crate::{
-    http1::{self, BodyLimits, HeadReader, ResponseLimits, ResponseOutcome},
-    sniff::http::RequestHead,
+    conn::{refuse, CloseLog},
+    http1::{self, BodyLimits, HeadReader, RequestHead, ResponseLimits, ResponseOutcome},
 };
 
 pub const VIA: &str = "sandbox-egress";
@@ -83,7 +82,7 @@ where
                 _ => (502, "upstream_failed"),
             };
             let reason = error.to_string();
-            respond::error(client.get_mut(), status, &respond::ErrorBody::new(kind, what, &reason)).await;
+            refuse::error(client.get_mut(), status, &refuse::ErrorBody::new(kind, what, &reason)).await;
             Exchanged::Failed
         }
     }

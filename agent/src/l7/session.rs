@@ -1,7 +1,7 @@
-//! Connections an inspected endpoint allowed: every HTTP request is decided
-//! on its own by the endpoint's L7 rules, on its canonical path, before it
-//! goes upstream. TLS to such an endpoint is terminated here (a leaf for the
-//! name signed by the agent's CA) and made again to the origin, verified.
+//! Connections an inspected endpoint allowed, over HTTP/1: every request is
+//! classified by its endpoint's room, decided on its own by the endpoint's
+//! L7 rules, given its credential, logged, and only then sent upstream (to
+//! the origin over TLS verified for its name when the client spoke TLS).
 
 use std::net::SocketAddr;
 
@@ -12,23 +12,21 @@ use tokio::{
 use zeroize::Zeroizing;
 
 use super::{
-    connection::{bad_request, connect_upstream, CloseLog, Shared},
     exchange::{exchange, Exchanged, KEEP_ALIVE_IDLE, VIA},
-    origin::Origin,
-    respond::{self, ErrorBody},
+    Refusal,
 };
 use crate::{
-    credentials::{CredentialedHead, Refusal},
-    http1::{self, forward::wants_close, BodyFraming, HeadReader},
-    inference::Io,
-    l7::path::canonicalize,
+    conn::{
+        connect_upstream,
+        refuse::{self, bad_request, ErrorBody, Response},
+        CloseLog, Context, Origin,
+    },
+    credentials::CredentialedHead,
+    http1::{self, forward::wants_close, BodyFraming, HeadReader, RequestHead, TargetForm},
     policy::{HttpRequest, Inspection, RequestDecision},
     relay::{self, Prefill},
-    rewound::Rewound,
-    sniff::{
-        host::Host,
-        http::{RequestHead, TargetForm},
-    },
+    tls::Io,
+    wire::host::Host,
 };
 
 pub enum Checked {
@@ -52,44 +50,47 @@ pub async fn check_request<W: AsyncWrite + Unpin>(
     head: &mut RequestHead,
     target: &Target,
     origin: &Origin,
-    shared: &Shared,
+    context: &Context,
     log: &mut CloseLog,
 ) -> Checked {
     let Target { name: host, upstream: destination, inspection, .. } = target;
     let (host, destination) = (host.as_str(), *destination);
-    let request_target = head.origin_form_target();
-    let (generation, decision, path) = match canonicalize(&request_target, inspection.allow_encoded_slash) {
-        Ok(canonical) => {
-            let http = HttpRequest { method: &head.method, path: &canonical.path, query: &canonical.query };
-            let (generation, decision) = shared.decider.request(origin, host, destination, &http);
+    let room = super::room(inspection);
+    let (generation, decision, path) = match room.classify(head, inspection) {
+        Ok(classified) => {
+            let http = HttpRequest { method: &classified.method, path: &classified.path, query: &classified.query };
+            let (generation, decision) = context.decider.request(origin, host, destination, &http);
             if decision.allow {
-                head.target = canonical.origin_form();
+                head.target = classified.target;
                 head.form = TargetForm::Origin;
             }
-            (generation, decision, canonical.path)
+            (generation, decision, classified.path)
         }
         Err(reason) => {
-            let generation = shared.decider.policies.current().generation;
-            let reason = Some(format!("{} {request_target} refused: {reason}", head.method));
-            (generation, RequestDecision::denied(reason), request_target)
+            let generation = context.decider.policies.current().generation;
+            (generation, RequestDecision::denied(Some(reason)), head.origin_form_target())
         }
     };
     let credential = if decision.allow {
-        match shared.credentials.apply(head, decision.credential_provider.as_deref(), host, target.tls) {
+        match context.credentials.apply(head, decision.credential_provider.as_deref(), host, target.tls) {
             Ok(credential) => credential,
             Err(refusal) => {
                 let what = Request { method: &head.method, path: &path, generation };
                 let reason = Some(format!("{}: {}", refusal.detail, refusal.reason));
                 let refused = RequestDecision { allow: false, audit: false, reason, ..decision };
                 log_request(origin, host, destination, &what, &refused, Some(&refusal.provider));
-                log_refusal(&refusal, origin, host, log);
+                log.credential_refused(&refusal, origin, host);
                 log.requests += 1;
                 log.requests_denied += 1;
-                let body = ErrorBody {
+                let response = room.refuse(&Refusal {
+                    status: refusal.status,
+                    kind: refusal.kind,
+                    detail: &refusal.detail,
+                    reason: &refusal.reason,
                     policy: refused.policy.as_deref(),
-                    ..ErrorBody::new(refusal.kind, &refusal.detail, &refusal.reason)
-                };
-                return refuse(client, head, refusal.status, &body).await;
+                    rule: None,
+                });
+                return refuse(client, head, &response).await;
             }
         }
     } else {
@@ -115,50 +116,24 @@ pub async fn check_request<W: AsyncWrite + Unpin>(
         _ => "no inspected endpoint allows the request".to_owned(),
     };
     log.reason = Some(detail.clone());
-    let body = ErrorBody {
+    let response = room.refuse(&Refusal {
+        status: 403,
+        kind: "policy_denied",
+        detail: &detail,
+        reason: &reason,
         policy: decision.policy.as_deref(),
         rule: decision.rule.as_deref(),
-        ..ErrorBody::new("policy_denied", &detail, &reason)
-    };
-    refuse(client, head, 403, &body).await
+    });
+    refuse(client, head, &response).await
 }
 
 /// Answers a refused request; the connection stays open unless the request
 /// has a body (never read) or the client asked to close.
-async fn refuse<W: AsyncWrite + Unpin>(
-    client: &mut W,
-    head: &RequestHead,
-    status: u16,
-    body: &ErrorBody<'_>,
-) -> Checked {
+async fn refuse<W: AsyncWrite + Unpin>(client: &mut W, head: &RequestHead, response: &Response) -> Checked {
     let has_body = !matches!(http1::request_framing(head), BodyFraming::Empty | BodyFraming::Length(0));
     let close = has_body || wants_close(head.version, &head.headers);
-    let written = respond::refused(client, status, body, close).await;
+    let written = refuse::refused(client, response, close).await;
     Checked::Denied { close: close || !written }
-}
-
-/// A placeholder where it does not belong, or a bound credential that
-/// cannot be applied: a warning of its own (the sandbox may be
-/// misconfigured, or trying to send a placeholder elsewhere), and the
-/// connection's close line says why.
-pub fn log_refusal(refusal: &Refusal, origin: &Origin, host: &str, log: &mut CloseLog) {
-    tracing::warn!(
-        event = "credential_refused",
-        error = refusal.kind,
-        provider = refusal.provider,
-        host,
-        pid = origin.pid,
-        exe = origin.exe.as_ref().map(|exe| exe.display().to_string()),
-        cgroup_id = origin.cgroup_id,
-        "{}: {}",
-        refusal.detail,
-        refusal.reason,
-    );
-    if log.verdict.is_empty() {
-        log.verdict = "denied";
-        log.denial = Some(refusal.kind);
-    }
-    log.reason = Some(format!("{}: {}", refusal.detail, refusal.reason));
 }
 
 /// What a request log line says of the request itself.
@@ -215,34 +190,6 @@ pub struct Target {
     pub tls: bool,
 }
 
-/// Terminates the client's TLS for `target.name` (`hello`: the ClientHello
-/// bytes already read), then serves its requests.
-pub async fn terminate<S>(
-    client: S,
-    hello: Vec<u8>,
-    target: Target,
-    preconnected: Option<TcpStream>,
-    origin: &Origin,
-    shared: &Shared,
-    log: &mut CloseLog,
-) where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    log.protocol = "tls-inspected";
-    let tls = match shared.config.leaf_certs.accept(&target.name, Rewound::new(hello, client)).await {
-        Ok(tls) => tls,
-        Err(error) => {
-            log.verdict = "denied";
-            log.reason = Some(format!(
-                "TLS handshake for {} failed (does the client trust `sandbox-egress ca export`?): {error}",
-                target.name
-            ));
-            return;
-        }
-    };
-    serve(tls, Vec::new(), target, preconnected, origin, shared, log).await;
-}
-
 /// Serves the HTTP requests of an inspected connection, one by one, on one
 /// upstream connection made at the first allowed request. `buffered`:
 /// request bytes already read (a CONNECT tunnel's first head).
@@ -252,7 +199,7 @@ pub async fn serve<C>(
     target: Target,
     mut preconnected: Option<TcpStream>,
     origin: &Origin,
-    shared: &Shared,
+    context: &Context,
     log: &mut CloseLog,
 ) where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -260,7 +207,7 @@ pub async fn serve<C>(
     let mut client = HeadReader::with_buffered(client, buffered);
     let mut upstream: Option<HeadReader<Box<dyn Io>>> = None;
     loop {
-        let mut head = match client.read_request_head(KEEP_ALIVE_IDLE, shared.config.sniff.head_timeout).await {
+        let mut head = match client.read_request_head(KEEP_ALIVE_IDLE, context.config.sniff.head_timeout).await {
             Ok(Some(head)) => head,
             // Closed, or idle between requests: a normal end.
             Ok(None) => return,
@@ -277,19 +224,19 @@ pub async fn serve<C>(
             log.verdict = "denied";
             log.reason = Some(reason.clone());
             let body = ErrorBody::new("host_mismatch", &head.target, &reason);
-            return respond::error(client.get_mut(), 403, &body).await;
+            return refuse::error(client.get_mut(), 403, &body).await;
         }
-        let credential = match check_request(client.get_mut(), &mut head, &target, origin, shared, log).await {
+        let credential = match check_request(client.get_mut(), &mut head, &target, origin, context, log).await {
             Checked::Allowed(credential) => credential,
             Checked::Denied { close: true } => return,
             Checked::Denied { close: false } => continue,
         };
         let what = format!("{} {}", head.method, target.name);
         if upstream.is_none() {
-            match connect(&target, preconnected.take(), shared, log).await {
+            match connect(&target, preconnected.take(), context, log).await {
                 Ok(stream) => upstream = Some(HeadReader::new(stream)),
                 Err((status, kind, reason)) => {
-                    return respond::error(client.get_mut(), status, &ErrorBody::new(kind, &what, &reason)).await;
+                    return refuse::error(client.get_mut(), status, &ErrorBody::new(kind, &what, &reason)).await;
                 }
             }
         }
@@ -300,7 +247,7 @@ pub async fn serve<C>(
             true,
             VIA,
         ));
-        match exchange(&mut client, up, &head, &forwarded_head, shared.config.idle_timeout, &what, log).await {
+        match exchange(&mut client, up, &head, &forwarded_head, context.config.idle_timeout, &what, log).await {
             Exchanged::Complete { close: false } => {}
             Exchanged::Complete { close: true } | Exchanged::Failed | Exchanged::FailedMidResponse => return,
             Exchanged::Switched => {
@@ -308,7 +255,7 @@ pub async fn serve<C>(
                 let (client, to_upstream) = client.into_parts();
                 let (upstream, to_client) = upstream.take().expect("connected above").into_parts();
                 let prefill = Prefill { to_upstream, to_client };
-                return log.relayed(relay::copy(client, upstream, prefill, shared.config.idle_timeout).await);
+                return log.relayed(relay::copy(client, upstream, prefill, context.config.idle_timeout).await);
             }
         }
     }
@@ -338,19 +285,19 @@ fn names_target(head: &RequestHead, target: &Target) -> Result<(), String> {
 async fn connect(
     target: &Target,
     preconnected: Option<TcpStream>,
-    shared: &Shared,
+    context: &Context,
     log: &mut CloseLog,
 ) -> Result<Box<dyn Io>, (u16, &'static str, String)> {
     let tcp = match preconnected {
         Some(tcp) => tcp,
-        None => connect_upstream(target.upstream, shared, log)
+        None => connect_upstream(target.upstream, context, log)
             .await
             .ok_or_else(|| (502, "upstream_failed", log.reason.clone().unwrap_or_default()))?,
     };
     if !target.tls {
         return Ok(Box::new(tcp));
     }
-    match shared.config.upstream_tls.connect(&target.name, tcp).await {
+    match context.config.upstream_tls.connect(&target.name, tcp).await {
         Ok(tls) => Ok(Box::new(tls)),
         Err(error) => {
             let status = if error.kind == crate::tls::UpstreamTlsErrorKind::Timeout { 504 } else { 502 };

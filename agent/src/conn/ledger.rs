@@ -1,0 +1,193 @@
+//! One close record per connection: filled in as the connection goes, and
+//! written as one log line (plus its metrics) when it ends.
+
+use std::{net::SocketAddr, time::Instant};
+
+use serde::Serialize;
+
+use super::{
+    origin::Origin,
+    verdict::{Allowed, Denial, Verdict},
+};
+use crate::{
+    credentials::Refusal,
+    observe::{Denied, Ended, SandboxMetrics},
+    relay,
+};
+
+/// Everything the close log line says about a connection, filled in as it goes.
+#[derive(Default)]
+pub struct CloseLog {
+    pub verdict: &'static str,
+    pub reason: Option<String>,
+    /// The kind of denial (`policy_denied`, `ssrf_denied`...), for the metrics.
+    pub denial: Option<&'static str>,
+    /// tls, http, connect, opaque, silent, closed, invalid.
+    pub protocol: &'static str,
+    pub host: Option<String>,
+    pub upstream: Option<SocketAddr>,
+    pub policy: Option<String>,
+    pub generation: Option<u64>,
+    pub audit: Option<String>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub error: Option<String>,
+    pub inference: Option<InferenceLog>,
+    /// Requests decided by L7 rules on an inspected connection, and how many were denied.
+    pub requests: u64,
+    pub requests_denied: u64,
+}
+
+impl CloseLog {
+    /// Records the decision; returns the allowance if there is one.
+    pub fn decided(&mut self, verdict: Verdict) -> Result<Allowed, Denial> {
+        self.generation = Some(verdict.generation);
+        match verdict.outcome {
+            Ok(allowed) => {
+                self.upstream = Some(allowed.upstream);
+                if allowed.resolved_host.is_some() {
+                    self.host.clone_from(&allowed.resolved_host);
+                }
+                self.policy.clone_from(&allowed.policy);
+                self.audit.clone_from(&allowed.audit);
+                Ok(allowed)
+            }
+            Err(denial) => {
+                self.verdict = "denied";
+                self.reason = Some(denial.reason.clone());
+                self.denial = Some(denial.kind);
+                Err(denial)
+            }
+        }
+    }
+
+    pub fn relayed(&mut self, outcome: relay::Outcome) {
+        self.verdict = "relayed";
+        self.bytes_up += outcome.bytes_up;
+        self.bytes_down += outcome.bytes_down;
+        self.error = outcome.error.map(|error| error.to_string());
+    }
+
+    pub fn upstream_failed(&mut self, reason: String) {
+        self.verdict = "upstream_failed";
+        self.reason = Some(reason);
+    }
+}
+
+/// When the agent accepted a connection: an `Instant` for its duration, and
+/// CLOCK_MONOTONIC in nanoseconds for its log line (`accepted_monotonic_ns`),
+/// the clock other processes on the host can read too, so a client that
+/// notes when it connected and closed can tell its connections apart even
+/// when one (client address, destination) is used again at once.
+#[derive(Clone, Copy)]
+pub struct Accepted {
+    at: Instant,
+    monotonic_ns: u64,
+}
+
+impl Accepted {
+    pub fn now() -> Self {
+        let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime only writes into the timespec passed; CLOCK_MONOTONIC always exists.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+        Self { at: Instant::now(), monotonic_ns: now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64 }
+    }
+}
+
+impl CloseLog {
+    /// The one line every connection logs when it ends.
+    pub fn emit(&self, observed: &SandboxMetrics, origin: &Origin, peer: SocketAddr, accepted: Accepted) {
+        let denial = (self.verdict == "denied").then(|| self.denial.unwrap_or("other"));
+        observed.connection_ended(&Ended {
+            verdict: self.verdict,
+            protocol: self.protocol,
+            bytes_up: self.bytes_up,
+            bytes_down: self.bytes_down,
+            denial,
+        });
+        if denial.is_some() {
+            observed.denied(Denied {
+                host: self.host.clone().unwrap_or_else(|| origin.destination.ip().to_canonical().to_string()),
+                port: origin.destination.port(),
+                binary: origin.exe.as_ref().map(|exe| exe.display().to_string()),
+                reason: self.reason.clone().unwrap_or_default(),
+            });
+        }
+        let inference = self.inference.as_ref();
+        tracing::info!(
+            event = "connection",
+            verdict = self.verdict,
+            reason = self.reason,
+            protocol = self.protocol,
+            host = self.host,
+            pid = origin.pid,
+            exe = origin.exe.as_ref().map(|exe| exe.display().to_string()),
+            comm = origin.comm,
+            uid = origin.uid,
+            cgroup_id = origin.cgroup_id,
+            client = %peer,
+            destination = %origin.destination,
+            upstream = self.upstream.map(|upstream| upstream.to_string()),
+            policy = self.policy,
+            policy_generation = self.generation,
+            audit = self.audit,
+            bytes_up = self.bytes_up,
+            bytes_down = self.bytes_down,
+            accepted_monotonic_ns = accepted.monotonic_ns,
+            duration_ms = accepted.at.elapsed().as_secs_f64() * 1e3,
+            error = self.error,
+            requests = (self.requests > 0).then_some(self.requests),
+            requests_denied = (self.requests > 0).then_some(self.requests_denied),
+            inference_requests = inference.map(|i| i.requests),
+            inference_last_status = inference.and_then(|i| i.last_status),
+            inference_endpoint = inference.and_then(|i| i.endpoint),
+            inference_provider = inference.and_then(|i| i.provider.as_deref()),
+            inference_model = inference.and_then(|i| i.model.as_deref()),
+        );
+    }
+
+    /// A placeholder where it does not belong, or a bound credential that
+    /// cannot be applied: a warning of its own (the sandbox may be
+    /// misconfigured, or trying to send a placeholder elsewhere), and the
+    /// connection's close line says why.
+    pub fn credential_refused(&mut self, refusal: &Refusal, origin: &Origin, host: &str) {
+        tracing::warn!(
+            event = "credential_refused",
+            error = refusal.kind,
+            provider = refusal.provider,
+            host,
+            pid = origin.pid,
+            exe = origin.exe.as_ref().map(|exe| exe.display().to_string()),
+            cgroup_id = origin.cgroup_id,
+            "{}: {}",
+            refusal.detail,
+            refusal.reason,
+        );
+        if self.verdict.is_empty() {
+            self.verdict = "denied";
+            self.denial = Some(refusal.kind);
+        }
+        self.reason = Some(format!("{}: {}", refusal.detail, refusal.reason));
+    }
+}
+
+/// What one connection did, for the connection's close log line. Never
+/// holds a credential.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+pub struct InferenceLog {
+    /// Requests received, refused ones included.
+    pub requests: u64,
+    /// The status of the last response, the provider's or the agent's own.
+    pub last_status: Option<u16>,
+    /// `POST /v1/chat/completions`..., of the last recognised request.
+    pub endpoint: Option<&'static str>,
+    /// Provider and model of the last routed request.
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    /// Bytes sent to the provider (heads and bodies).
+    pub bytes_up: u64,
+    /// Bytes sent to the client (heads and bodies, agent errors included).
+    pub bytes_down: u64,
+    /// The last error or refusal, `type: message`.
+    pub error: Option<String>,
+}

@@ -1,0 +1,77 @@
+//! The requests the control socket carries, and what answers them.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::SandboxSpec;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ControlRequest {
+    Get {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sandbox: Option<String>,
+    },
+    Set {
+        provider: String,
+        model: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sandbox: Option<String>,
+    },
+    Update {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        provider: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        model: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sandbox: Option<String>,
+    },
+    SandboxAdd {
+        spec: SandboxSpec,
+    },
+    SandboxRemove {
+        name: String,
+        #[serde(default)]
+        detach: bool,
+        #[serde(default)]
+        force: bool,
+    },
+    SandboxList,
+    Status,
+}
+
+/// What serves the control socket's requests (the daemon): the reply's
+/// fields besides `ok`, or the error.
+pub trait Answer: Send + Sync + 'static {
+    fn answer(self: Arc<Self>, request: ControlRequest) -> BoxFuture<Result<Value>>;
+}
+
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_strictly() {
+        let parse = |text: &str| serde_json::from_str::<ControlRequest>(text);
+        assert_eq!(parse(r#"{"op":"get"}"#).unwrap(), ControlRequest::Get { sandbox: None });
+        assert_eq!(
+            parse(r#"{"op":"update","model":"m","sandbox":"web"}"#).unwrap(),
+            ControlRequest::Update { provider: None, model: Some("m".into()), sandbox: Some("web".into()) }
+        );
+        assert_eq!(
+            parse(r#"{"op":"sandbox_remove","name":"web"}"#).unwrap(),
+            ControlRequest::SandboxRemove { name: "web".into(), detach: false, force: false }
+        );
+        assert!(parse(r#"{"op":"set","provider":"p"}"#).unwrap_err().to_string().contains("model"));
+        assert!(parse(r#"{"op":"set","provider":"p","model":"m","extra":1}"#)
+            .unwrap_err()
+            .to_string()
+            .contains("extra"));
+        assert!(parse(r#"{"op":"delete"}"#).is_err());
+    }
+}
