@@ -20,9 +20,21 @@
 #   binary        executable of the connecting process, if known
 #   exe_paths     that executable, then its ancestors' executables
 #   uid, cgroup_id
-#   request       for request_decision only: one HTTP request on an
-#                 inspected connection: method (as sent), path (canonical,
-#                 see agent/src/l7/path.rs), query (decoded name -> values)
+#   request       for request_decision only: one message of one HTTP request
+#                 on an inspected connection: method (as sent, or
+#                 WEBSOCKET_TEXT for a client text message after an
+#                 upgrade), path (canonical, see agent/src/wire/path.rs),
+#                 query (decoded name -> values), via_gate (plain HTTP
+#                 decided request by request, not a TLS or CONNECT stream),
+#                 message: what the endpoint's protocol read of it:
+#                   {kind: http}             the request itself (REST)
+#                   {kind: jsonrpc, method, tool}  one JSON-RPC/MCP call
+#                                            (tool: a tools/call's name)
+#                   {kind: jsonrpc_response} a response frame the client sent
+#                   {kind: receive_stream}   an MCP GET for server events
+#                   {kind: graphql, operation_type, operation_name, fields}
+#                   {kind: graphql_unregistered}  a persisted query's hash
+#                                            or id the endpoint does not know
 #
 # Variable-key lookups go through a local binding (by_host := data...):
 # indexing data directly makes regorus build rule paths on every access.
@@ -159,15 +171,15 @@ destination := input.host if {
 	contains(input.literal, ":")
 } else := input.literal
 
-# The first inspected endpoint among those allowing the connection, or
-# null: with one, each HTTP request is then decided by request_decision.
+# The inspected endpoints among those allowing the connection, in order,
+# or null: with one, each HTTP request is then decided by request_decision.
 inspected_endpoints := {[endpoint.policy, endpoint.index] |
 	some [endpoint, hits] in checked_endpoints
 	count(hits) > 0
 	endpoint.l7
 }
 
-inspected := min(inspected_endpoints) if {
+inspected := sort(inspected_endpoints) if {
 	count(inspected_endpoints) > 0
 } else := null
 
@@ -197,12 +209,16 @@ decision := {
 	"reason": sprintf("endpoint %s:%d is not allowed by any policy", [destination, input.port]),
 }
 
-# --- L7: one HTTP request on an inspected connection ---
+# --- L7: one message of one HTTP request on an inspected connection ---
 #
-# OpenShell's semantics: the request is allowed when an inspected endpoint
+# OpenShell's semantics: the message is allowed when an inspected endpoint
 # of a policy allowing the connection (host, port and binary), whose `path`
-# selects the request, has an allow rule matching it, and no such endpoint
-# has a deny rule matching it. Deny rules win. An `enforcement: audit`
+# selects the request, has an allow rule (or profile) matching it, and no
+# such endpoint has a deny rule matching it. Deny rules win. A rule matches
+# by its kind: REST-shaped rules the request's method, path and query;
+# JSON-RPC and MCP rules a call; GraphQL rules an operation. A GraphQL
+# endpoint is authoritative: an operation it does not allow is denied there,
+# whatever another endpoint's REST rules say. An `enforcement: audit`
 # endpoint allows what it would deny, and says why.
 
 l7_endpoints contains endpoint if {
@@ -226,6 +242,16 @@ path_matches(path, pattern) if {
 	glob.match(pattern, ["/"], path)
 }
 
+message := object.get(input.request, "message", {"kind": "http"})
+
+graphql_message if message.kind in {"graphql", "graphql_unregistered"}
+
+# A JSON-RPC call counts only in a POST (OpenShell's transport rule).
+jsonrpc_call if {
+	message.kind == "jsonrpc"
+	upper(input.request.method) == "POST"
+}
+
 # `*` any method; else the same method in any case; a GET rule covers HEAD.
 method_matches(_, "*") if true
 
@@ -236,7 +262,9 @@ method_matches(method, expected) if {
 	upper(expected) == "GET"
 }
 
-rule_matches(rule) if {
+http_rule_matches(rule) if {
+	rule.kind == "http"
+	not graphql_message
 	method_matches(input.request.method, rule.method)
 	path_matches(input.request.path, rule.path)
 }
@@ -266,18 +294,154 @@ query_value_matches(value, globs) if {
 	glob.match(pattern, [], value)
 }
 
-l7_denied contains [endpoint.policy, endpoint.index, rule.label, endpoint.l7.audit] if {
+# JSON-RPC: the method exactly, or `*`.
+call_matches(rule) if {
+	rule.kind == "jsonrpc"
+	jsonrpc_call
+	rule.method in {"*", message.method}
+}
+
+# MCP: the method as a glob (`tools/*`), and the tool if the rule names one.
+call_matches(rule) if {
+	rule.kind == "mcp"
+	jsonrpc_call
+	glob.match(rule.method, [], message.method)
+	tool_matches(rule.tool)
+}
+
+tool_matches(null) if true
+
+tool_matches(globs) if {
+	globs != null
+	is_string(message.tool)
+	some pattern in globs
+	glob.match(pattern, [], message.tool)
+}
+
+# GraphQL: the type (`*` any), the name if the rule has one (an anonymous
+# operation's name is ""), then the root fields: for an allow rule every
+# field must match one of its globs, for a deny rule any one.
+operation_matches(rule) if {
+	rule.kind == "graphql"
+	message.kind == "graphql"
+	rule.operation_type in {"*", lower(message.operation_type)}
+	operation_name_matches(rule.operation_name)
+}
+
+operation_name_matches(null) if true
+
+operation_name_matches(pattern) if {
+	pattern != null
+	glob.match(pattern, [], message.operation_name)
+}
+
+allow_fields_match(rule) if rule.fields == null
+
+allow_fields_match(rule) if {
+	rule.fields != null
+	count(message.fields) > 0
+	every field in message.fields {
+		some pattern in rule.fields
+		glob.match(pattern, [], field)
+	}
+}
+
+deny_fields_match(rule) if rule.fields == null
+
+deny_fields_match(rule) if {
+	rule.fields != null
+	some field in message.fields
+	some pattern in rule.fields
+	glob.match(pattern, [], field)
+}
+
+allow_rule_matches(rule) if {
+	http_rule_matches(rule)
+	allow_query_matches(rule)
+}
+
+allow_rule_matches(rule) if call_matches(rule)
+
+allow_rule_matches(rule) if {
+	operation_matches(rule)
+	allow_fields_match(rule)
+}
+
+deny_rule_matches(rule) if {
+	http_rule_matches(rule)
+	deny_query_matches(rule)
+}
+
+deny_rule_matches(rule) if call_matches(rule)
+
+deny_rule_matches(rule) if {
+	operation_matches(rule)
+	deny_fields_match(rule)
+}
+
+# What an MCP endpoint allows without a rule: every call under
+# `mcp.allow_all_known_mcp_methods` (but a tools/call must match a tool rule
+# when some rule names a tool), the client's response frames (answers to
+# the server's requests), and the receive stream.
+profile_allows(endpoint) := "mcp.allow_all_known_mcp_methods" if {
+	endpoint.l7.protocol == "mcp"
+	endpoint.l7.mcp_allow_all
+	jsonrpc_call
+	message.method != ""
+	not tool_narrowed(endpoint)
+}
+
+profile_allows(endpoint) := "mcp: response frame" if {
+	endpoint.l7.protocol == "mcp"
+	message.kind == "jsonrpc_response"
+	upper(input.request.method) == "POST"
+}
+
+profile_allows(endpoint) := "mcp: receive stream" if {
+	endpoint.l7.protocol == "mcp"
+	message.kind == "receive_stream"
+}
+
+tool_narrowed(endpoint) if {
+	message.method == "tools/call"
+	endpoint.l7.mcp_tool_narrowed
+}
+
+# [policy, endpoint, rule label, audit, reason]: the reason says what
+# denied, as OpenShell words it.
+l7_denied contains [endpoint.policy, endpoint.index, rule.label, endpoint.l7.audit, reason] if {
 	some endpoint in l7_endpoints
 	some rule in endpoint.l7.deny_rules
-	rule_matches(rule)
-	deny_query_matches(rule)
+	deny_rule_matches(rule)
+	reason := sprintf("%s blocked by deny rule", [request_line])
+}
+
+l7_denied contains [endpoint.policy, endpoint.index, null, endpoint.l7.audit, reason] if {
+	some endpoint in l7_endpoints
+	endpoint.l7.graphql_authoritative
+	graphql_message
+	not endpoint_allows(endpoint)
+	reason := graphql_deny_reason
+}
+
+graphql_deny_reason := "GraphQL persisted query is not registered" if {
+	message.kind == "graphql_unregistered"
+} else := "GraphQL operation blocked by endpoint policy"
+
+endpoint_allows(endpoint) if {
+	some rule in endpoint.l7.rules
+	allow_rule_matches(rule)
 }
 
 l7_allowed contains [endpoint.policy, endpoint.index, rule.label] if {
 	some endpoint in l7_endpoints
 	some rule in endpoint.l7.rules
-	rule_matches(rule)
-	allow_query_matches(rule)
+	allow_rule_matches(rule)
+}
+
+l7_allowed contains [endpoint.policy, endpoint.index, label] if {
+	some endpoint in l7_endpoints
+	label := profile_allows(endpoint)
 }
 
 l7_unmatched contains [endpoint.policy, endpoint.index, endpoint.l7.audit] if {
@@ -286,16 +450,33 @@ l7_unmatched contains [endpoint.policy, endpoint.index, endpoint.l7.audit] if {
 
 request_line := sprintf("%s %s", [input.request.method, input.request.path])
 
+unmatched_reason := "GraphQL operation not permitted by policy" if {
+	graphql_message
+} else := sprintf("%s not permitted by policy", [request_line])
+
+# Outside every inspected endpoint's `path`: on a TLS or CONNECT stream
+# allowed by exactly one inspected endpoint, its enforcement decides (so an
+# audit endpoint audits), as in OpenShell; otherwise, and for plain HTTP
+# through the gate, the request is denied.
+lone_inspected := [name, index, endpoint.l7.audit] if {
+	not input.request.via_gate
+	count(inspected_endpoints) == 1
+	some [endpoint, hits] in checked_endpoints
+	count(hits) > 0
+	endpoint.l7
+	[name, index] := [endpoint.policy, endpoint.index]
+}
+
 request_decision := {
 	"allow": audit,
 	"audit": audit,
 	"policy": name,
 	"endpoint": index,
 	"rule": label,
-	"reason": sprintf("%s blocked by deny rule", [request_line]),
+	"reason": reason,
 } if {
 	count(l7_denied) > 0
-	[name, index, label, audit] := min(l7_denied)
+	[name, index, label, audit, reason] := min(l7_denied)
 } else := {
 	"allow": true,
 	"audit": false,
@@ -310,10 +491,18 @@ request_decision := {
 	"audit": audit,
 	"policy": name,
 	"endpoint": index,
-	"reason": sprintf("%s not permitted by policy", [request_line]),
+	"reason": unmatched_reason,
 } if {
 	count(l7_unmatched) > 0
 	[name, index, audit] := min(l7_unmatched)
+} else := {
+	"allow": audit,
+	"audit": audit,
+	"policy": name,
+	"endpoint": index,
+	"reason": unmatched_reason,
+} if {
+	[name, index, audit] := lone_inspected
 } else := {
 	"allow": false,
 	"audit": false,

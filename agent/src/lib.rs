@@ -1,6 +1,7 @@
 //! sandbox-egress: the agent's modules, as a library so fuzz targets and
 //! the `sandbox-egress` binary share them.
 
+pub mod cli;
 pub mod conn;
 pub mod control;
 pub mod credentials;

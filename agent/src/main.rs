@@ -5,8 +5,7 @@ use std::{num::NonZeroUsize, path::PathBuf, process::ExitCode, sync::Arc, time::
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use sandbox_egress::{
-    conn, control, credentials, daemon, dns, inference, logging, observe, policy, preflight, proxy, redirect, sniff,
-    tls,
+    cli, conn, control, credentials, daemon, dns, inference, logging, observe, preflight, proxy, redirect, sniff, tls,
 };
 
 #[derive(Parser)]
@@ -40,7 +39,7 @@ enum Command {
     Inference(inference::cli::InferenceCommand),
     /// Validate or try out a policy file offline.
     #[command(subcommand)]
-    Policy(policy::cli::PolicyCommand),
+    Policy(cli::policy::PolicyCommand),
     /// Credentials kept out of the sandbox: the placeholders it holds instead.
     #[command(subcommand)]
     Credentials(credentials::cli::CredentialsCommand),
@@ -216,7 +215,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(*args),
         Command::Sandbox(command) => daemon::cli::run(command),
         Command::Status { json, socket } => daemon::cli::status(&socket, json),
-        Command::Policy(command) => policy::cli::run(command),
+        Command::Policy(command) => cli::policy::run(command),
         Command::Credentials(command) => credentials::cli::run(command),
         Command::Inference(command) => inference::cli::run(command),
         Command::Ca(CaCommand::Export { ca_dir }) => export_ca(&ca_dir),

@@ -107,7 +107,7 @@ fn render(response: &Response, close: bool) -> Vec<u8> {
 
 /// A policy name is any YAML key: only visible ASCII goes into a header as
 /// is, the rest percent-encoded.
-fn header_safe(value: &str) -> String {
+pub fn header_safe(value: &str) -> String {
     value
         .bytes()
         .map(|byte| match byte {

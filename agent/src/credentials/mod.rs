@@ -13,6 +13,7 @@
 //! The inference route reads its provider keys through [`CredentialSource`]
 //! too.
 
+mod body;
 pub mod cli;
 mod config;
 pub mod placeholder;
@@ -26,6 +27,7 @@ use anyhow::{Context, Result};
 
 use self::source::{read_env, SecretFile};
 pub use self::{
+    body::MAX_REWRITTEN_BODY,
     config::{provider_names, Inject},
     rewrite::{check_stream, check_unbound, CredentialedHead, Refusal},
     secret::Secret,

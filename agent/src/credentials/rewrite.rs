@@ -31,7 +31,7 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn not_bound(found: &Found, host: &str, reason: String) -> Self {
+    pub(super) fn not_bound(found: &Found, host: &str, reason: String) -> Self {
         Refusal {
             status: 403,
             kind: "credential_not_bound",
@@ -44,7 +44,7 @@ impl Refusal {
         }
     }
 
-    fn unavailable(provider: &str, host: &str, reason: String) -> Self {
+    pub(super) fn unavailable(provider: &str, host: &str, reason: String) -> Self {
         Refusal {
             status: 502,
             kind: "credential_unavailable",

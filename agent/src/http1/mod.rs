@@ -17,6 +17,7 @@ pub mod head;
 mod reader;
 mod request;
 mod response;
+mod source;
 #[cfg(test)]
 mod testing;
 
@@ -27,10 +28,11 @@ pub use self::{
     reader::HeadReader,
     request::{parse_request_head, RequestHead, TargetForm},
     response::ResponseHead,
+    source::{BodyError, BodySource, Piece},
 };
 
 /// Header fields as the parsers keep them: names as spelled, values trimmed.
-type Fields = [(String, Vec<u8>)];
+pub type Fields = [(String, Vec<u8>)];
 
 /// How the end of a message body is found (RFC 9112 §6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,13 +89,13 @@ fn parse_content_length(value: &[u8]) -> Option<u64> {
 }
 
 /// The values of every field called `name` (case-insensitive), in order.
-fn field_values<'f>(fields: &'f Fields, name: &'f str) -> impl Iterator<Item = &'f [u8]> + 'f {
+pub fn field_values<'f>(fields: &'f Fields, name: &'f str) -> impl Iterator<Item = &'f [u8]> + 'f {
     fields.iter().filter(move |(field, _)| field.eq_ignore_ascii_case(name)).map(|(_, value)| value.as_slice())
 }
 
 /// The comma-separated elements of every field called `name`, trimmed, empty
 /// ones included (RFC 9110 §5.6.1): lines of one field form a single list.
-fn list_elements<'f>(fields: &'f Fields, name: &'f str) -> impl Iterator<Item = &'f [u8]> + 'f {
+pub fn list_elements<'f>(fields: &'f Fields, name: &'f str) -> impl Iterator<Item = &'f [u8]> + 'f {
     field_values(fields, name).flat_map(|value| value.split(|&b| b == b',')).map(<[u8]>::trim_ascii)
 }
 

@@ -12,7 +12,6 @@
 //! - `stream`: the response relay, SSE error events on failure;
 //! - `cli`: `sandbox-egress inference get|set|update`.
 
-mod body;
 pub mod cli;
 mod config;
 mod provider;

@@ -20,7 +20,6 @@ use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::{
-    body::{BodyError, BodySource, Piece},
     config::Provider,
     provider::Endpoint,
     respond::{write_refusal, Refusal},
@@ -34,7 +33,8 @@ use crate::{
     dns::{Resolver, INFERENCE_HOST},
     http1::{
         forward::{forward_response_head, wants_close},
-        request_framing, response_framing, BodyFraming, HeadReader, RequestHead, ResponseHead,
+        request_framing, response_framing, BodyError, BodyFraming, BodySource, HeadReader, Piece, RequestHead,
+        ResponseHead,
     },
     tls::Io,
     wire::host::Host,

@@ -20,12 +20,8 @@
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use super::{
-    body::{BodyError, BodySource, Piece},
-    config::Limits,
-    respond::sse_error_event,
-};
-use crate::http1::{BodyFraming, HeadReader, ResponseHead};
+use super::{config::Limits, respond::sse_error_event};
+use crate::http1::{BodyError, BodyFraming, BodySource, HeadReader, Piece, ResponseHead};
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum StreamEnd {

@@ -37,14 +37,17 @@ pub enum Exchanged {
     Failed,
 }
 
-/// Sends `forwarded_head` and the request's body upstream, then relays the
+/// Sends `forwarded_head` and the request's body upstream (`body` if the
+/// agent read it already, else copied from the client), then relays the
 /// responses. Waits are bounded by `idle` too: a stalled server gets the
 /// client a 504. `what` names the request in error bodies (`GET h:p`).
+#[allow(clippy::too_many_arguments)]
 pub async fn exchange<C, U>(
     client: &mut HeadReader<C>,
     upstream: &mut HeadReader<U>,
     head: &RequestHead,
     forwarded_head: &[u8],
+    body: Option<&[u8]>,
     idle: Duration,
     what: &str,
     log: &mut CloseLog,
@@ -60,7 +63,12 @@ where
         {
             let mut to_upstream = Counted { inner: upstream.get_mut(), count: &mut sent_up };
             to_upstream.write_all(forwarded_head).await?;
-            http1::copy_body(client, &mut to_upstream, http1::request_framing(head), &body_limits).await?;
+            match body {
+                Some(body) => to_upstream.write_all(body).await?,
+                None => {
+                    http1::copy_body(client, &mut to_upstream, http1::request_framing(head), &body_limits).await?;
+                }
+            }
         }
         let mut to_client = Counted { inner: client.get_mut(), count: &mut sent_down };
         http1::forward_responses(upstream, &mut to_client, head, VIA, &response_limits).await

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{HttpRequest, Policy, Request};
+use super::{HttpRequest, Message, Policy, Request};
 use crate::wire::path::canonicalize;
 
 const RULES: &str = r#"
@@ -126,7 +126,13 @@ fn decide(
     let connection = policy.evaluate(&request).expect("evaluation runs");
     let inspection = connection.inspect.ok_or_else(|| format!("not inspected: {:?}", connection.reason))?;
     let canonical = canonicalize(target, inspection.allow_encoded_slash)?;
-    let http = HttpRequest { method, path: &canonical.path, query: &canonical.query };
+    let http = HttpRequest {
+        method,
+        path: &canonical.path,
+        query: &canonical.query,
+        message: &Message::Http,
+        via_gate: false,
+    };
     let decision = policy.evaluate_request(&request, &http).expect("evaluation runs");
     Ok((decision.allow, decision.audit, decision.rule))
 }
@@ -308,7 +314,14 @@ fn bound_decision(policy: &Policy, host: &str, method: &str, path: &str) -> supe
     };
     assert!(policy.evaluate(&request).unwrap().inspect.is_some(), "{host} is inspected");
     let canonical = canonicalize(path, false).unwrap();
-    policy.evaluate_request(&request, &HttpRequest { method, path: &canonical.path, query: &canonical.query }).unwrap()
+    let http = HttpRequest {
+        method,
+        path: &canonical.path,
+        query: &canonical.query,
+        message: &Message::Http,
+        via_gate: false,
+    };
+    policy.evaluate_request(&request, &http).unwrap()
 }
 
 #[test]
@@ -354,10 +367,7 @@ fn bindings_must_name_a_configured_provider() {
 #[test]
 fn bindings_that_cannot_be_applied_are_refused_at_load() {
     for (endpoint, error) in [
-        (
-            "protocol: graphql, credential_binding: { provider: gh }",
-            "inspects `protocol: rest` and `websocket` only (this one is `graphql`)",
-        ),
+        ("protocol: sql, credential_binding: { provider: gh }", "sandbox-egress does not inspect `protocol: sql`"),
         ("tls: skip, credential_binding: { provider: gh }", "remove `tls: skip`"),
         ("credential_binding: { provider: 'a b' }", "credential_binding.provider: \"a b\" must be"),
     ] {

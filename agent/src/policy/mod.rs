@@ -119,10 +119,10 @@
 //! `sandbox_egress.path_glob` extension, since regorus's `glob.match` would
 //! recompile its pattern on every call.
 
-pub mod cli;
 #[cfg(test)]
 mod l7_tests;
 mod normalize;
+mod rules;
 mod schema;
 mod store;
 #[cfg(test)]
@@ -177,17 +177,55 @@ struct RequestKey {
     method: String,
     path: String,
     query: BTreeMap<String, Vec<String>>,
+    message: Message,
+    via_gate: bool,
 }
 
-/// One HTTP request on an inspected connection.
+/// One message of one HTTP request on an inspected connection: the request
+/// itself, or one call, operation or WebSocket text message in it.
 #[derive(Debug, Clone, Copy)]
 pub struct HttpRequest<'a> {
-    /// As sent (rules compare methods in any case).
+    /// As sent (rules compare methods in any case); `WEBSOCKET_TEXT` for a
+    /// client text message after an upgrade.
     pub method: &'a str,
     /// Canonical (see [`crate::wire::path::canonicalize`]).
     pub path: &'a str,
     /// Decoded names to decoded values.
     pub query: &'a BTreeMap<String, Vec<String>>,
+    /// What the endpoint's protocol read of it.
+    pub message: &'a Message,
+    /// Plain HTTP through the private-IP gate, decided request by request
+    /// (not a TLS or CONNECT stream decided once for its host).
+    pub via_gate: bool,
+}
+
+/// What an L7 room read of a request, as the rules match it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Message {
+    /// The HTTP request itself: REST and WebSocket rules match its method,
+    /// path and query.
+    Http,
+    /// One JSON-RPC or MCP call; `tool`, a `tools/call`'s `params.name`.
+    JsonRpcCall { method: String, tool: Option<String> },
+    /// A response frame the client sent (it answers a server's request).
+    JsonRpcResponse,
+    /// An MCP `GET` with `Accept: text/event-stream`: the server's messages.
+    ReceiveStream,
+    /// One GraphQL operation (a registered persisted query as registered).
+    GraphQl(Operation),
+    /// A persisted query's hash or id that the endpoint does not register.
+    GraphQlUnregistered,
+}
+
+/// A GraphQL operation as rules match it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct Operation {
+    /// `query`, `mutation` or `subscription`.
+    pub operation_type: String,
+    /// Empty for an anonymous operation.
+    pub operation_name: String,
+    /// Root field names (not aliases), fragments expanded, sorted, unique.
+    pub fields: Vec<String>,
 }
 
 /// The L7 verdict on one request.
@@ -289,10 +327,12 @@ pub struct Endpoint {
     pub not_enforced: Vec<&'static str>,
 }
 
-/// How an inspected endpoint's requests are decided (see egress.rego's L7 part).
+/// How an inspected endpoint's requests are read and decided (see
+/// egress.rego's L7 part).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Inspection {
-    /// `rest` or `websocket`.
+    /// `rest`, `websocket`, `graphql`, `json-rpc` or `mcp`: the L7 room
+    /// that reads its requests.
     pub protocol: &'static str,
     /// Selects this endpoint among inspected ones of a host and port.
     pub path: Option<String>,
@@ -304,6 +344,71 @@ pub struct Inspection {
     /// `access: read-only`, or how many allow rules.
     pub rules: String,
     pub deny_rules: usize,
+    /// `enforcement: audit`: what its rules would deny goes through, logged.
+    pub audit: bool,
+    /// What the rooms reading bodies and messages need.
+    #[serde(skip)]
+    pub messages: Arc<MessageRules>,
+    /// In a decision: the other inspected endpoints allowing the same
+    /// connection, in order. A request is read by the one whose `path`
+    /// selects it most specifically (see [`Inspection::select`]).
+    #[serde(skip)]
+    pub others: Vec<Inspection>,
+}
+
+/// An inspected endpoint's settings for bodies and messages.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct MessageRules {
+    /// JSON-RPC, MCP and GraphQL bodies are read up to this to be decided.
+    pub max_body_bytes: usize,
+    /// MCP: a tool name must be 1 to 128 of `A-Z a-z 0-9 _ . -`.
+    pub strict_tool_names: bool,
+    /// GraphQL persisted queries: `None`, denied; else the registered ones
+    /// by hash or id (`persisted_queries: allow_registered`).
+    pub persisted: Option<BTreeMap<String, Operation>>,
+    /// A WebSocket endpoint whose client messages are GraphQL operations.
+    pub websocket_graphql: bool,
+    /// `request_body_credential_rewrite`.
+    pub rewrite_body: bool,
+    /// `websocket_credential_rewrite`.
+    pub rewrite_websocket: bool,
+}
+
+impl Inspection {
+    /// The endpoint that reads a request for `path`: among this one and
+    /// [`Inspection::others`], the one whose `path` selects it with the
+    /// most literal characters (no `path` selects every request, with
+    /// none); `None` when several are inspected and none selects it. A lone
+    /// inspected endpoint reads every request (its rules then find it
+    /// outside their path).
+    pub fn select(&self, path: &str) -> Option<&Inspection> {
+        if self.others.is_empty() {
+            return Some(self);
+        }
+        let mut best: Option<(usize, &Inspection)> = None;
+        for candidate in std::iter::once(self).chain(&self.others) {
+            let specificity = match candidate.path.as_deref() {
+                None => 0,
+                Some(pattern) if path_selects(pattern, path) => pattern.chars().filter(|&c| c != '*').count(),
+                Some(_) => continue,
+            };
+            // Ties go to the first in order.
+            if best.is_none_or(|(most, _)| specificity > most) {
+                best = Some((specificity, candidate));
+            }
+        }
+        best.map(|(_, candidate)| candidate)
+    }
+}
+
+/// As egress.rego's `path_matches`: `**` any path, else a glob where `*`
+/// stays within a segment.
+fn path_selects(pattern: &str, path: &str) -> bool {
+    pattern == "**"
+        || globset::GlobBuilder::new(pattern)
+            .literal_separator(true)
+            .build()
+            .is_ok_and(|glob| glob.compile_matcher().is_match(path))
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -399,6 +504,8 @@ impl Policy {
             method: http.method.to_owned(),
             path: http.path.to_owned(),
             query: http.query.clone(),
+            message: http.message.clone(),
+            via_gate: http.via_gate,
         };
         if let Some(decision) = self.request_decisions.lock().unwrap_or_else(PoisonError::into_inner).get(&key) {
             return Ok(decision.clone());
@@ -419,6 +526,8 @@ impl Policy {
         object.insert("method".into(), Value::from(http.method));
         object.insert("path".into(), Value::from(http.path));
         object.insert("query".into(), Value::from(query));
+        object.insert("via_gate".into(), Value::from(http.via_gate));
+        object.insert("message".into(), message_document(http.message)?);
         input.as_object_mut()?.insert("request".into(), fields);
         let output = self.request.eval_with_input(input)?;
         let decision = self
@@ -540,12 +649,18 @@ impl Policy {
             _ => None,
         };
         let inspect = match &output["inspect"] {
-            Value::Array(pair) => match pair.as_slice() {
-                [Value::String(name), position] => {
-                    self.endpoint(name, usize::try_from(position.as_u64()?)?)?.inspection.clone()
+            Value::Array(pairs) => {
+                let mut inspected = Vec::with_capacity(pairs.len());
+                for pair in pairs.iter() {
+                    let [Value::String(name), position] = pair.as_array()?.as_slice() else {
+                        bail!("`inspect` is not a list of [policy, endpoint]");
+                    };
+                    let endpoint = self.endpoint(name, usize::try_from(position.as_u64()?)?)?;
+                    inspected.extend(endpoint.inspection.clone());
                 }
-                _ => bail!("`inspect` is not [policy, endpoint]"),
-            },
+                let mut inspected = inspected.into_iter();
+                inspected.next().map(|first| Inspection { others: inspected.collect(), ..first })
+            }
             _ => None,
         };
         Ok(Decision {
@@ -729,6 +844,26 @@ fn input_document(request: &Request, host: Option<&str>, literal: Option<IpAddr>
     fields.insert("uid".into(), Value::from(u64::from(request.uid)));
     fields.insert("cgroup_id".into(), Value::from(request.cgroup_id));
     Ok(input)
+}
+
+/// `input.request.message` (see the top of egress.rego).
+fn message_document(message: &Message) -> Result<Value> {
+    let document = match message {
+        Message::Http => serde_json::json!({ "kind": "http" }),
+        Message::JsonRpcCall { method, tool } => {
+            serde_json::json!({ "kind": "jsonrpc", "method": method, "tool": tool })
+        }
+        Message::JsonRpcResponse => serde_json::json!({ "kind": "jsonrpc_response" }),
+        Message::ReceiveStream => serde_json::json!({ "kind": "receive_stream" }),
+        Message::GraphQl(operation) => serde_json::json!({
+            "kind": "graphql",
+            "operation_type": operation.operation_type,
+            "operation_name": operation.operation_name,
+            "fields": operation.fields,
+        }),
+        Message::GraphQlUnregistered => serde_json::json!({ "kind": "graphql_unregistered" }),
+    };
+    Ok(Value::from(document))
 }
 
 /// ".b.example.com", ".example.com", ".com" for "a.b.example.com".

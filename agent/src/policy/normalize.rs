@@ -5,6 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
+    sync::Arc,
 };
 
 use anyhow::{bail, Context, Result};
@@ -13,16 +14,15 @@ use ipnet::IpNet;
 use serde_json::{json, Map, Value as Json};
 
 use super::{
-    schema::{Access, EndpointDef, NetworkPolicyDef, PolicyFile, Protocol, QueryMatcherDef, RequestMatchDef},
-    Endpoint, Enforcement, Inspection,
+    rules::{self, validate_path_glob, BINDING_ONLY_RULES},
+    schema::{EndpointDef, NetworkPolicyDef, PolicyFile, Protocol},
+    Endpoint, Enforcement, Inspection, MessageRules,
 };
 use crate::credentials::placeholder::is_valid_name as is_provider_name;
 
 /// Longest DNS name in text form without the trailing dot (RFC 1035 §3.1).
 const MAX_DNS_NAME_LEN: usize = 253;
 const MAX_LABEL_LEN: usize = 63;
-/// The rule of a bound endpoint without `access` or `rules`: every request.
-const BINDING_ONLY_RULES: &str = "credential_binding (no rules)";
 
 pub(super) struct NetworkPolicy {
     pub display_name: Option<String>,
@@ -89,7 +89,9 @@ fn normalize_policy(
             port_ignored.push(position);
         }
         let enforcement_implicit = endpoint.enforcement.is_none();
-        let (endpoint, pattern) = normalize_endpoint(endpoint, &endpoint_context)?;
+        let mut notes = Vec::new();
+        let (endpoint, pattern) = normalize_endpoint(endpoint, &endpoint_context, &mut notes)?;
+        warnings.extend(notes.into_iter().map(|note| format!("policy '{name}': endpoint {position} {note}")));
         if let Some(inspection) = &endpoint.inspection {
             if enforcement_implicit && inspection.rules != BINDING_ONLY_RULES {
                 warnings.push(format!(
@@ -102,12 +104,6 @@ fn normalize_policy(
                 warnings.push(format!(
                     "policy '{name}': endpoint {position} has `tls: skip`, so its rules apply to plain HTTP only: \
                      TLS to it is relayed undecrypted and its requests are not decided"
-                ));
-            }
-            if inspection.protocol == "websocket" {
-                warnings.push(format!(
-                    "policy '{name}': endpoint {position} is `protocol: websocket`: its upgrade requests are decided \
-                     by the rules; messages after the 101 are relayed without inspection"
                 ));
             }
         }
@@ -167,12 +163,13 @@ struct Matching {
     rules: Option<Json>,
 }
 
-fn normalize_endpoint(definition: EndpointDef, context: &str) -> Result<(Endpoint, Matching)> {
+/// `notes`: load warnings about this endpoint, to follow "endpoint N".
+fn normalize_endpoint(definition: EndpointDef, context: &str, notes: &mut Vec<String>) -> Result<(Endpoint, Matching)> {
     if let Some(binding) = &definition.credential_binding {
         if !definition.inspected() {
             bail!(
-                "{context}.credential_binding: a bound endpoint is inspected, and sandbox-egress inspects \
-                 `protocol: rest` and `websocket` only (this one is `{}`)",
+                "{context}.credential_binding: a bound endpoint is inspected, and sandbox-egress does not inspect \
+                 `protocol: {}`",
                 definition.protocol.map_or("tcp", Protocol::name)
             );
         }
@@ -189,7 +186,7 @@ fn normalize_endpoint(definition: EndpointDef, context: &str) -> Result<(Endpoin
         }
     }
     let not_enforced = definition.not_enforced_fields();
-    let (inspection, rules) = normalize_inspection(&definition, context)?.unzip();
+    let (inspection, rules) = normalize_inspection(&definition, context, notes)?.unzip();
     let enforcement = enforcement(&definition);
     // OpenShell writes a hostless endpoint as an empty host.
     let host = definition.host.map(|host| canonical_host(&host)).filter(|host| !host.is_empty());
@@ -255,6 +252,21 @@ fn check_inspection_overlaps(policies: &BTreeMap<String, NetworkPolicy>) -> Resu
                     ("allow_encoded_slash", inspection.allow_encoded_slash != theirs.allow_encoded_slash),
                     ("tls", endpoint.tls_skip != other.tls_skip),
                     ("credential_binding", endpoint.credential_provider != other.credential_provider),
+                    ("max_body_bytes", inspection.messages.max_body_bytes != theirs.messages.max_body_bytes),
+                    (
+                        "mcp.strict_tool_names",
+                        inspection.messages.strict_tool_names != theirs.messages.strict_tool_names,
+                    ),
+                    ("persisted_queries", inspection.messages.persisted != theirs.messages.persisted),
+                    (
+                        "request_body_credential_rewrite",
+                        inspection.messages.rewrite_body != theirs.messages.rewrite_body,
+                    ),
+                    (
+                        "websocket_credential_rewrite",
+                        inspection.messages.rewrite_websocket != theirs.messages.rewrite_websocket,
+                    ),
+                    ("operation_type", inspection.messages.websocket_graphql != theirs.messages.websocket_graphql),
                 ];
                 if let Some((field, _)) = differs.iter().find(|(_, differs)| *differs) {
                     bail!(
@@ -280,142 +292,101 @@ fn enforcement(definition: &EndpointDef) -> Enforcement {
     }
 }
 
-/// An inspected endpoint's rules, checked as OpenShell checks them and
-/// expanded (access presets become rules) into the form egress.rego matches.
-fn normalize_inspection(definition: &EndpointDef, context: &str) -> Result<Option<(Inspection, Json)>> {
+/// An inspected endpoint's rules and settings, checked as OpenShell checks
+/// them, and its document for egress.rego.
+fn normalize_inspection(
+    definition: &EndpointDef,
+    context: &str,
+    notes: &mut Vec<String>,
+) -> Result<Option<(Inspection, Json)>> {
+    check_protocol_options(definition, context, notes)?;
     if !definition.inspected() {
         return Ok(None);
     }
-    let protocol = match definition.protocol {
-        Some(Protocol::Websocket) => "websocket",
-        _ => "rest",
-    };
-    let mut rules = Vec::new();
-    let rules_text = match (definition.access, &definition.rules) {
-        (Some(_), Some(_)) => bail!("{context}: set either `access` or `rules`, not both"),
-        // A binding alone inspects only to apply the credential.
-        (None, None) if definition.credential_binding.is_some() => {
-            rules.push(json!({ "label": BINDING_ONLY_RULES, "method": "*", "path": "**", "query": {} }));
-            BINDING_ONLY_RULES.to_owned()
-        }
-        (None, None) => bail!(
-            "{context}: an inspected endpoint needs `access` (read-only, read-write, full) or `rules`; \
-             without either it would allow no request"
-        ),
-        (Some(access), None) => {
-            let methods: &[&str] = match (access, protocol) {
-                (Access::Full, _) | (Access::ReadWrite, "websocket") => &["*"],
-                (Access::ReadOnly, "websocket") => &["GET"],
-                (Access::ReadOnly, _) => &["GET", "HEAD", "OPTIONS"],
-                (Access::ReadWrite, _) => &["GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH"],
-            };
-            let label = format!("access: {}", access.name());
-            rules.extend(
-                methods.iter().map(|method| json!({ "label": label, "method": method, "path": "**", "query": {} })),
-            );
-            label
-        }
-        (None, Some(definitions)) => {
-            if definitions.is_empty() {
-                bail!("{context}.rules: an empty list allows nothing (use `access: full`, or leave `rules` out)");
-            }
-            for (position, rule) in definitions.iter().enumerate() {
-                let Some(allow) = &rule.allow else { continue };
-                let rule_context = format!("{context}.rules[{position}].allow");
-                rules.push(request_match(allow, &format!("rules[{position}]"), &rule_context)?);
-            }
-            if rules.is_empty() {
-                bail!("{context}.rules: no entry has an `allow`, so the rules would deny every request");
-            }
-            format!("{} {}", rules.len(), if rules.len() == 1 { "rule" } else { "rules" })
-        }
-    };
-    let mut deny_rules = Vec::new();
-    if let Some(definitions) = &definition.deny_rules {
-        if definitions.is_empty() {
-            bail!("{context}.deny_rules: an empty list denies nothing: leave `deny_rules` out");
-        }
-        for (position, rule) in definitions.iter().enumerate() {
-            let label = format!("deny_rules[{position}]");
-            deny_rules.push(request_match(rule, &label, &format!("{context}.{label}"))?);
-        }
+    let protocol = rules::protocol_name(definition);
+    if protocol == "mcp" && definition.host.as_deref().is_none_or(str::is_empty) {
+        bail!("{context}: protocol mcp needs a `host`: the protocol alone is not a wildcard endpoint");
     }
+    let rules = rules::normalize(definition, protocol, context)?;
     if let Some(path) = &definition.path {
         validate_path_glob(path).with_context(|| format!("{context}.path"))?;
     }
+    let audit = enforcement(definition) == Enforcement::Audit;
+    let graphql_reads = protocol == "graphql" || rules.websocket_graphql;
     let document = json!({
         "protocol": protocol,
         "path": definition.path.as_deref().filter(|path| !path.is_empty()),
-        "rules": rules,
-        "deny_rules": deny_rules,
-        "audit": enforcement(definition) == Enforcement::Audit,
+        "rules": rules.allow,
+        "deny_rules": rules.deny,
+        "audit": audit,
+        "graphql_authoritative": graphql_reads,
+        "mcp_allow_all": rules.mcp_allow_all,
+        "mcp_tool_narrowed": rules.mcp_tool_narrowed,
     });
+    let messages = MessageRules {
+        max_body_bytes: rules::max_body_bytes(definition, protocol, context)?,
+        strict_tool_names: definition.mcp.as_ref().and_then(|mcp| mcp.strict_tool_names).unwrap_or(true),
+        persisted: if graphql_reads { rules::persisted_queries(definition, context)? } else { None },
+        websocket_graphql: rules.websocket_graphql,
+        rewrite_body: protocol == "rest" && definition.request_body_credential_rewrite == Some(true),
+        rewrite_websocket: matches!(protocol, "rest" | "websocket")
+            && definition.websocket_credential_rewrite == Some(true),
+    };
     let inspection = Inspection {
         protocol,
         path: definition.path.clone().filter(|path| !path.is_empty()),
         allow_encoded_slash: definition.allow_encoded_slash.unwrap_or(false),
         terminate_tls: definition.tls.as_deref() != Some("skip"),
-        rules: rules_text,
-        deny_rules: deny_rules.len(),
+        rules: rules.text,
+        deny_rules: rules.deny.len(),
+        audit,
+        messages: Arc::new(messages),
+        others: Vec::new(),
     };
     Ok(Some((inspection, document)))
 }
 
-/// A REST or WebSocket rule: `method` and `path` required, `query` globs.
-fn request_match(rule: &RequestMatchDef, label: &str, context: &str) -> Result<Json> {
-    let other_protocol = [
-        ("command", rule.command.is_some()),
-        ("operation_type", rule.operation_type.is_some()),
-        ("operation_name", rule.operation_name.is_some()),
-        ("fields", rule.fields.is_some()),
-        ("tool", rule.tool.is_some()),
-        ("params", rule.params.is_some()),
-    ];
-    if let Some((field, _)) = other_protocol.iter().find(|(_, present)| *present) {
-        bail!("{context}: `{field}` belongs to another protocol's rules; REST and WebSocket rules match `method`, `path` and `query`");
+/// Options of one protocol on another: an error where OpenShell's gateway
+/// refuses them, a warning where it ignores them.
+fn check_protocol_options(definition: &EndpointDef, context: &str, notes: &mut Vec<String>) -> Result<()> {
+    let protocol = definition.protocol.filter(|protocol| protocol.needs_inspection()).map(Protocol::name);
+    if definition.mcp.is_some() && protocol != Some("mcp") {
+        bail!("{context}.mcp: `mcp` options are only valid for protocol mcp");
     }
-    let method = rule.method.as_deref().with_context(|| format!("{context}: `method` is required"))?;
-    if method.is_empty()
-        || !(method == "*" || method.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
-    {
-        bail!("{context}.method: '{method}' is not an HTTP method or `*`");
+    if definition.json_rpc.is_some() && !matches!(protocol, Some("json-rpc" | "mcp")) {
+        notes.push("has `json_rpc` options, which only json-rpc and mcp endpoints read: ignored".into());
     }
-    let path = rule.path.as_deref().with_context(|| format!("{context}: `path` is required"))?;
-    validate_path_glob(path).with_context(|| format!("{context}.path"))?;
-    let mut query = Map::new();
-    for (name, matcher) in rule.query.iter().flatten() {
-        let globs = match matcher {
-            QueryMatcherDef::Glob(glob) => vec![glob.clone()],
-            QueryMatcherDef::Object(object) => {
-                let globs: Vec<String> = object.glob.iter().chain(object.any.iter().flatten()).cloned().collect();
-                if globs.is_empty() {
-                    bail!("{context}.query.{name}: give `glob` or a non-empty `any`");
-                }
-                globs
-            }
-        };
-        for glob in &globs {
-            validate_glob(glob).with_context(|| format!("{context}.query.{name}"))?;
+    let graphql_fields = definition.persisted_queries.is_some()
+        || definition.graphql_persisted_queries.is_some()
+        || definition.graphql_max_body_bytes.is_some();
+    if graphql_fields && !matches!(protocol, Some("graphql" | "websocket")) {
+        notes.push("has GraphQL options, which only graphql and websocket endpoints read: ignored".into());
+    }
+    if definition.request_body_credential_rewrite == Some(true) {
+        if !matches!(protocol, None | Some("rest")) {
+            notes.push("has `request_body_credential_rewrite`, which only rest endpoints read: ignored".into());
+        } else if definition.credential_binding.is_none() {
+            notes.push(
+                "has `request_body_credential_rewrite` but no `credential_binding`: there is no provider whose \
+                 placeholders it would replace"
+                    .into(),
+            );
         }
-        query.insert(name.clone(), json!(globs));
     }
-    Ok(json!({ "label": label, "method": method, "path": path, "query": query }))
-}
-
-/// `**`, or a glob over `/`-separated segments starting at the root.
-fn validate_path_glob(path: &str) -> Result<()> {
-    if path != "**" && !path.starts_with('/') {
-        bail!("'{path}' must start with `/` (or be `**`, any path)");
+    if definition.websocket_credential_rewrite == Some(true) {
+        if !matches!(protocol, None | Some("rest" | "websocket")) {
+            notes.push(
+                "has `websocket_credential_rewrite`, which only rest and websocket endpoints read: ignored".into(),
+            );
+        } else if definition.credential_binding.is_none() {
+            notes.push(
+                "has `websocket_credential_rewrite` but no `credential_binding`: there is no provider whose \
+                 placeholders it would replace"
+                    .into(),
+            );
+        }
     }
-    validate_glob(path)
-}
-
-/// Refuses at load what regorus's `glob.match` would fail on per request.
-fn validate_glob(glob: &str) -> Result<()> {
-    let mut engine = regorus::Engine::new();
-    let check = format!("package check\nok := glob.match({}, [\"/\"], \"\")", serde_json::to_string(glob)?);
-    engine.add_policy("check.rego".into(), check)?;
-    engine.eval_rule("data.check.ok".into()).map(drop).map_err(|_| anyhow::anyhow!("'{glob}' is not a valid glob"))
+    Ok(())
 }
 
 /// Lower-cased, without the root's trailing dot: the form both the policy

@@ -70,18 +70,24 @@ pub(super) struct EndpointDef {
     pub rules: Option<Vec<RuleDef>>,
     pub deny_rules: Option<Vec<RequestMatchDef>>,
     pub allow_encoded_slash: Option<bool>,
-    // Later work: kept only to be reported as not enforced.
-    pub websocket_credential_rewrite: Option<IgnoredAny>,
-    pub request_body_credential_rewrite: Option<IgnoredAny>,
+    /// Placeholders of the bound provider in request bodies are replaced (REST).
+    pub request_body_credential_rewrite: Option<bool>,
+    /// The same for client text messages after a WebSocket upgrade.
+    pub websocket_credential_rewrite: Option<bool>,
+    /// `deny` (default) or `allow_registered`: GraphQL requests that carry
+    /// only a persisted query's hash or id.
+    pub persisted_queries: Option<String>,
+    /// The trusted classification of each registered persisted query, by
+    /// its sha256 hash or saved-query id.
+    pub graphql_persisted_queries: Option<BTreeMap<String, PersistedOperationDef>>,
+    pub graphql_max_body_bytes: Option<u64>,
+    pub json_rpc: Option<JsonRpcOptions>,
+    pub mcp: Option<McpOptions>,
+    // Not enforced: kept only to be reported as such.
     pub allow_uninspected_credentials: Option<IgnoredAny>,
-    pub persisted_queries: Option<IgnoredAny>,
-    pub graphql_persisted_queries: Option<IgnoredAny>,
-    pub graphql_max_body_bytes: Option<IgnoredAny>,
     pub credential_signing: Option<IgnoredAny>,
     pub signing_service: Option<IgnoredAny>,
     pub signing_region: Option<IgnoredAny>,
-    pub json_rpc: Option<JsonRpcOptions>,
-    pub mcp: Option<McpOptions>,
     /// Ties the endpoint to a credential provider (`run --credentials`):
     /// its requests get that provider's secret, so it is always inspected.
     pub credential_binding: Option<CredentialBinding>,
@@ -89,13 +95,13 @@ pub(super) struct EndpointDef {
 
 impl EndpointDef {
     /// Whether the agent inspects this endpoint's HTTP requests (and so
-    /// terminates its TLS): a REST or WebSocket protocol, rules of any kind,
-    /// or a credential binding. Other L7 protocols are reported as not
-    /// enforced instead.
+    /// terminates its TLS): an L7 protocol (REST, WebSocket, GraphQL,
+    /// JSON-RPC, MCP), rules of any kind, or a credential binding. SQL is
+    /// reported as not enforced instead.
     pub fn inspected(&self) -> bool {
         match self.protocol {
-            Some(Protocol::Rest | Protocol::Websocket) => true,
-            Some(protocol) if protocol.needs_inspection() => false,
+            Some(Protocol::Sql) => false,
+            Some(protocol) if protocol.needs_inspection() => true,
             _ => {
                 self.access.is_some()
                     || self.rules.is_some()
@@ -116,17 +122,10 @@ impl EndpointDef {
             ("access", uninspected_protocol && self.access.is_some()),
             ("rules", uninspected_protocol && self.rules.is_some()),
             ("deny_rules", uninspected_protocol && self.deny_rules.is_some()),
-            ("websocket_credential_rewrite", self.websocket_credential_rewrite.is_some()),
-            ("request_body_credential_rewrite", self.request_body_credential_rewrite.is_some()),
             ("allow_uninspected_credentials", self.allow_uninspected_credentials.is_some()),
-            ("persisted_queries", self.persisted_queries.is_some()),
-            ("graphql_persisted_queries", self.graphql_persisted_queries.is_some()),
-            ("graphql_max_body_bytes", self.graphql_max_body_bytes.is_some()),
             ("credential_signing", self.credential_signing.is_some()),
             ("signing_service", self.signing_service.is_some()),
             ("signing_region", self.signing_region.is_some()),
-            ("json_rpc", self.json_rpc.is_some()),
-            ("mcp", self.mcp.is_some()),
         ]
         .into_iter()
         .filter_map(|(field, present)| present.then_some(field))
@@ -161,47 +160,59 @@ pub(super) struct RuleDef {
 }
 
 /// What an allow rule (under `allow`) or a deny rule matches. REST and
-/// WebSocket use `method`, `path` and `query`; the other fields belong to
-/// OpenShell's SQL, GraphQL and MCP rules, accepted so those files load.
+/// WebSocket use `method`, `path` and `query`; JSON-RPC `method`; MCP
+/// `method` and `tool` (or `params.name`); GraphQL `operation_type`,
+/// `operation_name` and `fields`. SQL's `command` is accepted so OpenShell
+/// files load.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RequestMatchDef {
     pub method: Option<String>,
     pub path: Option<String>,
     /// Name to a glob, or to `{glob: G}` / `{any: [G, ...]}`.
-    pub query: Option<BTreeMap<String, QueryMatcherDef>>,
+    pub query: Option<BTreeMap<String, MatcherDef>>,
     pub command: Option<IgnoredAny>,
-    pub operation_type: Option<IgnoredAny>,
-    pub operation_name: Option<IgnoredAny>,
-    pub fields: Option<IgnoredAny>,
-    pub tool: Option<IgnoredAny>,
-    pub params: Option<IgnoredAny>,
+    pub operation_type: Option<String>,
+    pub operation_name: Option<String>,
+    pub fields: Option<Vec<String>>,
+    /// An MCP `tools/call`'s tool name: a glob, or `{glob: G}` / `{any: [G, ...]}`.
+    pub tool: Option<MatcherDef>,
+    /// MCP: `name` only, the same as `tool`.
+    pub params: Option<BTreeMap<String, MatcherDef>>,
 }
 
-pub(super) enum QueryMatcherDef {
+/// A registered persisted query: what its hidden document is trusted to be.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PersistedOperationDef {
+    pub operation_type: Option<String>,
+    pub operation_name: Option<String>,
+    pub fields: Option<Vec<String>>,
+}
+
+pub(super) enum MatcherDef {
     Glob(String),
-    Object(QueryMatcherObject),
+    Object(MatcherObject),
 }
 
 /// By hand rather than `untagged`, so that an unknown key inside the object
 /// form is an error naming it.
-impl<'de> Deserialize<'de> for QueryMatcherDef {
+impl<'de> Deserialize<'de> for MatcherDef {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct Matcher;
         impl<'de> serde::de::Visitor<'de> for Matcher {
-            type Value = QueryMatcherDef;
+            type Value = MatcherDef;
 
             fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
                 formatter.write_str("a glob string, or a map with `glob` or `any`")
             }
 
-            fn visit_str<E: serde::de::Error>(self, glob: &str) -> Result<QueryMatcherDef, E> {
-                Ok(QueryMatcherDef::Glob(glob.to_owned()))
+            fn visit_str<E: serde::de::Error>(self, glob: &str) -> Result<MatcherDef, E> {
+                Ok(MatcherDef::Glob(glob.to_owned()))
             }
 
-            fn visit_map<M: serde::de::MapAccess<'de>>(self, map: M) -> Result<QueryMatcherDef, M::Error> {
-                QueryMatcherObject::deserialize(serde::de::value::MapAccessDeserializer::new(map))
-                    .map(QueryMatcherDef::Object)
+            fn visit_map<M: serde::de::MapAccess<'de>>(self, map: M) -> Result<MatcherDef, M::Error> {
+                MatcherObject::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(MatcherDef::Object)
             }
         }
         deserializer.deserialize_any(Matcher)
@@ -210,7 +221,7 @@ impl<'de> Deserialize<'de> for QueryMatcherDef {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct QueryMatcherObject {
+pub(super) struct MatcherObject {
     pub glob: Option<String>,
     pub any: Option<Vec<String>>,
 }
@@ -242,7 +253,7 @@ impl Protocol {
     ];
     const NAMES: [&'static str; 8] = ["tcp", "http", "rest", "websocket", "graphql", "mcp", "json-rpc", "sql"];
 
-    fn needs_inspection(self) -> bool {
+    pub fn needs_inspection(self) -> bool {
         !matches!(self, Protocol::Tcp | Protocol::Http)
     }
 
@@ -262,18 +273,14 @@ impl<'de> Deserialize<'de> for Protocol {
     }
 }
 
-// The options OpenShell's schema has, typed so that an unknown key is an
-// error naming it; L7 inspection will read them.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-#[expect(dead_code, reason = "checked for shape only until L7 inspection reads it")]
 pub(super) struct JsonRpcOptions {
     pub max_body_bytes: Option<u32>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-#[expect(dead_code, reason = "checked for shape only until L7 inspection reads it")]
 pub(super) struct McpOptions {
     pub max_body_bytes: Option<u32>,
     pub strict_tool_names: Option<bool>,

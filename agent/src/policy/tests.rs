@@ -882,18 +882,23 @@ fn fields_not_yet_enforced_are_reported_once_per_field_and_policy() {
         r#"
 version: 1
 network_policies:
-  github:
+  data:
     endpoints:
+      - host: db.example.test
+        port: 5432
+        protocol: sql
+        rules:
+          - allow: { command: SELECT }
+        credential_signing: { service: s3 }
+      - host: replica.example.test
+        port: 5432
+        protocol: sql
+        access: read-only
       - host: api.github.com
         port: 443
         protocol: graphql
         access: read-only
         request_body_credential_rewrite: true
-      - host: uploads.github.com
-        port: 443
-        protocol: graphql
-        rules:
-          - allow: { operation_type: query }
       - host: codeload.github.com
         port: 443
         protocol: REST
@@ -908,24 +913,35 @@ network_policies:
     assert_eq!(warnings_for("protocol"), 1, "{:?}", policy.warnings);
     assert_eq!(warnings_for("access"), 1, "{:?}", policy.warnings);
     assert_eq!(warnings_for("rules"), 1, "{:?}", policy.warnings);
-    assert_eq!(warnings_for("request_body_credential_rewrite"), 1, "{:?}", policy.warnings);
+    assert_eq!(warnings_for("credential_signing"), 1, "{:?}", policy.warnings);
     assert!(policy.warnings.iter().any(|warning| warning.contains("`protocol` is not yet enforced (endpoints 0, 1)")));
+    assert!(
+        policy.warnings.iter().any(|warning| warning
+            .contains("endpoint 2 has `request_body_credential_rewrite`, which only rest endpoints read: ignored")),
+        "{:?}",
+        policy.warnings
+    );
 
     let gh = Some("/usr/bin/gh");
-    let decision = evaluate(&policy, &Case { host: Some("api.github.com"), binary: gh, ..DEFAULT_CASE });
-    assert!(decision.inspect.is_none(), "GraphQL is decided at L4 only");
+    let case = |host| Case { host: Some(host), port: 5432, binary: gh, ..DEFAULT_CASE };
+    let decision = evaluate(&policy, &case("db.example.test"));
+    assert!(decision.inspect.is_none(), "SQL is decided at L4 only");
     let endpoint = decision.endpoint.expect("allowed");
-    assert_eq!(endpoint.not_enforced, ["protocol", "access", "request_body_credential_rewrite"]);
-    assert_eq!(endpoint.protocol.as_deref(), Some("graphql"));
+    assert_eq!(endpoint.not_enforced, ["protocol", "rules", "credential_signing"]);
+    assert_eq!(endpoint.protocol.as_deref(), Some("sql"));
+    let graphql = evaluate(&policy, &Case { host: Some("api.github.com"), binary: gh, ..DEFAULT_CASE });
+    assert_eq!(graphql.inspect.expect("GraphQL is inspected").protocol, "graphql");
     let codeload = evaluate(&policy, &Case { host: Some("codeload.github.com"), binary: gh, ..DEFAULT_CASE });
     assert!(codeload.inspect.is_some(), "REST, in any case, is inspected");
     assert!(codeload.endpoint.expect("allowed").not_enforced.is_empty());
 
     let summary = policy.summary();
     assert!(
-        summary.contains(
-            "api.github.com:443 protocol graphql (not yet enforced: protocol, access, request_body_credential_rewrite)"
-        ),
+        summary.contains("db.example.test:5432 protocol sql (not yet enforced: protocol, rules, credential_signing)"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("api.github.com:443 protocol graphql inspected (graphql, access: read-only)"),
         "{summary}"
     );
     assert!(summary.contains("codeload.github.com:443 protocol rest inspected (rest, access: read-only)"), "{summary}");
@@ -999,6 +1015,7 @@ network_policies:
         port: 443
         protocol: JSON-RPC
         json_rpc: { max_body_bytes: 131072 }
+        rules: [{ allow: { method: "*" } }]
       - host: mcp.test
         port: 443
         protocol: MCP
@@ -1008,8 +1025,16 @@ network_policies:
     )
     .expect("loads");
     let summary = policy.summary();
-    assert!(summary.contains("rpc.test:443 protocol json-rpc (not yet enforced: protocol, json_rpc)"), "{summary}");
-    assert!(summary.contains("mcp.test:443 protocol mcp (not yet enforced: protocol, mcp)"), "{summary}");
+    assert!(summary.contains("rpc.test:443 protocol json-rpc inspected (json-rpc, 1 rule)"), "{summary}");
+    assert!(
+        summary.contains("mcp.test:443 protocol mcp inspected (mcp, mcp.allow_all_known_mcp_methods)"),
+        "{summary}"
+    );
+    let endpoints = &policy.policies["p"].endpoints;
+    let limits: Vec<usize> =
+        endpoints.iter().map(|endpoint| endpoint.inspection.as_ref().unwrap().messages.max_body_bytes).collect();
+    assert_eq!(limits, [131072, 131072]);
+    assert!(!endpoints[1].inspection.as_ref().unwrap().messages.strict_tool_names);
 }
 
 #[test]

@@ -147,7 +147,7 @@ async fn connect(
     let tunnel_start = buffered.split_off(head.head_len);
     drop(buffered);
     if let Some(inspection) = allowed.inspect {
-        let target = Target { name: target, upstream: allowed.upstream, inspection, tls: true };
+        let target = Target { name: target, upstream: allowed.upstream, inspection, tls: true, via_gate: false };
         let tunnel = Rewound::new(tunnel_start, client);
         return Box::pin(terminate::tunnel(tunnel, target, upstream, origin, sandbox, log)).await;
     }

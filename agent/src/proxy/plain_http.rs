@@ -94,14 +94,15 @@ pub async fn serve(
                 return deny_http(stream, &format!("{} {host_text}:{port}", head.method), &denial).await;
             }
         };
+        let mut read_body = None;
         match allowed.inspect.clone() {
             Some(inspection) => {
                 let upstream = SocketAddr::new(allowed.upstream.ip(), port);
-                let target = Target { name: lookup_name.clone(), upstream, inspection, tls: false };
-                match check_request(client.get_mut(), &mut head, &target, origin, &sandbox.context, log).await {
+                let target = Target { name: lookup_name.clone(), upstream, inspection, tls: false, via_gate: true };
+                match check_request(&mut client, &mut head, &target, origin, &sandbox.context, log).await {
                     // Without TLS to the origin no credential is applied:
                     // check_request refuses placeholders instead.
-                    Checked::Allowed(_) => {}
+                    Checked::Allowed(allowed) => read_body = allowed.body,
                     Checked::Denied { close: true } => return,
                     Checked::Denied { close: false } => {
                         match next_request(&mut client, sandbox, log).await {
@@ -147,6 +148,7 @@ pub async fn serve(
             &mut up.reader,
             &head,
             &forwarded_head,
+            read_body.as_deref().map(Vec::as_slice),
             sandbox.context.config.idle_timeout,
             &what,
             log,

@@ -126,7 +126,7 @@ pub async fn transparent(mut client: TcpStream, origin: &Origin, sandbox: &Sandb
                 return reset(client);
             }
             let name = host.or(resolved_host).unwrap_or_else(|| destination.ip().to_canonical().to_string());
-            let target = Target { name, upstream, inspection, tls: true };
+            let target = Target { name, upstream, inspection, tls: true, via_gate: false };
             Box::pin(terminate::tls(client, buffered, target, None, origin, sandbox, log)).await
         }
         Ok(allowed) => passthrough::relay(client, buffered, allowed, early, origin, sandbox, log).await,

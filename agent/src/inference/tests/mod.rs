@@ -23,13 +23,10 @@ use tokio::{
 };
 
 use self::fake_provider::{test_ca, FakeProvider};
-use super::{
-    body::{BodySource, Piece},
-    Inference,
-};
+use super::Inference;
 use crate::{
     conn::InferenceLog,
-    http1::{response_framing, HeadReader, ResponseHead},
+    http1::{response_framing, BodySource, HeadReader, Piece, ResponseHead},
 };
 
 pub const OPENAI_KEY: &str = "sk-test-openai-0123456789";

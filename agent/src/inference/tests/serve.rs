@@ -4,10 +4,7 @@ use std::{collections::BTreeSet, time::Instant};
 
 use serde_json::json;
 
-use super::{
-    super::{body::Piece, respond::sse_error_event},
-    *,
-};
+use super::{super::respond::sse_error_event, *};
 use crate::{http1::parse_request_head, http1::BodyFraming, wire::Parse};
 
 const CHAT: &str = "/v1/chat/completions";

@@ -1,13 +1,14 @@
-//! Message bodies read as data, chunk framing removed: request bodies are
-//! re-serialised, and a relayed response is re-chunked so the agent can
-//! always end it with a well-framed last chunk. The chunk grammar itself is
-//! `http1::body`'s; this only walks it.
+//! Message bodies read as data, chunk framing removed: request bodies the
+//! agent reads to decide or rewrite are re-serialised, and a relayed
+//! response can be re-chunked so the agent can always end it with a
+//! well-framed last chunk. The chunk grammar itself is `body`'s; this only
+//! walks it.
 
 use std::{io, time::Duration};
 
 use tokio::{io::AsyncRead, time::timeout};
 
-use crate::http1::{
+use super::{
     body::{parse_chunk_size_line, parse_trailer_section, MAX_CHUNK_LINE_BYTES},
     BodyFraming, HeadReader,
 };
