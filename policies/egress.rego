@@ -32,6 +32,7 @@
 #                                            (tool: a tools/call's name)
 #                   {kind: jsonrpc_response} a response frame the client sent
 #                   {kind: receive_stream}   an MCP GET for server events
+#                   {kind: session_end}      an MCP DELETE ending the session
 #                   {kind: graphql, operation_type, operation_name, fields}
 #                   {kind: graphql_unregistered}  a persisted query's hash
 #                                            or id the endpoint does not know
@@ -382,7 +383,7 @@ deny_rule_matches(rule) if {
 # What an MCP endpoint allows without a rule: every call under
 # `mcp.allow_all_known_mcp_methods` (but a tools/call must match a tool rule
 # when some rule names a tool), the client's response frames (answers to
-# the server's requests), and the receive stream.
+# the server's requests), the receive stream, and the end of a session.
 profile_allows(endpoint) := "mcp.allow_all_known_mcp_methods" if {
 	endpoint.l7.protocol == "mcp"
 	endpoint.l7.mcp_allow_all
@@ -400,6 +401,11 @@ profile_allows(endpoint) := "mcp: response frame" if {
 profile_allows(endpoint) := "mcp: receive stream" if {
 	endpoint.l7.protocol == "mcp"
 	message.kind == "receive_stream"
+}
+
+profile_allows(endpoint) := "mcp: session end" if {
+	endpoint.l7.protocol == "mcp"
+	message.kind == "session_end"
 }
 
 tool_narrowed(endpoint) if {

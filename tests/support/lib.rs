@@ -1008,6 +1008,14 @@ fn spawn_and_wait(mut command: Command) -> Result<(u32, Output)> {
 }
 
 impl TestNet {
+    /// Runs tests/support/`script` inside the namespace with `args`: a
+    /// server printing JSON lines, `{"kind": "ready"}` once it listens.
+    pub fn start_support_server(&self, script: &str, args: &[&str]) -> Result<Servers> {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.netns, PYTHON, "-u"]).arg(support_file(script)).args(args);
+        Servers::start(command, None)
+    }
+
     /// Runs `script` (Python source) inside the namespace as a server, with
     /// `args`: it prints JSON lines on stdout, `{"kind": "ready"}` once it
     /// listens, like the servers of [`TestNet::start_servers`]. For servers

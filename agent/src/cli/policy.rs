@@ -7,6 +7,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::Serialize;
 
 use crate::{
@@ -16,6 +17,8 @@ use crate::{
     wire::{host::Authority, path::canonicalize},
 };
 
+/// `--query` names and values, encoded as a query component.
+const QUERY_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
 /// A body given on the command line is read up to this.
 const MAX_BODY_FILE: u64 = 16 * 1024 * 1024;
 
@@ -232,29 +235,35 @@ fn evaluate_http(policy: &Policy, request: &Request, decision: &Decision, offlin
         let verdict = if decision.allow { "not_inspected" } else { "connection_denied" };
         return Ok(outcome(verdict, None));
     };
-    let mut canonical = match canonicalize(&offline.target, inspection.allow_encoded_slash) {
-        Ok(canonical) => canonical,
-        Err(reason) => return Ok(HttpOutcome { error: Some(reason), ..outcome("deny", None) }),
-    };
+    let mut target = offline.target.clone();
     for pair in &offline.query {
         let (name, value) = pair.split_once('=').with_context(|| format!("--query {pair}: expected NAME=VALUE"))?;
-        canonical.query.entry(name.to_owned()).or_default().push(value.to_owned());
+        let separator = if target.contains('?') { '&' } else { '?' };
+        let encode = |text| utf8_percent_encode(text, QUERY_COMPONENT).to_string();
+        target = format!("{target}{separator}{}={}", encode(name), encode(value));
     }
-    let head = request_head(offline, request, &canonical.origin_form())?;
-    let (selected, room) = l7::reader(inspection, &canonical.path);
+    let head = request_head(offline, request, &target)?;
+    let classified = match &offline.websocket_message {
+        None => l7::classify_request(inspection, &head, &offline.body),
+        Some(text) => canonicalize(&target, inspection.allow_encoded_slash).and_then(|canonical| {
+            let (selected, _) = l7::reader(inspection, &canonical.path);
+            let calls = match l7::classify_text(text, selected)? {
+                Some(message) => vec![Call { message, id: None }],
+                None => Vec::new(),
+            };
+            Ok((canonical, selected, Classified { calls, batch: false }))
+        }),
+    };
+    let (canonical, selected, classified) = match classified {
+        Ok(classified) => classified,
+        Err(reason) => return Ok(HttpOutcome { error: Some(reason), ..outcome("deny", None) }),
+    };
     let mut path_outcome =
         HttpOutcome { protocol: Some(selected.protocol), ..outcome("deny", Some(canonical.path.clone())) };
-    let classified = match &offline.websocket_message {
-        Some(text) => match l7::classify_text(text, selected) {
-            Ok(Some(message)) => Classified { calls: vec![Call { message, id: None }], batch: false },
-            Ok(None) => return Ok(HttpOutcome { verdict: "allow", ..path_outcome }),
-            Err(reason) => return Ok(HttpOutcome { error: Some(reason), ..path_outcome }),
-        },
-        None => match room.classify(&head, &canonical, &offline.body, selected) {
-            Ok(classified) => classified,
-            Err(rejected) => return Ok(HttpOutcome { error: Some(rejected.reason), ..path_outcome }),
-        },
-    };
+    if classified.calls.is_empty() {
+        // A GraphQL-over-WebSocket control message: relayed undecided.
+        return Ok(HttpOutcome { verdict: "allow", ..path_outcome });
+    }
     let method = if offline.websocket_message.is_some() { l7::WEBSOCKET_TEXT } else { offline.method.as_str() };
     let mut calls = Vec::new();
     let mut failed = None;
@@ -294,6 +303,7 @@ fn call_outcome(message: &Message, decision: &RequestDecision) -> CallOutcome {
         Message::JsonRpcCall { method, tool } => ("call", Some(method.clone()), tool.clone(), None),
         Message::JsonRpcResponse => ("response", None, None, None),
         Message::ReceiveStream => ("receive_stream", None, None, None),
+        Message::SessionEnd => ("session_end", None, None, None),
         Message::GraphQl(operation) => ("operation", None, None, Some(operation.clone())),
         Message::GraphQlUnregistered => ("persisted_query", None, None, None),
     };

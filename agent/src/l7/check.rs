@@ -164,6 +164,21 @@ pub fn reader<'a>(inspection: &'a Inspection, path: &str) -> (&'a Inspection, &'
     }
 }
 
+/// What the endpoint's room reads of a request whose body (if its room
+/// reads one) is `body`, as the live session classifies it: the canonical
+/// target, the endpoint that read it, and its calls; `Err`, the reason it
+/// is refused before any rule. For `policy eval` and the fuzz targets.
+pub fn classify_request<'a>(
+    inspection: &'a Inspection,
+    head: &RequestHead,
+    body: &[u8],
+) -> Result<(CanonicalTarget, &'a Inspection, Classified), String> {
+    let canonical = canonicalize(&head.origin_form_target(), inspection.allow_encoded_slash)?;
+    let (selected, room) = reader(inspection, &canonical.path);
+    let classified = room.classify(head, &canonical, body, selected).map_err(|rejected| rejected.reason)?;
+    Ok((canonical, selected, classified))
+}
+
 /// Decides each call in order with `decide` (generation, verdict): the
 /// first allowed verdict, or the first call denied and its verdict (the
 /// request is then refused whole). Audited calls count as allowed.
@@ -428,6 +443,7 @@ fn message_kind(message: &Message) -> Option<&'static str> {
         Message::JsonRpcCall { .. } => Some("call"),
         Message::JsonRpcResponse => Some("response"),
         Message::ReceiveStream => Some("receive_stream"),
+        Message::SessionEnd => Some("session_end"),
         Message::GraphQl(_) => Some("operation"),
         Message::GraphQlUnregistered => Some("persisted_query"),
     }

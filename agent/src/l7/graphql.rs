@@ -80,8 +80,8 @@ impl Room for GraphQl {
         Ok(Classified { calls, batch })
     }
 
-    fn refuse(&self, refusal: &Refusal, _classified: Option<&Classified>) -> Response {
-        let body = json!({
+    fn refuse(&self, refusal: &Refusal, classified: Option<&Classified>) -> Response {
+        let response = json!({
             "errors": [{
                 "message": format!("{}: {}", refusal.detail, refusal.reason),
                 "extensions": {
@@ -93,6 +93,11 @@ impl Room for GraphQl {
                 },
             }],
         });
+        // A batch is answered with one response per operation, as its client reads it.
+        let body = match classified.filter(|classified| classified.batch) {
+            Some(batch) => Value::Array(vec![response; batch.calls.len()]),
+            None => response,
+        };
         super::json_refusal(refusal, &body)
     }
 }

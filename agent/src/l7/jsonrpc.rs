@@ -1,6 +1,7 @@
 //! JSON-RPC 2.0 and MCP (its Streamable HTTP transport): a POST body is
 //! one message or a batch, each call decided on its own; an MCP `GET` that
-//! accepts `text/event-stream` is the receive stream. A refusal is a
+//! accepts `text/event-stream` is the receive stream, an MCP `DELETE`
+//! without a body the end of a session. A refusal is a
 //! JSON-RPC error object carrying each call's `id`, the policy, rule and
 //! reason in its `data`.
 //!
@@ -46,7 +47,7 @@ impl JsonRpc {
 
 impl Room for JsonRpc {
     fn reads_body(&self, head: &RequestHead) -> bool {
-        !is_receive_stream(head)
+        !(is_receive_stream(head) || self.mcp && is_session_end(head))
     }
 
     fn classify(
@@ -58,6 +59,9 @@ impl Room for JsonRpc {
     ) -> Result<Classified, Rejected> {
         if is_receive_stream(head) {
             return Ok(Classified::single(Message::ReceiveStream));
+        }
+        if self.mcp && is_session_end(head) {
+            return Ok(Classified::single(Message::SessionEnd));
         }
         let rejected = |detail: String| format!("JSON-RPC request rejected: {detail}");
         let parsed: Value =
@@ -131,11 +135,22 @@ impl Room for JsonRpc {
     }
 }
 
+/// An MCP `DELETE` without a body: the Streamable HTTP transport's end of
+/// a session (OpenShell refuses it as invalid JSON; the MCP SDKs send it
+/// when a client closes).
+fn is_session_end(head: &RequestHead) -> bool {
+    head.method.eq_ignore_ascii_case("DELETE") && has_no_body(head)
+}
+
+fn has_no_body(head: &RequestHead) -> bool {
+    matches!(request_framing(head), BodyFraming::Empty | BodyFraming::Length(0))
+}
+
 /// An MCP `GET` that asks for the server's event stream: no body, and
 /// `text/event-stream` among the media types it accepts.
 fn is_receive_stream(head: &RequestHead) -> bool {
     head.method.eq_ignore_ascii_case("GET")
-        && matches!(request_framing(head), BodyFraming::Empty | BodyFraming::Length(0))
+        && has_no_body(head)
         && list_elements(&head.headers, "accept").any(|media| {
             let media = media.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
             media.eq_ignore_ascii_case(b"text/event-stream")

@@ -24,7 +24,7 @@ mod target;
 use serde_json::Value;
 
 pub use self::{
-    check::{check_request, decide_calls, reader, Allowed, Checked},
+    check::{check_request, classify_request, decide_calls, reader, Allowed, Checked},
     exchange::{exchange, Exchanged, KEEP_ALIVE_IDLE, VIA},
     messages::{classify_text, WEBSOCKET_TEXT},
     session::serve,

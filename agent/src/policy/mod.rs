@@ -211,6 +211,8 @@ pub enum Message {
     JsonRpcResponse,
     /// An MCP `GET` with `Accept: text/event-stream`: the server's messages.
     ReceiveStream,
+    /// An MCP `DELETE` without a body: the client ends its session.
+    SessionEnd,
     /// One GraphQL operation (a registered persisted query as registered).
     GraphQl(Operation),
     /// A persisted query's hash or id that the endpoint does not register.
@@ -855,6 +857,7 @@ fn message_document(message: &Message) -> Result<Value> {
         }
         Message::JsonRpcResponse => serde_json::json!({ "kind": "jsonrpc_response" }),
         Message::ReceiveStream => serde_json::json!({ "kind": "receive_stream" }),
+        Message::SessionEnd => serde_json::json!({ "kind": "session_end" }),
         Message::GraphQl(operation) => serde_json::json!({
             "kind": "graphql",
             "operation_type": operation.operation_type,
