@@ -56,8 +56,7 @@ impl Setup {
     /// Runs a tests/support/ Python script in the sandbox; its JSON lines.
     fn python(&self, script: &str, args: &[&str]) -> Result<Vec<Value>> {
         let script = support_file(script);
-        let (_, output) =
-            run_in(&self.sandbox, PYTHON, &[&[script.to_str().context("utf-8 path")?], args].concat())?;
+        let (_, output) = run_in(&self.sandbox, PYTHON, &[&[script.to_str().context("utf-8 path")?], args].concat())?;
         let stdout = String::from_utf8_lossy(&output.stdout);
         ensure!(
             output.status.success(),
@@ -74,7 +73,9 @@ impl Setup {
 }
 
 fn policy_yaml(endpoints: &str) -> String {
-    format!("version: 1\nnetwork_policies:\n  agents:\n    endpoints:\n{endpoints}    binaries:\n      - path: \"/**\"\n")
+    format!(
+        "version: 1\nnetwork_policies:\n  agents:\n    endpoints:\n{endpoints}    binaries:\n      - path: \"/**\"\n"
+    )
 }
 
 fn step<'a>(lines: &'a [Value], name: &str) -> Result<&'a Value> {
@@ -93,8 +94,8 @@ fn mcp_tool_calls_through_the_official_sdk_are_decided_one_by_one() -> Result<()
     let port = MCP_PORT.to_string();
     let server = setup.start_server("mcp_server.py", &["--port", &port, "--host-name", MCP_HOST])?;
     let url = format!("https://{MCP_HOST}:{MCP_PORT}/mcp");
-    let lines =
-        setup.python("mcp_client.py", &["--url", &url, "--cafile", &setup.agent_ca, "search=sandbox", "delete_repo=all"])?;
+    let lines = setup
+        .python("mcp_client.py", &["--url", &url, "--cafile", &setup.agent_ca, "search=sandbox", "delete_repo=all"])?;
 
     assert_eq!(step(&lines, "initialize")?["ok"], true, "{lines:?}");
     assert_eq!(step(&lines, "tools/list")?["tools"], serde_json::json!(["delete_repo", "search"]), "{lines:?}");
@@ -127,7 +128,6 @@ fn mcp_tool_calls_through_the_official_sdk_are_decided_one_by_one() -> Result<()
     );
     Ok(())
 }
-
 
 const GRAPHQL_HOST: &str = "graphql.l7.test";
 const GRAPHQL_PORT: u16 = 9446;
@@ -183,7 +183,10 @@ fn graphql_operations_are_decided_by_type_name_and_root_fields() -> Result<()> {
     assert_eq!(mutation["ok"], false, "{mutation}");
     let error = &mutation["errors"][0];
     assert!(error["message"].as_str().unwrap_or_default().contains("GraphQL operation blocked by endpoint policy"));
-    assert_eq!((&error["extensions"]["policy"], &error["extensions"]["rule"]), (&Value::from("agents"), &Value::from("access: read-only")));
+    assert_eq!(
+        (&error["extensions"]["policy"], &error["extensions"]["rule"]),
+        (&Value::from("agents"), &Value::from("access: read-only"))
+    );
     assert_eq!(step(&read_only, "batch")?["ok"], false, "{read_only:?}");
 
     // Rules: root fields by name, persisted queries by their registered classification.

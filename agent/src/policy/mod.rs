@@ -361,6 +361,8 @@ pub struct Inspection {
 /// An inspected endpoint's settings for bodies and messages.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct MessageRules {
+    /// Its `path` compiled, for choosing among several inspected endpoints.
+    pub path_matcher: Option<PathMatcher>,
     /// JSON-RPC, MCP and GraphQL bodies are read up to this to be decided.
     pub max_body_bytes: usize,
     /// MCP: a tool name must be 1 to 128 of `A-Z a-z 0-9 _ . -`.
@@ -389,10 +391,12 @@ impl Inspection {
         }
         let mut best: Option<(usize, &Inspection)> = None;
         for candidate in std::iter::once(self).chain(&self.others) {
-            let specificity = match candidate.path.as_deref() {
-                None => 0,
-                Some(pattern) if path_selects(pattern, path) => pattern.chars().filter(|&c| c != '*').count(),
-                Some(_) => continue,
+            let specificity = match (candidate.path.as_deref(), &candidate.messages.path_matcher) {
+                (Some(pattern), Some(matcher)) if matcher.matches(path) => {
+                    pattern.chars().filter(|&c| c != '*').count()
+                }
+                (Some(_), _) => continue,
+                (None, _) => 0,
             };
             // Ties go to the first in order.
             if best.is_none_or(|(most, _)| specificity > most) {
@@ -403,15 +407,34 @@ impl Inspection {
     }
 }
 
-/// As egress.rego's `path_matches`: `**` any path, else a glob where `*`
-/// stays within a segment.
-fn path_selects(pattern: &str, path: &str) -> bool {
-    pattern == "**"
-        || globset::GlobBuilder::new(pattern)
-            .literal_separator(true)
-            .build()
-            .is_ok_and(|glob| glob.compile_matcher().is_match(path))
+/// An endpoint `path` compiled once, matching as egress.rego's
+/// `path_matches`: `**` any path, else a glob where `*` stays within a
+/// segment.
+#[derive(Debug, Clone)]
+pub struct PathMatcher(Option<GlobMatcher>);
+
+impl PathMatcher {
+    pub fn new(pattern: &str) -> Result<Self> {
+        if pattern == "**" {
+            return Ok(Self(None));
+        }
+        let glob = globset::GlobBuilder::new(pattern).literal_separator(true).build()?;
+        Ok(Self(Some(glob.compile_matcher())))
+    }
+
+    pub fn matches(&self, path: &str) -> bool {
+        self.0.as_ref().is_none_or(|glob| glob.is_match(path))
+    }
 }
+
+/// Equal when made from the same pattern.
+impl PartialEq for PathMatcher {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_ref().map(GlobMatcher::glob) == other.0.as_ref().map(GlobMatcher::glob)
+    }
+}
+
+impl Eq for PathMatcher {}
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -16,7 +16,7 @@ use serde_json::{json, Map, Value as Json};
 use super::{
     rules::{self, validate_path_glob, BINDING_ONLY_RULES},
     schema::{EndpointDef, NetworkPolicyDef, PolicyFile, Protocol},
-    Endpoint, Enforcement, Inspection, MessageRules,
+    Endpoint, Enforcement, Inspection, MessageRules, PathMatcher,
 };
 use crate::credentials::placeholder::is_valid_name as is_provider_name;
 
@@ -323,7 +323,9 @@ fn normalize_inspection(
         "mcp_allow_all": rules.mcp_allow_all,
         "mcp_tool_narrowed": rules.mcp_tool_narrowed,
     });
+    let path = definition.path.as_deref().filter(|path| !path.is_empty());
     let messages = MessageRules {
+        path_matcher: path.map(PathMatcher::new).transpose().with_context(|| format!("{context}.path"))?,
         max_body_bytes: rules::max_body_bytes(definition, protocol, context)?,
         strict_tool_names: definition.mcp.as_ref().and_then(|mcp| mcp.strict_tool_names).unwrap_or(true),
         persisted: if graphql_reads { rules::persisted_queries(definition, context)? } else { None },
