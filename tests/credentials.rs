@@ -531,3 +531,53 @@ fn the_agent_refuses_unsafe_or_unknown_credentials_at_start() -> Result<()> {
     assert!(!error.contains(REST_TOKEN));
     Ok(())
 }
+
+#[test]
+fn placeholders_in_json_and_form_bodies_are_replaced_and_unreplaceable_ones_fail_closed() -> Result<()> {
+    require_root();
+    let endpoints = bound_endpoint(
+        REST_API_HOST,
+        REST_TLS_PORT,
+        "rest",
+        "        protocol: rest\n        enforcement: enforce\n        access: full\n        \
+         request_body_credential_rewrite: true\n",
+    );
+    let providers = "providers:\n  - name: rest\n    credential: { file: \"{dir}/rest.token\" }\n";
+    let setup = Setup::new("cred-body", &endpoints, providers, &[("rest.token", REST_TOKEN)], &[], false)?;
+    let token = placeholder("rest")?;
+    let base = format!("https://{REST_API_HOST}:{REST_TLS_PORT}");
+    let script = r#"
+        post() { curl -sS --max-time 10 --cacert "$CA" -o /dev/null -w '%{http_code}\n' -X POST "$@"; }
+        post -H 'Content-Type: application/json' -d "{\"token\":\"$TOKEN\",\"n\":1}" "$BASE/json"
+        post -H 'Content-Type: application/json' -H 'Transfer-Encoding: chunked' -d "{\"key\":\"$TOKEN\"}" "$BASE/chunked"
+        post --data-urlencode "secret=$TOKEN" --data-urlencode 'other=a b' "$BASE/form"
+        printf '{"token":"%s"}' "$TOKEN" | gzip | post -H 'Content-Type: application/json' \
+            -H 'Content-Encoding: gzip' --data-binary @- "$BASE/compressed"
+        post -H 'Content-Type: application/octet-stream' -d "$TOKEN" "$BASE/binary"
+    "#;
+    let (_, output) = setup.sandboxed(script, &[("TOKEN", &token), ("BASE", &base)])?;
+    ensure!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(curl_status(&output), ["200", "200", "200", "502", "502"]);
+
+    let received = setup.received();
+    let bodies: Vec<(&str, &str)> = received
+        .iter()
+        .map(|request| (request["path"].as_str().unwrap_or_default(), request["body"].as_str().unwrap_or_default()))
+        .collect();
+    let json = format!("{{\"token\":\"{REST_TOKEN}\",\"n\":1}}");
+    let chunked = format!("{{\"key\":\"{REST_TOKEN}\"}}");
+    let form = format!("secret={REST_TOKEN}&other=a+b");
+    assert_eq!(
+        bodies,
+        [("/json", json.as_str()), ("/chunked", chunked.as_str()), ("/form", form.as_str())],
+        "the origin got the secret in place of the placeholder; the unreplaceable bodies never arrived"
+    );
+    // Read whole and forwarded with its length, whatever framing the client used.
+    let chunked_request = received.iter().find(|request| request["path"] == "/chunked").context("chunked")?;
+    assert_eq!(chunked_request["headers"]["content-length"], chunked.len().to_string(), "{chunked_request}");
+    let refusals = setup.agent.log.matching(|e| e["event"] == "credential_refused");
+    assert_eq!(refusals.len(), 2, "{refusals:?}");
+    ensure!(refusals.iter().any(|e| e.to_string().contains("gzip-encoded")), "{refusals:?}");
+    setup.assert_no_secret_logged();
+    Ok(())
+}

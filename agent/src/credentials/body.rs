@@ -33,20 +33,27 @@ impl Credentials {
         body: &[u8],
         bound: Option<&str>,
         host: &str,
+        tls: bool,
     ) -> Result<Zeroizing<Vec<u8>>, Refusal> {
         let place = "the request body";
         let found: Vec<Found> =
             names_in(body).into_iter().map(|provider| Found { provider, place: place.to_owned() }).collect();
         let coded = field_values(&head.headers, "content-encoding")
             .find(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(b"identity"));
-        let Some(name) = bound else {
+        let unbound = match bound {
+            Some(_) if !tls => {
+                Some("credentials are only sent over TLS to the origin, and this request is plain HTTP".to_owned())
+            }
+            Some(_) => None,
+            None => Some(format!("{host} is bound to no credential provider")),
+        };
+        if let Some(reason) = unbound {
             return match found.first() {
-                Some(found) => {
-                    Err(Refusal::not_bound(found, host, format!("{host} is bound to no credential provider")))
-                }
+                Some(found) => Err(Refusal::not_bound(found, host, reason)),
                 None => Ok(Zeroizing::new(body.to_vec())),
             };
-        };
+        }
+        let name = bound.expect("checked above");
         if let Some(coding) = coded {
             // A placeholder inside cannot be seen, let alone replaced.
             let reason = format!(

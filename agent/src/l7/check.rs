@@ -115,11 +115,16 @@ where
     head.form = TargetForm::Origin;
     let host = target.name.as_str();
     let provider = verdict.credential_provider.as_deref();
-    let applied = context.credentials.apply(head, provider, host, target.tls).and_then(|credential| {
-        let rewritten = match (&read, inspection.messages.rewrite_body) {
-            (Some(body), true) => Some(context.credentials.rewrite_body(head, body, provider, host)?),
-            _ => None,
-        };
+    // The body first: the head is then framed for the body as rewritten.
+    let rewritten = match (&read, inspection.messages.rewrite_body) {
+        (Some(body), true) => context.credentials.rewrite_body(head, body, provider, host, target.tls).map(|body| {
+            body::reframe(head, body.len());
+            Some(body)
+        }),
+        _ => Ok(None),
+    };
+    let applied = rewritten.and_then(|rewritten| {
+        let credential = context.credentials.apply(head, provider, host, target.tls)?;
         Ok((credential, rewritten))
     });
     let (credential, rewritten) = match applied {
