@@ -129,6 +129,8 @@ const SSE_PORT: u16 = 7200;
 /// One host and port cannot be both passthrough and inspected: two TLS ports.
 const TLS_PORT: u16 = 4430;
 const TLS_INSPECTED_PORT: u16 = 4431;
+/// The same server behind an MCP endpoint.
+const TLS_MCP_PORT: u16 = 4432;
 /// Enough for the idle workload: client, agent and squid (two per connection), server.
 const NOFILE: u64 = 65_536;
 /// Idle connections opened and closed before the memory baseline, so lazy
@@ -179,6 +181,7 @@ pub fn run(args: &Args) -> Result<()> {
     let mut results = Results::default();
     bench.throughput_and_latency(&mut results)?;
     bench.tls_requests(&mut results)?;
+    bench.mcp_calls(&mut results)?;
     bench.keepalive(&mut results)?;
     bench.stalls(&mut results)?;
     bench.inference_stream(&mut results)?;
@@ -393,7 +396,7 @@ impl<'a> Bench<'a> {
             "--sse",
             &any(SSE_PORT),
         ]);
-        command.args(["--tls", &format!("{},{}", any(TLS_PORT), any(TLS_INSPECTED_PORT))]);
+        command.args(["--tls", &format!("{},{},{}", any(TLS_PORT), any(TLS_INSPECTED_PORT), any(TLS_MCP_PORT))]);
         command.args(["--cert", path_str(&tls_ca.cert)?, "--key", path_str(&tls_ca.key)?]);
         let mut server = Client::spawn(command, "bench servers".into())?;
         server.next_json(e2e::WAIT)?;
@@ -425,6 +428,12 @@ network_policies:
         protocol: rest
         access: full
         enforcement: enforce
+      - host: {name}
+        port: {TLS_MCP_PORT}
+        protocol: mcp
+        enforcement: enforce
+        rules:
+          - allow: {{ method: tools/call, tool: search }}
     binaries:
       - path: "/**"
 "#,

@@ -110,6 +110,11 @@ enum Command {
         connections: usize,
         #[arg(long)]
         requests: usize,
+        /// Send each request as a JSON `POST` to `--path` with this file as its body.
+        #[arg(long)]
+        post: Option<PathBuf>,
+        #[arg(long, default_value = "/")]
+        path: String,
     },
     /// Connections one after another, each timed from connect to the server's greeting.
     Greeting {
@@ -193,9 +198,10 @@ fn main() {
             runtime(1).and_then(|rt| rt.block_on(http(route, host, requests, concurrency)))
         }
         Command::Idle { route, count } => runtime(1).and_then(|rt| rt.block_on(idle(route, count))),
-        Command::Tls { to, ca, name, connections, requests } => {
-            runtime(1).and_then(|rt| rt.block_on(tls(to, &ca, name, connections, requests)))
-        }
+        Command::Tls { to, ca, name, connections, requests, post, path } => runtime(1).and_then(|rt| {
+            let body = post.map(std::fs::read).transpose()?;
+            rt.block_on(tls(to, &ca, name, connections, requests, Request { path, body }))
+        }),
         Command::Greeting { to, connections } => {
             runtime(1).and_then(|rt| rt.block_on(first_bytes(to, connections, b"", GREETING)))
         }
@@ -356,10 +362,20 @@ async fn serve_sse(mut stream: TcpStream) -> Result<()> {
 async fn serve_keepalive<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) -> Result<()> {
     let mut pending = Vec::with_capacity(1024);
     let mut buffer = [0u8; 4096];
+    // Body bytes of the last request still to arrive and be dropped.
+    let mut body_left = 0usize;
     loop {
-        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-            let close = pending[..end].to_ascii_lowercase().windows(17).any(|w| w == b"connection: close");
+        let dropped = body_left.min(pending.len());
+        pending.drain(..dropped);
+        body_left -= dropped;
+        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n").filter(|_| body_left == 0) {
+            let head = pending[..end].to_ascii_lowercase();
+            let close = head.windows(17).any(|w| w == b"connection: close");
+            body_left = content_length(&head)?;
             pending.drain(..end + 4);
+            let dropped = body_left.min(pending.len());
+            pending.drain(..dropped);
+            body_left -= dropped;
             if close {
                 stream.write_all(HTTP_RESPONSE).await?;
                 stream.shutdown().await?;
@@ -373,9 +389,18 @@ async fn serve_keepalive<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) -> Re
         if n == 0 {
             return Ok(());
         }
-        ensure!(pending.len() + n <= MAX_HEAD, "request head too long");
+        ensure!(pending.len() + n <= MAX_HEAD + buffer.len(), "request head too long");
         pending.extend_from_slice(&buffer[..n]);
     }
+}
+
+/// The Content-Length of a lower-cased request head; 0 without one.
+fn content_length(head: &[u8]) -> Result<usize> {
+    let text = String::from_utf8_lossy(head);
+    let Some(value) = text.lines().find_map(|line| line.strip_prefix("content-length:")) else { return Ok(0) };
+    let length: usize = value.trim().parse().context("bad Content-Length")?;
+    ensure!(length <= 1 << 20, "request body too long");
+    Ok(length)
 }
 
 /// Speaks first, then closes first (TIME_WAIT on this side).
@@ -669,12 +694,45 @@ async fn idle(route: Route, count: usize) -> Result<()> {
     .context("the servers did not close every idle connection")?
 }
 
-async fn tls(to: SocketAddr, ca: &Path, name: String, connections: usize, requests: usize) -> Result<()> {
+/// What the `tls` client sends: a `GET`, or a JSON `POST` with `body`.
+struct Request {
+    path: String,
+    body: Option<Vec<u8>>,
+}
+
+impl Request {
+    fn bytes(&self, name: &str, close: bool) -> Vec<u8> {
+        let connection = if close { "Connection: close\r\n" } else { "" };
+        let path = &self.path;
+        match &self.body {
+            None => format!("GET {path} HTTP/1.1\r\nHost: {name}\r\n{connection}\r\n").into_bytes(),
+            Some(body) => [
+                format!(
+                    "POST {path} HTTP/1.1\r\nHost: {name}\r\nContent-Type: application/json\r\n\
+                     Content-Length: {}\r\n{connection}\r\n",
+                    body.len()
+                )
+                .as_bytes(),
+                body,
+            ]
+            .concat(),
+        }
+    }
+}
+
+async fn tls(
+    to: SocketAddr,
+    ca: &Path,
+    name: String,
+    connections: usize,
+    requests: usize,
+    request: Request,
+) -> Result<()> {
     ensure!(connections > 0 && requests > 1, "at least one connection and two requests on each");
     let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(ca)?));
     let server_name = ServerName::try_from(name.clone())?;
-    let keep_alive = format!("GET / HTTP/1.1\r\nHost: {name}\r\n\r\n");
-    let last = format!("GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n");
+    let keep_alive = request.bytes(&name, false);
+    let last = request.bytes(&name, true);
     let mut first = Vec::with_capacity(connections);
     let mut later = Vec::with_capacity(connections * (requests - 1));
     for n in 1..=connections {
@@ -686,7 +744,7 @@ async fn tls(to: SocketAddr, ca: &Path, name: String, connections: usize, reques
             for i in 0..requests {
                 let sent = Instant::now();
                 let request = if i + 1 == requests { &last } else { &keep_alive };
-                stream.write_all(request.as_bytes()).await?;
+                stream.write_all(request).await?;
                 stream.flush().await?;
                 read_response(&mut stream).await.with_context(|| format!("request {}", i + 1))?;
                 if i == 0 {

@@ -2,7 +2,9 @@
 //! bench-peer, direct, through the agent as passthrough (decided on the
 //! SNI, never decrypted) and inspected (terminated with the agent's CA,
 //! every request decided by an L7 rule, a TLS connection of its own to the
-//! server verified against the test CA).
+//! server verified against the test CA). Then MCP tool calls (issue #23):
+//! the same 1 KiB `tools/call` to a REST-inspected endpoint and to an MCP
+//! one, whose body the agent reads and decides call by call.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -14,7 +16,7 @@ use anyhow::Result;
 use super::{
     number, path_str,
     report::{Column, Results, Row, Table, Target},
-    Bench, TLS_INSPECTED_PORT, TLS_PORT,
+    Bench, TLS_INSPECTED_PORT, TLS_MCP_PORT, TLS_PORT,
 };
 
 /// The server's name: the clients' SNI and Host, answered by the
@@ -36,6 +38,14 @@ const REQUEST_ADDED: Row = Row {
     title: "keep-alive request p50 added vs passthrough (µs)",
     decimals: 0,
 };
+
+const REST_CALL: Column = Column { key: "agent_rest", title: "agent, REST endpoint" };
+const MCP_CALL: Column = Column { key: "agent_mcp", title: "agent, MCP endpoint" };
+const CALL_P50: Row = Row { key: "call_p50_us", title: "keep-alive tools/call p50 (µs)", decimals: 0 };
+const CALL_P99: Row = Row { key: "call_p99_us", title: "keep-alive tools/call p99 (µs)", decimals: 0 };
+const CALL_ADDED: Row = Row { key: "call_added_p50_us", title: "p50 added vs the REST endpoint (µs)", decimals: 0 };
+/// The size of the MCP call's body.
+const CALL_BYTES: usize = 1024;
 
 /// A test CA and the TLS servers' certificate, signed by it for [`NAME`]
 /// and the server's address: PEM files.
@@ -164,4 +174,96 @@ impl Bench<'_> {
         results.tables.push(table);
         Ok(())
     }
+
+    /// The same keep-alive `tools/call` (1 KiB) to a REST-inspected endpoint
+    /// (`access: full`: decided on its head) and to an MCP one (the body read
+    /// whole, parsed, the call decided): what reading MCP costs per call.
+    pub(super) fn mcp_calls(&self, results: &mut Results) -> Result<()> {
+        let (connections, requests) = (self.args.tls_connections, self.args.tls_requests);
+        let _agent = self.start_agent(&[
+            "--dns-server",
+            &self.dns.server.to_string(),
+            "--upstream-ca",
+            path_str(&self.tls_ca.ca)?,
+        ])?;
+        let exported = e2e::run(path_str(&self.agent_bin)?, &["ca", "export", "--ca-dir", path_str(&self.ca_dir())?])?;
+        let agent_ca = self.work.join("agent-ca.pem");
+        std::fs::write(&agent_ca, exported.stdout)?;
+        let body = self.work.join("tools-call.json");
+        std::fs::write(&body, tools_call(CALL_BYTES))?;
+        let mut table = Table::new(
+            "mcp_calls",
+            format!(
+                "MCP tool calls: {connections} connections one after another, {requests} keep-alive calls each, \
+                 a {CALL_BYTES}-byte tools/call"
+            ),
+            "The same `POST /mcp` with a JSON-RPC `tools/call` body, timed from sending it to its whole response, \
+             through the agent to an inspected endpoint: `protocol: rest, access: full` (decided on the head, the \
+             body streamed) and `protocol: mcp` with a `tools/call` rule naming the tool (the body read whole, \
+             parsed, the call decided, the body forwarded with its length). \"Added\" is the median of MCP minus \
+             REST in the same run."
+                .into(),
+            &[REST_CALL, MCP_CALL],
+        );
+        let (connections_arg, requests_arg) = (connections.to_string(), requests.to_string());
+        for run in 0..self.args.runs {
+            let mut p50s = [0.0; 2];
+            for (i, (column, port)) in
+                [(REST_CALL, TLS_INSPECTED_PORT), (MCP_CALL, TLS_MCP_PORT)].into_iter().enumerate()
+            {
+                self.netns.check_alone()?;
+                let to = SocketAddr::from((self.server_ip, port)).to_string();
+                let out = self.peer(
+                    true,
+                    "tls",
+                    column,
+                    &[
+                        "--to",
+                        &to,
+                        "--ca",
+                        path_str(&agent_ca)?,
+                        "--name",
+                        NAME,
+                        "--connections",
+                        &connections_arg,
+                        "--requests",
+                        &requests_arg,
+                        "--post",
+                        path_str(&body)?,
+                        "--path",
+                        "/mcp",
+                    ],
+                )?;
+                let (p50, p99) = (number(&out, "keepalive_p50_us")?, number(&out, "keepalive_p99_us")?);
+                table.add(CALL_P50, column, p50);
+                table.add(CALL_P99, column, p99);
+                p50s[i] = p50;
+                eprintln!(
+                    "bench: run {}/{} MCP call {}: p50 {p50:.0} µs p99 {p99:.0} µs",
+                    run + 1,
+                    self.args.runs,
+                    column.title
+                );
+            }
+            table.add(CALL_ADDED, MCP_CALL, p50s[1] - p50s[0]);
+        }
+        results.targets.push(Target::at_most_us(
+            "MCP tool call (1 KiB body) p50 added vs the same call to a REST-inspected endpoint ≤ 50 µs",
+            table.median(CALL_ADDED, MCP_CALL),
+            50.0,
+        ));
+        results.tables.push(table);
+        Ok(())
+    }
+}
+
+/// A JSON-RPC `tools/call` of the tool `search`, padded to `size` bytes.
+fn tools_call(size: usize) -> String {
+    let call = |padding: &str| {
+        format!(
+            r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"search","arguments":{{"query":"{padding}"}}}}}}"#
+        )
+    };
+    let bare = call("").len();
+    call(&"x".repeat(size.saturating_sub(bare)))
 }
