@@ -7,6 +7,7 @@ pub mod control;
 pub mod credentials;
 pub mod daemon;
 pub mod dns;
+pub mod exec;
 pub mod http1;
 pub mod inference;
 pub mod l7;

@@ -5,7 +5,8 @@ use std::{num::NonZeroUsize, path::PathBuf, process::ExitCode, sync::Arc, time::
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use sandbox_egress::{
-    cli, conn, control, credentials, daemon, dns, inference, logging, observe, preflight, proxy, redirect, sniff, tls,
+    cli, conn, control, credentials, daemon, dns, exec, inference, logging, observe, preflight, proxy, redirect, sniff,
+    tls,
 };
 
 #[derive(Parser)]
@@ -43,23 +44,19 @@ enum Command {
     /// Credentials kept out of the sandbox: the placeholders it holds instead.
     #[command(subcommand)]
     Credentials(credentials::cli::CredentialsCommand),
-    /// The agent's certificate authority, which sandboxes trust for inference.local.
+    /// Run a program in a sandbox: in its cgroup and network namespace, as a
+    /// user, with only unix, inet, inet6 and netlink sockets, trusting the
+    /// agent's CA.
+    Exec(exec::ExecArgs),
+    /// The agent's certificate authority, and the trust bundle and Java
+    /// truststore of sandboxed programs.
     #[command(subcommand)]
-    Ca(CaCommand),
+    Ca(tls::cli::CaCommand),
     /// Remove the agent's programs from a cgroup (its connects go direct again).
     Detach {
         /// The sandbox's cgroup v2 directory.
         #[arg(long)]
         cgroup: PathBuf,
-    },
-}
-
-#[derive(Subcommand)]
-enum CaCommand {
-    /// Print the CA certificate (PEM) for sandbox trust stores, creating the CA on first use.
-    Export {
-        #[arg(long, default_value = tls::DEFAULT_CA_DIR)]
-        ca_dir: PathBuf,
     },
 }
 
@@ -218,14 +215,15 @@ fn main() -> ExitCode {
         Command::Policy(command) => cli::policy::run(command),
         Command::Credentials(command) => credentials::cli::run(command),
         Command::Inference(command) => inference::cli::run(command),
-        Command::Ca(CaCommand::Export { ca_dir }) => export_ca(&ca_dir),
+        Command::Exec(args) => exec::run(args),
+        Command::Ca(command) => tls::cli::run(command),
         Command::Detach { cgroup } => detach(&cgroup),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
-            ExitCode::FAILURE
+            error.downcast_ref::<exec::CannotRun>().map_or(ExitCode::FAILURE, |cannot| cannot.exit_code().into())
         }
     }
 }
@@ -259,6 +257,7 @@ fn run(args: RunArgs) -> Result<()> {
     };
     let credential_providers = credentials.provider_names().map(str::to_owned).collect();
     let ca = tls::AgentCa::load_or_create(&args.ca_dir)?;
+    let ca_cert_pem = ca.cert_pem().to_owned();
     let inference_tls = ca.acceptor(dns::INFERENCE_HOST)?;
     let leaf_certs = tls::LeafCache::new(ca, args.leaf_cache_size)?;
     let upstream_tls = tls::UpstreamTls::new(tls::system_roots(), args.upstream_ca.as_deref(), args.connect_timeout)
@@ -311,6 +310,7 @@ fn run(args: RunArgs) -> Result<()> {
             allow_abstract_unix: args.allow_abstract_unix.clone(),
             credential_providers,
             inference_tls,
+            ca_cert_pem,
         };
         let daemon = Arc::new(daemon::Daemon::new(common, options));
         if let Some(address) = args.metrics_listen {
@@ -360,12 +360,6 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
             _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
         }
     })
-}
-
-fn export_ca(ca_dir: &std::path::Path) -> Result<()> {
-    preflight::require_root("ca export")?;
-    print!("{}", tls::AgentCa::load_or_create(ca_dir)?.cert_pem());
-    Ok(())
 }
 
 fn detach(cgroup: &std::path::Path) -> Result<()> {

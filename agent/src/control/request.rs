@@ -40,6 +40,11 @@ pub enum ControlRequest {
         force: bool,
     },
     SandboxList,
+    /// What `exec` needs to start a program in a sandbox: its cgroup and
+    /// network namespace, and the agent's CA.
+    SandboxGet {
+        name: String,
+    },
     Status,
 }
 
@@ -66,6 +71,10 @@ mod tests {
         assert_eq!(
             parse(r#"{"op":"sandbox_remove","name":"web"}"#).unwrap(),
             ControlRequest::SandboxRemove { name: "web".into(), detach: false, force: false }
+        );
+        assert_eq!(
+            parse(r#"{"op":"sandbox_get","name":"web"}"#).unwrap(),
+            ControlRequest::SandboxGet { name: "web".into() }
         );
         assert!(parse(r#"{"op":"set","provider":"p"}"#).unwrap_err().to_string().contains("model"));
         assert!(parse(r#"{"op":"set","provider":"p","model":"m","extra":1}"#)

@@ -44,6 +44,8 @@ pub struct Options {
     pub credential_providers: Vec<String>,
     /// inference.local's certificate, signed by the agent's CA.
     pub inference_tls: TlsAcceptor,
+    /// The agent CA's certificate (PEM), for `exec`'s trust bundle.
+    pub ca_cert_pem: String,
 }
 
 struct Running {
@@ -51,6 +53,9 @@ struct Running {
     cgroup: Cgroup,
     sandbox: Arc<Sandbox>,
     inference: Option<Arc<Inference>>,
+    /// The kernel's cookie of the network namespace its listener is in:
+    /// `exec` checks that a program joins this one.
+    netns_cookie: u64,
     /// `true` stops its listeners, DNS and policy watch.
     stop: watch::Sender<bool>,
 }
@@ -98,10 +103,11 @@ impl Daemon {
         };
         let listeners = Listeners::bind(spec.listen_port, spec.netns.as_deref())?;
         let listen_port = listeners.port();
+        let netns_cookie = listeners.netns_cookie()?;
         let redirect = Redirect::attach(
             &cgroup,
             listen_port,
-            listeners.netns_cookie()?,
+            netns_cookie,
             self.options.ebpf_log_level,
             &self.options.allow_abstract_unix,
         )?;
@@ -128,7 +134,7 @@ impl Daemon {
             policy_file = %spec.policy.display(),
             "sandbox added: its cgroup's connects and DNS queries go to this agent"
         );
-        let running = Running { spec, cgroup, sandbox, inference, stop };
+        let running = Running { spec, cgroup, sandbox, inference, netns_cookie, stop };
         let shown = describe(&running);
         sandboxes.insert(running.spec.name.clone(), running);
         Ok(shown)
@@ -197,6 +203,18 @@ impl Daemon {
 
     pub fn list(&self) -> Vec<Value> {
         self.sandboxes().values().map(describe).collect()
+    }
+
+    /// A sandbox as `exec` needs it: what `list` shows, the cookie of its
+    /// listener's network namespace, and the agent's CA.
+    fn get(&self, name: &str) -> Result<Value> {
+        let sandboxes = self.sandboxes();
+        let running = sandboxes.get(name).with_context(|| format!("no sandbox named {name}"))?;
+        Ok(json!({
+            "sandbox": describe(running),
+            "netns_cookie": running.netns_cookie,
+            "agent_ca": self.options.ca_cert_pem,
+        }))
     }
 
     /// The port of the one sandbox served, for the `run --cgroup` ready line.
@@ -272,6 +290,7 @@ impl Daemon {
                 return Ok(json!({ "removed": name, "detached": detach }));
             }
             ControlRequest::SandboxList => return Ok(json!({ "sandboxes": self.list() })),
+            ControlRequest::SandboxGet { name } => return self.get(&name),
             ControlRequest::Status => return Ok(self.status()),
             ControlRequest::Get { sandbox } => (sandbox, RouteChange::Get),
             ControlRequest::Set { provider, model, sandbox } => (sandbox, RouteChange::Set { provider, model }),

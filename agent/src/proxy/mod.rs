@@ -29,5 +29,6 @@ mod terminate;
 pub use self::{
     accept::serve_sandbox,
     listeners::Listeners,
+    netns::cookie as netns_cookie,
     sandbox::{Common, Sandbox, SandboxParts, Stats},
 };
