@@ -914,6 +914,23 @@ impl AgentDaemon {
     }
 }
 
+impl AgentDaemon {
+    /// `sandbox-egress exec --sandbox NAME --control-socket <this daemon's>
+    /// OPTIONS -- PROGRAM ARGS`, run from `/` (a directory any user may enter).
+    pub fn exec(&self, sandbox: &str, options: &[&str], program: &str, args: &[&str]) -> Command {
+        exec_command(&self.socket, sandbox, options, program, args)
+    }
+}
+
+/// `sandbox-egress exec --sandbox SANDBOX --control-socket SOCKET OPTIONS --
+/// PROGRAM ARGS`, run from `/` (a directory any user may enter).
+pub fn exec_command(socket: &str, sandbox: &str, options: &[&str], program: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(agent_bin());
+    command.args(["exec", "--sandbox", sandbox, "--control-socket", socket]).args(options);
+    command.arg("--").arg(program).args(args).current_dir("/");
+    command
+}
+
 pub fn detach(cgroup: &str) {
     run_quiet(agent_bin().to_str().unwrap(), &["detach", "--cgroup", cgroup]);
 }
@@ -1001,7 +1018,9 @@ pub fn exchange(sandbox: Option<&Sandbox>, family: &str, host: &str, send: u64, 
     spawn_and_wait(command)
 }
 
-fn spawn_and_wait(mut command: Command) -> Result<(u32, Output)> {
+/// Runs `command` to completion; returns (pid, output). The pid of an
+/// `exec` command is the program's: exec replaces itself with it.
+pub fn spawn_and_wait(mut command: Command) -> Result<(u32, Output)> {
     let child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     let pid = child.id();
     Ok((pid, child.wait_with_output()?))
