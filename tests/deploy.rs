@@ -2,7 +2,9 @@
 //! verify` and its capability set is enough to run the agent; the Kubernetes
 //! manifests pass a schema validator (kubernetes-validate, from PyPI, which
 //! ships the schemas); register-pod.sh passes `bash -n` and shellcheck and
-//! finds a pod's cgroup and network namespace.
+//! finds a pod's cgroup and network namespace; the seccomp profile refuses
+//! every socket family but unix, inet, inet6 and netlink in a runc container,
+//! and the DaemonSet installs it where the example pod's Localhost profile is.
 
 use std::{
     path::{Path, PathBuf},
@@ -17,6 +19,8 @@ const UNIT: &str = "deploy/systemd/sandbox-egress.service";
 const INSTALLED_BIN: &str = "/usr/local/bin/sandbox-egress";
 const KUBERNETES: &str = "deploy/kubernetes";
 const REGISTER_POD: &str = "deploy/kubernetes/register-pod.sh";
+const SECCOMP_PROFILE: &str = "deploy/seccomp/socket-families.json";
+const KUBELET_SECCOMP_ROOT: &str = "/var/lib/kubelet/seccomp/";
 
 fn text(output: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
@@ -241,12 +245,17 @@ fn the_kubernetes_manifests_pass_the_schema_validator() -> Result<()> {
     Ok(())
 }
 
+/// A manifest of deploy/kubernetes, as JSON.
+fn manifest(file: &str) -> Result<Value> {
+    let script = "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))";
+    let path = workspace_root().join(KUBERNETES).join(file);
+    let output = run(PYTHON, &["-c", script, path.to_str().unwrap()])?;
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
 /// The DaemonSet's pod spec, as JSON.
 fn daemonset_pod_spec() -> Result<Value> {
-    let script = "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))";
-    let path = workspace_root().join(KUBERNETES).join("daemonset.yaml");
-    let output = run(PYTHON, &["-c", script, path.to_str().unwrap()])?;
-    let daemonset: Value = serde_json::from_slice(&output.stdout)?;
+    let daemonset = manifest("daemonset.yaml")?;
     assert_eq!(daemonset["kind"], "DaemonSet");
     Ok(daemonset["spec"]["template"]["spec"].clone())
 }
@@ -283,6 +292,103 @@ fn the_daemonset_has_what_the_agent_needs_on_a_node() -> Result<()> {
         assert_eq!(mount["mountPath"], host_path, "mounted where the agent looks");
         assert_eq!(mount["mountPropagation"].as_str(), propagation, "{host_path}");
     }
+    Ok(())
+}
+
+#[test]
+fn the_daemonset_installs_the_seccomp_profile_that_the_example_pod_uses() -> Result<()> {
+    let spec = daemonset_pod_spec()?;
+    let init = &spec["initContainers"][0];
+    let command: Vec<&str> = init["command"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    let (source, target) = (command[command.len() - 2], command[command.len() - 1]);
+    // The image has the profile where the init container copies it from.
+    let containerfile = std::fs::read_to_string(workspace_root().join(KUBERNETES).join("Containerfile"))?;
+    assert!(containerfile.contains(&format!("COPY {SECCOMP_PROFILE} {source}\n")), "{containerfile}");
+    // It lands in the kubelet's profile directory, on the node.
+    let mount = &init["volumeMounts"][0];
+    let volume = spec["volumes"].as_array().unwrap().iter().find(|v| v["name"] == mount["name"]).context("volume")?;
+    assert_eq!(volume["hostPath"]["path"], mount["mountPath"]);
+    let relative = target.strip_prefix(KUBELET_SECCOMP_ROOT).context(target.to_owned())?;
+    assert!(target.starts_with(mount["mountPath"].as_str().unwrap()), "{target}");
+    // The example pod asks for it by that path, as a non-root user without
+    // privilege escalation (no_new_privs).
+    let pod = manifest("sandboxed-pod.yaml")?;
+    let security = &pod["spec"]["securityContext"];
+    assert_eq!(security["seccompProfile"]["type"], "Localhost");
+    assert_eq!(security["seccompProfile"]["localhostProfile"], relative);
+    assert_eq!(security["runAsNonRoot"], true);
+    assert_eq!(pod["spec"]["containers"][0]["securityContext"]["allowPrivilegeEscalation"], false);
+    Ok(())
+}
+
+/// Prints `NAME ok` or `NAME errno N` for a socket of each family.
+const FAMILY_PROBE: &str = r#"
+import socket
+for name, family, kind in [("unix", 1, 1), ("inet", 2, 1), ("inet6", 10, 1), ("netlink", 16, 3), ("vsock", 40, 1),
+                           ("packet", 17, 3), ("bluetooth", 31, 1), ("alg", 38, 5), ("tipc", 30, 4), ("zero", 0, 1),
+                           ("above", 4096, 1), ("ax25", 3, 5), ("x25", 9, 5), ("key", 15, 3), ("rds", 21, 5)]:
+    try:
+        socket.socket(family, kind).close()
+        print(name, "ok")
+    except OSError as error:
+        print(name, "errno", error.errno)
+try:
+    [s.close() for s in socket.socketpair(40, socket.SOCK_STREAM)]
+    print("vsock-pair ok")
+except OSError as error:
+    print("vsock-pair errno", error.errno)
+"#;
+
+/// Runs the family probe as root in a runc container (a read-only rootfs
+/// with the host's /usr), with `seccomp` as its profile; its output lines.
+fn runc_probe(dir: &TempDir, name: &str, seccomp: Option<Value>) -> Result<Vec<String>> {
+    let bundle = dir.path.join(name);
+    let rootfs = bundle.join("rootfs");
+    for sub in ["usr", "proc", "dev", "sys", "tmp"] {
+        std::fs::create_dir_all(rootfs.join(sub))?;
+    }
+    for (link, target) in [("bin", "usr/bin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")] {
+        std::os::unix::fs::symlink(target, rootfs.join(link))?;
+    }
+    let bundle_str = bundle.to_str().unwrap();
+    run("runc", &["spec", "--bundle", bundle_str]).context("runc (Debian package runc: run `cargo xtask setup`)")?;
+    let path = bundle.join("config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    config["root"] = serde_json::json!({"path": "rootfs", "readonly": true});
+    config["process"]["terminal"] = false.into();
+    config["process"]["args"] = serde_json::json!([PYTHON, "-c", FAMILY_PROBE]);
+    config["mounts"].as_array_mut().unwrap().push(serde_json::json!(
+        {"destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro"]}
+    ));
+    // CAP_NET_RAW: packet sockets are refused by the profile, not for want of it.
+    for set in ["bounding", "effective", "permitted"] {
+        config["process"]["capabilities"][set].as_array_mut().unwrap().push("CAP_NET_RAW".into());
+    }
+    if let Some(seccomp) = seccomp {
+        config["linux"]["seccomp"] = seccomp;
+    }
+    std::fs::write(&path, serde_json::to_string(&config)?)?;
+    let id = format!("se-test-{}-{name}", std::process::id());
+    let output = Command::new("runc").args(["run", "--bundle", bundle_str, &id]).stdin(Stdio::null()).output()?;
+    ensure!(output.status.success(), "runc run: {}", text(&output));
+    Ok(String::from_utf8_lossy(&output.stdout).lines().map(str::to_owned).collect())
+}
+
+#[test]
+fn the_seccomp_profile_refuses_every_socket_family_but_four_in_a_runc_container() -> Result<()> {
+    require_root();
+    let dir = TempDir::new("deploy-seccomp")?;
+    let profile: Value = serde_json::from_str(&std::fs::read_to_string(workspace_root().join(SECCOMP_PROFILE))?)?;
+    let lines = runc_probe(&dir, "profiled", Some(profile))?;
+    let allowed = ["unix ok", "inet ok", "inet6 ok", "netlink ok"];
+    for line in &lines {
+        let refused = line.ends_with(" errno 1");
+        ensure!(allowed.contains(&line.as_str()) != refused, "{line}: {lines:?}");
+    }
+    assert_eq!(lines.len(), 16, "{lines:?}");
+    // Without it, the container creates vsock and packet sockets.
+    let lines = runc_probe(&dir, "unprofiled", None)?;
+    assert!(lines.contains(&"vsock ok".into()) && lines.contains(&"packet ok".into()), "{lines:?}");
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use crate::status;
 /// rustc-web/cargo-web/rust-web-src: a compiler whose library source matches
 /// exactly, so `core` can be built for bpfel-unknown-none. llvm-22-dev: what
 /// bpf-linker links against. The rest: what the tests and the demo run.
-const PACKAGES: [&str; 20] = [
+const PACKAGES: [&str; 21] = [
     "rustc-web",
     "cargo-web",
     "rust-web-src",
@@ -37,6 +37,8 @@ const PACKAGES: [&str; 20] = [
     // trusting the agent through exec's variables; keytool reads the truststore.
     "nodejs",
     "openjdk-17-jdk-headless",
+    // tests/deploy.rs: the OCI seccomp profile applied by a real runtime.
+    "runc",
 ];
 /// PyPI packages for Debian's python3 (the one the tests run), pinned:
 /// kubernetes-validate checks deploy/kubernetes/ against the Kubernetes
