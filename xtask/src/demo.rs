@@ -1,9 +1,15 @@
 //! `cargo xtask demo`: the agent's main job on a demo sandbox, narrated.
-//! A "remote" server runs in a network namespace; programs in the sandbox
-//! cgroup know nothing about proxies, yet every connect goes through the agent.
+//! A "remote" server runs in a network namespace; programs started in a
+//! sandbox by `sandbox-egress exec` know nothing about proxies, yet every
+//! connect goes through the agent.
 
 use anyhow::{ensure, Result};
-use e2e::{curl, exchange, url_host, AgentDaemon, PolicyFile, Sandbox, TestNet, EXCHANGE_PORT, HTTP_PORT};
+use std::process::Output;
+
+use e2e::{
+    curl, spawn_and_wait, support_file, url_host, AgentDaemon, PolicyFile, Sandbox, TestNet, EXCHANGE_PORT, HTTP_PORT,
+    PYTHON,
+};
 use serde_json::Value;
 
 pub fn run() -> Result<()> {
@@ -45,30 +51,30 @@ pub fn run() -> Result<()> {
 
     for ip in [url_host(net.private_v4.into()), url_host(net.private_v6.into())] {
         let url = format!("http://{ip}:{HTTP_PORT}/bytes/1048576");
-        step(&format!("in web: `curl {url}` (no proxy variables)"));
-        let (pid, output) = curl(Some(&web), &url)?;
+        step(&format!("sandbox-egress exec --sandbox web --user nobody -- curl {url} (no proxy variables)"));
+        let (pid, output) = exec_curl(&daemon, "web", &url)?;
         println!("    curl: {}", describe_curl(&output));
         println!("    agent: {}", describe_connection(&daemon.agent.wait_connection_of(pid)?));
     }
     let url = format!("http://{}:{HTTP_PORT}/bytes/10", net.private_v4);
-    step(&format!("in ops, whose policy differs: the same `curl {url}`"));
-    let (pid, output) = e2e::curl_body(&ops, &url)?;
+    step(&format!("in ops, whose policy differs: the same curl {url}"));
+    let (pid, output) = exec(&daemon, "ops", "curl", &["-sS", "-m", "10", &url])?;
     println!("    curl: {}", String::from_utf8_lossy(&output.stdout).trim());
     println!("    agent: {}", describe_connection(&daemon.agent.wait_connection_of(pid)?));
     step(&format!("in ops: a raw TCP exchange with {}:{EXCHANGE_PORT}, which its policy allows", net.private_v4));
-    let (pid, output) = exchange(Some(&ops), "inet", &net.private_v4.to_string(), 65536, 65536)?;
+    let (pid, output) = exec_exchange(&daemon, "ops", "inet", &net.private_v4.to_string())?;
     println!("    client: {}", String::from_utf8_lossy(&output.stdout).trim());
     println!("    agent: {}", describe_connection(&daemon.agent.wait_connection_of(pid)?));
 
     let mapped = format!("::ffff:{}", net.v4);
     step(&format!("in web: raw TCP client on an AF_INET6 socket to {mapped} (v4-mapped)"));
-    let (pid, output) = exchange(Some(&web), "inet6", &mapped, 65536, 65536)?;
+    let (pid, output) = exec_exchange(&daemon, "web", "inet6", &mapped)?;
     println!("    client: {}", String::from_utf8_lossy(&output.stdout).trim());
     println!("    agent: {}", describe_connection(&daemon.agent.wait_connection_of(pid)?));
 
     let url = format!("http://{}:{HTTP_PORT}/bytes/10", net.v4);
-    step(&format!("in web: plain HTTP to a public address is refused: `curl {url}`"));
-    let (pid, output) = e2e::curl_body(&web, &url)?;
+    step(&format!("in web: plain HTTP to a public address is refused: curl {url}"));
+    let (pid, output) = exec(&daemon, "web", "curl", &["-sS", "-m", "10", &url])?;
     println!("    curl: {}", String::from_utf8_lossy(&output.stdout).trim());
     println!("    agent: {}", describe_connection(&daemon.agent.wait_connection_of(pid)?));
 
@@ -77,6 +83,11 @@ pub fn run() -> Result<()> {
     println!("    curl: {}", describe_curl(&output));
     ensure!(daemon.agent.connections_of(pid).is_empty(), "a process outside the sandbox was intercepted");
     println!("    agent: no record of pid {pid}");
+
+    let probe = "import socket\ntry:\n    socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)\n    print('vsock socket created')\nexcept OSError as e:\n    print('vsock socket refused:', e)";
+    step("in web: a vsock socket (to the VM's host; no cgroup hook sees it) is refused by exec's seccomp filter");
+    let (_, output) = exec(&daemon, "web", PYTHON, &["-c", probe])?;
+    println!("    python: {}", String::from_utf8_lossy(&output.stdout).trim());
 
     step("sandbox-egress status");
     let (_, status, _) = daemon.cli(&["status"])?;
@@ -87,9 +98,26 @@ pub fn run() -> Result<()> {
     let lines: Vec<&str> = text.lines().filter(|line| line.starts_with("sandbox_egress_connections_total")).collect();
     println!("{}", indent(&lines.join("\n")));
 
-    step("SIGKILL the daemon: every sandbox fails closed");
+    step("SIGKILL the daemon: every sandbox fails closed (a program already in it, started by exec before)");
+    let url = format!("http://{}:{HTTP_PORT}/bytes/10", net.private_v4);
+    let script =
+        format!("read _; exec curl -sS --noproxy '*' -m 10 -o /dev/null -w '%{{http_code}} %{{size_download}}' {url}");
+    let mut waiting = daemon
+        .exec("web", &["--user", "nobody"], "sh", &["-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // exec has joined the cgroup once sh runs in it (its pid is sh's).
+    let procs = web.path.join("cgroup.procs");
+    let deadline = std::time::Instant::now() + e2e::WAIT;
+    while !std::fs::read_to_string(&procs)?.lines().any(|pid| pid == waiting.id().to_string()) {
+        ensure!(std::time::Instant::now() < deadline, "exec did not start in the sandbox");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     daemon.agent.kill();
-    let (_, output) = curl(Some(&web), &format!("http://{}:{HTTP_PORT}/bytes/10", net.private_v4))?;
+    drop(waiting.stdin.take());
+    let output = waiting.wait_with_output()?;
     println!("    curl: {}", describe_curl(&output));
     ensure!(!output.status.success(), "the sandbox reached the server with the agent dead");
 
@@ -97,7 +125,7 @@ pub fn run() -> Result<()> {
     let mut daemon = AgentDaemon::start(&[])?;
     daemon.add("web", &web, &web_policy, &[])?;
     daemon.detach_on_drop(ops.path_str());
-    let (pid, output) = curl(Some(&web), &format!("http://{}:{HTTP_PORT}/bytes/10", net.private_v4))?;
+    let (pid, output) = exec_curl(&daemon, "web", &format!("http://{}:{HTTP_PORT}/bytes/10", net.private_v4))?;
     println!("    curl: {}", describe_curl(&output));
     println!("    agent: {}", describe_connection(&daemon.agent.wait_connection_of(pid)?));
 
@@ -105,6 +133,25 @@ pub fn run() -> Result<()> {
     drop(daemon);
     println!("\ndemo complete");
     Ok(())
+}
+
+/// `sandbox-egress exec --sandbox SANDBOX --user nobody -- PROGRAM ARGS`:
+/// (pid, output); the pid is the program's (exec replaces itself with it).
+fn exec(daemon: &AgentDaemon, sandbox: &str, program: &str, args: &[&str]) -> Result<(u32, Output)> {
+    spawn_and_wait(daemon.exec(sandbox, &["--user", "nobody"], program, args))
+}
+
+/// curl printing "status size_download" as [`describe_curl`] reads it.
+fn exec_curl(daemon: &AgentDaemon, sandbox: &str, url: &str) -> Result<(u32, Output)> {
+    let format = "%{http_code} %{size_download}";
+    exec(daemon, sandbox, "curl", &["-sS", "--noproxy", "*", "-m", "10", "-o", "/dev/null", "-w", format, url])
+}
+
+/// The raw TCP exchange client (64 KiB each way) on a socket of `family`.
+fn exec_exchange(daemon: &AgentDaemon, sandbox: &str, family: &str, host: &str) -> Result<(u32, Output)> {
+    let client = support_file("exchange_client.py");
+    let port = EXCHANGE_PORT.to_string();
+    exec(daemon, sandbox, PYTHON, &[client.to_str().unwrap(), family, host, &port, "65536", "65536"])
 }
 
 fn step(text: &str) {
