@@ -56,12 +56,7 @@ impl Setup {
         let socket = unique_control_socket();
         let ca_dir = dir.file("ca");
         let dns_args = dns.agent_args();
-        // A JVM on a loaded machine can take longer than the default 300 ms
-        // between its connect and its ClientHello; a stream silent for the
-        // first-byte timeout to an inspected endpoint is reset.
         let args = [
-            "--first-byte-timeout",
-            "5000",
             dns_args[0].as_str(),
             &dns_args[1],
             "--ca-dir",

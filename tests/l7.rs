@@ -483,3 +483,27 @@ fn an_inspected_endpoint_refuses_what_is_not_http_or_tls() -> Result<()> {
     assert!(setup.api.events.matching(|e| e["kind"] != "ready").is_empty(), "nothing reached the origin");
     Ok(())
 }
+
+#[test]
+fn a_client_slow_to_send_its_client_hello_to_an_inspected_endpoint_is_waited_for() -> Result<()> {
+    require_root();
+    let setup = Setup::new("l7-slow-hello", &rest_endpoint("        access: full\n"))?;
+    // Connects, then says nothing for a second (far past the 300 ms first-byte
+    // timeout) before its TLS handshake, as a JVM warming up on a busy machine does.
+    let script = "import socket,ssl,sys,time\n\
+        s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=10)\n\
+        time.sleep(1)\n\
+        t=ssl.create_default_context(cafile=sys.argv[3]).wrap_socket(s,server_hostname=sys.argv[1])\n\
+        t.sendall(b'GET /slow HTTP/1.1\\r\\nHost: '+sys.argv[1].encode()+b'\\r\\nConnection: close\\r\\n\\r\\n')\n\
+        print(t.recv(100).split(b'\\r\\n')[0].decode())";
+    let port = REST_TLS_PORT.to_string();
+    let (_, output) = run_in(&setup.sandbox, PYTHON, &["-c", script, REST_API_HOST, &port, &setup.agent_ca])?;
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "HTTP/1.1 200 OK\n",
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(setup.received()[0]["target"], "/slow");
+    Ok(())
+}

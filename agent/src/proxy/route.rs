@@ -53,7 +53,15 @@ pub async fn transparent(mut client: TcpStream, origin: &Origin, sandbox: &Sandb
             None => {}
         }
     }
-    let sniffed = sniff::sniff(&mut client, &sandbox.context.config.sniff).await;
+    let limits = &sandbox.context.config.sniff;
+    let mut sniffed = sniff::sniff(&mut client, limits).await;
+    if sniffed.kind == StreamKind::Silent && inspected_by_address(origin, sandbox).await {
+        // An inspected endpoint's clients speak first (TLS, HTTP): a slow
+        // one (a JVM warming up on a busy machine) is waited for up to the
+        // head timeout, not taken for a server-first protocol and reset.
+        let patient = sniff::Limits { first_byte_timeout: limits.head_timeout, ..*limits };
+        sniffed = sniff::sniff(&mut client, &patient).await;
+    }
     if is_inference_address(destination.ip()) && !matches!(sniffed.kind, StreamKind::Http(_) | StreamKind::Tls(_)) {
         // Only TLS and HTTP to inference.local are served; nothing else goes anywhere.
         log.protocol = "inference";
@@ -132,6 +140,13 @@ pub async fn transparent(mut client: TcpStream, origin: &Origin, sandbox: &Sandb
         Ok(allowed) => passthrough::relay(client, buffered, allowed, early, origin, sandbox, log).await,
         Err(_) => reset(client),
     }
+}
+
+/// Whether the destination's address alone is allowed by an inspected
+/// endpoint (as a stream without a host of its own would be decided).
+async fn inspected_by_address(origin: &Origin, sandbox: &Sandbox) -> bool {
+    let verdict = sandbox.context.decider.stream(origin, None, origin.destination).await;
+    verdict.outcome.is_ok_and(|allowed| allowed.inspect.is_some())
 }
 
 /// Plain HTTP to inference.local (by address or Host): its route serves it.
