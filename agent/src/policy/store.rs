@@ -37,6 +37,9 @@ pub struct PolicyStore {
     credential_providers: Arc<Vec<String>>,
     current: Arc<RwLock<Arc<Loaded>>>,
     reload_failures: Arc<AtomicU64>,
+    /// The current generation, for what must end when the policy changes
+    /// (inspected WebSocket sessions).
+    generations: Arc<watch::Sender<u64>>,
 }
 
 impl PolicyStore {
@@ -49,7 +52,13 @@ impl PolicyStore {
             credential_providers,
             current: Arc::new(RwLock::new(Arc::new(Loaded { policy, generation: 1 }))),
             reload_failures: Arc::default(),
+            generations: Arc::new(watch::Sender::new(1)),
         })
+    }
+
+    /// Changes with every generation loaded.
+    pub fn generations(&self) -> watch::Receiver<u64> {
+        self.generations.subscribe()
     }
 
     pub fn current(&self) -> Arc<Loaded> {
@@ -62,6 +71,7 @@ impl PolicyStore {
                 let mut current = self.current.write().unwrap_or_else(|poisoned| poisoned.into_inner());
                 let generation = current.generation + 1;
                 *current = Arc::new(Loaded { policy, generation });
+                self.generations.send_replace(generation);
                 tracing::info!(event = "policy_reloaded", trigger, generation, policy_file = %self.path.display(), "policy reloaded");
             }
             Err(error) => {
