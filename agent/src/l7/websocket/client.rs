@@ -404,16 +404,16 @@ impl Inflater {
         let mut step = [0u8; INFLATE_STEP];
         loop {
             let (in_before, out_before) = (self.decompress.total_in(), self.decompress.total_out());
-            let status = self
-                .decompress
-                .decompress(rest, &mut step, flush)
-                .map_err(|_| Close::protocol("invalid compressed data"))?;
+            let status = self.decompress.decompress(rest, &mut step, flush);
             let read = (self.decompress.total_in() - in_before) as usize;
             let produced = (self.decompress.total_out() - out_before) as usize;
             rest = &rest[read..];
+            // Checked before the data's validity, which comes later in the
+            // stream: the same message fails the same way however it arrives.
             if out.len() + produced > limit {
                 return Err(too_big(limit as u64));
             }
+            let status = status.map_err(|_| Close::protocol("invalid compressed data"))?;
             out.extend_from_slice(&step[..produced]);
             if status == Status::StreamEnd {
                 self.ended = true;

@@ -40,6 +40,8 @@
 mod client;
 mod extensions;
 pub mod frame;
+#[cfg(test)]
+mod interop;
 mod relay;
 #[cfg(test)]
 mod testing;

@@ -306,3 +306,16 @@ fn a_big_compressed_binary_message_goes_on_in_bounded_pieces() {
     assert!(sent.iter().all(|frame| frame.payload.len() <= 2 * PIECE && frame.rsv == 0), "pieces are bounded");
     assert_eq!(sent.iter().flat_map(|frame| frame.payload.clone()).collect::<Vec<_>>(), data);
 }
+
+/// Found by the fuzz target: output over the limit, then invalid data in
+/// the same frame was 1002 read at once and 1009 read in pieces.
+#[test]
+fn compressed_text_over_the_limit_then_invalid_is_1009_however_it_arrives() {
+    let limits = Limits { max_text: 64, ..Limits::default() };
+    let payload = [Deflater::new().compress(&[b'a'; 100]), vec![0xFF; 8]].concat();
+    let input = compressed_frame(true, TEXT, &payload);
+    for piece in [2, input.len()] {
+        let (_, error) = read_in_pieces(Some(&NO_CONTEXT_TAKEOVER), &limits, &input, piece);
+        assert_eq!(error, Some(Close { code: TOO_BIG, reason: "message over 64 bytes".into() }), "piece {piece}");
+    }
+}
