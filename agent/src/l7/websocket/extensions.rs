@@ -182,9 +182,12 @@ fn split_list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
         .filter(|element| !element.is_empty())
 }
 
+/// An extension's parameters: names and values, unquoted.
+type Parameters = Vec<(String, Option<String>)>;
+
 /// `name *(";" param ["=" (token / quoted-string)])` (RFC 6455 §9.1), the
 /// values unquoted; `None` if it is not that.
-fn parse_extension(element: &[u8]) -> Option<(String, Vec<(String, Option<String>)>)> {
+fn parse_extension(element: &[u8]) -> Option<(String, Parameters)> {
     let element = std::str::from_utf8(element).ok()?;
     let mut parts = element.split(';').map(str::trim);
     let name = parts.next().filter(|name| is_token(name))?;

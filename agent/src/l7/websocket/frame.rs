@@ -146,7 +146,7 @@ pub fn encode_close(close: &Close, masked: bool) -> Vec<u8> {
     while !close.reason.is_char_boundary(end) {
         end -= 1;
     }
-    let payload = [&close.code.to_be_bytes()[..], close.reason[..end].as_bytes()].concat();
+    let payload = [&close.code.to_be_bytes()[..], &close.reason.as_bytes()[..end]].concat();
     encode(true, CLOSE, &payload, masked)
 }
 

@@ -3,7 +3,6 @@
 //! the closes the relay sends itself.
 
 use std::{
-    future::Future,
     io,
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
@@ -431,11 +430,9 @@ impl Activity {
     }
 
     /// Resolves once nothing moved for the limit.
-    fn expired(&self) -> impl Future<Output = ()> + '_ {
-        async move {
-            while Instant::now() < self.expires() {
-                sleep_until(self.expires()).await;
-            }
+    async fn expired(&self) {
+        while Instant::now() < self.expires() {
+            sleep_until(self.expires()).await;
         }
     }
 }
