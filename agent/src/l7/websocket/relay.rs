@@ -150,7 +150,8 @@ where
                     }
                 }
                 () = activity.expired() => {
-                    error = Some(io::Error::new(io::ErrorKind::TimedOut, format!("idle for {idle:?} in both directions")));
+                    let reason = format!("idle for {idle:?} in both directions");
+                    error = Some(io::Error::new(io::ErrorKind::TimedOut, reason));
                     break;
                 }
             }
@@ -236,7 +237,11 @@ impl<C: AsyncRead + Unpin, U: AsyncWrite + Unpin> Up<C, U> {
                     Err(_) => reload_alive = false,
                 },
                 () = sleep_until(text_deadline), if text_started.is_some() => {
-                    let reason = format!("text message not complete within {:?}, or no byte of it for {:?}", self.limits.text_total, self.limits.text_idle);
+                    let late = text_started.is_some_and(|started| Instant::now() >= started + self.limits.text_total);
+                    let reason = match late {
+                        true => format!("text message not complete within {:?}", self.limits.text_total),
+                        false => format!("no byte of the text message for {:?}", self.limits.text_idle),
+                    };
                     return self.close_upstream(Ended::Refused(Close::protocol(reason))).await;
                 }
                 read = self.input.read_from(&mut self.client) => {

@@ -312,7 +312,7 @@ async fn a_text_message_must_not_stall_nor_drag_on() {
     client.write_all(&client_frame(false, TEXT, b"never finished")).await.unwrap();
     let started = Instant::now();
     let (at_client, _) = closes_at_both_ends(&mut client, &mut origin).await;
-    assert_eq!(at_client[0].close().0, PROTOCOL_ERROR);
+    assert_eq!(at_client[0].close(), (PROTOCOL_ERROR, "no byte of the text message for 30s"));
     assert_eq!(started.elapsed().as_secs(), 30);
     drop((client, origin));
     assert!(matches!(outcome(relay).await.ended, Ended::Refused(_)));
@@ -329,17 +329,8 @@ async fn a_text_message_must_not_stall_nor_drag_on() {
         client
     });
     let at_origin = frames(&rest_of(&mut origin).await);
-    assert_eq!(
-        at_origin.last().map(Frame::close),
-        Some((
-            PROTOCOL_ERROR,
-            &*format!(
-                "text message not complete within {:?}, or no byte of it for {:?}",
-                Duration::from_secs(120),
-                Duration::from_secs(30)
-            )
-        ))
-    );
+    let expected = (PROTOCOL_ERROR, "text message not complete within 120s");
+    assert_eq!(at_origin.last().map(Frame::close), Some(expected));
     assert_eq!(started.elapsed().as_secs(), 120);
     drop(origin);
     let outcome = outcome(relay).await;
