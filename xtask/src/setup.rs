@@ -42,8 +42,10 @@ const PACKAGES: [&str; 21] = [
 ];
 /// PyPI packages for Debian's python3 (the one the tests run), pinned:
 /// kubernetes-validate checks deploy/kubernetes/ against the Kubernetes
-/// schemas it ships (offline); prometheus-client parses /metrics.
-const PYTHON_PACKAGES: [(&str, &str); 2] = [("kubernetes-validate", "1.37.0"), ("prometheus-client", "0.26.0")];
+/// schemas it ships (offline); prometheus-client parses /metrics;
+/// websockets is both ends of the WebSocket relay's interop test.
+const PYTHON_PACKAGES: [(&str, &str); 3] =
+    [("kubernetes-validate", "1.37.0"), ("prometheus-client", "0.26.0"), ("websockets", "17.4")];
 const PYTHON: &str = "/usr/bin/python3";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";

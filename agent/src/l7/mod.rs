@@ -20,6 +20,7 @@ mod messages;
 mod rest;
 mod session;
 mod target;
+pub mod websocket;
 
 use serde_json::Value;
 
