@@ -10,7 +10,7 @@ use crate::status;
 /// rustc-web/cargo-web/rust-web-src: a compiler whose library source matches
 /// exactly, so `core` can be built for bpfel-unknown-none. llvm-22-dev: what
 /// bpf-linker links against. The rest: what the tests and the demo run.
-const PACKAGES: [&str; 21] = [
+const PACKAGES: [&str; 22] = [
     "rustc-web",
     "cargo-web",
     "rust-web-src",
@@ -39,13 +39,27 @@ const PACKAGES: [&str; 21] = [
     "openjdk-17-jdk-headless",
     // tests/deploy.rs: the OCI seccomp profile applied by a real runtime.
     "runc",
+    // tests/duplex.rs: uploads to nginx's WebDAV PUT.
+    "nginx",
 ];
 /// PyPI packages for Debian's python3 (the one the tests run), pinned:
 /// kubernetes-validate checks deploy/kubernetes/ against the Kubernetes
 /// schemas it ships (offline); prometheus-client parses /metrics;
-/// websockets is both ends of the WebSocket relay's interop test.
-const PYTHON_PACKAGES: [(&str, &str); 3] =
-    [("kubernetes-validate", "1.37.0"), ("prometheus-client", "0.26.0"), ("websockets", "17.4")];
+/// websockets is both ends of the WebSocket tests; boto3 uploads to moto's
+/// S3 server in tests/duplex.rs; the official MCP SDK (mcp), gql and
+/// graphql-core are the clients and servers of tests/l7_messages.rs. A name
+/// may carry extras (`moto[server]`).
+const PYTHON_PACKAGES: [(&str, &str); 9] = [
+    ("kubernetes-validate", "1.37.0"),
+    ("prometheus-client", "0.26.0"),
+    ("websockets", "17.4"),
+    ("boto3", "1.44.5"),
+    ("botocore", "1.44.18"),
+    ("moto[server]", "5.2.5"),
+    ("mcp", "2.3.0"),
+    ("gql[requests]", "3.5.3"),
+    ("graphql-core", "3.2.6"),
+];
 const PYTHON: &str = "/usr/bin/python3";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
@@ -82,7 +96,10 @@ pub fn run() -> Result<()> {
 fn ensure_python_packages() -> Result<()> {
     let missing: Vec<String> = PYTHON_PACKAGES
         .iter()
-        .filter(|(name, version)| python_package_version(name).as_deref() != Some(*version))
+        .filter(|(name, version)| {
+            let without_extras = name.split('[').next().unwrap_or(name);
+            python_package_version(without_extras).as_deref() != Some(*version)
+        })
         .map(|(name, version)| format!("{name}=={version}"))
         .collect();
     if !missing.is_empty() {

@@ -2,11 +2,15 @@
 
 use std::{io, time::Duration};
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
+    time::{timeout_at, Instant},
+};
 
 use super::request::RequestHead;
 use super::{
     body::{copy_body, BodyLimits},
+    expect::CONTINUE,
     field_values, has_element, list_elements,
     reader::HeadReader,
     response::ResponseHead,
@@ -152,27 +156,47 @@ pub enum ResponseOutcome {
     },
 }
 
-/// Forwards the responses to `request` (already sent upstream, body
-/// included) from `upstream` to `client`: interim 1xx responses, then the
-/// final response or a 101.
+/// Forwards the responses to `request` from `upstream` to `client`:
+/// interim 1xx responses as they arrive, then the final response or a 101.
+///
+/// `continue_at`: when the client waits for a `100 Continue` before sending
+/// the body, the time to send it one of our own unless the server has sent
+/// its 100 (or its final response) by then; the server's 100 after ours is
+/// not relayed.
 ///
 /// A 101 answering a request that asked for no upgrade is `InvalidData`: the
 /// raw relaying that follows a switch escapes per-request policy, so only a
 /// switch the client asked for, and the policy saw, is honoured.
-pub async fn forward_responses<U, C>(
+pub(super) async fn forward_responses<U, C>(
     upstream: &mut HeadReader<U>,
     client: &mut C,
     request: &RequestHead,
     via: &str,
     limits: &ResponseLimits,
+    mut continue_at: Option<Instant>,
 ) -> io::Result<ResponseOutcome>
 where
     U: AsyncRead + Unpin,
     C: AsyncWrite + Unpin,
 {
     let mut head_bytes = 0u64;
+    let mut sent_own_continue = false;
     loop {
-        let response = upstream.read_response_head(limits.head_timeout).await?;
+        let next = upstream.read_response_head(limits.head_timeout);
+        let response = match continue_at {
+            // Cancelling the read loses nothing: the bytes read stay buffered.
+            Some(deadline) => match timeout_at(deadline, next).await {
+                Ok(response) => response?,
+                Err(_elapsed) => {
+                    client.write_all(CONTINUE).await?;
+                    client.flush().await?;
+                    head_bytes += CONTINUE.len() as u64;
+                    (continue_at, sent_own_continue) = (None, true);
+                    continue;
+                }
+            },
+            None => next.await?,
+        };
         match response.status {
             101 if !is_upgrade_request(request) => {
                 return Err(io::Error::new(
@@ -185,9 +209,14 @@ where
                 client.flush().await?;
                 return Ok(ResponseOutcome::SwitchingProtocols { head_bytes });
             }
+            // The client already has the one it waited for.
+            100 if sent_own_continue => {}
             // RFC 9110 §15.2: a proxy forwards 1xx responses, except to an
             // HTTP/1.0 client, which knows none.
             100..=199 => {
+                if response.status == 100 {
+                    continue_at = None;
+                }
                 if request.version == 1 {
                     head_bytes += write_head(client, &response, false, via).await?;
                     client.flush().await?;
@@ -385,7 +414,8 @@ mod tests {
     ) -> (io::Result<ResponseOutcome>, String, Vec<u8>) {
         let mut upstream = HeadReader::new(Trickle::new(upstream_bytes, step));
         let mut client = Vec::new();
-        let outcome = forward_responses(&mut upstream, &mut client, &request(request_raw), "egress", &PATIENT).await;
+        let outcome =
+            forward_responses(&mut upstream, &mut client, &request(request_raw), "egress", &PATIENT, None).await;
         let (stream, buffered) = upstream.into_parts();
         (outcome, text(client), [buffered, stream.unread().to_vec()].concat())
     }
@@ -431,7 +461,8 @@ mod tests {
         // Head and frame arrive in the same read.
         let mut upstream = HeadReader::new(Trickle::new(&[&head[..], frame].concat(), 4096));
         let mut client = Vec::new();
-        let outcome = forward_responses(&mut upstream, &mut client, &request(websocket), "egress", &PATIENT).await;
+        let outcome =
+            forward_responses(&mut upstream, &mut client, &request(websocket), "egress", &PATIENT, None).await;
         assert_eq!(
             text(client.clone()),
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\nVia: 1.1 egress\r\n\r\n"

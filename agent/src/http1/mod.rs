@@ -10,10 +10,15 @@
 //!
 //! Request heads come from [`parse_request_head`], which
 //! already refuses ambiguous request framing with the rules in [`head`].
+//! One request and its responses are relayed in full duplex ([`duplex`]);
+//! [`expect`] is `Expect: 100-continue` for bodies the agent reads itself.
 
 pub mod body;
+pub mod duplex;
+pub mod expect;
 pub mod forward;
 pub mod head;
+mod linger;
 mod reader;
 mod request;
 mod response;
@@ -23,9 +28,11 @@ mod testing;
 
 pub use self::{
     body::{copy_body, BodyLimits},
-    forward::{forward_request_head, forward_responses, ResponseLimits, ResponseOutcome},
+    duplex::ExchangeLimits,
+    forward::{forward_request_head, ResponseLimits, ResponseOutcome},
     head::{MAX_HEADERS, MAX_HEAD_BYTES},
-    reader::HeadReader,
+    linger::linger,
+    reader::{HeadReader, Split},
     request::{parse_request_head, RequestHead, TargetForm},
     response::ResponseHead,
     source::{BodyError, BodySource, Piece},
@@ -48,6 +55,11 @@ pub enum BodyFraming {
 /// body (rule 6: a request never reads until close).
 pub fn request_framing(head: &RequestHead) -> BodyFraming {
     framing_from_fields(&head.headers).unwrap_or(BodyFraming::Empty)
+}
+
+/// Whether a body follows the request head: a length of 0 is none.
+pub fn has_request_body(head: &RequestHead) -> bool {
+    !matches!(request_framing(head), BodyFraming::Empty | BodyFraming::Length(0))
 }
 
 /// RFC 9112 §6.3 rules 1 to 7 for a response to `request_method`. A 2xx

@@ -3,7 +3,7 @@
 use std::{io, time::Duration};
 
 use tokio::{
-    io::{AsyncRead, AsyncReadExt},
+    io::{split, AsyncRead, AsyncReadExt, AsyncWrite, ReadHalf, WriteHalf},
     time::{timeout, timeout_at, Instant},
 };
 
@@ -54,6 +54,31 @@ impl<S> HeadReader<S> {
 
     pub fn consume(&mut self, len: usize) {
         self.buf.drain(..len.min(self.buf.len()));
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> HeadReader<S> {
+    /// Reads and writes the stream at once (a request body going up while
+    /// the responses come down), until the [`Split`] is dropped.
+    pub fn split(&mut self) -> Split<'_, S> {
+        let buffered = std::mem::take(&mut self.buf);
+        let (read_half, writer) = split(&mut self.stream);
+        Split { reader: HeadReader::with_buffered(read_half, buffered), writer, home: &mut self.buf }
+    }
+}
+
+/// A [`HeadReader`]'s stream in two halves: `reader` reads it, the bytes
+/// already buffered first, while `writer` writes it. What `reader` holds
+/// when this is dropped goes back to the [`HeadReader`] it came from.
+pub struct Split<'a, S> {
+    pub reader: HeadReader<ReadHalf<&'a mut S>>,
+    pub writer: WriteHalf<&'a mut S>,
+    home: &'a mut Vec<u8>,
+}
+
+impl<S> Drop for Split<'_, S> {
+    fn drop(&mut self) {
+        *self.home = std::mem::take(&mut self.reader.buf);
     }
 }
 
@@ -179,7 +204,7 @@ impl Head for ResponseHead {
 
 #[cfg(test)]
 mod tests {
-    use tokio::io::{duplex, empty, AsyncWriteExt};
+    use tokio::io::{duplex, empty, AsyncReadExt, AsyncWriteExt};
 
     use super::{super::testing::Trickle, *};
 
@@ -194,6 +219,24 @@ mod tests {
         let error = reader.read_request_head(PATIENT, PATIENT).await.expect_err("a malformed head");
         assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
         assert!(error.to_string().contains("malformed request head"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_split_reads_buffered_bytes_first_and_gives_back_what_it_leaves() {
+        let (mut peer, stream) = duplex(64);
+        peer.write_all(b"stream").await.unwrap();
+        let mut reader = HeadReader::with_buffered(stream, b"buffered ".to_vec());
+        {
+            let mut split = reader.split();
+            split.writer.write_all(b"reply").await.unwrap();
+            split.reader.read_more(64).await.unwrap();
+            assert_eq!(split.reader.buffered(), b"buffered stream");
+            split.reader.consume(b"buffered ".len());
+        }
+        assert_eq!(reader.buffered(), b"stream");
+        let mut reply = [0u8; 5];
+        peer.read_exact(&mut reply).await.unwrap();
+        assert_eq!(&reply, b"reply");
     }
 
     #[tokio::test]

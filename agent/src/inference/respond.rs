@@ -8,22 +8,13 @@
 //! It is the shape of OpenAI's errors, and close to Anthropic's, so SDKs
 //! of both show the message.
 
-use std::time::Duration;
-
 use serde::Serialize;
-use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    time::timeout,
-};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use crate::http1::linger;
 
 /// The command that configures a route, for the 503 hint.
 pub const SET_ROUTE_HINT: &str = "sandbox-egress inference set --provider NAME --model MODEL";
-
-/// After an error, how long and how much of the client's unread request is
-/// read and dropped before closing: closing a socket with unread bytes sends
-/// a reset, which can destroy the error response before the client reads it.
-const LINGER_TIME: Duration = Duration::from_millis(500);
-const LINGER_BYTES: usize = 256 * 1024;
 
 #[derive(Serialize)]
 struct ErrorDocument<'a> {
@@ -96,17 +87,7 @@ pub async fn write_refusal<S: AsyncRead + AsyncWrite + Unpin>(client: &mut S, re
     if client.write_all(response.as_bytes()).await.is_err() || client.shutdown().await.is_err() {
         return 0;
     }
-    let _ = timeout(LINGER_TIME, async {
-        let mut scratch = [0u8; 8192];
-        let mut drained = 0;
-        while drained < LINGER_BYTES {
-            match client.read(&mut scratch).await {
-                Ok(0) | Err(_) => break,
-                Ok(read) => drained += read,
-            }
-        }
-    })
-    .await;
+    linger(client).await;
     response.len() as u64
 }
 
@@ -117,7 +98,7 @@ pub fn sse_error_event(kind: &str, message: &str) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
-    use tokio::io::duplex;
+    use tokio::io::{duplex, AsyncReadExt};
 
     use super::*;
 

@@ -14,7 +14,7 @@
 //! 7. the provider reached (502; 504 on timeout) and its response head
 //!    received in `response_timeout` (504) and valid (502).
 
-use std::{sync::Arc, time::Duration};
+use std::{pin::pin, sync::Arc, time::Duration};
 
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -32,9 +32,10 @@ use crate::{
     credentials::{check_unbound, Secret},
     dns::{Resolver, INFERENCE_HOST},
     http1::{
+        expect::continue_before_reading,
         forward::{forward_response_head, wants_close},
-        request_framing, response_framing, BodyError, BodyFraming, BodySource, HeadReader, Piece, RequestHead,
-        ResponseHead,
+        has_request_body, request_framing, response_framing, BodyError, BodyFraming, BodySource, HeadReader, Piece,
+        RequestHead, ResponseHead,
     },
     tls::Io,
     wire::host::Host,
@@ -175,8 +176,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     async fn exchange(&mut self, head: &RequestHead) -> Result<Flow, Stop> {
         self.log.requests += 1;
         let prepared = self.prepare(head).await?;
-        let response = self.send(&prepared).await?;
-        Ok(self.relay(&prepared, &response).await)
+        let answer = self.send(&prepared).await?;
+        Ok(self.relay(&prepared, &answer).await)
     }
 
     async fn prepare(&mut self, head: &RequestHead) -> Result<Prepared, Stop> {
@@ -240,7 +241,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             let body = self.read_body(head).await?;
             Some(rewrite_model(&body, &route.model).map_err(Refusal::bad_request)?)
         } else {
-            if !matches!(request_framing(head), BodyFraming::Empty | BodyFraming::Length(0)) {
+            if has_request_body(head) {
                 return Err(Refusal::bad_request(format!("{} takes no request body", endpoint.name())).into());
             }
             None
@@ -265,19 +266,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 return Err(too_large().into());
             }
         }
-        let expects_continue = head
-            .headers
-            .iter()
-            .any(|(name, value)| name.eq_ignore_ascii_case("expect") && value.eq_ignore_ascii_case(b"100-continue"));
-        if expects_continue && framing != BodyFraming::Empty {
-            let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
-            let sent = async {
-                self.client.get_mut().write_all(interim).await?;
-                self.client.get_mut().flush().await
-            };
-            sent.await.map_err(|error| Stop::Abort(format!("writing 100 Continue failed: {error}")))?;
-            self.log.bytes_down += interim.len() as u64;
-        }
+        // Every check the head allows is passed: the client may send the body.
+        self.log.bytes_down += continue_before_reading(self.client.get_mut(), head)
+            .await
+            .map_err(|error| Stop::Abort(format!("writing 100 Continue failed: {error}")))?;
         let mut source = BodySource::new(framing);
         let mut body = Vec::new();
         loop {
@@ -306,7 +298,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     /// Sends the request and returns the final response head. A kept-alive
     /// provider connection that turns out closed is replaced once: the
     /// provider may close idle connections at any time.
-    async fn send(&mut self, prepared: &Prepared) -> Result<ResponseHead, Stop> {
+    async fn send(&mut self, prepared: &Prepared) -> Result<Answer, Stop> {
         let reusable = matches!(&self.upstream, Some(upstream) if Arc::ptr_eq(&upstream.provider, &prepared.provider));
         if !reusable {
             self.connect(&prepared.provider).await?;
@@ -337,48 +329,88 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         Ok(())
     }
 
-    async fn try_send(&mut self, prepared: &Prepared) -> Result<ResponseHead, SendError> {
+    /// Writes the request while reading the provider's answer, so an early
+    /// response (a 401 or 413 before the body is read) is not held back by
+    /// a body the provider does not read; interim responses other than 100
+    /// (the client had the agent's) go to the client as they arrive.
+    async fn try_send(&mut self, prepared: &Prepared) -> Result<Answer, SendError> {
         let response_timeout = self.inference.limits.response_timeout;
         // Taken while in use: any failure below leaves no connection behind.
         let Some(mut upstream) = self.upstream.take() else {
             return Err(SendError::Failed("no provider connection".into()));
         };
-        let written = async {
-            upstream.reader.get_mut().write_all(&prepared.wire).await?;
-            upstream.reader.get_mut().flush().await
-        };
-        if let Err(error) = written.await {
-            let gone = is_connection_gone(&error);
-            return Err(if gone { SendError::Gone(error.to_string()) } else { SendError::Failed(error.to_string()) });
-        }
-        self.log.bytes_up += prepared.wire.len() as u64;
-        for _ in 0..=MAX_INTERIM_RESPONSES {
-            let response = match upstream.reader.read_response_head(response_timeout).await {
-                Ok(response) => response,
-                Err(error) => {
-                    let nothing_received = upstream.reader.buffered().is_empty();
-                    return Err(match error.kind() {
-                        std::io::ErrorKind::TimedOut => SendError::Timeout(response_timeout),
-                        _ if nothing_received && is_connection_gone(&error) => SendError::Gone(error.to_string()),
-                        _ => SendError::Failed(error.to_string()),
-                    });
-                }
-            };
-            match response.status {
-                // Nothing asked for a switch; a provider that does is broken.
-                101 => break,
-                100..=199 => continue,
-                _ => {
-                    self.upstream = Some(upstream);
-                    return Ok(response);
+        let answer = {
+            let mut split = upstream.reader.split();
+            let writer = &mut split.writer;
+            let mut sending = pin!(async {
+                writer.write_all(&prepared.wire).await?;
+                writer.flush().await
+            });
+            let mut sent: Option<std::io::Result<()>> = None;
+            let mut interim_responses = 0;
+            loop {
+                let response = tokio::select! {
+                    biased;
+                    result = &mut sending, if sent.is_none() => {
+                        if result.is_ok() {
+                            self.log.bytes_up += prepared.wire.len() as u64;
+                        }
+                        sent = Some(result);
+                        continue;
+                    }
+                    response = split.reader.read_response_head(response_timeout) => response,
+                };
+                let response = match response {
+                    Ok(response) => response,
+                    Err(error) => {
+                        let nothing_received = split.reader.buffered().is_empty();
+                        // A reused connection the provider had closed fails the write first.
+                        let gone = match &sent {
+                            Some(Err(write_error)) => is_connection_gone(write_error),
+                            _ => is_connection_gone(&error),
+                        };
+                        return Err(match error.kind() {
+                            std::io::ErrorKind::TimedOut => SendError::Timeout(response_timeout),
+                            _ if nothing_received && gone => SendError::Gone(error.to_string()),
+                            _ => SendError::Failed(error.to_string()),
+                        });
+                    }
+                };
+                match response.status {
+                    // Nothing asked for a switch; a provider that does is broken.
+                    101 => break None,
+                    100..=199 if interim_responses == MAX_INTERIM_RESPONSES => break None,
+                    100..=199 => {
+                        interim_responses += 1;
+                        if response.status != 100 {
+                            self.relay_interim(&response).await?;
+                        }
+                    }
+                    _ => break Some(Answer { head: response, request_sent: matches!(sent, Some(Ok(()))) }),
                 }
             }
-        }
-        Err(SendError::Failed("no final response: too many interim responses, or a 101".into()))
+        };
+        let Some(answer) = answer else {
+            return Err(SendError::Failed("no final response: too many interim responses, or a 101".into()));
+        };
+        self.upstream = Some(upstream);
+        Ok(answer)
+    }
+
+    async fn relay_interim(&mut self, response: &ResponseHead) -> Result<(), SendError> {
+        let head = forward_response_head(response, false, VIA);
+        let written = async {
+            self.client.get_mut().write_all(&head).await?;
+            self.client.get_mut().flush().await
+        };
+        written.await.map_err(|error| SendError::Failed(format!("writing to the client failed: {error}")))?;
+        self.log.bytes_down += head.len() as u64;
+        Ok(())
     }
 
     /// Streams the response to the client; whether the connection goes on.
-    async fn relay(&mut self, prepared: &Prepared, response: &ResponseHead) -> Flow {
+    async fn relay(&mut self, prepared: &Prepared, answer: &Answer) -> Flow {
+        let response = &answer.head;
         let Some(mut upstream) = self.upstream.take() else {
             return Flow::Close;
         };
@@ -404,7 +436,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             StreamEnd::Complete => {
                 let provider_closes =
                     framing == BodyFraming::UntilClose || wants_close(response.version, &response.headers);
-                if !provider_closes {
+                // A request cut short by an early response leaves the connection mid-message.
+                if !provider_closes && answer.request_sent {
                     self.upstream = Some(upstream);
                 }
                 if close {
@@ -424,6 +457,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             }
         }
     }
+}
+
+/// The provider's final response head.
+struct Answer {
+    head: ResponseHead,
+    /// The whole request went out before it: the connection can carry the next one.
+    request_sent: bool,
 }
 
 enum SendError {

@@ -5,13 +5,14 @@
 
 use std::{fmt, time::Duration};
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::http1::{request_framing, BodyError, BodyFraming, BodySource, HeadReader, Piece, RequestHead};
+use crate::http1::{
+    expect::continue_before_reading, request_framing, BodyError, BodyFraming, BodySource, HeadReader, Piece,
+    RequestHead,
+};
 
 pub use crate::credentials::MAX_REWRITTEN_BODY;
-
-const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 #[derive(Debug)]
 pub enum ReadError {
@@ -47,11 +48,8 @@ where
             return Err(ReadError::TooLarge(limit));
         }
     }
-    if expects_continue(head) && !matches!(framing, BodyFraming::Empty | BodyFraming::Length(0)) {
-        // The head was allowed as far as a head decides: the client may send.
-        client.get_mut().write_all(CONTINUE).await.map_err(|error| ReadError::Unreadable(error.to_string()))?;
-        client.get_mut().flush().await.map_err(|error| ReadError::Unreadable(error.to_string()))?;
-    }
+    // The head was allowed as far as a head decides: the client may send.
+    continue_before_reading(client.get_mut(), head).await.map_err(|error| ReadError::Unreadable(error.to_string()))?;
     let mut body = Vec::new();
     let mut source = BodySource::new(framing);
     loop {
@@ -74,13 +72,6 @@ where
     }
     reframe(head, body.len());
     Ok(body)
-}
-
-/// `Expect: 100-continue`, the one expectation there is (RFC 9110 10.1.1).
-fn expects_continue(head: &RequestHead) -> bool {
-    head.headers
-        .iter()
-        .any(|(name, value)| name.eq_ignore_ascii_case("expect") && value.eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// The head as forwarded with a body of `length` bytes: its own framing and

@@ -351,16 +351,21 @@ fn has_body(head: &RequestHead) -> bool {
 
 /// Answers a refused request; the connection stays open if the request had
 /// no body or the agent read it whole, and the client did not ask to close.
-async fn refuse<W: AsyncWrite + Unpin>(
-    client: &mut W,
+async fn refuse<C: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut C,
     head: &RequestHead,
     response: &refuse::Response,
     body_read: bool,
 ) -> Checked {
-    let close = (has_body(head) && !body_read) || wants_close(head.version, &head.headers);
+    let unread_body = has_body(head) && !body_read;
+    let close = unread_body || wants_close(head.version, &head.headers);
     let written = refuse::refused(client, response, close).await;
     if !written {
         let _ = client.shutdown().await;
+    }
+    if unread_body {
+        // A client sending the body without waiting must still read the refusal.
+        http1::linger(client).await;
     }
     Checked::Denied { close: close || !written }
 }

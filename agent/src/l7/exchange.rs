@@ -1,6 +1,6 @@
-//! One HTTP/1 request and its responses between a client and an upstream:
-//! the step the plain-HTTP gate and the inspected session share once a
-//! request is allowed.
+//! One HTTP/1 request and its responses between a client and an upstream,
+//! in full duplex ([`http1::duplex`]): the step the plain-HTTP gate and the
+//! inspected session share once a request is allowed.
 
 use std::{
     pin::Pin,
@@ -8,11 +8,11 @@ use std::{
     time::Duration,
 };
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::{
     conn::{refuse, CloseLog},
-    http1::{self, BodyLimits, HeadReader, RequestHead, ResponseLimits, ResponseOutcome},
+    http1::{self, BodyLimits, ExchangeLimits, HeadReader, RequestHead, ResponseLimits, ResponseOutcome},
 };
 
 pub const VIA: &str = "sandbox-egress";
@@ -22,6 +22,11 @@ pub const KEEP_ALIVE_IDLE: Duration = Duration::from_secs(60);
 const BODY_IDLE: Duration = Duration::from_secs(60);
 /// Longest wait for a response head: servers may think (or long-poll) a while.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a client's `Expect: 100-continue` waits for the server's own
+/// `100 Continue` (or final response) before the agent sends one: longer
+/// than a server's round trip takes, far shorter than clients wait (curl
+/// 1 s, .NET 350 ms, botocore 1 s) before sending the body anyway.
+const CONTINUE_WAIT: Duration = Duration::from_millis(100);
 
 pub enum Exchanged {
     /// The response went out whole; `close`: the connection ends with it.
@@ -38,8 +43,8 @@ pub enum Exchanged {
 }
 
 /// Sends `forwarded_head` and the request's body upstream (`body` if the
-/// agent read it already, else copied from the client), then relays the
-/// responses. Waits are bounded by `idle` too: a stalled server gets the
+/// agent read it already, else copied from the client) while relaying
+/// the responses. Waits are bounded by `idle` too: a stalled server gets the
 /// client a 504. `what` names the request in error bodies (`GET h:p`).
 #[allow(clippy::too_many_arguments)]
 pub async fn exchange<C, U>(
@@ -57,23 +62,29 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let body_limits = BodyLimits { max_body: None, idle: BODY_IDLE.min(idle) };
-    let response_limits = ResponseLimits { head_timeout: RESPONSE_TIMEOUT.min(idle), body: body_limits };
+    let limits = ExchangeLimits {
+        request_body: body_limits,
+        response: ResponseLimits { head_timeout: RESPONSE_TIMEOUT.min(idle), body: body_limits },
+        continue_wait: CONTINUE_WAIT,
+    };
     let (mut sent_up, mut sent_down) = (0, 0);
-    let result = async {
-        {
-            let mut to_upstream = Counted { inner: upstream.get_mut(), count: &mut sent_up };
-            to_upstream.write_all(forwarded_head).await?;
-            match body {
-                Some(body) => to_upstream.write_all(body).await?,
-                None => {
-                    http1::copy_body(client, &mut to_upstream, http1::request_framing(head), &body_limits).await?;
-                }
-            }
-        }
-        let mut to_client = Counted { inner: client.get_mut(), count: &mut sent_down };
-        http1::forward_responses(upstream, &mut to_client, head, VIA, &response_limits).await
-    }
-    .await;
+    let result = {
+        let (mut client, mut upstream) = (client.split(), upstream.split());
+        let mut to_client = Counted { inner: &mut client.writer, count: &mut sent_down };
+        let mut to_upstream = Counted { inner: &mut upstream.writer, count: &mut sent_up };
+        http1::duplex::exchange(
+            &mut client.reader,
+            &mut to_client,
+            &mut upstream.reader,
+            &mut to_upstream,
+            head,
+            forwarded_head,
+            body,
+            VIA,
+            &limits,
+        )
+        .await
+    };
     log.bytes_up += sent_up;
     log.bytes_down += sent_down;
     log.verdict = "relayed";
@@ -91,6 +102,10 @@ where
             };
             let reason = error.to_string();
             refuse::error(client.get_mut(), status, &refuse::ErrorBody::new(kind, what, &reason)).await;
+            // The client may still be sending the body: let it see the answer.
+            if http1::has_request_body(head) {
+                http1::linger(client.get_mut()).await;
+            }
             Exchanged::Failed
         }
     }

@@ -90,8 +90,13 @@ pub async fn serve(
         let allowed = match log.decided(verdict) {
             Ok(allowed) => allowed,
             Err(denial) => {
-                let (stream, _) = client.into_parts();
-                return deny_http(stream, &format!("{} {host_text}:{port}", head.method), &denial).await;
+                let (mut stream, _) = client.into_parts();
+                deny_http(&mut stream, &format!("{} {host_text}:{port}", head.method), &denial).await;
+                // Answered at once; a client sending the body anyway must still read the 403.
+                if http1::has_request_body(&head) {
+                    http1::linger(&mut stream).await;
+                }
+                return;
             }
         };
         let mut read_body = None;

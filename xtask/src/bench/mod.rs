@@ -3,7 +3,8 @@
 //! CONNECT, clients inside the sandbox cgroup) and through peer proxies
 //! (squid and tinyproxy by CONNECT, haproxy in TCP mode) on loopback; then
 //! workloads with columns of their own (TLS termination, keep-alive HTTP,
-//! server-first and letter-first streams), each in a small table.
+//! server-first and letter-first streams, inference.local, uploads with
+//! `Expect: 100-continue`), each in a small table.
 //!
 //! Servers run in the harness's network namespace (e2e::TestNet), so nothing
 //! leaves the machine; clients and servers are `bench-peer` (release build).
@@ -16,6 +17,7 @@ mod proxies;
 mod report;
 mod stalls;
 mod tls;
+mod upload;
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -65,6 +67,12 @@ pub struct Args {
     /// Seconds each wrk run of the keep-alive HTTP workload lasts.
     #[arg(long, default_value_t = 3)]
     wrk_secs: u64,
+    /// Size of each upload with `Expect: 100-continue`.
+    #[arg(long, default_value_t = 10)]
+    upload_mib: u64,
+    /// Uploads one after another per figure.
+    #[arg(long, default_value_t = 30)]
+    uploads: usize,
 }
 
 /// How a client reaches the server.
@@ -126,6 +134,8 @@ const GREETING_PORT: u16 = 7100;
 const ECHO_PORT: u16 = 7101;
 /// The streaming provider inference.local is routed to.
 const SSE_PORT: u16 = 7200;
+/// Takes uploads with `Expect: 100-continue`.
+const UPLOAD_PORT: u16 = 7300;
 /// One host and port cannot be both passthrough and inspected: two TLS ports.
 const TLS_PORT: u16 = 4430;
 const TLS_INSPECTED_PORT: u16 = 4431;
@@ -151,6 +161,10 @@ pub fn run(args: &Args) -> Result<()> {
     ensure!(args.tls_connections > 0 && args.tls_requests > 1, "at least one TLS connection and two requests on each");
     ensure!(args.stall_connections > 0, "sizes must be positive");
     ensure!((1..=60).contains(&args.wrk_secs), "--wrk-secs: from 1 to 60");
+    ensure!(
+        (1..=1024).contains(&args.upload_mib) && args.uploads > 0,
+        "--upload-mib: from 1 to 1024; --uploads: at least 1"
+    );
     crate::setup::run()?;
     crate::setup::ensure_packages(&proxies::PACKAGES)?;
     proxies::stop_distro_services();
@@ -185,6 +199,7 @@ pub fn run(args: &Args) -> Result<()> {
     bench.keepalive(&mut results)?;
     bench.stalls(&mut results)?;
     bench.inference_stream(&mut results)?;
+    bench.upload(&mut results)?;
     bench.memory(&mut results)?;
     bench.netns.check_alone()?;
     drop(bench);
@@ -201,6 +216,8 @@ pub fn run(args: &Args) -> Result<()> {
         tls_requests: args.tls_requests,
         wrk_secs: args.wrk_secs,
         stall_connections: args.stall_connections,
+        upload_mib: args.upload_mib,
+        uploads: args.uploads,
     };
     let header = format!(
         "## Benchmark ({}; Linux {}, {} CPUs, load average {} at the start; {:.0} s in all)",
@@ -395,6 +412,8 @@ impl<'a> Bench<'a> {
             &any(ECHO_PORT),
             "--sse",
             &any(SSE_PORT),
+            "--upload",
+            &any(UPLOAD_PORT),
         ]);
         command.args(["--tls", &format!("{},{},{}", any(TLS_PORT), any(TLS_INSPECTED_PORT), any(TLS_MCP_PORT))]);
         command.args(["--cert", path_str(&tls_ca.cert)?, "--key", path_str(&tls_ca.key)?]);
@@ -404,7 +423,7 @@ impl<'a> Bench<'a> {
         // Plain HTTP through the agent must go to a private address listed
         // in allowed_ips; one endpoint with every port serves all workloads
         // but TLS, whose endpoints are by name (the SNI), one of them inspected.
-        let ports: Vec<String> = [BULK_PORT, KEEPALIVE_PORT, GREETING_PORT, ECHO_PORT]
+        let ports: Vec<String> = [BULK_PORT, KEEPALIVE_PORT, GREETING_PORT, ECHO_PORT, UPLOAD_PORT]
             .into_iter()
             .chain((0..ways as u16).flat_map(|i| [HTTP_PORT_BASE + i, IDLE_PORT_BASE + i]))
             .map(|p| p.to_string())

@@ -65,6 +65,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the serve variant is no cost.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Serve every workload until killed; prints `{"ready":true}`.
@@ -175,6 +177,9 @@ struct Servers {
     /// once, the rest after [`SSE_PAUSE`].
     #[arg(long)]
     sse: SocketAddr,
+    /// Takes one upload per connection, `100 Continue` first when asked.
+    #[arg(long)]
+    upload: SocketAddr,
 }
 
 #[derive(clap::Args, Clone)]
@@ -250,6 +255,7 @@ async fn serve(config: Servers) -> Result<()> {
     servers.spawn(accept_loop(bind(config.greeting).await?, serve_greeting));
     servers.spawn(accept_loop(bind(config.echo).await?, serve_echo));
     servers.spawn(accept_loop(bind(config.sse).await?, serve_sse));
+    servers.spawn(accept_loop(bind(config.upload).await?, serve_upload));
     println!("{}", json!({ "ready": true }));
     while let Some(done) = servers.join_next().await {
         done??;
@@ -327,6 +333,24 @@ fn chunk(data: &[u8]) -> Vec<u8> {
 /// the first event at once and the rest after a pause.
 async fn serve_sse(mut stream: TcpStream) -> Result<()> {
     stream.set_nodelay(true)?;
+    let (mut request, end, length) = read_request_head(&mut stream).await?;
+    ensure!(length <= MAX_HEAD as u64, "request body too long");
+    let mut buffer = [0u8; 4096];
+    while request.len() < end + length as usize {
+        let n = stream.read(&mut buffer).await?;
+        ensure!(n > 0, "request body cut short");
+        request.extend_from_slice(&buffer[..n]);
+    }
+    stream.write_all(&[SSE_HEAD, &chunk(SSE_FIRST)].concat()).await?;
+    tokio::time::sleep(SSE_PAUSE).await;
+    // The client may have gone after the first event: that is what it measures.
+    let _ = stream.write_all(&[&chunk(SSE_DONE)[..], b"0\r\n\r\n"].concat()).await;
+    Ok(())
+}
+
+/// A request head read from `stream`: the bytes read (the head and what
+/// followed it), where the head ends, and its Content-Length (0 if none).
+async fn read_request_head(stream: &mut TcpStream) -> Result<(Vec<u8>, usize, u64)> {
     let mut request = Vec::with_capacity(1024);
     let mut buffer = [0u8; 4096];
     let end = loop {
@@ -338,21 +362,31 @@ async fn serve_sse(mut stream: TcpStream) -> Result<()> {
         request.extend_from_slice(&buffer[..n]);
     };
     let head = String::from_utf8_lossy(&request[..end]).to_ascii_lowercase();
-    let length: usize = head
+    let length = head
         .lines()
         .find_map(|line| line.strip_prefix("content-length:"))
         .and_then(|value| value.trim().parse().ok())
         .unwrap_or(0);
-    ensure!(length <= MAX_HEAD, "request body too long");
-    while request.len() < end + length {
-        let n = stream.read(&mut buffer).await?;
-        ensure!(n > 0, "request body cut short");
-        request.extend_from_slice(&buffer[..n]);
+    Ok((request, end, length))
+}
+
+/// One upload: answers `100 Continue` at once when the client waits for
+/// it (as nginx does), reads the Content-Length body, answers 200 and
+/// closes first (TIME_WAIT on this side).
+async fn serve_upload(mut stream: TcpStream) -> Result<()> {
+    let (request, end, length) = read_request_head(&mut stream).await?;
+    let head = String::from_utf8_lossy(&request[..end]).to_ascii_lowercase();
+    if head.contains("\r\nexpect: 100-continue\r\n") {
+        stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
     }
-    stream.write_all(&[SSE_HEAD, &chunk(SSE_FIRST)].concat()).await?;
-    tokio::time::sleep(SSE_PAUSE).await;
-    // The client may have gone after the first event: that is what it measures.
-    let _ = stream.write_all(&[&chunk(SSE_DONE)[..], b"0\r\n\r\n"].concat()).await;
+    let mut left = length.saturating_sub((request.len() - end) as u64);
+    let mut buffer = vec![0u8; CHUNK];
+    while left > 0 {
+        let n = stream.read(&mut buffer).await?;
+        ensure!(n > 0, "upload ended {left} bytes early");
+        left = left.saturating_sub(n as u64);
+    }
+    stream.write_all(HTTP_RESPONSE).await?;
     Ok(())
 }
 

@@ -91,6 +91,8 @@ pub struct Sizes {
     pub tls_requests: usize,
     pub wrk_secs: u64,
     pub stall_connections: usize,
+    pub upload_mib: u64,
+    pub uploads: usize,
 }
 
 #[derive(Default)]
@@ -439,6 +441,8 @@ pub fn json(results: &Results, sizes: &Sizes, machine: Value) -> Value {
             "tls_requests_per_connection": sizes.tls_requests,
             "wrk_secs": sizes.wrk_secs,
             "stall_connections": sizes.stall_connections,
+            "upload_mib": sizes.upload_mib,
+            "uploads": sizes.uploads,
         },
         "figures": figures,
         "tables": results.tables.iter().map(Table::json).collect::<Vec<_>>(),

@@ -11,9 +11,12 @@
 //! - `big`: chunked SSE of 20 events of 1000 bytes;
 //! - `silent`: no response at all;
 //! - `json_then_vanish`: a JSON response, then the connection is closed
-//!   without notice, as an idle-timeout would.
+//!   without notice, as an idle-timeout would;
+//! - `hints`: `103 Early Hints`, then the JSON echo.
 //!
-//! GET answers a JSON model list.
+//! GET answers a JSON model list. A request whose User-Agent is
+//! [`EARLY_401`] gets a 401 as soon as its head is in, and its body is
+//! never read.
 
 use std::{
     net::SocketAddr,
@@ -39,6 +42,8 @@ use tokio_rustls::TlsAcceptor;
 use crate::http1::{copy_body, request_framing, BodyLimits, HeadReader};
 
 const FOREVER: Duration = Duration::from_secs(3600);
+/// The User-Agent that gets a 401 before the body is read.
+pub const EARLY_401: &str = "fake-early-401";
 const PATIENT: Duration = Duration::from_secs(10);
 
 /// One request as the provider received it.
@@ -126,6 +131,14 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
 ) {
     let mut reader = HeadReader::new(stream);
     while let Ok(Some(head)) = reader.read_request_head(FOREVER, PATIENT).await {
+        let user_agent = head.headers.iter().find(|(name, _)| name.eq_ignore_ascii_case("user-agent"));
+        if user_agent.is_some_and(|(_, value)| value == EARLY_401.as_bytes()) {
+            let body = r#"{"error":{"type":"unauthorized","message":"early"}}"#;
+            let response = format!("HTTP/1.1 401 Unauthorized\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            let _ = send(reader.get_mut(), response.as_bytes()).await;
+            // Neither reads the body nor closes.
+            sleep(FOREVER).await;
+        }
         let mut body = Vec::new();
         let limits = BodyLimits { max_body: None, idle: PATIENT };
         if copy_body(&mut reader, &mut body, request_framing(&head), &limits).await.is_err() {
@@ -186,6 +199,11 @@ async fn respond<W: AsyncWrite + Unpin>(
                 json_response(json!({"object": "list", "data": [{"id": "m1"}], "path": request.target})).as_bytes(),
             )
             .await
+        }
+        "hints" => {
+            send(client, b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n").await?;
+            let model = request.json()["model"].clone();
+            send(client, json_response(json!({"model": model, "path": request.target})).as_bytes()).await
         }
         "json" | "json_then_vanish" => {
             let model = request.json()["model"].clone();

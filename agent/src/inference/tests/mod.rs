@@ -22,7 +22,7 @@ use tokio::{
     time::timeout,
 };
 
-use self::fake_provider::{test_ca, FakeProvider};
+use self::fake_provider::{test_ca, FakeProvider, EARLY_401};
 use super::Inference;
 use crate::{
     conn::InferenceLog,

@@ -435,3 +435,32 @@ async fn expect_100_continue_is_answered_before_the_body_is_read() {
     client.finish().await;
     assert_eq!(world.fake.seen()[0].header("expect"), None);
 }
+
+#[tokio::test]
+async fn a_providers_interim_responses_reach_the_client_before_its_answer() {
+    let world = World::start(ROUTED_OPENAI).await;
+    let mut client = world.connect();
+    client.send(&post(CHAT, "", r#"{"fake":"hints"}"#)).await;
+    let hints = client.head().await;
+    assert_eq!(hints.status, 103);
+    assert!(hints.headers.iter().any(|(name, value)| name == "Link" && value == b"</style.css>; rel=preload"));
+    assert_eq!(client.response("POST").await.status(), 200);
+    client.finish().await;
+}
+
+#[tokio::test]
+async fn an_answer_before_the_provider_took_the_request_is_relayed_and_ends_its_connection() {
+    let world =
+        World::start(Setup { limits: "  max_request_body: 67108864\n  response_timeout: 2s\n", ..ROUTED_OPENAI }).await;
+    let mut client = world.connect();
+    // More than the sockets on the way hold: the provider never reads it.
+    let big = format!(r#"{{"messages":"{}"}}"#, "x".repeat(32 << 20));
+    client.send(&post(CHAT, &format!("User-Agent: {EARLY_401}\r\n"), &big)).await;
+    let response = client.response("POST").await;
+    assert_eq!((response.status(), response.error().1.as_str()), (401, "early"));
+    // The provider connection is mid-request: the next request gets a new one.
+    client.send(&post(CHAT, "", "{}")).await;
+    assert_eq!(client.response("POST").await.status(), 200);
+    client.finish().await;
+    assert_eq!(world.fake.connections(), 2);
+}
