@@ -391,7 +391,7 @@ print(stream.recv(first[1] & 0x7f).decode())
 fn a_websocket_upgrade_is_decided_by_the_rules_then_frames_flow() -> Result<()> {
     require_root();
     let endpoint = format!(
-        "      - host: {REST_API_HOST}\n        port: {REST_TLS_PORT}\n        protocol: websocket\n        rules:\n          - allow:\n              method: GET\n              path: /ws/chat\n"
+        "      - host: {REST_API_HOST}\n        port: {REST_TLS_PORT}\n        protocol: websocket\n        rules:\n          - allow:\n              method: GET\n              path: /ws/chat\n          - allow:\n              method: WEBSOCKET_TEXT\n              path: /ws/chat\n"
     );
     let setup = Setup::new("l7-websocket", &endpoint)?;
     let port = REST_TLS_PORT.to_string();

@@ -18,7 +18,7 @@ struct Setup {
     // Dropped in this order: the agent detaches from the sandbox before its cgroup goes.
     agent: Agent,
     sandbox: Sandbox,
-    _policy: PolicyFile,
+    policy: PolicyFile,
     agent_ca: String,
     certificate: TestCertificate,
     net: TestNet,
@@ -42,7 +42,7 @@ impl Setup {
         let exported = run(agent_bin().to_str().context("utf-8 path")?, &["ca", "export", "--ca-dir", &ca_dir])?;
         let agent_ca = dir.file("agent-ca.pem");
         std::fs::write(&agent_ca, &exported.stdout)?;
-        Ok(Self { agent, sandbox, _policy: policy, agent_ca, certificate, net, _dns: dns, _dir: dir })
+        Ok(Self { agent, sandbox, policy, agent_ca, certificate, net, _dns: dns, _dir: dir })
     }
 
     /// Starts tests/support/`script` in the namespace with the server's
@@ -226,5 +226,122 @@ fn graphql_operations_are_decided_by_type_name_and_root_fields() -> Result<()> {
     ensure!(denied.iter().any(|line| line["operation_type"] == "mutation"), "{denied:?}");
     ensure!(denied.iter().any(|line| line["fields"] == "secrets"), "{denied:?}");
     ensure!(denied.iter().any(|line| line["message"] == "persisted_query"), "{denied:?}");
+    Ok(())
+}
+
+const WS_HOST: &str = "ws.l7.test";
+const WS_TLS_PORT: u16 = 9447;
+
+fn websocket_endpoints() -> String {
+    format!(
+        "      - host: {WS_HOST}\n        port: {WS_TLS_PORT}\n        path: /ro/**\n        protocol: websocket\n        \
+         enforcement: enforce\n        access: read-only\n\
+         \x20     - host: {WS_HOST}\n        port: {WS_TLS_PORT}\n        path: /rw/**\n        protocol: websocket\n        \
+         enforcement: enforce\n        rules:\n          - allow: {{ method: GET, path: /rw/** }}\n          \
+         - allow: {{ method: WEBSOCKET_TEXT, path: /rw/** }}\n        deny_rules:\n          \
+         - {{ method: WEBSOCKET_TEXT, path: /rw/admin }}\n"
+    )
+}
+
+fn websocket_setup(name: &str) -> Result<(Setup, Servers)> {
+    let setup = Setup::new(name, WS_HOST, &websocket_endpoints())?;
+    let port = WS_TLS_PORT.to_string();
+    let server = setup.start_server("ws_server.py", &["--port", &port])?;
+    Ok((setup, server))
+}
+
+fn ws_url(path: &str) -> String {
+    format!("wss://{WS_HOST}:{WS_TLS_PORT}{path}")
+}
+
+#[test]
+fn websocket_text_messages_are_decided_one_by_one_and_refused_with_1008() -> Result<()> {
+    require_root();
+    let (setup, server) = websocket_setup("l7-ws")?;
+    let client = |path: &str, extra: &[&str]| {
+        let url = ws_url(path);
+        setup.python("ws_client.py", &[&["--url", url.as_str(), "--cafile", &setup.agent_ca], extra].concat())
+    };
+
+    // access: read-only: the upgrade passes, a text message does not.
+    let read_only = client("/ro/chat", &["hello"])?;
+    assert_eq!(read_only.last().context("a line")?["closed"], 1008, "{read_only:?}");
+    let reason = read_only.last().unwrap()["reason"].as_str().unwrap_or_default().to_owned();
+    assert!(reason.contains("WEBSOCKET_TEXT /ro/chat not permitted by policy"), "{reason}");
+
+    // Compressed (the client's default): each message inflated, decided, then echoed.
+    let compressed = client("/rw/chat", &["one", "two"])?;
+    assert_eq!(compressed[0]["deflate"], true, "permessage-deflate was negotiated: {compressed:?}");
+    let echoes: Vec<&Value> = compressed.iter().filter_map(|line| line.get("echo")).collect();
+    assert_eq!(echoes, [&Value::from("one"), &Value::from("two")], "{compressed:?}");
+    let plain = client("/rw/chat", &["--no-compression", "plain"])?;
+    assert_eq!((&plain[0]["deflate"], &plain[1]["echo"]), (&Value::Bool(false), &Value::from("plain")));
+
+    // A deny rule on the upgrade's path: 1008, compressed or not.
+    let admin = client("/rw/admin", &["drop everything"])?;
+    assert_eq!(admin.last().context("a line")?["closed"], 1008, "{admin:?}");
+    assert!(admin.last().unwrap()["reason"].as_str().unwrap_or_default().contains("blocked by deny rule"));
+
+    let seen: Vec<(String, String)> = server
+        .events
+        .matching(|e| e["kind"] == "message")
+        .iter()
+        .map(|m| (m["path"].as_str().unwrap_or_default().to_owned(), m["text"].as_str().unwrap_or_default().to_owned()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("/rw/chat".to_owned(), "one".to_owned()),
+            ("/rw/chat".to_owned(), "two".to_owned()),
+            ("/rw/chat".to_owned(), "plain".to_owned()),
+        ],
+        "refused messages never reached the server"
+    );
+    let texts: Vec<(String, String)> = setup
+        .request_logs()
+        .iter()
+        .filter(|line| line["method"] == "WEBSOCKET_TEXT")
+        .map(|line| {
+            (
+                line["path"].as_str().unwrap_or_default().to_owned(),
+                line["verdict"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            ("/ro/chat".to_owned(), "denied".to_owned()),
+            ("/rw/chat".to_owned(), "allowed".to_owned()),
+            ("/rw/chat".to_owned(), "allowed".to_owned()),
+            ("/rw/chat".to_owned(), "allowed".to_owned()),
+            ("/rw/admin".to_owned(), "denied".to_owned()),
+        ]
+    );
+    Ok(())
+}
+
+#[test]
+fn a_policy_reload_closes_inspected_websocket_sessions_with_1012() -> Result<()> {
+    require_root();
+    let (setup, _server) = websocket_setup("l7-ws-reload")?;
+    let script = support_file("ws_client.py");
+    let url = ws_url("/rw/chat");
+    let mut command = setup.sandbox.command(PYTHON);
+    command.arg(&script).args(["--url", &url, "--cafile", &setup.agent_ca, "--wait-close", "--wait", "20", "first"]);
+    let mut child = command.stdout(std::process::Stdio::piped()).spawn()?;
+    let lines = JsonLines::follow_stdout(child.stdout.take().context("stdout")?);
+    lines.wait_for("the first message echoed and the session waiting", |line| line["waiting"] == true)?;
+    // Any change of the file is a new generation.
+    setup.policy.write(&policy_yaml(&format!("{}      # reloaded\n", websocket_endpoints())))?;
+    let closed = lines.wait_for("the session closed", |line| line.get("closed").is_some())?;
+    let status = child.wait()?;
+    ensure!(status.success(), "the client failed: {status}");
+    assert_eq!(closed["closed"], 1012, "{closed}");
+    let connection = setup
+        .agent
+        .log
+        .wait_for("the session's close line", |e| e["event"] == "connection" && e["protocol"] == "websocket")?;
+    assert!(connection["error"].as_str().unwrap_or_default().contains("1012"), "{connection}");
     Ok(())
 }

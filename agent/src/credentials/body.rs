@@ -22,11 +22,21 @@ pub const MAX_REWRITTEN_BODY: usize = 256 * 1024;
 /// `*` stay, a space becomes `+` (done apart), the rest percent-encoded.
 const FORM_VALUE: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'*').remove(b' ');
 
+/// How placeholders are replaced in a text.
+#[derive(Clone, Copy)]
+enum Form {
+    /// Inside JSON strings: the secret escaped as JSON requires.
+    Json,
+    /// Each `application/x-www-form-urlencoded` value decoded, replaced, encoded again.
+    Urlencoded,
+    Text,
+}
+
 impl Credentials {
     /// `body` with `bound`'s placeholders replaced, for an endpoint with
-    /// `request_body_credential_rewrite` (or a WebSocket text message with
-    /// `websocket_credential_rewrite`, `head` then the upgrade's). A body
-    /// without placeholders comes back as it is.
+    /// `request_body_credential_rewrite` (JSON, form and text bodies, by
+    /// `head`'s Content-Type). A body without placeholders comes back as it
+    /// is.
     pub fn rewrite_body(
         &self,
         head: &RequestHead,
@@ -35,26 +45,9 @@ impl Credentials {
         host: &str,
         tls: bool,
     ) -> Result<Zeroizing<Vec<u8>>, Refusal> {
-        let place = "the request body";
-        let found: Vec<Found> =
-            names_in(body).into_iter().map(|provider| Found { provider, place: place.to_owned() }).collect();
-        let coded = field_values(&head.headers, "content-encoding")
+        let coding = field_values(&head.headers, "content-encoding")
             .find(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(b"identity"));
-        let unbound = match bound {
-            Some(_) if !tls => {
-                Some("credentials are only sent over TLS to the origin, and this request is plain HTTP".to_owned())
-            }
-            Some(_) => None,
-            None => Some(format!("{host} is bound to no credential provider")),
-        };
-        if let Some(reason) = unbound {
-            return match found.first() {
-                Some(found) => Err(Refusal::not_bound(found, host, reason)),
-                None => Ok(Zeroizing::new(body.to_vec())),
-            };
-        }
-        let name = bound.expect("checked above");
-        if let Some(coding) = coded {
+        if let (Some(name), true, Some(coding)) = (bound, tls, coding) {
             // A placeholder inside cannot be seen, let alone replaced.
             let reason = format!(
                 "the body is {}-encoded: placeholders in it cannot be replaced (send it uncompressed)",
@@ -62,40 +55,96 @@ impl Credentials {
             );
             return Err(Refusal::unavailable(name, host, reason));
         }
-        if let Some(other) = found.iter().find(|found| found.provider != name) {
-            return Err(Refusal::not_bound(other, host, format!("{host} is bound to credential provider '{name}'")));
-        }
-        if found.is_empty() {
+        let Some(name) = self.bound_with_placeholders(body, bound, host, tls, "the request body")? else {
             return Ok(Zeroizing::new(body.to_vec()));
-        }
+        };
         let Ok(text) = std::str::from_utf8(body) else {
             return Err(Refusal::unavailable(name, host, "a body with a placeholder must be UTF-8 text".into()));
         };
-        let provider = self.provider(name).ok_or_else(|| {
-            Refusal::unavailable(name, host, format!("no credential provider '{name}' is configured (--credentials)"))
-        })?;
-        let secret = provider.secret().map_err(|reason| Refusal::unavailable(name, host, reason))?;
-        let marker = placeholder(name);
-        let rewritten = match media_type(head).as_deref() {
-            Some("application/json") => {
-                let escaped = Zeroizing::new(serde_json::to_string(secret.expose()).unwrap_or_default());
-                // Inside a JSON string: the secret as JSON escapes it, without its quotes.
-                let inner = &escaped[1..escaped.len().saturating_sub(1)];
-                Zeroizing::new(text.replace(&marker, inner))
-            }
-            Some("application/x-www-form-urlencoded") => rewrite_form(text, &marker, secret.expose())
-                .map_err(|reason| Refusal::unavailable(name, host, reason))?,
-            Some(media) if media.starts_with("text/") => Zeroizing::new(text.replace(&marker, secret.expose())),
+        let form = match media_type(head).as_deref() {
+            Some("application/json") => Form::Json,
+            Some("application/x-www-form-urlencoded") => Form::Urlencoded,
+            Some(media) if media.starts_with("text/") => Form::Text,
             _ => {
                 let reason = "placeholders are replaced in JSON, form and text bodies only (Content-Type)".to_owned();
                 return Err(Refusal::unavailable(name, host, reason));
             }
         };
+        let rewritten = self.replace(text, form, name, host)?;
+        Ok(Zeroizing::new(rewritten.as_bytes().to_vec()))
+    }
+
+    /// A WebSocket client text message with `bound`'s placeholders replaced
+    /// (`websocket_credential_rewrite`): inside JSON strings when the
+    /// message is JSON, as text otherwise.
+    pub fn rewrite_text(
+        &self,
+        text: &str,
+        bound: Option<&str>,
+        host: &str,
+        tls: bool,
+    ) -> Result<Zeroizing<String>, Refusal> {
+        let Some(name) = self.bound_with_placeholders(text.as_bytes(), bound, host, tls, "a WebSocket message")? else {
+            return Ok(Zeroizing::new(text.to_owned()));
+        };
+        let form = if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() { Form::Json } else { Form::Text };
+        self.replace(text, form, name, host)
+    }
+
+    /// The provider whose placeholders `bytes` holds, `None` when it holds
+    /// none; refused when one is of another provider, or of any with none
+    /// bound or without TLS to the origin.
+    fn bound_with_placeholders<'a>(
+        &self,
+        bytes: &[u8],
+        bound: Option<&'a str>,
+        host: &str,
+        tls: bool,
+        place: &str,
+    ) -> Result<Option<&'a str>, Refusal> {
+        let found: Vec<Found> =
+            names_in(bytes).into_iter().map(|provider| Found { provider, place: place.to_owned() }).collect();
+        let name = match bound {
+            Some(_) if !tls => {
+                let reason = "credentials are only sent over TLS to the origin, and this request is plain HTTP";
+                return found.first().map_or(Ok(None), |found| Err(Refusal::not_bound(found, host, reason.into())));
+            }
+            Some(name) => name,
+            None => {
+                let reason = format!("{host} is bound to no credential provider");
+                return found.first().map_or(Ok(None), |found| Err(Refusal::not_bound(found, host, reason)));
+            }
+        };
+        if let Some(other) = found.iter().find(|found| found.provider != name) {
+            return Err(Refusal::not_bound(other, host, format!("{host} is bound to credential provider '{name}'")));
+        }
+        Ok((!found.is_empty()).then_some(name))
+    }
+
+    /// `text` with provider `name`'s placeholder replaced as `form` says;
+    /// one left over fails closed.
+    fn replace(&self, text: &str, form: Form, name: &str, host: &str) -> Result<Zeroizing<String>, Refusal> {
+        let provider = self.provider(name).ok_or_else(|| {
+            Refusal::unavailable(name, host, format!("no credential provider '{name}' is configured (--credentials)"))
+        })?;
+        let secret = provider.secret().map_err(|reason| Refusal::unavailable(name, host, reason))?;
+        let marker = placeholder(name);
+        let rewritten = match form {
+            Form::Json => {
+                let escaped = Zeroizing::new(serde_json::to_string(secret.expose()).unwrap_or_default());
+                // Inside a JSON string: the secret as JSON escapes it, without its quotes.
+                let inner = &escaped[1..escaped.len().saturating_sub(1)];
+                Zeroizing::new(text.replace(&marker, inner))
+            }
+            Form::Urlencoded => rewrite_form(text, &marker, secret.expose())
+                .map_err(|reason| Refusal::unavailable(name, host, reason))?,
+            Form::Text => Zeroizing::new(text.replace(&marker, secret.expose())),
+        };
         if !names_in(rewritten.as_bytes()).is_empty() {
-            let reason = "a placeholder in the body could not be replaced".to_owned();
+            let reason = "a placeholder could not be replaced".to_owned();
             return Err(Refusal::unavailable(name, host, reason));
         }
-        Ok(Zeroizing::new(rewritten.as_bytes().to_vec()))
+        Ok(rewritten)
     }
 }
 

@@ -135,13 +135,15 @@ pub struct ResponseLimits {
     pub body: BodyLimits,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResponseOutcome {
     /// A 101 was forwarded: relay raw bytes both ways from now on, starting
     /// with the bytes both readers hold ([`HeadReader::into_parts`]).
     SwitchingProtocols {
         /// Bytes of the heads written to the client, interim ones included.
         head_bytes: u64,
+        /// The 101 as the server sent it (its negotiated extensions).
+        response: Box<ResponseHead>,
     },
     /// A final response was forwarded whole.
     Complete {
@@ -207,7 +209,7 @@ where
             101 => {
                 head_bytes += write_head(client, &response, false, via).await?;
                 client.flush().await?;
-                return Ok(ResponseOutcome::SwitchingProtocols { head_bytes });
+                return Ok(ResponseOutcome::SwitchingProtocols { head_bytes, response: Box::new(response) });
             }
             // The client already has the one it waited for.
             100 if sent_own_continue => {}
@@ -467,7 +469,9 @@ mod tests {
             text(client.clone()),
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\nVia: 1.1 egress\r\n\r\n"
         );
-        assert_eq!(outcome.unwrap(), ResponseOutcome::SwitchingProtocols { head_bytes: client.len() as u64 });
+        assert!(
+            matches!(outcome.unwrap(), ResponseOutcome::SwitchingProtocols { head_bytes, .. } if head_bytes == client.len() as u64)
+        );
         assert_eq!(upstream.into_parts().1, frame);
     }
 

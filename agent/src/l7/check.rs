@@ -4,16 +4,14 @@
 //! log line each), the credential applied, and a refusal in the room's own
 //! terms.
 
-use std::net::SocketAddr;
-
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use zeroize::Zeroizing;
 
-use super::{body, room, target::Target, Call, Cause, Classified, Refusal, Room};
+use super::{body, log::log_request, room, target::Target, websocket, Call, Cause, Classified, Refusal, Room};
 use crate::{
     conn::{refuse, CloseLog, Context, Origin},
     credentials::CredentialedHead,
-    http1::{self, forward::wants_close, BodyFraming, HeadReader, RequestHead, TargetForm},
+    http1::{self, forward::wants_close, list_elements, BodyFraming, HeadReader, RequestHead, TargetForm},
     policy::{HttpRequest, Inspection, Message, RequestDecision},
     wire::path::{canonicalize, CanonicalTarget},
 };
@@ -36,6 +34,18 @@ pub struct Allowed {
     /// The endpoint that read the request: after a 101, its messages are
     /// decided by it.
     pub inspection: Inspection,
+    /// A WebSocket upgrade whose messages will be inspected.
+    pub websocket: Option<Upgrade>,
+}
+
+/// An upgrade to an endpoint that inspects WebSocket messages.
+pub struct Upgrade {
+    /// The client's permessage-deflate offers, as forwarded.
+    pub offer: websocket::Offer,
+    /// Its canonical path and query, which its messages are decided against.
+    pub target: CanonicalTarget,
+    /// The endpoint's provider, for `websocket_credential_rewrite`.
+    pub credential_provider: Option<String>,
 }
 
 /// Decides one request on a connection to `target`. `head` is rewritten to
@@ -101,7 +111,7 @@ where
         }
         // A lone call's line waits for its credential.
         if !single || !verdict.allow {
-            log_request(origin, target, head, &canonical.path, call, generation, &verdict, None);
+            log_request(origin, target, &head.method, &canonical.path, call, generation, &verdict, None);
         }
         (generation, verdict)
     });
@@ -113,6 +123,12 @@ where
     };
     head.target = canonical.origin_form();
     head.form = TargetForm::Origin;
+    let inspects_messages = inspection.protocol == "websocket" || inspection.messages.rewrite_websocket;
+    let websocket = (inspects_messages && is_websocket_upgrade(head)).then(|| Upgrade {
+        offer: websocket::offer(head),
+        target: canonical.clone(),
+        credential_provider: verdict.credential_provider.clone(),
+    });
     let host = target.name.as_str();
     let provider = verdict.credential_provider.as_deref();
     // The body first: the head is then framed for the body as rewritten.
@@ -133,7 +149,16 @@ where
             let reason = Some(format!("{}: {}", refusal.detail, refusal.reason));
             let refused = RequestDecision { allow: false, audit: false, reason, ..verdict };
             let call = &classified.calls[0];
-            log_request(origin, target, head, &canonical.path, call, generation, &refused, Some(&refusal.provider));
+            log_request(
+                origin,
+                target,
+                &head.method,
+                &canonical.path,
+                call,
+                generation,
+                &refused,
+                Some(&refusal.provider),
+            );
             log.credential_refused(&refusal, origin, host);
             log.requests_denied += 1;
             let response = room.refuse(
@@ -153,10 +178,19 @@ where
     };
     if single {
         let provider = credential.as_ref().map(CredentialedHead::provider);
-        log_request(origin, target, head, &canonical.path, &classified.calls[0], generation, &verdict, provider);
+        log_request(
+            origin,
+            target,
+            &head.method,
+            &canonical.path,
+            &classified.calls[0],
+            generation,
+            &verdict,
+            provider,
+        );
     }
     let body = rewritten.or_else(|| read.map(Zeroizing::new));
-    Checked::Allowed(Box::new(Allowed { credential, body, inspection: inspection.clone() }))
+    Checked::Allowed(Box::new(Allowed { credential, body, inspection: inspection.clone(), websocket }))
 }
 
 /// The endpoint that reads a request for `path`, and its room: with several
@@ -333,7 +367,7 @@ impl Decision<'_> {
         let generation = self.context.decider.policies.current().generation;
         let refused = RequestDecision::denied(Some(reason.to_owned()));
         let call = Call { message: Message::Http, id: None };
-        log_request(self.origin, self.target, head, path, &call, generation, &refused, None);
+        log_request(self.origin, self.target, &head.method, path, &call, generation, &refused, None);
         log.requests += 1;
         log.requests_denied += 1;
         if log.verdict.is_empty() {
@@ -342,6 +376,11 @@ impl Decision<'_> {
         }
         log.reason = Some(reason.to_owned());
     }
+}
+
+/// A request to switch to WebSocket (`Upgrade: websocket`).
+fn is_websocket_upgrade(head: &RequestHead) -> bool {
+    list_elements(&head.headers, "upgrade").any(|protocol| protocol.eq_ignore_ascii_case(b"websocket"))
 }
 
 /// Whether the request carries a body.
@@ -393,68 +432,5 @@ fn describe_call(message: &Message) -> Option<String> {
             }
         )),
         _ => None,
-    }
-}
-
-/// One line per decided call of a request on an inspected connection:
-/// the request, what the room read of it (never arguments, never a
-/// secret), the verdict; `credential`: the provider whose credential it
-/// carried (or whose placeholder was refused).
-#[allow(clippy::too_many_arguments)]
-fn log_request(
-    origin: &Origin,
-    target: &Target,
-    head: &RequestHead,
-    path: &str,
-    call: &Call,
-    generation: u64,
-    decision: &RequestDecision,
-    credential: Option<&str>,
-) {
-    let verdict = match (decision.allow, decision.audit) {
-        (true, false) => "allowed",
-        (true, true) => "audit",
-        (false, _) => "denied",
-    };
-    let (rpc_method, tool, operation) = match &call.message {
-        Message::JsonRpcCall { method, tool } => (Some(method.as_str()), tool.as_deref(), None),
-        Message::GraphQl(operation) => (None, None, Some(operation)),
-        _ => (None, None, None),
-    };
-    let destination: SocketAddr = target.upstream;
-    tracing::info!(
-        event = "request",
-        verdict,
-        method = head.method,
-        path,
-        host = target.name,
-        destination = %destination,
-        message = message_kind(&call.message),
-        rpc_method,
-        tool,
-        operation_type = operation.map(|operation| operation.operation_type.as_str()),
-        operation_name = operation.map(|operation| operation.operation_name.as_str()),
-        fields = operation.map(|operation| operation.fields.join(",")),
-        policy = decision.policy,
-        rule = decision.rule,
-        policy_generation = generation,
-        reason = decision.reason,
-        credential,
-        pid = origin.pid,
-        exe = origin.exe.as_ref().map(|exe| exe.display().to_string()),
-        cgroup_id = origin.cgroup_id,
-    );
-}
-
-/// The kind of message a log line decided, for protocols with messages.
-fn message_kind(message: &Message) -> Option<&'static str> {
-    match message {
-        Message::Http => None,
-        Message::JsonRpcCall { .. } => Some("call"),
-        Message::JsonRpcResponse => Some("response"),
-        Message::ReceiveStream => Some("receive_stream"),
-        Message::SessionEnd => Some("session_end"),
-        Message::GraphQl(_) => Some("operation"),
-        Message::GraphQlUnregistered => Some("persisted_query"),
     }
 }

@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::{
     conn::{refuse, CloseLog},
-    http1::{self, BodyLimits, ExchangeLimits, HeadReader, RequestHead, ResponseLimits, ResponseOutcome},
+    http1::{self, BodyLimits, ExchangeLimits, HeadReader, RequestHead, ResponseHead, ResponseLimits, ResponseOutcome},
 };
 
 pub const VIA: &str = "sandbox-egress";
@@ -33,7 +33,10 @@ pub enum Exchanged {
     Complete { close: bool },
     /// A 101 went out: raw bytes both ways from now on, starting with what
     /// both readers hold.
-    Switched,
+    Switched {
+        /// The server's 101.
+        response: Box<ResponseHead>,
+    },
     /// The exchange failed after part of a response reached the client:
     /// only an abortive close tells it the response is incomplete.
     FailedMidResponse,
@@ -90,7 +93,7 @@ where
     log.verdict = "relayed";
     match result {
         Ok(ResponseOutcome::Complete { close, .. }) => Exchanged::Complete { close },
-        Ok(ResponseOutcome::SwitchingProtocols { .. }) => Exchanged::Switched,
+        Ok(ResponseOutcome::SwitchingProtocols { response, .. }) => Exchanged::Switched { response },
         Err(error) => {
             log.error = Some(error.to_string());
             if sent_down > 0 {

@@ -16,6 +16,7 @@ mod check;
 mod exchange;
 mod graphql;
 mod jsonrpc;
+mod log;
 mod messages;
 mod rest;
 mod session;
@@ -25,9 +26,9 @@ pub mod websocket;
 use serde_json::Value;
 
 pub use self::{
-    check::{check_request, classify_request, decide_calls, reader, Allowed, Checked},
+    check::{check_request, classify_request, decide_calls, reader, Allowed, Checked, Upgrade},
     exchange::{exchange, Exchanged, KEEP_ALIVE_IDLE, VIA},
-    messages::{classify_text, WEBSOCKET_TEXT},
+    messages::classify_text,
     session::serve,
     target::Target,
 };
@@ -37,6 +38,9 @@ use crate::{
     policy::{Inspection, Message},
     wire::path::CanonicalTarget,
 };
+
+/// The method a WebSocket client text message is decided as.
+pub const WEBSOCKET_TEXT: &str = "WEBSOCKET_TEXT";
 
 /// One thing the request decision decides: the request itself, a JSON-RPC
 /// call, or a GraphQL operation.

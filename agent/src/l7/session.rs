@@ -10,9 +10,11 @@ use tokio::{
 use zeroize::Zeroizing;
 
 use super::{
-    check::{check_request, Allowed, Checked},
+    check::{check_request, Allowed, Checked, Upgrade},
     exchange::{exchange, Exchanged, KEEP_ALIVE_IDLE, VIA},
+    messages::MessageInspector,
     target::Target,
+    websocket,
 };
 use crate::{
     conn::{
@@ -21,7 +23,8 @@ use crate::{
         CloseLog, Context, Origin,
     },
     credentials::CredentialedHead,
-    http1::{self, HeadReader, RequestHead, TargetForm},
+    http1::{self, HeadReader, RequestHead, ResponseHead, TargetForm},
+    policy::Inspection,
     relay::{self, Prefill},
     tls::Io,
     wire::host::Host,
@@ -63,7 +66,7 @@ pub async fn serve<C>(
             let body = ErrorBody::new("host_mismatch", &head.target, &reason);
             return refuse::error(client.get_mut(), 403, &body).await;
         }
-        let Allowed { credential, body, inspection: _ } =
+        let Allowed { credential, body, inspection, websocket } =
             match check_request(&mut client, &mut head, &target, origin, context, log).await {
                 Checked::Allowed(allowed) => *allowed,
                 Checked::Denied { close: true } => return,
@@ -89,12 +92,17 @@ pub async fn serve<C>(
         match exchange(&mut client, up, &head, &forwarded_head, body, context.config.idle_timeout, &what, log).await {
             Exchanged::Complete { close: false } => {}
             Exchanged::Complete { close: true } | Exchanged::Failed | Exchanged::FailedMidResponse => return,
-            Exchanged::Switched => {
+            Exchanged::Switched { response } => {
                 log.protocol = "websocket";
                 let (client, to_upstream) = client.into_parts();
                 let (upstream, to_client) = upstream.take().expect("connected above").into_parts();
                 let prefill = Prefill { to_upstream, to_client };
-                return log.relayed(relay::copy(client, upstream, prefill, context.config.idle_timeout).await);
+                let idle = context.config.idle_timeout;
+                let Some(upgrade) = websocket else {
+                    return log.relayed(relay::copy(client, upstream, prefill, idle).await);
+                };
+                let session = Session { target: &target, origin, context, inspection, upgrade };
+                return session.relay(client, upstream, prefill, &response, log).await;
             }
         }
     }
@@ -143,5 +151,59 @@ async fn connect(
             log.upstream_failed(error.reason.clone());
             Err((status, error.kind.as_str(), error.reason))
         }
+    }
+}
+
+/// A WebSocket session whose client text messages are each decided.
+struct Session<'a> {
+    target: &'a Target,
+    origin: &'a Origin,
+    context: &'a Context,
+    inspection: Inspection,
+    upgrade: Upgrade,
+}
+
+impl Session<'_> {
+    /// Relays the session after the origin's `101` (`response`), until either
+    /// side closes, a message is refused, or the policy is reloaded.
+    async fn relay<C, U>(self, client: C, upstream: U, prefill: Prefill, response: &ResponseHead, log: &mut CloseLog)
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+        U: AsyncRead + AsyncWrite + Unpin,
+    {
+        let Upgrade { offer, target, credential_provider } = self.upgrade;
+        let deflate = match websocket::accept(&offer, response) {
+            Ok(deflate) => deflate,
+            Err(reason) => {
+                // Never relayed uninspected: both connections end here.
+                log.error = Some(format!("the origin's WebSocket extensions are refused: {reason}"));
+                return;
+            }
+        };
+        // A reload from here on ends the session.
+        let mut reload = self.context.decider.policies.generations();
+        reload.borrow_and_update();
+        let mut inspector = MessageInspector {
+            target: self.target,
+            origin: self.origin,
+            context: self.context,
+            inspection: self.inspection,
+            upgrade: target,
+            credential_provider,
+            decided: 0,
+            denied: 0,
+        };
+        let limits = websocket::Limits::default();
+        let idle = self.context.config.idle_timeout;
+        let outcome = websocket::relay(client, upstream, prefill, deflate, &mut inspector, reload, limits, idle).await;
+        log.requests += inspector.decided;
+        log.requests_denied += inspector.denied;
+        log.relayed(outcome.relayed);
+        let close = match outcome.ended {
+            websocket::Ended::Closed => return,
+            websocket::Ended::Policy(close) | websocket::Ended::Refused(close) => close,
+            websocket::Ended::Reload => websocket::Close { code: 1012, reason: "the policy was reloaded".into() },
+        };
+        log.error = Some(format!("WebSocket closed by the agent with {}: {}", close.code, close.reason));
     }
 }

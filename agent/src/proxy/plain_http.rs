@@ -165,7 +165,7 @@ pub async fn serve(
             // Part of a response went out: a reset, not a close, tells the
             // client it is incomplete (a close-delimited body would pass).
             Exchanged::FailedMidResponse => return relay::reset_when_flushed(client.get_mut()).await,
-            Exchanged::Switched => {
+            Exchanged::Switched { .. } => {
                 let upstream = upstream.take().expect("connected above");
                 let (upstream_stream, to_client) = upstream.reader.into_parts();
                 let (client_stream, to_upstream) = client.into_parts();

@@ -1,0 +1,74 @@
+//! The one line each decided request, call, operation or message logs.
+
+use std::net::SocketAddr;
+
+use super::{target::Target, Call};
+use crate::{
+    conn::Origin,
+    policy::{Message, RequestDecision},
+};
+
+/// One line per decided call of a request on an inspected connection:
+/// the request, what the room read of it (never arguments, never a
+/// secret), the verdict; `credential`: the provider whose credential it
+/// carried (or whose placeholder was refused).
+#[allow(clippy::too_many_arguments)]
+pub fn log_request(
+    origin: &Origin,
+    target: &Target,
+    method: &str,
+    path: &str,
+    call: &Call,
+    generation: u64,
+    decision: &RequestDecision,
+    credential: Option<&str>,
+) {
+    let verdict = match (decision.allow, decision.audit) {
+        (true, false) => "allowed",
+        (true, true) => "audit",
+        (false, _) => "denied",
+    };
+    let (rpc_method, tool, operation) = match &call.message {
+        Message::JsonRpcCall { method, tool } => (Some(method.as_str()), tool.as_deref(), None),
+        Message::GraphQl(operation) => (None, None, Some(operation)),
+        _ => (None, None, None),
+    };
+    let destination: SocketAddr = target.upstream;
+    tracing::info!(
+        event = "request",
+        verdict,
+        method,
+        path,
+        host = target.name,
+        destination = %destination,
+        message = message_kind(&call.message, method),
+        rpc_method,
+        tool,
+        operation_type = operation.map(|operation| operation.operation_type.as_str()),
+        operation_name = operation.map(|operation| operation.operation_name.as_str()),
+        fields = operation.map(|operation| operation.fields.join(",")),
+        policy = decision.policy,
+        rule = decision.rule,
+        policy_generation = generation,
+        reason = decision.reason,
+        credential,
+        pid = origin.pid,
+        exe = origin.exe.as_ref().map(|exe| exe.display().to_string()),
+        cgroup_id = origin.cgroup_id,
+    );
+}
+
+/// The kind of message a log line decided, for protocols with messages
+/// (`text`: a WebSocket client text message).
+fn message_kind(message: &Message, method: &str) -> Option<&'static str> {
+    match message {
+        Message::Http if method == super::WEBSOCKET_TEXT => Some("text"),
+        Message::Http => None,
+        Message::JsonRpcCall { .. } => Some("call"),
+        Message::JsonRpcResponse => Some("response"),
+        Message::ReceiveStream => Some("receive_stream"),
+        Message::SessionEnd => Some("session_end"),
+        Message::GraphQl(_) => Some("operation"),
+        Message::GraphQlUnregistered => Some("persisted_query"),
+    }
+}
