@@ -6,10 +6,15 @@
 //! drive the reader's terminal: JSON output escapes control characters by
 //! itself, and the text format writes every field and message through
 //! [`EscapeControls`].
+//!
+//! `ocsf` writes each line as an OCSF event (see [`crate::observe::ocsf`]),
+//! with the lines of target [`ACTIVITY`] (connection opens, DNS queries)
+//! always on; the other formats show those only at `debug`.
 
 use std::{
     fmt::{self, Write as _},
     io::IsTerminal,
+    time::UNIX_EPOCH,
 };
 
 use serde_json::{Map, Value};
@@ -26,11 +31,15 @@ use tracing_subscriber::{
     EnvFilter,
 };
 
+use crate::observe::ocsf::{self, ACTIVITY};
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum Format {
     Text,
     /// One JSON object per line, fields flattened: what tests and log shippers read.
     Json,
+    /// One OCSF 1.8.0 event per line (JSON): for SIEMs.
+    Ocsf,
 }
 
 pub fn init(format: Format) {
@@ -42,10 +51,15 @@ fn subscriber<W>(format: Format, filter: EnvFilter, writer: W, ansi: bool) -> Bo
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
+    let filter = match format {
+        Format::Ocsf => filter.add_directive(format!("{ACTIVITY}=debug").parse().expect("a valid directive")),
+        Format::Text | Format::Json => filter,
+    };
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
     match format {
         Format::Text => Box::new(builder.fmt_fields(EscapedFields).finish()),
         Format::Json => Box::new(builder.fmt_fields(JsonFields::new()).event_format(FlatJson).finish()),
+        Format::Ocsf => Box::new(builder.fmt_fields(JsonFields::new()).event_format(Ocsf).finish()),
     }
 }
 
@@ -66,19 +80,48 @@ where
     ) -> fmt::Result {
         let mut timestamp = String::new();
         SystemTime.format_time(&mut Writer::new(&mut timestamp))?;
-        let mut object = Map::new();
+        let mut object = flat_fields(ctx, event);
         object.insert("timestamp".into(), timestamp.into());
         object.insert("level".into(), event.metadata().level().as_str().into());
-        for span in ctx.event_scope().into_iter().flat_map(|scope| scope.from_root()) {
-            let extensions = span.extensions();
-            let Some(fields) = extensions.get::<FormattedFields<JsonFields>>() else { continue };
-            if let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(fields) {
-                object.extend(fields);
-            }
-        }
-        event.record(&mut JsonVisitor(&mut object));
-        object.insert("target".into(), event.metadata().target().into());
         writeln!(writer, "{}", Value::Object(object))
+    }
+}
+
+/// The fields of the spans `event` happened in, its own, and its target.
+fn flat_fields<S>(ctx: &FmtContext<'_, S, JsonFields>, event: &Event<'_>) -> Map<String, Value>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    let mut object = Map::new();
+    for span in ctx.event_scope().into_iter().flat_map(|scope| scope.from_root()) {
+        let extensions = span.extensions();
+        let Some(fields) = extensions.get::<FormattedFields<JsonFields>>() else { continue };
+        if let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(fields) {
+            object.extend(fields);
+        }
+    }
+    event.record(&mut JsonVisitor(&mut object));
+    object.insert("target".into(), event.metadata().target().into());
+    object
+}
+
+/// One OCSF event per line, from the same fields as [`FlatJson`]'s.
+struct Ocsf;
+
+impl<S> FormatEvent<S, JsonFields> for Ocsf
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, JsonFields>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let time_ms = std::time::SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_millis());
+        let level = event.metadata().level().as_str();
+        let event = ocsf::event(flat_fields(ctx, event), level, u64::try_from(time_ms).unwrap_or(u64::MAX));
+        writeln!(writer, "{event}")
     }
 }
 
@@ -246,6 +289,36 @@ mod tests {
         let event: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(event["comm"], "x\nFORGED");
         assert_eq!(event["host"], "h\x1b[31mred");
+    }
+
+    #[test]
+    fn ocsf_lines_cannot_be_forged_and_are_events() {
+        let line = log_sandbox_strings(Format::Ocsf);
+        assert_eq!(line.matches('\n').count(), 1, "{line}");
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(event["class_uid"], 0);
+        assert_eq!(event["severity_id"], 3, "a warning");
+        assert_eq!(event["unmapped"]["comm"], "x\nFORGED");
+        assert!(event["message"].as_str().unwrap().starts_with("DNS: refused n\nFORGED"));
+    }
+
+    #[test]
+    fn activity_lines_are_on_in_ocsf_only() {
+        let lines = |format| {
+            let buffer = Buffer::default();
+            let writer = buffer.clone();
+            let subscriber = subscriber(format, EnvFilter::new("info"), move || writer.clone(), false);
+            tracing::subscriber::with_default(subscriber, || {
+                tracing::debug!(target: ACTIVITY, event = "dns", name = "a.test", verdict = "refused");
+                tracing::debug!(event = "other_debug");
+            });
+            let output = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+            output.lines().map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()).collect::<Vec<_>>()
+        };
+        let ocsf = lines(Format::Ocsf);
+        assert_eq!(ocsf.len(), 1, "{ocsf:?}");
+        assert_eq!(ocsf[0]["class_uid"], 4003);
+        assert!(lines(Format::Json).is_empty());
     }
 
     #[test]

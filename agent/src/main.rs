@@ -38,7 +38,8 @@ enum Command {
     /// Show or change the inference.local route of the running agent.
     #[command(subcommand)]
     Inference(inference::cli::InferenceCommand),
-    /// Validate or try out a policy file offline.
+    /// Validate or try out a policy file offline, or suggest rules from the
+    /// running daemon's recent denials.
     #[command(subcommand)]
     Policy(cli::policy::PolicyCommand),
     /// Credentials kept out of the sandbox: the placeholders it holds instead.

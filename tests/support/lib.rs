@@ -747,8 +747,8 @@ impl Agent {
         Self::start_with_format(sandbox, policy, extra_args, env, "json")
     }
 
-    /// With `--log-format FORMAT`: "json" (the events in `log`), or "text"
-    /// (only `log.raw_lines()`; the port read from the ready line).
+    /// With `--log-format FORMAT`: "json" or "ocsf" (the events in `log`),
+    /// or "text" (only `log.raw_lines()`; the port read from the ready line).
     pub fn start_with_format(
         sandbox: &Sandbox,
         policy: &PolicyFile,
@@ -807,6 +807,9 @@ impl Agent {
         if format == "json" {
             let ready = agent.log.wait_for("agent ready", |e| e["event"] == "ready")?;
             agent.port = ready["listen_port"].as_u64().context("ready line without listen_port")? as u16;
+        } else if format == "ocsf" {
+            let ready = agent.log.wait_for("agent ready", |e| e["metadata"]["event_code"] == "ready")?;
+            agent.port = ready["unmapped"]["listen_port"].as_u64().context("ready event without listen_port")? as u16;
         } else {
             let ready = agent.log.wait_for_raw("agent ready", |line| line.contains("event=\"ready\""))?;
             let port = ready.split("listen_port=").nth(1).context("ready line without listen_port")?;
@@ -1104,4 +1107,20 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes into the timespec we pass.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+/// Checks `lines` (OCSF events, one per line) against the official OCSF
+/// schema with tests/support/ocsf_validate.py; its report when all are valid.
+pub fn validate_ocsf(lines: &[String]) -> Result<String> {
+    let dir = TempDir::new("ocsf-events")?;
+    let file = dir.file("events.jsonl");
+    std::fs::write(&file, lines.iter().map(|line| format!("{line}\n")).collect::<String>())?;
+    let output = Command::new(PYTHON).arg(support_file("ocsf_validate.py")).arg(&file).output()?;
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    ensure!(
+        output.status.success(),
+        "OCSF events not valid against the schema:\n{report}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(report)
 }

@@ -47,9 +47,11 @@ const PACKAGES: [&str; 22] = [
 /// schemas it ships (offline); prometheus-client parses /metrics;
 /// websockets is both ends of the WebSocket tests; boto3 uploads to moto's
 /// S3 server in tests/duplex.rs; the official MCP SDK (mcp), gql and
-/// graphql-core are the clients and servers of tests/l7_messages.rs. A name
-/// may carry extras (`moto[server]`).
-const PYTHON_PACKAGES: [(&str, &str); 9] = [
+/// graphql-core are the clients and servers of tests/l7_messages.rs;
+/// ocsf-json-schema (OCSF's compiled schema exports, 1.0.0-rc.2 to 1.8.0)
+/// and jsonschema check the agent's OCSF events (tests/support/ocsf_validate.py).
+/// A name may carry extras (`moto[server]`).
+const PYTHON_PACKAGES: [(&str, &str); 11] = [
     ("kubernetes-validate", "1.37.0"),
     ("prometheus-client", "0.26.0"),
     ("websockets", "17.4"),
@@ -59,6 +61,8 @@ const PYTHON_PACKAGES: [(&str, &str); 9] = [
     ("mcp", "2.3.0"),
     ("gql[requests]", "3.5.3"),
     ("graphql-core", "3.2.6"),
+    ("ocsf-json-schema", "1.2.0"),
+    ("jsonschema", "4.26.0"),
 ];
 const PYTHON: &str = "/usr/bin/python3";
 const BPF_LINKER_VERSION: &str = "0.13.0";

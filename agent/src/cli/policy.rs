@@ -17,6 +17,8 @@ use crate::{
     wire::{host::Authority, path::canonicalize},
 };
 
+mod suggest;
+
 /// `--query` names and values, encoded as a query component.
 const QUERY_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
 /// A body given on the command line is read up to this.
@@ -37,6 +39,13 @@ pub enum PolicyCommand {
     /// Prints the decision as JSON, then one readable line. The exit status
     /// is 0 whenever the evaluation ran, allowed or denied.
     Eval(Box<EvalArgs>),
+    /// Allow rules for the running daemon's recent denials
+    ///
+    /// Prints policy YAML (OpenShell schema) that allows exactly what was
+    /// denied: its host, port and binary, and the method and path of denied
+    /// requests; each entry with a comment saying what was denied and how
+    /// often. Checked to load and to allow each denial it came from.
+    Suggest(suggest::SuggestArgs),
 }
 
 #[derive(clap::Args)]
@@ -118,6 +127,7 @@ pub fn run(command: PolicyCommand) -> Result<()> {
             let summary = policy.summary_with(&unchecked);
             print!("{}: ok\n{summary}", file.display());
         }
+        PolicyCommand::Suggest(args) => suggest::run(args)?,
         PolicyCommand::Eval(args) => {
             let EvalArgs {
                 file,
@@ -171,7 +181,7 @@ pub fn run(command: PolicyCommand) -> Result<()> {
     Ok(())
 }
 
-/// One request given on the command line.
+/// One request given on the command line (or denied, for `suggest`).
 struct Offline {
     method: String,
     target: String,

@@ -48,7 +48,7 @@ impl Decider {
             }
             Ok(Allowed { resolved_host, ..allowed.to(destination) })
         };
-        Verdict { outcome: outcome.await, generation }
+        Verdict { outcome: outcome.await, generation, port: destination.port(), address: Some(destination.ip()) }
     }
 
     /// An explicit `CONNECT host:port`: the agent resolves the host and
@@ -56,7 +56,7 @@ impl Decider {
     pub async fn connect(&self, origin: &Origin, host: &str, port: u16) -> Verdict {
         let addresses = match self.resolver.lookup(host).await {
             Ok(addresses) => addresses,
-            Err(reason) => return self.unresolved(reason),
+            Err(reason) => return self.unresolved(reason, port),
         };
         let mut last = None;
         for ip in addresses {
@@ -65,10 +65,11 @@ impl Decider {
                 allowed.check_sensitive(ip)?;
                 Ok(allowed.to(SocketAddr::new(ip, port)))
             });
-            if outcome.is_ok() {
-                return Verdict { outcome, generation };
+            let verdict = Verdict { outcome, generation, port, address: Some(ip) };
+            if verdict.outcome.is_ok() {
+                return verdict;
             }
-            last = Some(Verdict { outcome, generation });
+            last = Some(verdict);
         }
         last.expect("lookup returns at least one address")
     }
@@ -113,7 +114,7 @@ impl Decider {
             }
             Ok(allowed.to(SocketAddr::new(destination.unwrap_or(addresses[0]), port)))
         };
-        Verdict { outcome: outcome.await, generation }
+        Verdict { outcome: outcome.await, generation, port, address: destination }
     }
 
     /// One HTTP request on a connection an inspected endpoint allowed,
@@ -177,8 +178,9 @@ impl Decider {
         (current.generation, decision, resolved_host)
     }
 
-    fn unresolved(&self, reason: String) -> Verdict {
-        Verdict { outcome: Err(Denial::unresolved(reason)), generation: self.policies.current().generation }
+    fn unresolved(&self, reason: String, port: u16) -> Verdict {
+        let generation = self.policies.current().generation;
+        Verdict { outcome: Err(Denial::unresolved(reason)), generation, port, address: None }
     }
 
     /// A name the sandbox claims (SNI, Host) must stand for the address it

@@ -1,7 +1,11 @@
 //! One close record per connection: filled in as the connection goes, and
 //! written as one log line (plus its metrics) when it ends.
 
-use std::{net::SocketAddr, time::Instant};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Instant,
+};
 
 use serde::Serialize;
 
@@ -11,9 +15,12 @@ use super::{
 };
 use crate::{
     credentials::Refusal,
-    observe::{Denied, Ended, SandboxMetrics},
+    observe::{ocsf::ACTIVITY, Denied, DeniedRequest, Ended, SandboxMetrics},
     relay,
 };
+
+/// Requests refused by the rules kept per connection for `policy suggest`.
+const MAX_DENIED_REQUESTS: usize = 16;
 
 /// Everything the close log line says about a connection, filled in as it goes.
 #[derive(Default)]
@@ -36,12 +43,50 @@ pub struct CloseLog {
     /// Requests decided by L7 rules on an inspected connection, and how many were denied.
     pub requests: u64,
     pub requests_denied: u64,
+    /// The port and address the connection was decided on (see [`Verdict`]).
+    pub port: Option<u16>,
+    pub address: Option<IpAddr>,
+    /// Distinct requests the rules refused, what `policy suggest` reads.
+    pub denied_requests: Vec<DeniedRequest>,
+    /// Who opened it, for its open line; taken at its first allowed decision.
+    pub(crate) opener: Option<Box<Opener>>,
+}
+
+/// What the open line says of the process, kept only while that line is
+/// logged (the OCSF format, or `debug`).
+pub(crate) struct Opener {
+    pid: u32,
+    uid: u32,
+    cgroup_id: u64,
+    comm: String,
+    exe: Option<PathBuf>,
+    client: SocketAddr,
+    destination: SocketAddr,
 }
 
 impl CloseLog {
+    /// The record of a connection `origin` opened; its open line is logged
+    /// at its first allowed decision.
+    pub fn opened_by(origin: &Origin) -> Self {
+        let opener = tracing::enabled!(target: ACTIVITY, tracing::Level::DEBUG).then(|| {
+            Box::new(Opener {
+                pid: origin.pid,
+                uid: origin.uid,
+                cgroup_id: origin.cgroup_id,
+                comm: origin.comm.clone(),
+                exe: origin.exe.clone(),
+                client: origin.client,
+                destination: origin.destination,
+            })
+        });
+        Self { opener, ..Self::default() }
+    }
+
     /// Records the decision; returns the allowance if there is one.
     pub fn decided(&mut self, verdict: Verdict) -> Result<Allowed, Denial> {
         self.generation = Some(verdict.generation);
+        self.port = Some(verdict.port);
+        self.address = verdict.address;
         match verdict.outcome {
             Ok(allowed) => {
                 self.upstream = Some(allowed.upstream);
@@ -50,6 +95,9 @@ impl CloseLog {
                 }
                 self.policy.clone_from(&allowed.policy);
                 self.audit.clone_from(&allowed.audit);
+                if let Some(opener) = self.opener.take() {
+                    self.log_open(&opener);
+                }
                 Ok(allowed)
             }
             Err(denial) => {
@@ -71,6 +119,37 @@ impl CloseLog {
     pub fn upstream_failed(&mut self, reason: String) {
         self.verdict = "upstream_failed";
         self.reason = Some(reason);
+    }
+
+    /// A request the rules refused (`call`: the JSON-RPC or GraphQL call
+    /// in it that was), kept once for `policy suggest`.
+    pub fn request_denied(&mut self, method: &str, path: &str, call: Option<String>) {
+        let denied = DeniedRequest { method: method.to_owned(), path: path.to_owned(), call };
+        if self.denied_requests.len() < MAX_DENIED_REQUESTS && !self.denied_requests.contains(&denied) {
+            self.denied_requests.push(denied);
+        }
+    }
+
+    /// The line of a connection allowed, before it is relayed (`debug`, on
+    /// in the OCSF format): long connections are seen while they last.
+    fn log_open(&self, opener: &Opener) {
+        tracing::debug!(
+            target: ACTIVITY,
+            event = "connection_open",
+            protocol = self.protocol,
+            host = self.host,
+            pid = opener.pid,
+            exe = opener.exe.as_ref().map(|exe| exe.display().to_string()),
+            comm = opener.comm,
+            uid = opener.uid,
+            cgroup_id = opener.cgroup_id,
+            client = %opener.client,
+            destination = %opener.destination,
+            upstream = self.upstream.map(|upstream| upstream.to_string()),
+            policy = self.policy,
+            policy_generation = self.generation,
+            audit = self.audit,
+        );
     }
 }
 
@@ -105,12 +184,18 @@ impl CloseLog {
             bytes_down: self.bytes_down,
             denial,
         });
-        if denial.is_some() {
+        if let Some(kind) = denial {
             observed.denied(Denied {
                 host: self.host.clone().unwrap_or_else(|| origin.destination.ip().to_canonical().to_string()),
-                port: origin.destination.port(),
+                port: self.port.unwrap_or(origin.destination.port()),
                 binary: origin.exe.as_ref().map(|exe| exe.display().to_string()),
                 reason: self.reason.clone().unwrap_or_default(),
+                kind,
+                protocol: self.protocol,
+                address: self.address.map(|address| address.to_canonical()),
+                // An allowed connection is denied by its requests.
+                connection: self.upstream.is_none(),
+                requests: self.denied_requests.clone(),
             });
         }
         let inference = self.inference.as_ref();

@@ -14,6 +14,8 @@ const MAX_ANCESTORS: usize = 16;
 pub struct Origin {
     /// The destination the sandboxed process asked for.
     pub destination: SocketAddr,
+    /// The sandboxed socket's address, as the agent's listener sees it.
+    pub client: SocketAddr,
     pub pid: u32,
     pub uid: u32,
     pub cgroup_id: u64,
@@ -34,9 +36,11 @@ pub struct Origin {
 }
 
 impl Origin {
-    /// Read at accept time; `times_of` gives the kernel's process times.
+    /// Read at accept time for the connection from `client`; `times_of`
+    /// gives the kernel's process times.
     pub fn from_record(
         record: &ConnectRecord,
+        client: SocketAddr,
         with_ancestors: bool,
         times_of: impl Fn(u32) -> Option<ProcessTimes>,
     ) -> Self {
@@ -52,6 +56,7 @@ impl Origin {
         let identity_lost = identity_lost(record.times, times_of(record.tgid));
         Self {
             destination: SocketAddr::new(ip, record.original_dst.port),
+            client,
             pid: record.tgid,
             uid: record.uid,
             cgroup_id: record.cgroup_id,

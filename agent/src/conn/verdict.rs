@@ -50,4 +50,9 @@ pub struct Verdict {
     pub outcome: Result<Allowed, Denial>,
     /// Which policy generation decided (it changes on every reload).
     pub generation: u64,
+    /// The port decided on (a CONNECT's or a Host's, not the agent's own
+    /// listener), and the address when one was known: what a denial is
+    /// kept under for `policy suggest`.
+    pub port: u16,
+    pub address: Option<IpAddr>,
 }

@@ -1,5 +1,6 @@
 //! The daemon's control socket: sandboxes added, removed, listed and looked
-//! up (for `exec`), its status, and the inference.local route of a sandbox, changed at runtime.
+//! up (for `exec`), its status and recent denials, and the inference.local
+//! route of a sandbox, changed at runtime.
 //!
 //! A Unix stream socket, mode 0600 in a 0700 directory, and every peer's
 //! uid checked (SO_PEERCRED) to be root. One JSON request per line, one
@@ -10,6 +11,7 @@
 //! {"op":"sandbox_remove","name":"web","detach":false,"force":false}
 //! {"op":"sandbox_list"}   {"op":"status"}
 //! {"op":"sandbox_get","name":"web"}                 (for exec: the sandbox, its netns cookie, the agent CA)
+//! {"op":"recent_denials","sandbox":"web","since_seconds":3600}   (both optional)
 //! {"op":"get","sandbox":"web"}                      (sandbox optional when one has inference)
 //! {"op":"set","provider":"openai","model":"gpt-4o-mini"}
 //! {"op":"update","model":"gpt-4o"}                  (provider and model each optional)

@@ -46,6 +46,15 @@ pub enum ControlRequest {
         name: String,
     },
     Status,
+    /// The most frequent recent denials, whole (denied requests too): what
+    /// `policy suggest` writes allow rules from.
+    RecentDenials {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sandbox: Option<String>,
+        /// Only those seen in the last this many seconds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since_seconds: Option<u64>,
+    },
 }
 
 /// What serves the control socket's requests (the daemon): the reply's
@@ -82,5 +91,9 @@ mod tests {
             .to_string()
             .contains("extra"));
         assert!(parse(r#"{"op":"delete"}"#).is_err());
+        assert_eq!(
+            parse(r#"{"op":"recent_denials","sandbox":"web","since_seconds":600}"#).unwrap(),
+            ControlRequest::RecentDenials { sandbox: Some("web".into()), since_seconds: Some(600) }
+        );
     }
 }

@@ -24,7 +24,7 @@ pub use spec_dir::follow_dir;
 use crate::{
     control::{self, Answer, BoxFuture, ControlRequest, SandboxSpec},
     inference::{Inference, InferenceRoute, RouteChange},
-    observe::SandboxGauges,
+    observe::{DenialFilter, SandboxGauges},
     policy::PolicyStore,
     preflight::{self, Cgroup},
     proxy::{self, Common, Listeners, Sandbox, SandboxParts},
@@ -35,6 +35,9 @@ use crate::{
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Denials shown by `status`.
 const STATUS_DENIALS: usize = 20;
+/// Denials `policy suggest` reads: with their requests (16 at most, paths
+/// of 1 KiB at most), well within a reply line.
+const SUGGEST_DENIALS: usize = 128;
 
 /// What every sandbox is set up with.
 pub struct Options {
@@ -292,6 +295,12 @@ impl Daemon {
             ControlRequest::SandboxList => return Ok(json!({ "sandboxes": self.list() })),
             ControlRequest::SandboxGet { name } => return self.get(&name),
             ControlRequest::Status => return Ok(self.status()),
+            ControlRequest::RecentDenials { sandbox, since_seconds } => {
+                let filter =
+                    DenialFilter { sandbox: sandbox.as_deref(), since: since_seconds.map(Duration::from_secs) };
+                let denials = self.common.observer.recent_denials.rows(&filter, SUGGEST_DENIALS);
+                return Ok(json!({ "denials": denials }));
+            }
             ControlRequest::Get { sandbox } => (sandbox, RouteChange::Get),
             ControlRequest::Set { provider, model, sandbox } => (sandbox, RouteChange::Set { provider, model }),
             ControlRequest::Update { provider, model, sandbox } => (sandbox, RouteChange::Update { provider, model }),

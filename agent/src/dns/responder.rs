@@ -29,7 +29,7 @@ use super::{
     resolver::{addresses_in, Resolver},
     Sandbox, INFERENCE_HOST, INFERENCE_V4, INFERENCE_V6, MAX_MESSAGE,
 };
-use crate::policy::PolicyStore;
+use crate::{observe::ocsf::ACTIVITY, policy::PolicyStore};
 
 const INFERENCE_TTL: u32 = 60;
 const TCP_IDLE: Duration = Duration::from_secs(10);
@@ -37,6 +37,13 @@ const TCP_IDLE: Duration = Duration::from_secs(10);
 /// rest are refused (TXT and NULL are what DNS tunnels read data from).
 const ANSWERED_TYPES: [RecordType; 6] =
     [RecordType::A, RecordType::AAAA, RecordType::CNAME, RecordType::HTTPS, RecordType::SVCB, RecordType::SRV];
+
+/// Where a query came from: the client's address, over `udp` or `tcp`.
+#[derive(Clone, Copy)]
+pub struct Client {
+    pub address: SocketAddr,
+    pub transport: &'static str,
+}
 
 /// Which sandbox sent a UDP query, from its source address.
 pub type SandboxOf = Arc<dyn Fn(SocketAddr) -> Sandbox + Send + Sync>;
@@ -128,7 +135,8 @@ impl DnsResponder {
                 }
             };
             // Decided here, so refusals cost no task and tasks are bounded by the budgets.
-            match self.prepare(&buffer[..len], sandbox_of(client), &policies) {
+            let asker = Client { address: client, transport: "udp" };
+            match self.prepare(&buffer[..len], sandbox_of(client), asker, &policies) {
                 Step::Silent => count(answer_label(None)),
                 Step::Reply(reply) => {
                     count(answer_label(Some(&reply)));
@@ -139,7 +147,7 @@ impl DnsResponder {
                     let (responder, socket, count) = (self.clone(), socket.clone(), count.clone());
                     tokio::spawn(
                         async move {
-                            let reply = responder.forward_answer(&query, &request, permit.sandbox).await;
+                            let reply = responder.forward_answer(&query, &request, permit.sandbox, asker).await;
                             count(answer_label(reply.as_deref()));
                             if let Some(reply) = reply {
                                 let _ = socket.send_to(&reply, client).await;
@@ -162,6 +170,7 @@ impl DnsResponder {
         policies: &PolicyStore,
         count: &CountAnswer,
     ) -> io::Result<()> {
+        let client = Client { address: stream.peer_addr()?, transport: "tcp" };
         loop {
             let len = match tokio::time::timeout(TCP_IDLE, stream.read_u16()).await {
                 Ok(Ok(len)) => usize::from(len),
@@ -173,7 +182,7 @@ impl DnsResponder {
             tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut query))
                 .await
                 .map_err(|_| io::ErrorKind::TimedOut)??;
-            let reply = self.answer(&query, sandbox, policies).await;
+            let reply = self.answer(&query, sandbox, client, policies).await;
             count(answer_label(reply.as_deref()));
             let Some(reply) = reply else { return Ok(()) };
             let len = u16::try_from(reply.len()).map_err(|_| io::ErrorKind::InvalidData)?;
@@ -182,53 +191,82 @@ impl DnsResponder {
     }
 
     /// The reply to one query, or `None` to stay silent (unparseable query).
-    pub(super) async fn answer(&self, query: &[u8], sandbox: Sandbox, policies: &PolicyStore) -> Option<Vec<u8>> {
-        match self.prepare(query, sandbox, policies) {
+    pub(super) async fn answer(
+        &self,
+        query: &[u8],
+        sandbox: Sandbox,
+        client: Client,
+        policies: &PolicyStore,
+    ) -> Option<Vec<u8>> {
+        match self.prepare(query, sandbox, client, policies) {
             Step::Silent => None,
             Step::Reply(reply) => Some(reply),
-            Step::Forward(_permit, request) => self.forward_answer(query, &request, sandbox).await,
+            Step::Forward(_permit, request) => self.forward_answer(query, &request, sandbox, client).await,
         }
     }
 
-    /// Everything but the forwarding: parse, budgets, policy.
-    pub(super) fn prepare(&self, query: &[u8], sandbox: Sandbox, policies: &PolicyStore) -> Step {
+    /// Everything but the forwarding: parse, budgets, policy. Each query
+    /// within the sandbox's rate logs one `dns` line (see [`log_query`]).
+    pub(super) fn prepare(&self, query: &[u8], sandbox: Sandbox, client: Client, policies: &PolicyStore) -> Step {
         let Ok(request) = Message::from_vec(query) else { return Step::Silent };
         if request.metadata.message_type != MessageType::Query {
             return Step::Silent;
         }
         // Every query costs a token, refused or not: refusals are work and log lines too.
         if !self.budgets.take_token(sandbox, Instant::now()) {
-            return self.refuse(&request, sandbox, Refusal::OverRate);
+            return self.refuse(&request, sandbox, None, Refusal::OverRate);
         }
         let [question] = request.queries.as_slice() else {
-            return self.refuse(&request, sandbox, Refusal::Unanswered);
+            return self.refuse(&request, sandbox, Some(client), Refusal::Unanswered);
         };
         let name = normalize(&question.name().to_ascii());
         if name == INFERENCE_HOST {
-            return answer_inference(&request).to_vec().map_or(Step::Silent, Step::Reply);
+            let Ok(reply) = answer_inference(&request).to_vec() else { return Step::Silent };
+            log_query(&request, sandbox, client, None, &reply);
+            return Step::Reply(reply);
         }
         if request.metadata.op_code != OpCode::Query
             || question.query_class() != DNSClass::IN
             || !ANSWERED_TYPES.contains(&question.query_type())
         {
-            return self.refuse(&request, sandbox, Refusal::Unanswered);
+            return self.refuse(&request, sandbox, Some(client), Refusal::Unanswered);
         }
         if !names_host(policies, &name) {
-            return self.refuse(&request, sandbox, Refusal::NotNamed);
+            return self.refuse(&request, sandbox, Some(client), Refusal::NotNamed);
         }
         match self.budgets.acquire(sandbox) {
             Some(permit) => Step::Forward(permit, request),
-            None => self.refuse(&request, sandbox, Refusal::OverInFlight),
+            None => self.refuse(&request, sandbox, Some(client), Refusal::OverInFlight),
         }
     }
 
-    /// REFUSED, with the question echoed, and a log line within the limits.
-    fn refuse(&self, request: &Message, sandbox: Sandbox, why: Refusal) -> Step {
+    /// REFUSED, with the question echoed, and a warning within the limits;
+    /// the query's own line unless over the rate (`client: None`).
+    fn refuse(&self, request: &Message, sandbox: Sandbox, client: Option<Client>, why: Refusal) -> Step {
         self.log_refusal(request, sandbox, why);
         let mut reply = Message::error_msg(request.metadata.id, request.metadata.op_code, ResponseCode::Refused);
         reply.metadata.recursion_desired = request.metadata.recursion_desired;
         reply.queries = request.queries.clone();
-        reply.to_vec().map_or(Step::Silent, Step::Reply)
+        let Ok(reply) = reply.to_vec() else { return Step::Silent };
+        if let Some(client) = client {
+            log_query(request, sandbox, client, Some(self.refusal_reason(why)), &reply);
+        }
+        Step::Reply(reply)
+    }
+
+    fn refusal_reason(&self, why: Refusal) -> String {
+        let limits = self.budgets.limits;
+        match why {
+            Refusal::Unanswered => "query type not answered".into(),
+            Refusal::NotNamed => "not a host of any policy".into(),
+            Refusal::OverRate => {
+                format!("over the sandbox's rate (--dns-queries-per-second {})", limits.queries_per_second)
+            }
+            Refusal::OverInFlight => format!(
+                "too many queries in flight (--dns-max-in-flight-per-sandbox {}, --dns-max-in-flight {})",
+                limits.max_in_flight_per_sandbox, limits.max_in_flight
+            ),
+        }
     }
 
     fn log_refusal(&self, request: &Message, sandbox: Sandbox, why: Refusal) {
@@ -242,41 +280,29 @@ impl DnsResponder {
         if suppressed > 0 {
             tracing::warn!(cgroup_id = sandbox, suppressed, "DNS: {suppressed} refusal lines suppressed");
         }
-        let limits = self.budgets.limits;
-        match why {
-            Refusal::Unanswered => {
-                tracing::warn!(cgroup_id = sandbox, "DNS: refused {name} ({record_type}): query type not answered")
-            }
-            Refusal::NotNamed => {
-                tracing::warn!(cgroup_id = sandbox, "DNS: refused {name} ({record_type}): not a host of any policy")
-            }
-            Refusal::OverRate => tracing::warn!(
-                cgroup_id = sandbox,
-                "DNS: refused {name} ({record_type}): over the sandbox's rate (--dns-queries-per-second {})",
-                limits.queries_per_second
-            ),
-            Refusal::OverInFlight => tracing::warn!(
-                cgroup_id = sandbox,
-                "DNS: refused {name} ({record_type}): too many queries in flight \
-                 (--dns-max-in-flight-per-sandbox {}, --dns-max-in-flight {})",
-                limits.max_in_flight_per_sandbox,
-                limits.max_in_flight
-            ),
-        }
+        tracing::warn!(cgroup_id = sandbox, "DNS: refused {name} ({record_type}): {}", self.refusal_reason(why));
     }
 
     /// The upstream's answer to a query `prepare` let through, or SERVFAIL.
-    async fn forward_answer(&self, query: &[u8], request: &Message, sandbox: Sandbox) -> Option<Vec<u8>> {
-        match self.resolver.forward(query).await {
-            Ok(reply) => Some(self.record_answers(sandbox, reply)),
+    async fn forward_answer(
+        &self,
+        query: &[u8],
+        request: &Message,
+        sandbox: Sandbox,
+        client: Client,
+    ) -> Option<Vec<u8>> {
+        let reply = match self.resolver.forward(query).await {
+            Ok(reply) => self.record_answers(sandbox, reply),
             Err(error) => {
                 tracing::warn!(%error, upstream = %self.resolver.upstream(), "DNS: upstream resolver failed");
                 let mut failure =
                     Message::error_msg(request.metadata.id, request.metadata.op_code, ResponseCode::ServFail);
                 failure.queries = request.queries.clone();
-                failure.to_vec().ok()
+                failure.to_vec().ok()?
             }
-        }
+        };
+        log_query(request, sandbox, client, None, &reply);
+        Some(reply)
     }
 
     /// Records the reply's addresses for `sandbox`, and returns the reply
@@ -299,6 +325,34 @@ impl DnsResponder {
         }
         message.to_vec().unwrap_or(reply)
     }
+}
+
+/// One line per query answered or refused (`debug`, target [`ACTIVITY`]:
+/// on in the OCSF format): its name, type, the answer's code and
+/// addresses; `refused`: why the agent refused it. Queries over the
+/// sandbox's rate get none, so the lines are bounded by its budget.
+fn log_query(request: &Message, sandbox: Sandbox, client: Client, refused: Option<String>, reply: &[u8]) {
+    if !tracing::enabled!(target: ACTIVITY, tracing::Level::DEBUG) {
+        return;
+    }
+    let question = request.queries.first();
+    let addresses = Message::from_vec(reply).map_or_else(
+        |_| Vec::new(),
+        |reply| addresses_in(&reply).map(|(address, _)| address.to_string()).collect::<Vec<_>>(),
+    );
+    tracing::debug!(
+        target: ACTIVITY,
+        event = "dns",
+        verdict = if refused.is_some() { "refused" } else { "answered" },
+        name = question.map(|question| normalize(&question.name().to_ascii())),
+        query_type = question.map(|question| question.query_type().to_string()),
+        rcode = answer_label(Some(reply)),
+        reason = refused,
+        answers = (!addresses.is_empty()).then(|| addresses.join(",")),
+        client = %client.address,
+        transport = client.transport,
+        cgroup_id = sandbox,
+    );
 }
 
 fn answer_inference(request: &Message) -> Message {

@@ -22,10 +22,10 @@ use tokio::net::UdpSocket;
 use super::{
     budgets::{Budgets, LOG_LINES_PER_SECOND, MAX_LOGGED_NAMES, REFUSAL_LOG_INTERVAL},
     resolver::{LookupCache, MAX_CACHED_LOOKUPS},
-    responder::Step,
+    responder::{Client, Step},
     *,
 };
-use crate::policy::PolicyStore;
+use crate::{observe::ocsf::ACTIVITY, policy::PolicyStore};
 
 const POLICY: &str = r#"
 version: 1
@@ -60,6 +60,8 @@ fn store(yaml: &str) -> (PolicyStore, std::path::PathBuf) {
     (PolicyStore::load(&path, Vec::new()).unwrap(), path)
 }
 
+const CLIENT: Client = Client { address: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 5353), transport: "udp" };
+
 /// A responder with the policy its queries are answered for.
 struct Tested {
     dns: DnsResponder,
@@ -76,11 +78,11 @@ impl std::ops::Deref for Tested {
 
 impl Tested {
     async fn answer(&self, query: &[u8], sandbox: Sandbox) -> Option<Vec<u8>> {
-        self.dns.answer(query, sandbox, &self.policies).await
+        self.dns.answer(query, sandbox, CLIENT, &self.policies).await
     }
 
     fn prepare(&self, query: &[u8], sandbox: Sandbox) -> Step {
-        self.dns.prepare(query, sandbox, &self.policies)
+        self.dns.prepare(query, sandbox, CLIENT, &self.policies)
     }
 }
 
@@ -423,4 +425,56 @@ fn the_agents_lookups_are_kept_for_their_ttl_only() {
         cache.put(&format!("n{n}.test"), &[(a, 10)], now);
     }
     assert!(cache.entries.lock().unwrap().len() <= MAX_CACHED_LOOKUPS, "bounded");
+}
+
+/// The `dns` lines (target [`ACTIVITY`]) logged while `run` runs, as JSON.
+fn activity_lines(run: impl FnOnce()) -> Vec<serde_json::Value> {
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buffer = Buffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_env_filter(format!("off,{ACTIVITY}=debug"))
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, run);
+    let output = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+    output.lines().map(|line| serde_json::from_str(line).unwrap()).collect()
+}
+
+#[tokio::test]
+async fn each_query_within_the_rate_logs_one_line() {
+    let responder = responder("127.0.0.1:9".parse().unwrap(), DnsLimits { queries_per_second: 3, ..LIMITS });
+    let lines = activity_lines(|| {
+        for _ in 0..5 {
+            responder.prepare(&query("Not.Listed.test.", RecordType::A), Some(1));
+        }
+        responder.prepare(&query("inference.local.", RecordType::A), Some(2));
+        responder.prepare(&query("api.example.test.", RecordType::TXT), Some(2));
+    });
+    assert_eq!(lines.len(), 5, "3 within sandbox 1's rate, 2 of sandbox 2: {lines:?}");
+    let refused = &lines[0];
+    assert_eq!((refused["event"].as_str(), refused["verdict"].as_str()), (Some("dns"), Some("refused")));
+    assert_eq!((refused["name"].as_str(), refused["query_type"].as_str()), (Some("not.listed.test"), Some("A")));
+    assert_eq!(
+        (refused["rcode"].as_str(), refused["reason"].as_str()),
+        (Some("refused"), Some("not a host of any policy"))
+    );
+    assert_eq!((refused["client"].as_str(), refused["transport"].as_str()), (Some("127.0.0.1:5353"), Some("udp")));
+    assert_eq!(refused["cgroup_id"], 1);
+    let inference = &lines[3];
+    assert_eq!((inference["verdict"].as_str(), inference["rcode"].as_str()), (Some("answered"), Some("noerror")));
+    assert_eq!(inference["answers"], "240.0.0.1");
+    assert_eq!(lines[4]["reason"], "query type not answered");
 }

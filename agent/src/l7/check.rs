@@ -111,7 +111,8 @@ where
         }
         // A lone call's line waits for its credential.
         if !single || !verdict.allow {
-            log_request(origin, target, &head.method, &canonical.path, call, generation, &verdict, None);
+            let status = (!verdict.allow).then_some(403);
+            log_request(origin, target, &head.method, &canonical.path, call, generation, &verdict, None, status);
         }
         (generation, verdict)
     });
@@ -149,16 +150,9 @@ where
             let reason = Some(format!("{}: {}", refusal.detail, refusal.reason));
             let refused = RequestDecision { allow: false, audit: false, reason, ..verdict };
             let call = &classified.calls[0];
-            log_request(
-                origin,
-                target,
-                &head.method,
-                &canonical.path,
-                call,
-                generation,
-                &refused,
-                Some(&refusal.provider),
-            );
+            let provider = Some(refusal.provider.as_str());
+            let status = Some(refusal.status);
+            log_request(origin, target, &head.method, &canonical.path, call, generation, &refused, provider, status);
             log.credential_refused(&refusal, origin, host);
             log.requests_denied += 1;
             let response = room.refuse(
@@ -178,16 +172,8 @@ where
     };
     if single {
         let provider = credential.as_ref().map(CredentialedHead::provider);
-        log_request(
-            origin,
-            target,
-            &head.method,
-            &canonical.path,
-            &classified.calls[0],
-            generation,
-            &verdict,
-            provider,
-        );
+        let call = &classified.calls[0];
+        log_request(origin, target, &head.method, &canonical.path, call, generation, &verdict, provider, None);
     }
     let body = rewritten.or_else(|| read.map(Zeroizing::new));
     Checked::Allowed(Box::new(Allowed { credential, body, inspection: inspection.clone(), websocket }))
@@ -286,6 +272,7 @@ impl Decision<'_> {
             _ => "no inspected endpoint allows the request".to_owned(),
         };
         log.reason = Some(detail.clone());
+        log.request_denied(&head.method, &canonical.path, describe_call(&call.message));
         let response = room.refuse(
             &Refusal {
                 status: 403,
@@ -316,7 +303,7 @@ impl Decision<'_> {
         body_read: bool,
         log: &mut CloseLog,
     ) -> Checked {
-        self.log_rejected(head, path, &reason, log);
+        self.log_rejected(head, path, &reason, 403, log);
         let response = room.refuse(
             &Refusal {
                 status: 403,
@@ -346,7 +333,7 @@ impl Decision<'_> {
         reason: String,
         log: &mut CloseLog,
     ) -> Checked {
-        self.log_rejected(head, path, &reason, log);
+        self.log_rejected(head, path, &reason, status, log);
         let response = room.refuse(
             &Refusal {
                 status,
@@ -363,11 +350,11 @@ impl Decision<'_> {
         Checked::Denied { close: true }
     }
 
-    fn log_rejected(&self, head: &RequestHead, path: &str, reason: &str, log: &mut CloseLog) {
+    fn log_rejected(&self, head: &RequestHead, path: &str, reason: &str, status: u16, log: &mut CloseLog) {
         let generation = self.context.decider.policies.current().generation;
         let refused = RequestDecision::denied(Some(reason.to_owned()));
         let call = Call { message: Message::Http, id: None };
-        log_request(self.origin, self.target, &head.method, path, &call, generation, &refused, None);
+        log_request(self.origin, self.target, &head.method, path, &call, generation, &refused, None, Some(status));
         log.requests += 1;
         log.requests_denied += 1;
         if log.verdict.is_empty() {

@@ -11,7 +11,9 @@ use crate::{
 /// One line per decided call of a request on an inspected connection:
 /// the request, what the room read of it (never arguments, never a
 /// secret), the verdict; `credential`: the provider whose credential it
-/// carried (or whose placeholder was refused).
+/// carried (or whose placeholder was refused); `status`: the agent's
+/// refusal's (an allowed request's comes from the origin, later; a
+/// WebSocket message has none).
 #[allow(clippy::too_many_arguments)]
 pub fn log_request(
     origin: &Origin,
@@ -22,6 +24,7 @@ pub fn log_request(
     generation: u64,
     decision: &RequestDecision,
     credential: Option<&str>,
+    status: Option<u16>,
 ) {
     let verdict = match (decision.allow, decision.audit) {
         (true, false) => "allowed",
@@ -52,9 +55,13 @@ pub fn log_request(
         policy_generation = generation,
         reason = decision.reason,
         credential,
+        status,
         pid = origin.pid,
         exe = origin.exe.as_ref().map(|exe| exe.display().to_string()),
+        comm = origin.comm,
+        uid = origin.uid,
         cgroup_id = origin.cgroup_id,
+        client = %origin.client,
     );
 }
 

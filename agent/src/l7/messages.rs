@@ -105,7 +105,17 @@ impl MessageInspector<'_> {
     fn log(&mut self, call: &Call, generation: u64, decision: &RequestDecision) {
         self.decided += 1;
         self.denied += u64::from(!decision.allow);
-        log_request(self.origin, self.target, WEBSOCKET_TEXT, &self.upgrade.path, call, generation, decision, None);
+        log_request(
+            self.origin,
+            self.target,
+            WEBSOCKET_TEXT,
+            &self.upgrade.path,
+            call,
+            generation,
+            decision,
+            None,
+            None,
+        );
     }
 
     fn refuse(&self, reason: String) -> TextVerdict {

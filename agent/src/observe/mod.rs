@@ -1,8 +1,10 @@
 //! What the operator sees besides the log: Prometheus metrics per sandbox
-//! (served by [`serve_metrics`]) and the most frequent recent denials
-//! (`sandbox-egress status`).
+//! (served by [`serve_metrics`]), the most frequent recent denials
+//! (`sandbox-egress status`, `policy suggest`), and the log lines as OCSF
+//! events ([`ocsf`]).
 
 mod denials;
+pub mod ocsf;
 mod server;
 
 use std::{
@@ -22,7 +24,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-pub use denials::{Denied, RecentDenials};
+pub use denials::{DenialFilter, DenialRow, Denied, DeniedRequest, RecentDenials};
 pub use server::{serve_metrics, Gauges};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -36,7 +36,7 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, accepted: Accepted, san
         return;
     };
     let _ = client.set_nodelay(true);
-    let mut log = CloseLog::default();
+    let mut log = CloseLog::opened_by(&origin);
     if is_own_listener(origin.destination, sandbox.listen_port) {
         explicit::serve(client, &origin, sandbox, &mut log).await;
     } else {
@@ -78,7 +78,7 @@ fn attribute(peer: SocketAddr, sandbox: &Sandbox) -> Option<Origin> {
         return None;
     };
     let with_ancestors = sandbox.context.decider.policies.current().policy.matches_binaries();
-    Some(Origin::from_record(&record, with_ancestors, |pid| sandbox.redirect.process_times(pid)))
+    Some(Origin::from_record(&record, peer, with_ancestors, |pid| sandbox.redirect.process_times(pid)))
 }
 
 fn is_own_listener(destination: SocketAddr, listen_port: u16) -> bool {
