@@ -20,6 +20,7 @@ struct Setup {
     sandbox: Sandbox,
     policy: PolicyFile,
     agent_ca: String,
+    control_socket: String,
     certificate: TestCertificate,
     net: TestNet,
     _dns: Dns,
@@ -37,12 +38,22 @@ impl Setup {
         let ca_dir = dir.file("ca");
         let upstream_ca = certificate.ca.to_str().context("utf-8 path")?.to_owned();
         let dns_args = dns.agent_args();
-        let args = [dns_args[0].as_str(), dns_args[1].as_str(), "--ca-dir", &ca_dir, "--upstream-ca", &upstream_ca];
+        let control_socket = unique_control_socket();
+        let args = [
+            dns_args[0].as_str(),
+            dns_args[1].as_str(),
+            "--ca-dir",
+            &ca_dir,
+            "--upstream-ca",
+            &upstream_ca,
+            "--control-socket",
+            &control_socket,
+        ];
         let agent = Agent::start(&sandbox, &policy, &args)?;
         let exported = run(agent_bin().to_str().context("utf-8 path")?, &["ca", "export", "--ca-dir", &ca_dir])?;
         let agent_ca = dir.file("agent-ca.pem");
         std::fs::write(&agent_ca, &exported.stdout)?;
-        Ok(Self { agent, sandbox, policy, agent_ca, certificate, net, _dns: dns, _dir: dir })
+        Ok(Self { agent, sandbox, policy, agent_ca, control_socket, certificate, net, _dns: dns, _dir: dir })
     }
 
     /// Starts tests/support/`script` in the namespace with the server's
@@ -318,6 +329,20 @@ fn websocket_text_messages_are_decided_one_by_one_and_refused_with_1008() -> Res
             ("/rw/admin".to_owned(), "denied".to_owned()),
         ]
     );
+
+    // Denied messages are what `policy suggest` proposes to allow, kept
+    // when their connections close.
+    setup.agent.log.wait_for_count("the sessions with a denied message closed", 2, |line| {
+        line["event"] == "connection" && line["requests_denied"] == 1
+    })?;
+    let suggested = run(
+        agent_bin().to_str().context("utf-8 path")?,
+        &["policy", "suggest", "--control-socket", &setup.control_socket, "--since", "10m"],
+    )?;
+    let suggested = String::from_utf8_lossy(&suggested.stdout);
+    for path in ["/ro/chat", "/rw/admin"] {
+        assert!(suggested.contains(&format!("WEBSOCKET_TEXT {path} denied 1 time")), "{suggested}");
+    }
     Ok(())
 }
 

@@ -184,7 +184,10 @@ impl CloseLog {
             bytes_down: self.bytes_down,
             denial,
         });
-        if let Some(kind) = denial {
+        // A connection relayed after a denied request (a keep-alive or
+        // WebSocket session) is kept too: its requests are what was denied.
+        let denied_kind = denial.or_else(|| (!self.denied_requests.is_empty()).then_some("policy_denied"));
+        if let Some(kind) = denied_kind {
             observed.denied(Denied {
                 host: self.host.clone().unwrap_or_else(|| origin.destination.ip().to_canonical().to_string()),
                 port: self.port.unwrap_or(origin.destination.port()),

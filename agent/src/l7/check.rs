@@ -7,7 +7,13 @@
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use zeroize::Zeroizing;
 
-use super::{body, log::log_request, room, target::Target, websocket, Call, Cause, Classified, Refusal, Room};
+use super::{
+    body,
+    log::{describe_call, log_request},
+    room,
+    target::Target,
+    websocket, Call, Cause, Classified, Refusal, Room,
+};
 use crate::{
     conn::{refuse, CloseLog, Context, Origin},
     credentials::CredentialedHead,
@@ -394,30 +400,4 @@ async fn refuse<C: AsyncRead + AsyncWrite + Unpin>(
         http1::linger(client).await;
     }
     Checked::Denied { close: close || !written }
-}
-
-/// A call as a refusal names it: the JSON-RPC method and tool, the GraphQL
-/// operation (names from the sandbox, escaped).
-fn describe_call(message: &Message) -> Option<String> {
-    match message {
-        Message::JsonRpcCall { method, tool: Some(tool) } => {
-            Some(format!("{} {}", method.escape_debug(), tool.escape_debug()))
-        }
-        Message::JsonRpcCall { method, tool: None } => Some(method.escape_debug().to_string()),
-        Message::GraphQl(operation) => Some(format!(
-            "{} {}{}",
-            operation.operation_type,
-            if operation.operation_name.is_empty() {
-                "(anonymous)".into()
-            } else {
-                operation.operation_name.escape_debug().to_string()
-            },
-            if operation.fields.is_empty() {
-                String::new()
-            } else {
-                format!(" {{{}}}", operation.fields.join(", ").escape_debug())
-            }
-        )),
-        _ => None,
-    }
 }

@@ -79,3 +79,29 @@ fn message_kind(message: &Message, method: &str) -> Option<&'static str> {
         Message::GraphQlUnregistered => Some("persisted_query"),
     }
 }
+
+/// A call as a refusal names it: the JSON-RPC method and tool, the GraphQL
+/// operation (names from the sandbox, escaped).
+pub fn describe_call(message: &Message) -> Option<String> {
+    match message {
+        Message::JsonRpcCall { method, tool: Some(tool) } => {
+            Some(format!("{} {}", method.escape_debug(), tool.escape_debug()))
+        }
+        Message::JsonRpcCall { method, tool: None } => Some(method.escape_debug().to_string()),
+        Message::GraphQl(operation) => Some(format!(
+            "{} {}{}",
+            operation.operation_type,
+            if operation.operation_name.is_empty() {
+                "(anonymous)".into()
+            } else {
+                operation.operation_name.escape_debug().to_string()
+            },
+            if operation.fields.is_empty() {
+                String::new()
+            } else {
+                format!(" {{{}}}", operation.fields.join(", ").escape_debug())
+            }
+        )),
+        _ => None,
+    }
+}

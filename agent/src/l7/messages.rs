@@ -9,13 +9,13 @@ use serde_json::Value;
 
 use super::{
     graphql,
-    log::log_request,
+    log::{describe_call, log_request},
     target::Target,
     websocket::{Inspector, TextVerdict, POLICY_VIOLATION},
     Call, WEBSOCKET_TEXT,
 };
 use crate::{
-    conn::{Context, Origin},
+    conn::{CloseLog, Context, Origin},
     policy::{HttpRequest, Inspection, Message, RequestDecision},
     wire::path::CanonicalTarget,
 };
@@ -56,6 +56,8 @@ pub struct MessageInspector<'a> {
     pub target: &'a Target,
     pub origin: &'a Origin,
     pub context: &'a Context,
+    /// The session's connection: denied messages are kept for `policy suggest`.
+    pub log: &'a mut CloseLog,
     /// The endpoint that allowed the upgrade.
     pub inspection: Inspection,
     /// The upgrade's canonical path and query, which text messages are decided against.
@@ -105,6 +107,9 @@ impl MessageInspector<'_> {
     fn log(&mut self, call: &Call, generation: u64, decision: &RequestDecision) {
         self.decided += 1;
         self.denied += u64::from(!decision.allow);
+        if !decision.allow {
+            self.log.request_denied(WEBSOCKET_TEXT, &self.upgrade.path, describe_call(&call.message));
+        }
         log_request(
             self.origin,
             self.target,

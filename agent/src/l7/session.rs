@@ -187,6 +187,7 @@ impl Session<'_> {
             target: self.target,
             origin: self.origin,
             context: self.context,
+            log: &mut *log,
             inspection: self.inspection,
             upgrade: target,
             credential_provider,
@@ -196,8 +197,9 @@ impl Session<'_> {
         let limits = websocket::Limits::default();
         let idle = self.context.config.idle_timeout;
         let outcome = websocket::relay(client, upstream, prefill, deflate, &mut inspector, reload, limits, idle).await;
-        log.requests += inspector.decided;
-        log.requests_denied += inspector.denied;
+        let (decided, denied) = (inspector.decided, inspector.denied);
+        log.requests += decided;
+        log.requests_denied += denied;
         log.relayed(outcome.relayed);
         let close = match outcome.ended {
             websocket::Ended::Closed => return,
