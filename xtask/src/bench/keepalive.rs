@@ -11,7 +11,7 @@ use super::{
     number, path_str,
     process::Client,
     proxies::{self, HaproxyMode},
-    report::{Column, Results, Row, Table},
+    report::{Better, Column, Results, Row, Table, Target},
     Bench, CLIENT_TIMEOUT, KEEPALIVE_PORT,
 };
 
@@ -111,6 +111,25 @@ impl Bench<'_> {
             }
         }
         drop((squid, haproxy));
+        let [(_, _, one_added), (_, sixteen_rate, sixteen_added)] = ROWS;
+        results.targets.push(Target::at_most_us(
+            "keep-alive HTTP, 1 connection: ≤ 20 µs added per request",
+            table.median(one_added, TRANSPARENT),
+            20.0,
+        ));
+        let sixteen = table.median(sixteen_rate, TRANSPARENT).zip(table.median(sixteen_rate, DIRECT));
+        results.targets.push(Target {
+            what: "keep-alive HTTP, 16 connections: ≥ 0.5× direct requests/s",
+            measured: sixteen.map_or("n/a".into(), |(agent, direct)| format!("{:.2}×", agent / direct)),
+            met: sixteen.map(|(agent, direct)| agent / direct >= 0.5),
+        });
+        for (what, row) in [
+            ("keep-alive HTTP, 1 connection: µs added per request at or ahead of haproxy", one_added),
+            ("keep-alive HTTP, 16 connections: µs added per request at or ahead of haproxy", sixteen_added),
+        ] {
+            let (agent, haproxy) = (table.median(row, TRANSPARENT), table.median(row, HAPROXY));
+            results.targets.push(Target::versus_haproxy(what, agent, haproxy, Better::Lower));
+        }
         results.tables.push(table);
         Ok(())
     }

@@ -9,7 +9,7 @@ use anyhow::Result;
 use super::{
     number,
     proxies::{self, HaproxyMode},
-    report::{Column, Results, Row, Table, Target},
+    report::{Better, Column, Results, Row, Table, Target},
     Bench, ECHO_PORT, GREETING_PORT,
 };
 
@@ -95,6 +95,13 @@ impl Bench<'_> {
             ("no stall: `xxxx` first through the agent, p50 added vs direct ≤ 1 ms", WORKLOADS[1].3),
         ] {
             results.targets.push(Target::at_most_us(what, table.median(row, TRANSPARENT), 1000.0));
+        }
+        for (what, row) in [
+            ("server greeting: p50 added at or ahead of haproxy (µs)", WORKLOADS[0].3),
+            ("`xxxx` first: p50 added at or ahead of haproxy (µs)", WORKLOADS[1].3),
+        ] {
+            let (agent, haproxy) = (table.median(row, TRANSPARENT), table.median(row, HAPROXY));
+            results.targets.push(Target::versus_haproxy(what, agent, haproxy, Better::Lower));
         }
         results.tables.push(table);
         Ok(())
