@@ -43,7 +43,7 @@ impl control::Answer for RouteOnly {
 async fn control_socket(world: &World, allowed_uid: u32) -> PathBuf {
     let socket = world.temp.path().join("run/control.sock");
     let answer = Arc::new(RouteOnly(world.inference.clone()));
-    control::spawn(&socket, allowed_uid, answer).await.unwrap();
+    control::spawn(&socket, allowed_uid, answer, None).await.unwrap();
     socket
 }
 
