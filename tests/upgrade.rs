@@ -130,6 +130,38 @@ except ConnectionResetError:
 print(json.dumps({"kind": "done", "end": end, "bytes": size}), flush=True)
 "#;
 
+/// Sandboxed: one line echoed, printed.
+const ECHO_ONCE: &str = r#"
+import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as conn:
+    conn.sendall(b"once\n")
+    sys.stdout.write(conn.makefile("rb").readline().decode())
+"#;
+
+/// A network namespace of a sandbox's own, with only `lo`.
+struct OwnNetns {
+    name: String,
+}
+
+impl OwnNetns {
+    fn new() -> Result<Self> {
+        let name = format!("se-upgrade-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        run("ip", &["netns", "add", &name])?;
+        Ok(Self { name })
+    }
+
+    fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+}
+
+impl Drop for OwnNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
 struct Setup {
     net: TestNet,
     _servers: Servers,
@@ -216,9 +248,13 @@ fn finish(mut child: Child, lines: &JsonLines, within: Duration) -> Result<Vec<V
     Ok(lines.all())
 }
 
-/// The pids `ss` shows owning TCP listeners on `port`.
-fn listener_owners(port: u16) -> Result<BTreeSet<u32>> {
-    let output = run("ss", &["-Hltnp", &format!("sport = :{port}")])?;
+/// The pids `ss FLAGS` shows owning sockets bound to `port` (in `netns`).
+fn listener_owners(netns: Option<&str>, flags: &str, port: u16) -> Result<BTreeSet<u32>> {
+    let filter = format!("sport = :{port}");
+    let output = match netns {
+        Some(netns) => run("ip", &["netns", "exec", netns, "ss", flags, &filter])?,
+        None => run("ss", &[flags, &filter])?,
+    };
     let text = String::from_utf8_lossy(&output.stdout);
     Ok(text
         .split("pid=")
@@ -235,6 +271,7 @@ fn close_line_of(log: &JsonLines, pid: u32) -> Result<Value> {
 fn an_upgrade_refuses_no_connect_and_cuts_no_connection() -> Result<()> {
     let setup = Setup::new("upgrade")?;
     let other_sandbox = Sandbox::new("upgrade-other")?;
+    let other_netns = OwnNetns::new()?;
     let notify_path = setup.dir.file("notify.sock");
     let notify = UnixDatagram::bind(&notify_path)?;
     notify.set_read_timeout(Some(WAIT))?;
@@ -244,7 +281,7 @@ fn an_upgrade_refuses_no_connect_and_cuts_no_connection() -> Result<()> {
     ensure!(String::from_utf8_lossy(&first[..told]).contains("READY=1"), "the daemon told systemd it is ready");
     let old_pid = daemon.agent.pid();
     let listen_port = daemon.list()?[0]["listen_port"].as_u64().context("listen_port")? as u16;
-    daemon.add("other", &other_sandbox, &setup._policy, &[])?;
+    daemon.add("other", &other_sandbox, &setup._policy, &["--netns", &other_netns.path()])?;
     // A denial, to be found in the new daemon's recent denials.
     let denied = format!(
         "import socket\ntry: socket.create_connection(('{}', {DENIED_PORT}), timeout=5).recv(1)\nexcept OSError: pass",
@@ -308,7 +345,18 @@ fn an_upgrade_refuses_no_connect_and_cuts_no_connection() -> Result<()> {
         ensure!(closed < shutdown, "the old daemon stopped before its connection of pid {pid} ended");
     }
     assert_eq!(lines[shutdown]["in_flight_cut"], false);
-    assert_eq!(listener_owners(listen_port)?, BTreeSet::from([new_pid]), "the new daemon owns the listener");
+    assert_eq!(listener_owners(None, "-Hltnp", listen_port)?, BTreeSet::from([new_pid]), "the new daemon listens");
+    // ...in the other sandbox's namespace too, its DNS socket included, and serves there.
+    let other_port = daemon.list()?[1]["listen_port"].as_u64().context("listen_port")? as u16;
+    for flags in ["-Hltnp", "-Hlunp"] {
+        assert_eq!(listener_owners(Some(&other_netns.name), flags, other_port)?, BTreeSet::from([new_pid]), "{flags}");
+    }
+    let mut echo = other_sandbox.command("ip");
+    echo.args(["netns", "exec", &other_netns.name, PYTHON, "-c", ECHO_ONCE, &setup.net.private_v4.to_string()]);
+    echo.arg(ECHO_PORT.to_string());
+    let (pid, output) = spawn_and_wait(echo)?;
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "once\n");
+    assert_eq!(close_line_of(log, pid)?["agent_pid"], new_pid);
 
     // No connect refused, reset or failed before, during or after.
     std::fs::write(&stop_file, "")?;

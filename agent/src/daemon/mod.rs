@@ -88,6 +88,8 @@ pub struct Daemon {
     handed_over: watch::Sender<Option<Duration>>,
     /// One upgrade at a time; none once draining.
     upgrading: tokio::sync::Mutex<()>,
+    /// Sandboxes a previous daemon handed over that no spec file has claimed yet.
+    carried: Mutex<std::collections::BTreeSet<String>>,
     draining: AtomicBool,
 }
 
@@ -100,6 +102,7 @@ impl Daemon {
             servers: Mutex::default(),
             handed_over: watch::channel(None).0,
             upgrading: tokio::sync::Mutex::new(()),
+            carried: Mutex::default(),
             draining: AtomicBool::new(false),
         }
     }
@@ -223,13 +226,12 @@ impl Daemon {
     /// one this file made before) when the spec changed. A spec that does
     /// not load leaves the previous sandbox as it was.
     pub fn apply(&self, spec: SandboxSpec, previous: Option<&str>) -> Result<String> {
-        // The same sandbox, carried over an upgrade from the daemon that read this file.
+        // A sandbox carried over an upgrade counts as this file's (the
+        // previous daemon made it from the file of its name).
         let carried =
-            previous.is_none() && self.sandboxes().get(&spec.name).is_some_and(|running| running.spec == spec);
-        if carried {
-            return Ok(spec.name);
-        }
-        if let Some(previous) = previous {
+            previous.is_none() && self.carried.lock().unwrap_or_else(PoisonError::into_inner).remove(&spec.name);
+        let carried = carried.then(|| spec.name.clone());
+        if let Some(previous) = previous.or(carried.as_deref()) {
             let unchanged = self.sandboxes().get(previous).is_some_and(|running| running.spec == spec);
             if unchanged {
                 return Ok(spec.name);

@@ -112,6 +112,7 @@ impl Daemon {
             let inherited =
                 sockets.remove(&name).with_context(|| format!("no sockets handed over for sandbox {name}"))?;
             self.add_on(spec, Some(inherited)).with_context(|| format!("sandbox {name}"))?;
+            self.carried.lock().unwrap_or_else(PoisonError::into_inner).insert(name.clone());
             let inference = self.sandboxes().get(&name).and_then(|running| running.inference.clone());
             if let (Some(route), Some(inference)) = (route, inference) {
                 if let Err(error) = inference.carry_route(route) {
