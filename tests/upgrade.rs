@@ -27,6 +27,10 @@ const ECHO_PORT: u16 = 9602;
 const ENDLESS_PORT: u16 = 9603;
 /// Allowed by no policy: a denial to carry over.
 const DENIED_PORT: u16 = 9604;
+/// Echo again, allowed only by the name [`NAME`]: decided by what the
+/// sandbox resolved.
+const NAMED_PORT: u16 = 9605;
+const NAME: &str = "echo.upgrade.test";
 const DOWNLOAD_BYTES: u64 = 8 * 1024 * 1024;
 const WS_MESSAGES: &str = "40";
 
@@ -55,7 +59,7 @@ def serve(listener, handler):
     while True:
         conn, _ = listener.accept()
         threading.Thread(target=handler, args=(conn,), daemon=True).start()
-for port, handler in ((int(sys.argv[1]), slow), (int(sys.argv[2]), echo), (int(sys.argv[3]), endless)):
+for port, handler in ((int(sys.argv[1]), slow), (int(sys.argv[2]), echo), (int(sys.argv[3]), endless), (int(sys.argv[4]), echo)):
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("0.0.0.0", port))
@@ -163,6 +167,7 @@ impl Drop for OwnNetns {
 }
 
 struct Setup {
+    _dns: Dns,
     net: TestNet,
     _servers: Servers,
     sandbox: Sandbox,
@@ -174,10 +179,9 @@ impl Setup {
     fn new(name: &str) -> Result<Self> {
         require_root();
         let net = TestNet::new()?;
-        let servers = net.start_python_servers(
-            SERVERS,
-            &[&SLOW_PORT.to_string(), &ECHO_PORT.to_string(), &ENDLESS_PORT.to_string()],
-        )?;
+        let ports = [SLOW_PORT, ECHO_PORT, ENDLESS_PORT, NAMED_PORT].map(|port| port.to_string());
+        let servers = net.start_python_servers(SERVERS, &ports.each_ref().map(String::as_str))?;
+        let dns = net.start_dns(&[(NAME, net.private_v4.into())])?;
         let mut endpoints = String::new();
         for port in [SLOW_PORT, ECHO_PORT, ENDLESS_PORT, WS_PORT] {
             endpoints += &format!(
@@ -185,15 +189,19 @@ impl Setup {
                 net.private_v4
             );
         }
+        endpoints += &format!("      - host: {NAME}\n        port: {NAMED_PORT}\n");
         let policy = PolicyFile::new(&format!(
             "version: 1\nnetwork_policies:\n  test:\n    binaries: [{{ path: \"/**\" }}]\n    endpoints:\n{endpoints}"
         ))?;
-        Ok(Self { _servers: servers, sandbox: Sandbox::new(name)?, _policy: policy, dir: TempDir::new(name)?, net })
+        let (sandbox, dir) = (Sandbox::new(name)?, TempDir::new(name)?);
+        Ok(Self { _servers: servers, _dns: dns, sandbox, _policy: policy, dir, net })
     }
 
-    /// A daemon serving the sandbox as `main` (added at run time).
+    /// A daemon serving the sandbox as `main` (added at run time), asking the test's DNS server.
     fn daemon(&self, args: &[&str], env: &[(&str, &str)]) -> Result<AgentDaemon> {
-        let mut daemon = AgentDaemon::start_with_env(args, env)?;
+        let dns = self._dns.agent_args();
+        let args: Vec<&str> = dns.iter().map(String::as_str).chain(args.iter().copied()).collect();
+        let mut daemon = AgentDaemon::start_with_env(&args, env)?;
         daemon.add("main", &self.sandbox, &self._policy, &[])?;
         Ok(daemon)
     }
@@ -275,7 +283,8 @@ fn an_upgrade_refuses_no_connect_and_cuts_no_connection() -> Result<()> {
     let notify_path = setup.dir.file("notify.sock");
     let notify = UnixDatagram::bind(&notify_path)?;
     notify.set_read_timeout(Some(WAIT))?;
-    let mut daemon = setup.daemon(&[], &[("NOTIFY_SOCKET", &notify_path)])?;
+    // dnsmasq answers with a TTL of 0: the answer must outlast the download.
+    let mut daemon = setup.daemon(&["--dns-record-min-ttl", "60"], &[("NOTIFY_SOCKET", &notify_path)])?;
     let mut first = [0u8; 256];
     let told = notify.recv(&mut first)?;
     ensure!(String::from_utf8_lossy(&first[..told]).contains("READY=1"), "the daemon told systemd it is ready");
@@ -289,6 +298,12 @@ fn an_upgrade_refuses_no_connect_and_cuts_no_connection() -> Result<()> {
     );
     let (_, output) = run_in(&setup.sandbox, PYTHON, &["-c", &denied])?;
     ensure!(output.status.success());
+
+    // A name resolved through the daemon's DNS: its answer is what decides a stream to it.
+    let resolve = format!("import socket\nprint(socket.gethostbyname('{NAME}'))");
+    let (_, output) = run_in(&setup.sandbox, PYTHON, &["-c", &resolve])?;
+    let resolved = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    assert_eq!(resolved, setup.net.private_v4.to_string(), "{}", String::from_utf8_lossy(&output.stderr));
 
     let ws_peer = env!("CARGO_BIN_EXE_ws-peer");
     let _ws_server = setup.net.start_websocket_server(ws_peer, None)?;
@@ -382,7 +397,15 @@ fn an_upgrade_refuses_no_connect_and_cuts_no_connection() -> Result<()> {
     let served_by = |pid: u32| log.matching(|e| e["event"] == "connection" && e["agent_pid"] == pid).len();
     ensure!(served_by(new_pid) > 0, "the new daemon served no connection");
 
-    // The runtime state came along: the sandbox added at run time, the denial.
+    // The runtime state came along: the DNS answer (a stream to the address
+    // the name was resolved to before is decided by that name)...
+    let mut echo = setup.sandbox.command(PYTHON);
+    echo.args(["-c", ECHO_ONCE, &resolved, &NAMED_PORT.to_string()]);
+    let (pid, output) = spawn_and_wait(echo)?;
+    let line = close_line_of(log, pid)?;
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "once\n", "{line}");
+    assert_eq!((line["host"].as_str(), line["agent_pid"].as_u64()), (Some(NAME), Some(new_pid.into())), "{line}");
+    // ...the sandbox added at run time, the denial.
     let (ok, listed, stderr) = daemon.cli(&["sandbox", "list", "--json"])?;
     ensure!(ok, "sandbox list from the new daemon: {stderr}");
     let names: Vec<Value> = serde_json::from_str::<Vec<Value>>(&listed)?.iter().map(|s| s["name"].clone()).collect();

@@ -16,7 +16,7 @@ use anyhow::{bail, ensure, Context, Result};
 
 use super::{
     inventory::{FinalState, HandedSockets, Inventory},
-    transfer::Channel,
+    transfer::{Channel, TimedOut},
     UPGRADE_FD_ENV,
 };
 
@@ -75,7 +75,7 @@ impl Successor {
         match message {
             Ok((READY, pid)) => std::str::from_utf8(&pid).ok().and_then(|pid| pid.parse().ok()).context("a bad pid"),
             Ok((tag, _)) => Err(self.failure(anyhow::anyhow!("unexpected packet {:?}", tag as char))),
-            Err(error) if error.to_string().contains("no answer in time") => Err(self.failure(anyhow::anyhow!(
+            Err(error) if error.is::<TimedOut>() => Err(self.failure(anyhow::anyhow!(
                 "the new daemon was not ready within {}",
                 humantime::format_duration(timeout)
             ))),
@@ -83,15 +83,18 @@ impl Successor {
         }
     }
 
-    /// Sends what the old daemon recorded until it stopped accepting, and
-    /// waits for the new one to take over.
+    /// Sends what the old daemon recorded so far, and waits for the new one
+    /// to take over; a new daemon that does not is stopped.
     pub fn finish(&mut self, state: &FinalState, timeout: Duration) -> Result<()> {
-        self.channel.set_timeout(Some(timeout))?;
-        self.channel.send_data(&serde_json::to_vec(state)?)?;
-        match self.channel.receive_message()? {
-            (TAKEN_OVER, _) => Ok(()),
-            (tag, _) => bail!("unexpected packet {:?}", tag as char),
-        }
+        let data = serde_json::to_vec(state)?;
+        let taken_over = self.channel.set_timeout(Some(timeout)).and_then(|()| {
+            self.channel.send_data(&data)?;
+            match self.channel.receive_message()? {
+                (TAKEN_OVER, _) => Ok(()),
+                (tag, _) => bail!("unexpected packet {:?}", tag as char),
+            }
+        });
+        taken_over.map_err(|error| self.failure(error))
     }
 
     /// The reason of a handover that failed: the new daemon is stopped (it
