@@ -2,9 +2,10 @@
 //! WebSocket session in flight and a new connection every 20 ms while the
 //! daemon hands over to a copy of its binary at another path. Nothing is
 //! refused, reset or cut; the old daemon finishes what it had and exits;
-//! systemd is told the new main pid. A binary that exits at start leaves
-//! the old daemon serving. A drain timeout (after an upgrade, or on
-//! SIGTERM) resets a connection that never ends and logs it.
+//! systemd is told the new main pid; the runtime state comes along. A
+//! binary that exits at start leaves the old daemon serving. A drain
+//! timeout (after an upgrade, or on SIGTERM) resets a connection that never
+//! ends and logs it; a daemon an upgrade started upgrades again.
 
 use std::{
     collections::BTreeSet,
@@ -473,18 +474,29 @@ fn a_drain_timeout_resets_a_connection_that_never_ends_and_logs_it() -> Result<(
     assert_eq!(drain["connections"], 1);
     daemon.agent.wait_exit(WAIT)?;
 
-    // On SIGTERM: the new daemon (run with --drain-timeout 1s too) does the same.
+    // Upgraded again, from the daemon an upgrade started, with no --binary:
+    // the one it runs from, the copy.
+    let (ok, stdout, stderr) = upgrade(&daemon.socket, &[])?;
+    ensure!(ok, "the second upgrade failed: {stderr}");
+    let third_pid: u32 = stdout.trim().parse()?;
+    let _third = Started(third_pid);
+    let ready = log.wait_for("the third daemon ready", |e| e["event"] == "ready" && e["agent_pid"] == third_pid)?;
+    assert_eq!(ready["upgraded_from"], new_pid);
+    assert_eq!(std::fs::read_link(format!("/proc/{third_pid}/exe"))?, next);
+    log.wait_for("the second daemon's shutdown", |e| e["event"] == "shutdown" && e["agent_pid"] == new_pid)?;
+
+    // On SIGTERM: the daemon (run with --drain-timeout 1s, as each was) does the same.
     let (endless, out) = setup.client(ENDLESS, ENDLESS_PORT, &[])?;
     out.wait_for("the endless stream under way", |e| e["kind"] == "started")?;
     // SAFETY: signalling the daemon this test started.
-    unsafe { libc::kill(new_pid as i32, libc::SIGTERM) };
+    unsafe { libc::kill(third_pid as i32, libc::SIGTERM) };
     let pid = endless.id();
     let events = finish(endless, &out, WAIT)?;
     let done = events.iter().find(|e| e["kind"] == "done").context("the client's result")?;
     assert_eq!(done["end"], "reset");
     let line = close_line_of(log, pid)?;
-    assert_eq!((line["verdict"].as_str(), line["agent_pid"].as_u64()), (Some("cut"), Some(new_pid.into())));
-    let shutdown = log.wait_for("shutdown", |e| e["event"] == "shutdown" && e["agent_pid"] == new_pid)?;
+    assert_eq!((line["verdict"].as_str(), line["agent_pid"].as_u64()), (Some("cut"), Some(third_pid.into())));
+    let shutdown = log.wait_for("shutdown", |e| e["event"] == "shutdown" && e["agent_pid"] == third_pid)?;
     assert_eq!(shutdown["connections_cut"], 1);
     Ok(())
 }
