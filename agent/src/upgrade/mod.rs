@@ -2,18 +2,19 @@
 //! without a refused connect or a cut connection.
 //!
 //! The running daemon starts the new binary with the same arguments and
-//! one end of a socket pair as descriptor 3 (named by
-//! `SANDBOX_EGRESS_UPGRADE_FD`). Over it, in order:
+//! one end of a SOCK_SEQPACKET pair, whose number `SANDBOX_EGRESS_UPGRADE_FD`
+//! names. Over it, in order:
 //!
 //! 1. old -> new: every listening socket (SCM_RIGHTS), then the
 //!    [`Inventory`] (what each socket is for, the sandboxes, DNS answers);
-//! 2. new: serves the sandboxes on those sockets, attaching its eBPF
-//!    programs over the pinned ones as a restart does; -> old: `R` + its pid;
-//! 3. old: stops accepting (the sockets stay open in the new daemon, so
-//!    connects wait in the same backlog) -> new: the [`FinalState`];
-//! 4. new -> old: `A`; the old daemon answers `upgrade` and drains.
+//! 2. new: serves the sandboxes on those sockets (both daemons accept from
+//!    the same backlogs for a moment), attaching its eBPF programs over the
+//!    pinned ones as a restart does; -> old: `R` + its pid;
+//! 3. old -> new: the [`FinalState`] (DNS answers given meanwhile, recent
+//!    denials); new: tells systemd its pid -> old: `A`;
+//! 4. old: stops accepting, answers `upgrade` and drains.
 //!
-//! If the new daemon exits or is silent before step 2 the old one kills it
+//! If the new daemon exits or is silent before step 4 the old one stops it
 //! and goes on as it was.
 //!
 //! - `transfer`: the channel (packets, SCM_RIGHTS);

@@ -174,3 +174,24 @@ impl Predecessor {
         self.channel.send(TAKEN_OVER, &[])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_successor_that_exits_or_stays_silent_is_reported_and_gone() {
+        let mut exits = Successor::start(Path::new("/bin/sh"), &["-c".into(), "exit 7".into()]).unwrap();
+        let error = exits.wait_ready(Duration::from_secs(10)).unwrap_err().to_string();
+        assert_eq!(error, "the new daemon exited (exit status: 7) before it was ready: its log says why");
+
+        let mut silent = Successor::start(Path::new("/bin/sleep"), &["30".into()]).unwrap();
+        let pid = silent.pid();
+        let error = format!("{:#}", silent.wait_ready(Duration::from_millis(100)).unwrap_err());
+        assert_eq!(error, "the new daemon was stopped: the new daemon was not ready within 100ms");
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "killed and reaped");
+
+        let missing = Successor::start(Path::new("/nonexistent/sandbox-egress"), &[]).err().unwrap();
+        assert!(format!("{missing:#}").starts_with("cannot start /nonexistent/sandbox-egress: "), "{missing:#}");
+    }
+}

@@ -131,7 +131,7 @@ impl Channel {
         let mut iov = [IoSliceMut::new(&mut buffer)];
         let message = recvmsg::<()>(self.0.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
             .map_err(|errno| match errno {
-                nix::errno::Errno::EAGAIN => anyhow::anyhow!("no answer in time on the handover channel"),
+                nix::errno::Errno::EAGAIN => anyhow::Error::new(TimedOut),
                 errno => anyhow::Error::new(errno).context("read the handover channel"),
             })?;
         let mut fds = Vec::new();
