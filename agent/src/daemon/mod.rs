@@ -91,6 +91,9 @@ pub struct Daemon {
     /// Sandboxes a previous daemon handed over that no spec file has claimed yet.
     carried: Mutex<std::collections::BTreeSet<String>>,
     draining: AtomicBool,
+    /// Set while an upgrade takes the inventory over, and after: a sandbox
+    /// added, removed or rerouted here then would not reach the new daemon.
+    handing_over: AtomicBool,
 }
 
 impl Daemon {
@@ -104,6 +107,7 @@ impl Daemon {
             upgrading: tokio::sync::Mutex::new(()),
             carried: Mutex::default(),
             draining: AtomicBool::new(false),
+            handing_over: AtomicBool::new(false),
         }
     }
 
@@ -120,6 +124,7 @@ impl Daemon {
 
     /// [`Self::add`], on the sockets a previous daemon handed over if `inherited`.
     fn add_on(&self, spec: SandboxSpec, inherited: Option<Vec<(ListenerKind, OwnedFd)>>) -> Result<Value> {
+        self.not_handing_over()?;
         spec.check_name()?;
         let mut sandboxes = self.sandboxes();
         if sandboxes.contains_key(&spec.name) {
@@ -190,6 +195,7 @@ impl Daemon {
     /// processes remain in the cgroup unless `force`. Its connections in
     /// flight run to their end.
     pub fn remove(&self, name: &str, detach: bool, force: bool) -> Result<()> {
+        self.not_handing_over()?;
         let mut sandboxes = self.sandboxes();
         let running = sandboxes.get(name).with_context(|| format!("no sandbox named {name}"))?;
         if detach && !force {
@@ -249,6 +255,13 @@ impl Daemon {
         let name = spec.name.clone();
         self.add(spec)?;
         Ok(name)
+    }
+
+    fn not_handing_over(&self) -> Result<()> {
+        if self.handing_over.load(Ordering::Relaxed) {
+            bail!("an upgrade is under way: ask again in a moment (the new daemon answers then)");
+        }
+        Ok(())
     }
 
     pub fn serves(&self, name: &str) -> bool {
@@ -360,6 +373,9 @@ impl Daemon {
             }
         };
         let (sandbox, change) = change;
+        if !matches!(change, RouteChange::Get) {
+            self.not_handing_over()?;
+        }
         self.inference_of(sandbox.as_deref())?.answer_control(change).await
     }
 

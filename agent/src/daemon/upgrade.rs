@@ -35,9 +35,10 @@ impl Daemon {
         }
         let binary = binary.unwrap_or_else(|| self.options.binary.clone());
         let daemon = self.clone();
-        let handed =
-            tokio::task::spawn_blocking(move || daemon.hand_over(&binary)).await.context("the upgrade failed")?;
-        let pid = handed.inspect_err(|error| {
+        self.handing_over.store(true, Ordering::Relaxed);
+        let handed = tokio::task::spawn_blocking(move || daemon.hand_over(&binary)).await;
+        let pid = handed.context("the upgrade failed").and_then(|handed| handed).inspect_err(|error| {
+            self.handing_over.store(false, Ordering::Relaxed);
             tracing::error!(event = "upgrade_failed", "upgrade failed, this daemon serves on: {error:#}");
         })?;
         self.handed_over.send_replace(Some(drain));
