@@ -86,10 +86,11 @@ pub struct Daemon {
     servers: Mutex<Vec<(SocketRole, OwnedFd)>>,
     /// Set (to the drain timeout) once an upgrade handed over.
     handed_over: watch::Sender<Option<Duration>>,
-    /// One upgrade at a time; none once draining.
+    /// One upgrade at a time.
     upgrading: tokio::sync::Mutex<()>,
     /// Sandboxes a previous daemon handed over that no spec file has claimed yet.
     carried: Mutex<std::collections::BTreeSet<String>>,
+    /// Set once a shutdown drains: no upgrade from then on.
     draining: AtomicBool,
     /// Set while an upgrade takes the inventory over, and after: a sandbox
     /// added, removed or rerouted here then would not reach the new daemon.
