@@ -245,13 +245,21 @@ fn upgrade(socket: &str, args: &[&str]) -> Result<(bool, String, String)> {
     Ok((output.status.success(), text(&output.stdout), text(&output.stderr)))
 }
 
-/// Waits (bounded) for a child to exit; its stdout events.
-fn finish(mut child: Child, lines: &JsonLines, within: Duration) -> Result<Vec<Value>> {
+/// Waits (bounded) for a child to exit.
+fn wait_child(child: &mut Child, within: Duration) -> Result<std::process::ExitStatus> {
     let deadline = Instant::now() + within;
-    while child.try_wait()?.is_none() {
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
         ensure!(Instant::now() < deadline, "client still running after {within:?}");
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Waits (bounded) for a client to exit; its stdout events.
+fn finish(mut child: Child, lines: &JsonLines, within: Duration) -> Result<Vec<Value>> {
+    wait_child(&mut child, within)?;
     // Its last line may still be on its way from the reader thread.
     lines.wait_for("the client's last line", |event| event["kind"] == "done" || event.is_array())?;
     Ok(lines.all())
@@ -341,7 +349,7 @@ fn an_upgrade_refuses_no_connect_and_cuts_no_connection() -> Result<()> {
     assert_eq!(done["bytes"], DOWNLOAD_BYTES);
     assert_eq!(done["checksum_ok"], true);
     let ws_pid = ws.id();
-    let ws_status = ws.wait()?;
+    let ws_status = wait_child(&mut ws, WAIT)?;
     ensure!(ws_status.success(), "the WebSocket client failed ({ws_status})");
     let echoed = ws_out.wait_for("the WebSocket result", |e| e.get("echoed").is_some())?;
     assert_eq!(echoed["echoed"], 40);
