@@ -9,6 +9,7 @@
 
 use std::{
     collections::BTreeSet,
+    io::{Read, Write},
     os::unix::{fs::PermissionsExt, net::UnixDatagram},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -293,11 +294,14 @@ fn an_upgrade_refuses_no_connect_and_cuts_no_connection() -> Result<()> {
     let notify = UnixDatagram::bind(&notify_path)?;
     notify.set_read_timeout(Some(WAIT))?;
     // dnsmasq answers with a TTL of 0: the answer must outlast the download.
-    let mut daemon = setup.daemon(&["--dns-record-min-ttl", "60"], &[("NOTIFY_SOCKET", &notify_path)])?;
+    let args = ["--dns-record-min-ttl", "60", "--metrics-listen", "127.0.0.1:0"];
+    let mut daemon = setup.daemon(&args, &[("NOTIFY_SOCKET", &notify_path)])?;
     let mut first = [0u8; 256];
     let told = notify.recv(&mut first)?;
     ensure!(String::from_utf8_lossy(&first[..told]).contains("READY=1"), "the daemon told systemd it is ready");
     let old_pid = daemon.agent.pid();
+    let metrics = daemon.agent.log.wait_for("the metrics listener", |e| e["event"] == "metrics_listening")?;
+    let metrics: std::net::SocketAddr = metrics["address"].as_str().context("address")?.parse()?;
     let listen_port = daemon.list()?[0]["listen_port"].as_u64().context("listen_port")? as u16;
     daemon.add("other", &other_sandbox, &setup._policy, &["--netns", &other_netns.path()])?;
     // A denial, to be found in the new daemon's recent denials.
@@ -370,6 +374,13 @@ fn an_upgrade_refuses_no_connect_and_cuts_no_connection() -> Result<()> {
     }
     assert_eq!(lines[shutdown]["in_flight_cut"], false);
     assert_eq!(listener_owners(None, "-Hltnp", listen_port)?, BTreeSet::from([new_pid]), "the new daemon listens");
+    // ...and the metrics listener, which it serves.
+    assert_eq!(listener_owners(None, "-Hltnp", metrics.port())?, BTreeSet::from([new_pid]));
+    let mut scrape = std::net::TcpStream::connect(metrics)?;
+    scrape.write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\n\r\n")?;
+    let mut scraped = String::new();
+    scrape.read_to_string(&mut scraped)?;
+    ensure!(scraped.starts_with("HTTP/1.1 200 OK"), "{scraped}");
     // ...in the other sandbox's namespace too, its DNS socket included, and serves there.
     let other_port = daemon.list()?[1]["listen_port"].as_u64().context("listen_port")? as u16;
     for flags in ["-Hltnp", "-Hlunp"] {
