@@ -42,16 +42,29 @@ fn verify(dir: &TempDir, unit: &str) -> Result<(bool, String)> {
     Ok((output.status.success(), text(&output)))
 }
 
-/// The unit as shipped but for ExecStart's program: verify checks that it
-/// exists and is executable, and this machine has no
+/// The unit as shipped but for the program of ExecStart= and ExecReload=:
+/// verify checks that it exists and is executable, and this machine has no
 /// /usr/local/bin/sandbox-egress (installing one there would outlive the
 /// test). So the copy names the binary under test, at its own path, and every
 /// other line is verified as shipped.
 fn unit_for_verify() -> Result<String> {
+    let mut unit = unit()?;
+    for key in ["ExecStart", "ExecReload"] {
+        let command = format!("{key}={INSTALLED_BIN} ");
+        ensure!(unit.matches(&command).count() == 1, "the unit's {key}= runs {INSTALLED_BIN} once");
+        unit = unit.replace(&command, &format!("{key}={} ", agent_bin().display()));
+    }
+    Ok(unit)
+}
+
+#[test]
+fn the_systemd_unit_follows_an_upgraded_daemon_and_reloads_by_upgrading() -> Result<()> {
     let unit = unit()?;
-    let exec_start = format!("ExecStart={INSTALLED_BIN} ");
-    ensure!(unit.matches(&exec_start).count() == 1, "the unit starts {INSTALLED_BIN} once");
-    Ok(unit.replace(&exec_start, &format!("ExecStart={} ", agent_bin().display())))
+    let lines: Vec<&str> = unit.lines().collect();
+    for line in ["Type=notify", "NotifyAccess=all", "ExecReload=/usr/local/bin/sandbox-egress upgrade"] {
+        ensure!(lines.contains(&line), "the unit has no {line:?}");
+    }
+    Ok(())
 }
 
 #[test]

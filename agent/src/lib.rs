@@ -22,4 +22,5 @@ pub mod rewound;
 pub mod sniff;
 pub mod ssrf;
 pub mod tls;
+pub mod upgrade;
 pub mod wire;

@@ -7,6 +7,9 @@
 //! itself, and the text format writes every field and message through
 //! [`EscapeControls`].
 //!
+//! Every line names the daemon's process (`agent_pid`): during an upgrade
+//! two daemons write to the same log, and each finishes its own connections.
+//!
 //! `ocsf` writes each line as an OCSF event (see [`crate::observe::ocsf`]),
 //! with the lines of target [`ACTIVITY`] (connection opens, DNS queries)
 //! always on; the other formats show those only at `debug`.
@@ -57,9 +60,19 @@ where
     };
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
     match format {
-        Format::Text => Box::new(builder.fmt_fields(EscapedFields).finish()),
+        Format::Text => Box::new(builder.fmt_fields(EscapedFields).with_timer(TimeAndPid).finish()),
         Format::Json => Box::new(builder.fmt_fields(JsonFields::new()).event_format(FlatJson).finish()),
         Format::Ocsf => Box::new(builder.fmt_fields(JsonFields::new()).event_format(Ocsf).finish()),
+    }
+}
+
+/// The text format's timestamp, followed by `agent_pid=PID`.
+struct TimeAndPid;
+
+impl FormatTime for TimeAndPid {
+    fn format_time(&self, writer: &mut Writer<'_>) -> fmt::Result {
+        SystemTime.format_time(writer)?;
+        write!(writer, " agent_pid={}", std::process::id())
     }
 }
 
@@ -102,6 +115,7 @@ where
     }
     event.record(&mut JsonVisitor(&mut object));
     object.insert("target".into(), event.metadata().target().into());
+    object.insert("agent_pid".into(), std::process::id().into());
     object
 }
 
@@ -276,6 +290,7 @@ mod tests {
             r"host=h\u{1b}[31mred",
             r#"target="t\r\nFORGED""#,
             "name=\"bad\u{fffd}\\nFORGED\"",
+            &format!("agent_pid={}", std::process::id()),
         ] {
             assert!(line.contains(expected), "{expected} in {line}");
         }
@@ -289,6 +304,7 @@ mod tests {
         let event: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(event["comm"], "x\nFORGED");
         assert_eq!(event["host"], "h\x1b[31mred");
+        assert_eq!(event["agent_pid"], std::process::id());
     }
 
     #[test]

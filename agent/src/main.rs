@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use sandbox_egress::{
     cli, conn, control, credentials, daemon, dns, exec, inference, logging, observe, preflight, proxy, redirect, sniff,
-    tls,
+    tls, upgrade,
 };
 
 #[derive(Parser)]
@@ -53,6 +53,9 @@ enum Command {
     /// truststore of sandboxed programs.
     #[command(subcommand)]
     Ca(tls::cli::CaCommand),
+    /// Hand the running daemon's sockets and state to a new binary without
+    /// refusing a connect; the old daemon then drains. Prints the new pid.
+    Upgrade(upgrade::cli::UpgradeArgs),
     /// Remove the agent's programs from a cgroup (its connects go direct again).
     Detach {
         /// The sandbox's cgroup v2 directory.
@@ -166,6 +169,10 @@ struct RunArgs {
     /// Level of the eBPF programs' own traces (redirect decisions are `debug`).
     #[arg(long, value_enum, default_value_t = redirect::EbpfLogLevel::Info)]
     ebpf_log_level: redirect::EbpfLogLevel,
+    /// On SIGTERM/SIGINT, how long the connections in flight may run on
+    /// once the daemon stops accepting; then the rest are reset (e.g. 30s, 10m).
+    #[arg(long, default_value = upgrade::DEFAULT_DRAIN_TIMEOUT, value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
 }
 
 /// About 6 descriptors per relayed connection (two sockets, two pipes
@@ -218,6 +225,7 @@ fn main() -> ExitCode {
         Command::Inference(command) => inference::cli::run(command),
         Command::Exec(args) => exec::run(args),
         Command::Ca(command) => tls::cli::run(command),
+        Command::Upgrade(args) => upgrade::cli::run(args),
         Command::Detach { cgroup } => detach(&cgroup),
     };
     match outcome {
@@ -231,6 +239,8 @@ fn main() -> ExitCode {
 
 fn run(args: RunArgs) -> Result<()> {
     preflight::require_root("run")?;
+    // Started by `upgrade`: the running daemon's sockets and state, before anything binds.
+    let handed = upgrade::Predecessor::receive().context("taking over from the running daemon")?;
     let shorthand = match (&args.cgroup, &args.policy) {
         (Some(cgroup), Some(policy)) => Some(control::SandboxSpec {
             name: args.name.clone(),
@@ -312,42 +322,110 @@ fn run(args: RunArgs) -> Result<()> {
             credential_providers,
             inference_tls,
             ca_cert_pem,
+            binary: std::env::current_exe().context("this daemon's binary")?,
+            args: std::env::args_os().skip(1).collect(),
         };
         let daemon = Arc::new(daemon::Daemon::new(common, options));
-        if let Some(address) = args.metrics_listen {
-            let gauges_of = daemon.clone();
-            let gauges: observe::Gauges = Arc::new(move || gauges_of.gauges());
-            observe::serve_metrics(address, observer, gauges).await?;
-        }
-        daemon.serve_control(&args.control_socket).await?;
-        let _control_socket = RemovedOnExit(args.control_socket.clone());
+        let (predecessor, inventory, mut sockets) = match handed {
+            Some((predecessor, inventory, sockets)) => (Some(predecessor), Some(inventory), sockets),
+            None => (None, None, upgrade::HandedSockets::default()),
+        };
+        let metrics = match args.metrics_listen {
+            Some(address) => {
+                let gauges_of = daemon.clone();
+                let gauges: observe::Gauges = Arc::new(move || gauges_of.gauges());
+                let server = observe::serve_metrics(address, observer, gauges, sockets.metrics.take()).await?;
+                daemon.hand_over_also(upgrade::SocketRole::Metrics, server.socket().try_clone_to_owned()?);
+                Some(server)
+            }
+            None => None,
+        };
+        let control = daemon.serve_control(&args.control_socket, sockets.control.take()).await?;
+        // A daemon taking over owns the file only once it has.
+        let mut control_socket = RemovedOnExit { path: args.control_socket.clone(), armed: predecessor.is_none() };
         // Installed before "ready": a signal right after it must not kill the agent.
         let shutdown_signal = shutdown_signal()?;
-        if let Some(spec) = shorthand {
+        if let Some(inventory) = inventory {
+            daemon.take_over(inventory, sockets.sandboxes)?;
+        }
+        if let Some(spec) = shorthand.filter(|spec| !daemon.serves(&spec.name)) {
             daemon.add(spec)?;
         }
         if let Some(dir) = &args.sandboxes {
             daemon::follow_dir(daemon.clone(), dir.clone()).await?;
+        }
+        let upgraded_from = predecessor.as_ref().map(|predecessor| predecessor.pid);
+        if let Some(predecessor) = predecessor {
+            take_over(&daemon, predecessor).await?;
+            control_socket.armed = true;
+        } else {
+            notify_systemd(&[sd_notify::NotifyState::Ready]);
         }
         tracing::info!(
             event = "ready",
             sandboxes = daemon.list().len(),
             listen_port = daemon.only_listen_port(),
             control_socket = %args.control_socket.display(),
+            upgraded_from,
             "agent ready"
         );
-        shutdown_signal.await;
-        daemon.shutdown().await;
+        let drain = tokio::select! {
+            () = shutdown_signal => {
+                notify_systemd(&[sd_notify::NotifyState::Stopping]);
+                args.drain_timeout
+            }
+            drain = daemon.handed_over() => {
+                // The new daemon owns the control socket's file now.
+                control_socket.armed = false;
+                if let Some(metrics) = &metrics {
+                    metrics.stop();
+                }
+                control.stop(CONTROL_STOP_WAIT).await;
+                drain
+            }
+        };
+        daemon.shutdown(drain).await;
         Ok(())
     })
 }
 
-/// The control socket's file, removed when the agent stops (or fails to start).
-struct RemovedOnExit(PathBuf);
+/// How long a daemon that handed over waits for the control clients it is
+/// answering (the `upgrade` that asked reads its reply).
+const CONTROL_STOP_WAIT: Duration = Duration::from_secs(10);
+
+/// The new daemon's last steps of an upgrade: ready (the old one sends what
+/// it recorded meanwhile), systemd told this is the main process now, and
+/// the old one told it may drain.
+async fn take_over(daemon: &Arc<daemon::Daemon>, predecessor: upgrade::Predecessor) -> Result<()> {
+    let (predecessor, state) = tokio::task::spawn_blocking(move || {
+        let state = predecessor.ready();
+        (predecessor, state)
+    })
+    .await?;
+    daemon.take_final_state(state.context("the running daemon's final state")?);
+    notify_systemd(&[sd_notify::NotifyState::MainPid(std::process::id()), sd_notify::NotifyState::Ready]);
+    predecessor.taken_over()
+}
+
+/// Tells systemd (Type=notify, NotifyAccess=all) when `NOTIFY_SOCKET` is set.
+fn notify_systemd(state: &[sd_notify::NotifyState]) {
+    if let Err(error) = sd_notify::notify(false, state) {
+        tracing::warn!("cannot notify systemd: {error}");
+    }
+}
+
+/// The control socket's file, removed when the agent stops (or fails to
+/// start) while it is this daemon's.
+struct RemovedOnExit {
+    path: PathBuf,
+    armed: bool,
+}
 
 impl Drop for RemovedOnExit {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if self.armed {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 

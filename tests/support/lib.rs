@@ -837,6 +837,18 @@ impl Agent {
         let _ = self.child.wait();
     }
 
+    /// Waits (bounded by `within`) for the agent to exit by itself.
+    pub fn wait_exit(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            ensure!(Instant::now() < deadline, "agent did not exit within {within:?}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM and wait, returning the exit status.
     pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
         // SAFETY: signalling our own child.
@@ -870,10 +882,15 @@ pub struct AgentDaemon {
 
 impl AgentDaemon {
     pub fn start(args: &[&str]) -> Result<Self> {
+        Self::start_with_env(args, &[])
+    }
+
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
         let socket = unique_control_socket();
         let mut child = Command::new(agent_bin())
             .args(["--log-format", "json", "run", "--control-socket", &socket])
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()?;

@@ -116,6 +116,13 @@ impl CloseLog {
         self.error = outcome.error.map(|error| error.to_string());
     }
 
+    /// Reset by the agent when its drain timeout ran out (an upgrade or a
+    /// shutdown): the bytes relayed so far are not known.
+    pub fn cut(&mut self) {
+        self.verdict = "cut";
+        self.reason = Some("the daemon's drain timeout ran out: connection reset".into());
+    }
+
     pub fn upstream_failed(&mut self, reason: String) {
         self.verdict = "upstream_failed";
         self.reason = Some(reason);

@@ -6,12 +6,14 @@
 //! - `origin`: who connected where, from the kernel's record;
 //! - `decide`/`verdict`: Rego plus the agent's own checks, and their outcome;
 //! - `ledger`: the one close line per connection;
+//! - `drain`: connections cut when a drain times out;
 //! - `refuse`: resets and the agent's own HTTP/1 responses;
 //! - `upstream`: connects to allowed destinations.
 
 mod config;
 mod context;
 mod decide;
+pub mod drain;
 mod ledger;
 mod origin;
 pub mod refuse;

@@ -20,6 +20,11 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Sends one request to the agent's control socket; the reply when it says
 /// `"ok": true`, its error otherwise.
 pub async fn request(path: &Path, request: &ControlRequest) -> Result<Value> {
+    request_within(path, request, CLIENT_TIMEOUT).await
+}
+
+/// [`request`], waiting up to `within` for the reply.
+pub async fn request_within(path: &Path, request: &ControlRequest, within: Duration) -> Result<Value> {
     let shown = path.display();
     let exchange = async {
         let stream = UnixStream::connect(path).await.with_context(|| {
@@ -35,9 +40,7 @@ pub async fn request(path: &Path, request: &ControlRequest) -> Result<Value> {
             (None, Ok(())) => bail!("the agent closed the control connection without a reply"),
         }
     };
-    let line = timeout(CLIENT_TIMEOUT, exchange)
-        .await
-        .with_context(|| format!("no reply on {shown} within {CLIENT_TIMEOUT:?}"))??;
+    let line = timeout(within, exchange).await.with_context(|| format!("no reply on {shown} within {within:?}"))??;
     let reply: Value = serde_json::from_slice(&line).context("the agent's reply is not JSON")?;
     if reply["ok"] == Value::Bool(true) {
         Ok(reply)

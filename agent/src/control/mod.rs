@@ -15,6 +15,7 @@
 //! {"op":"get","sandbox":"web"}                      (sandbox optional when one has inference)
 //! {"op":"set","provider":"openai","model":"gpt-4o-mini"}
 //! {"op":"update","model":"gpt-4o"}                  (provider and model each optional)
+//! {"op":"upgrade","binary":"/usr/local/bin/sandbox-egress","drain_timeout_ms":600000}   (binary optional)
 //! ```
 //!
 //! `request` holds the requests and [`Answer`], the interface the daemon
@@ -28,9 +29,9 @@ mod server;
 mod spec;
 
 pub use self::{
-    client::request,
+    client::{request, request_within},
     request::{Answer, BoxFuture, ControlRequest},
-    server::spawn,
+    server::{spawn, ControlServer},
     spec::{spec_file_stem, SandboxSpec},
 };
 

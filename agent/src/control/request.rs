@@ -55,6 +55,13 @@ pub enum ControlRequest {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         since_seconds: Option<u64>,
     },
+    /// Hand over to a new daemon (`binary`, default the running one's
+    /// path), then drain for at most `drain_timeout_ms`.
+    Upgrade {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        binary: Option<std::path::PathBuf>,
+        drain_timeout_ms: u64,
+    },
 }
 
 /// What serves the control socket's requests (the daemon): the reply's

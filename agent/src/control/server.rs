@@ -4,7 +4,10 @@
 use std::{
     fs::{self, DirBuilder, Permissions},
     io,
-    os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt},
+    os::{
+        fd::{AsFd, BorrowedFd, OwnedFd},
+        unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt},
+    },
     path::Path,
     sync::Arc,
     time::Duration,
@@ -15,7 +18,7 @@ use serde_json::{json, Value};
 use tokio::{
     io::{AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
-    sync::Semaphore,
+    sync::{watch, Semaphore},
     time::timeout,
 };
 
@@ -30,18 +33,62 @@ const MAX_CONTROL_CLIENTS: usize = 8;
 /// A control client that says nothing for this long is dropped.
 const CONTROL_IDLE: Duration = Duration::from_secs(30);
 
-/// Binds the control socket now (so a start fails at once when it cannot)
-/// and serves it in the background to peers with uid `allowed_uid` (root,
-/// but in tests). A stale socket file there is replaced; a live one
-/// (another agent's) or anything else is an error.
-pub async fn spawn<A: Answer>(path: &Path, allowed_uid: u32, answer: Arc<A>) -> Result<()> {
-    let listener = bind_private(path).await?;
+/// The control socket served in the background.
+pub struct ControlServer {
+    /// A duplicate of the listening socket, for an upgrade to hand over.
+    socket: OwnedFd,
+    stop: watch::Sender<bool>,
+    clients: Arc<Semaphore>,
+}
+
+impl ControlServer {
+    pub fn socket(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+
+    /// Stops accepting (the socket stays open wherever else it is, so
+    /// clients wait for the daemon that took it over), then waits up to
+    /// `within` for the clients being answered (the `upgrade` that asked
+    /// for this reads its reply).
+    pub async fn stop(self, within: Duration) {
+        let _ = self.stop.send(true);
+        let _ = timeout(within, self.clients.acquire_many(MAX_CONTROL_CLIENTS as u32)).await;
+    }
+}
+
+/// Binds the control socket now (so a start fails at once when it cannot),
+/// or takes the one an upgrade handed over (`inherited`), and serves it in
+/// the background to peers with uid `allowed_uid` (root, but in tests). A
+/// stale socket file there is replaced; a live one (another agent's) or
+/// anything else is an error.
+pub async fn spawn<A: Answer>(
+    path: &Path,
+    allowed_uid: u32,
+    answer: Arc<A>,
+    inherited: Option<OwnedFd>,
+) -> Result<ControlServer> {
+    let listener = match inherited {
+        Some(fd) => {
+            let listener = std::os::unix::net::UnixListener::from(fd);
+            listener.set_nonblocking(true)?;
+            UnixListener::from_std(listener)?
+        }
+        None => bind_private(path).await?,
+    };
+    let socket = listener.as_fd().try_clone_to_owned().context("duplicate the control socket")?;
     tracing::info!(socket = %path.display(), "control socket listening");
     let path = path.to_owned();
+    let slots = Arc::new(Semaphore::new(MAX_CONTROL_CLIENTS));
+    let clients = slots.clone();
+    let (stop, mut stopped) = watch::channel(false);
     tokio::spawn(async move {
-        let slots = Arc::new(Semaphore::new(MAX_CONTROL_CLIENTS));
         loop {
-            let stream = match listener.accept().await {
+            let accepted = tokio::select! {
+                // A handle dropped without `stop` leaves it serving.
+                Ok(_) = stopped.wait_for(|stop| *stop) => return,
+                accepted = listener.accept() => accepted,
+            };
+            let stream = match accepted {
                 Ok((stream, _)) => stream,
                 Err(error) => {
                     tracing::warn!(socket = %path.display(), "control socket accept failed: {error}");
@@ -60,7 +107,7 @@ pub async fn spawn<A: Answer>(path: &Path, allowed_uid: u32, answer: Arc<A>) -> 
             });
         }
     });
-    Ok(())
+    Ok(ControlServer { socket, stop, clients })
 }
 
 async fn control_client<A: Answer>(stream: UnixStream, allowed_uid: u32, answer: Arc<A>) {

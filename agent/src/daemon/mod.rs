@@ -6,11 +6,17 @@
 
 pub mod cli;
 mod spec_dir;
+mod upgrade;
 
 use std::{
     collections::BTreeMap,
-    path::Path,
-    sync::{Arc, Mutex, PoisonError},
+    ffi::OsString,
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, PoisonError,
+    },
     time::Duration,
 };
 
@@ -22,17 +28,20 @@ use tokio_rustls::TlsAcceptor;
 pub use spec_dir::follow_dir;
 
 use crate::{
-    control::{self, Answer, BoxFuture, ControlRequest, SandboxSpec},
+    conn,
+    control::{self, Answer, BoxFuture, ControlRequest, ControlServer, SandboxSpec},
     inference::{Inference, InferenceRoute, RouteChange},
     observe::{DenialFilter, SandboxGauges},
     policy::PolicyStore,
     preflight::{self, Cgroup},
-    proxy::{self, Common, Listeners, Sandbox, SandboxParts},
+    proxy::{self, Common, ListenerKind, Listeners, Sandbox, SandboxParts},
     redirect::{self, EbpfLogLevel, Redirect},
+    upgrade::SocketRole,
 };
 
-/// How long in-flight connections may finish after SIGINT/SIGTERM.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long connections cut at the end of a drain are given to write
+/// their close lines.
+const CUT_GRACE: Duration = Duration::from_secs(5);
 /// Denials shown by `status`.
 const STATUS_DENIALS: usize = 20;
 /// Denials `policy suggest` reads: with their requests (16 at most, paths
@@ -49,6 +58,10 @@ pub struct Options {
     pub inference_tls: TlsAcceptor,
     /// The agent CA's certificate (PEM), for `exec`'s trust bundle.
     pub ca_cert_pem: String,
+    /// This daemon's binary and arguments, as started: what `upgrade`
+    /// starts by default, and with.
+    pub binary: PathBuf,
+    pub args: Vec<OsString>,
 }
 
 struct Running {
@@ -61,17 +74,42 @@ struct Running {
     netns_cookie: u64,
     /// `true` stops its listeners, DNS and policy watch.
     stop: watch::Sender<bool>,
+    /// Duplicates of its listening sockets, for an upgrade to hand over.
+    sockets: Vec<(ListenerKind, OwnedFd)>,
 }
 
 pub struct Daemon {
     common: Common,
     options: Options,
     sandboxes: Mutex<BTreeMap<String, Running>>,
+    /// The control socket and the metrics listener, for an upgrade to hand over.
+    servers: Mutex<Vec<(SocketRole, OwnedFd)>>,
+    /// Set (to the drain timeout) once an upgrade handed over.
+    handed_over: watch::Sender<Option<Duration>>,
+    /// One upgrade at a time.
+    upgrading: tokio::sync::Mutex<()>,
+    /// Sandboxes a previous daemon handed over that no spec file has claimed yet.
+    carried: Mutex<std::collections::BTreeSet<String>>,
+    /// Set once a shutdown drains: no upgrade from then on.
+    draining: AtomicBool,
+    /// Set while an upgrade takes the inventory over, and after: a sandbox
+    /// added, removed or rerouted here then would not reach the new daemon.
+    handing_over: AtomicBool,
 }
 
 impl Daemon {
     pub fn new(common: Common, options: Options) -> Self {
-        Self { common, options, sandboxes: Mutex::default() }
+        Self {
+            common,
+            options,
+            sandboxes: Mutex::default(),
+            servers: Mutex::default(),
+            handed_over: watch::channel(None).0,
+            upgrading: tokio::sync::Mutex::new(()),
+            carried: Mutex::default(),
+            draining: AtomicBool::new(false),
+            handing_over: AtomicBool::new(false),
+        }
     }
 
     fn sandboxes(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Running>> {
@@ -82,6 +120,12 @@ impl Daemon {
     /// its namespace), its cgroup redirected there. Returns what `sandbox
     /// list` shows of it.
     pub fn add(&self, spec: SandboxSpec) -> Result<Value> {
+        self.add_on(spec, None)
+    }
+
+    /// [`Self::add`], on the sockets a previous daemon handed over if `inherited`.
+    fn add_on(&self, spec: SandboxSpec, inherited: Option<Vec<(ListenerKind, OwnedFd)>>) -> Result<Value> {
+        self.not_handing_over()?;
         spec.check_name()?;
         let mut sandboxes = self.sandboxes();
         if sandboxes.contains_key(&spec.name) {
@@ -104,7 +148,11 @@ impl Daemon {
             None => None,
             Some(path) => Some(Arc::new(Inference::load(path)?)),
         };
-        let listeners = Listeners::bind(spec.listen_port, spec.netns.as_deref())?;
+        let listeners = match inherited {
+            Some(sockets) => Listeners::from_inherited(sockets)?,
+            None => Listeners::bind(spec.listen_port, spec.netns.as_deref())?,
+        };
+        let sockets = listeners.duplicates()?;
         let listen_port = listeners.port();
         let netns_cookie = listeners.netns_cookie()?;
         let redirect = Redirect::attach(
@@ -137,7 +185,7 @@ impl Daemon {
             policy_file = %spec.policy.display(),
             "sandbox added: its cgroup's connects and DNS queries go to this agent"
         );
-        let running = Running { spec, cgroup, sandbox, inference, netns_cookie, stop };
+        let running = Running { spec, cgroup, sandbox, inference, netns_cookie, stop, sockets };
         let shown = describe(&running);
         sandboxes.insert(running.spec.name.clone(), running);
         Ok(shown)
@@ -148,6 +196,7 @@ impl Daemon {
     /// processes remain in the cgroup unless `force`. Its connections in
     /// flight run to their end.
     pub fn remove(&self, name: &str, detach: bool, force: bool) -> Result<()> {
+        self.not_handing_over()?;
         let mut sandboxes = self.sandboxes();
         let running = sandboxes.get(name).with_context(|| format!("no sandbox named {name}"))?;
         if detach && !force {
@@ -184,7 +233,12 @@ impl Daemon {
     /// one this file made before) when the spec changed. A spec that does
     /// not load leaves the previous sandbox as it was.
     pub fn apply(&self, spec: SandboxSpec, previous: Option<&str>) -> Result<String> {
-        if let Some(previous) = previous {
+        // A sandbox carried over an upgrade counts as this file's (the
+        // previous daemon made it from the file of its name).
+        let carried =
+            previous.is_none() && self.carried.lock().unwrap_or_else(PoisonError::into_inner).remove(&spec.name);
+        let carried = carried.then(|| spec.name.clone());
+        if let Some(previous) = previous.or(carried.as_deref()) {
             let unchanged = self.sandboxes().get(previous).is_some_and(|running| running.spec == spec);
             if unchanged {
                 return Ok(spec.name);
@@ -202,6 +256,17 @@ impl Daemon {
         let name = spec.name.clone();
         self.add(spec)?;
         Ok(name)
+    }
+
+    fn not_handing_over(&self) -> Result<()> {
+        if self.handing_over.load(Ordering::Relaxed) {
+            bail!("an upgrade is under way: ask again in a moment (the new daemon answers then)");
+        }
+        Ok(())
+    }
+
+    pub fn serves(&self, name: &str) -> bool {
+        self.sandboxes().contains_key(name)
     }
 
     pub fn list(&self) -> Vec<Value> {
@@ -304,25 +369,68 @@ impl Daemon {
             ControlRequest::Get { sandbox } => (sandbox, RouteChange::Get),
             ControlRequest::Set { provider, model, sandbox } => (sandbox, RouteChange::Set { provider, model }),
             ControlRequest::Update { provider, model, sandbox } => (sandbox, RouteChange::Update { provider, model }),
+            ControlRequest::Upgrade { binary, drain_timeout_ms } => {
+                return self.upgrade(binary, Duration::from_millis(drain_timeout_ms)).await;
+            }
         };
         let (sandbox, change) = change;
+        if !matches!(change, RouteChange::Get) {
+            self.not_handing_over()?;
+        }
         self.inference_of(sandbox.as_deref())?.answer_control(change).await
     }
 
-    /// Serves the control socket at `path` (root only).
-    pub async fn serve_control(self: &Arc<Self>, path: &Path) -> Result<()> {
-        control::spawn(path, control::ROOT_UID, self.clone()).await
+    /// Serves the control socket at `path` (root only), or the one an
+    /// upgrade handed over (`inherited`).
+    pub async fn serve_control(self: &Arc<Self>, path: &Path, inherited: Option<OwnedFd>) -> Result<ControlServer> {
+        let server = control::spawn(path, control::ROOT_UID, self.clone(), inherited).await?;
+        self.hand_over_also(SocketRole::Control, server.socket().try_clone_to_owned()?);
+        Ok(server)
     }
 
-    /// Stops every sandbox's listeners and waits (a while) for the
-    /// connections in flight. Cgroups stay redirected: their connects are
-    /// refused until an agent serves them again, or `detach`.
-    pub async fn shutdown(&self) {
+    /// A socket of the daemon's own (control, metrics) an upgrade hands over too.
+    pub fn hand_over_also(&self, role: SocketRole, socket: OwnedFd) {
+        self.servers.lock().unwrap_or_else(PoisonError::into_inner).push((role, socket));
+    }
+
+    /// Resolves once an upgrade handed over: to the drain timeout it asked for.
+    pub async fn handed_over(&self) -> Duration {
+        let mut handed_over = self.handed_over.subscribe();
+        let drain = handed_over.wait_for(Option::is_some).await.map(|drain| drain.unwrap_or_default());
+        match drain {
+            Ok(drain) => drain,
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// Stops every sandbox's listeners and lets the connections in flight
+    /// run to their end, for at most `drain`; then resets the rest (each
+    /// logs its close line). Cgroups stay redirected: after a shutdown
+    /// their connects are refused until an agent serves them again, or
+    /// `detach`; after an upgrade the new daemon serves them.
+    pub async fn shutdown(&self, drain: Duration) {
+        self.draining.store(true, Ordering::Relaxed);
         for running in self.sandboxes().values() {
             let _ = running.stop.send(true);
         }
-        let max = self.common.config.max_connections as u32;
-        let drained = tokio::time::timeout(SHUTDOWN_GRACE, self.common.slots.acquire_many(max)).await.is_ok();
+        let max = self.common.config.max_connections;
+        let in_flight = |daemon: &Self| max - daemon.common.slots.available_permits();
+        tracing::info!(
+            event = "draining",
+            connections = in_flight(self),
+            drain_timeout_ms = u64::try_from(drain.as_millis()).unwrap_or(u64::MAX),
+            "no longer accepting: the connections in flight run to their end, for at most {}",
+            humantime::format_duration(drain)
+        );
+        let all = max as u32;
+        let drained = tokio::time::timeout(drain, self.common.slots.acquire_many(all)).await.is_ok();
+        let mut cut = 0;
+        if !drained {
+            cut = in_flight(self);
+            tracing::warn!(event = "drain_timeout", connections = cut, "drain timeout: resetting {cut} connections");
+            conn::drain::cut_all();
+            let _ = tokio::time::timeout(CUT_GRACE, self.common.slots.acquire_many(all)).await;
+        }
         let stats = &self.common.stats;
         let count = |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
         tracing::info!(
@@ -331,8 +439,9 @@ impl Daemon {
             unattributed = count(&stats.unattributed),
             over_limit = count(&stats.over_limit),
             in_flight_cut = !drained,
+            connections_cut = cut,
             "agent stopped; the sandboxes' cgroups stay redirected to their ports, so their connects are refused \
-             until the agent runs again or `sandbox-egress detach` removes the redirect"
+             until an agent serves them again or `sandbox-egress detach` removes the redirect"
         );
     }
 }

@@ -34,7 +34,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 pub use self::{
     budgets::DnsLimits,
-    records::{DnsRecords, RecordLimits},
+    records::{CarriedRecord, DnsRecords, RecordLimits},
     resolver::Resolver,
     responder::{CountAnswer, DnsResponder, SandboxOf},
 };

@@ -7,6 +7,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use serde::{Deserialize, Serialize};
+
 use super::{normalize, MAX_SANDBOXES};
 
 /// How long answers are kept, and how many.
@@ -30,6 +32,17 @@ pub struct RecordLimits {
 pub struct DnsRecords {
     pub(super) limits: RecordLimits,
     sandboxes: Mutex<HashMap<u64, VecDeque<Answer>>>,
+}
+
+/// One answer as an upgrade carries it to the next daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CarriedRecord {
+    /// The sandbox's cgroup id.
+    pub sandbox: u64,
+    pub name: String,
+    pub ip: IpAddr,
+    /// Milliseconds it has left.
+    pub left_ms: u64,
 }
 
 pub(super) struct Answer {
@@ -93,6 +106,42 @@ impl DnsRecords {
             let expiry = now + Duration::from_secs(ttl.into()).clamp(min_ttl, max_ttl);
             entries.push_back(Answer { name: name.clone(), ip, expiry });
             while entries.len() > per_sandbox {
+                entries.pop_front();
+            }
+        }
+    }
+
+    /// Every live answer, for the next daemon.
+    pub fn export(&self) -> Vec<CarriedRecord> {
+        let now = Instant::now();
+        let sandboxes = self.lock();
+        let live = sandboxes.iter().flat_map(|(sandbox, answers)| {
+            answers.iter().filter(|answer| answer.expiry > now).map(|answer| CarriedRecord {
+                sandbox: *sandbox,
+                name: answer.name.clone(),
+                ip: answer.ip,
+                left_ms: u64::try_from((answer.expiry - now).as_millis()).unwrap_or(u64::MAX),
+            })
+        });
+        live.collect()
+    }
+
+    /// Takes the previous daemon's answers, each for the time it had left
+    /// (an answer given again replaces the one before, as in [`Self::record`]).
+    pub fn import(&self, carried: &[CarriedRecord]) {
+        let now = Instant::now();
+        let mut sandboxes = self.lock();
+        for record in carried {
+            if sandboxes.len() >= MAX_SANDBOXES && !sandboxes.contains_key(&record.sandbox) {
+                continue;
+            }
+            let left = Duration::from_millis(record.left_ms).min(self.limits.max_ttl);
+            let name = normalize(&record.name);
+            let ip = record.ip.to_canonical();
+            let entries = sandboxes.entry(record.sandbox).or_default();
+            entries.retain(|answer| !(answer.ip == ip && answer.name == name));
+            entries.push_back(Answer { name, ip, expiry: now + left });
+            while entries.len() > self.limits.per_sandbox {
                 entries.pop_front();
             }
         }

@@ -396,6 +396,25 @@ fn records_are_per_sandbox_and_bounded_oldest_first() {
 }
 
 #[test]
+fn records_cross_an_upgrade_with_the_time_they_had_left() {
+    let old = DnsRecords::new(RECORDS);
+    let now = Instant::now();
+    old.record(1, "a.test", &[(ip(1), 60)], now);
+    old.record(2, "b.test", &[(ip(2), 0)], now);
+    let carried: Vec<CarriedRecord> = serde_json::from_str(&serde_json::to_string(&old.export()).unwrap()).unwrap();
+    assert_eq!(carried.len(), 2);
+    let new = DnsRecords::new(RECORDS);
+    new.record(1, "a.test", &[(ip(1), 60)], now);
+    new.import(&carried);
+    assert_eq!(new.lock()[&1].len(), 1, "the same answer is kept once");
+    assert_eq!(new.names(1, ip(1)), vec!["a.test".to_owned()]);
+    assert_eq!(new.addresses(2, "B.test."), vec![ip(2)]);
+    let later = Instant::now() + Duration::from_secs(5);
+    assert!(new.names_at(2, ip(2), later).is_empty(), "the 5 s minimum it had, not 5 s more");
+    assert_eq!(new.names_at(1, ip(1), later), vec!["a.test".to_owned()]);
+}
+
+#[test]
 fn a_cname_chain_is_recorded_under_the_name_asked_and_ttls_are_capped() {
     let responder = new_responder("127.0.0.1:9".parse().unwrap(), LIMITS);
     let (asked, target) = (Name::from_ascii("api.example.test.").unwrap(), Name::from_ascii("edge.cdn.test.").unwrap());

@@ -138,6 +138,14 @@ impl Inference {
         Ok(route)
     }
 
+    /// The route a previous daemon had (an upgrade carries it; set at run
+    /// time, it is already in the file): the file's own is replaced.
+    pub fn carry_route(&self, route: Route) -> Result<()> {
+        check_route(&self.providers, &route)?;
+        *self.route.write().unwrap_or_else(PoisonError::into_inner) = Some(route);
+        Ok(())
+    }
+
     /// The route and its provider, read once per request.
     fn routed_provider(&self) -> Option<(Route, Arc<Provider>)> {
         let route = self.route()?;

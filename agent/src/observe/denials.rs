@@ -3,13 +3,14 @@
 //! `policy suggest` writes allow rules from.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, HashMap},
     net::IpAddr,
     sync::Mutex,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Distinct (sandbox, host, port, binary) kept; past this the oldest and
 /// rarest go first, so a sandbox trying many hosts cannot grow the table.
@@ -40,14 +41,14 @@ pub struct Denied {
 }
 
 /// A request the rules refused.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct DeniedRequest {
     pub method: String,
     /// Canonical, as the rules saw it.
     pub path: String,
     /// The JSON-RPC or GraphQL call the request was refused for, if it
     /// was decided call by call.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub call: Option<String>,
 }
 
@@ -66,8 +67,9 @@ struct Seen {
     first_unix: u64,
     last_unix: u64,
     reason: String,
-    kind: &'static str,
-    protocol: &'static str,
+    /// Names the agent gives, or carried over an upgrade.
+    kind: Cow<'static, str>,
+    protocol: Cow<'static, str>,
     address: Option<IpAddr>,
     requests: BTreeMap<DeniedRequest, u64>,
     requests_not_kept: u64,
@@ -88,8 +90,8 @@ pub struct DenialRow {
     pub first_seen: u64,
     pub last_seen: u64,
     pub last_reason: String,
-    pub last_kind: &'static str,
-    pub last_protocol: &'static str,
+    pub last_kind: Cow<'static, str>,
+    pub last_protocol: Cow<'static, str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub address: Option<IpAddr>,
     /// Requests denied on these connections, most frequent first.
@@ -146,8 +148,8 @@ impl RecentDenials {
             first_unix: now_unix,
             last_unix: now_unix,
             reason: String::new(),
-            kind: "",
-            protocol: "",
+            kind: Cow::Borrowed(""),
+            protocol: Cow::Borrowed(""),
             address: None,
             requests: BTreeMap::new(),
             requests_not_kept: 0,
@@ -157,8 +159,8 @@ impl RecentDenials {
         entry.last = now;
         entry.last_unix = now_unix;
         entry.reason = denied.reason;
-        entry.kind = denied.kind;
-        entry.protocol = denied.protocol;
+        entry.kind = Cow::Borrowed(denied.kind);
+        entry.protocol = Cow::Borrowed(denied.protocol);
         entry.address = denied.address.or(entry.address);
         for request in denied.requests {
             let keep = request.path.len() <= MAX_PATH
@@ -207,14 +209,103 @@ impl RecentDenials {
                     first_seen: entry.first_unix,
                     last_seen: entry.last_unix,
                     last_reason: entry.reason.clone(),
-                    last_kind: entry.kind,
-                    last_protocol: entry.protocol,
+                    last_kind: entry.kind.clone(),
+                    last_protocol: entry.protocol.clone(),
                     address: entry.address,
                     requests,
                     requests_not_kept: entry.requests_not_kept,
                 }
             })
             .collect()
+    }
+}
+
+/// One entry of [`RecentDenials`] as an upgrade carries it to the next daemon.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CarriedDenial {
+    sandbox: String,
+    host: String,
+    port: u16,
+    binary: Option<String>,
+    count: u64,
+    connections_denied: u64,
+    /// How long ago it was last seen, in milliseconds.
+    age_ms: u64,
+    first_unix: u64,
+    last_unix: u64,
+    reason: String,
+    kind: String,
+    protocol: String,
+    address: Option<IpAddr>,
+    requests: Vec<(DeniedRequest, u64)>,
+    requests_not_kept: u64,
+}
+
+impl RecentDenials {
+    /// Every entry, for the next daemon.
+    pub fn export(&self) -> Vec<CarriedDenial> {
+        let now = Instant::now();
+        let seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        seen.iter()
+            .map(|(key, entry)| CarriedDenial {
+                sandbox: key.sandbox.clone(),
+                host: key.host.clone(),
+                port: key.port,
+                binary: key.binary.clone(),
+                count: entry.count,
+                connections_denied: entry.connections_denied,
+                age_ms: u64::try_from(now.duration_since(entry.last).as_millis()).unwrap_or(u64::MAX),
+                first_unix: entry.first_unix,
+                last_unix: entry.last_unix,
+                reason: entry.reason.clone(),
+                kind: entry.kind.clone().into_owned(),
+                protocol: entry.protocol.clone().into_owned(),
+                address: entry.address,
+                requests: entry.requests.iter().map(|(request, count)| (request.clone(), *count)).collect(),
+                requests_not_kept: entry.requests_not_kept,
+            })
+            .collect()
+    }
+
+    /// Takes the previous daemon's entries; counts of one key seen by both add up.
+    pub fn import(&self, carried: Vec<CarriedDenial>) {
+        let now = Instant::now();
+        let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for denial in carried {
+            if seen.len() >= MAX_KEYS {
+                break;
+            }
+            let key = Key { sandbox: denial.sandbox, host: denial.host, port: denial.port, binary: denial.binary };
+            let last = now.checked_sub(Duration::from_millis(denial.age_ms)).unwrap_or(now);
+            let requests: BTreeMap<DeniedRequest, u64> =
+                denial.requests.into_iter().take(MAX_REQUESTS_PER_KEY).collect();
+            match seen.get_mut(&key) {
+                Some(entry) => {
+                    entry.count += denial.count;
+                    entry.connections_denied += denial.connections_denied;
+                    entry.first_unix = entry.first_unix.min(denial.first_unix);
+                    for (request, count) in requests {
+                        *entry.requests.entry(request).or_default() += count;
+                    }
+                }
+                None => {
+                    let entry = Seen {
+                        count: denial.count,
+                        connections_denied: denial.connections_denied,
+                        last,
+                        first_unix: denial.first_unix,
+                        last_unix: denial.last_unix,
+                        reason: denial.reason,
+                        kind: Cow::Owned(denial.kind),
+                        protocol: Cow::Owned(denial.protocol),
+                        address: denial.address,
+                        requests,
+                        requests_not_kept: denial.requests_not_kept,
+                    };
+                    seen.insert(key, entry);
+                }
+            }
+        }
     }
 }
 
@@ -280,5 +371,25 @@ mod tests {
         assert_eq!((row.requests[0].request.path.as_str(), row.requests[0].count), ("/a", 2));
         // Two of the 16 new paths past the 16 kept, and the long one.
         assert_eq!(row.requests_not_kept, 3);
+    }
+
+    #[test]
+    fn denials_cross_an_upgrade_and_add_up() {
+        let old = RecentDenials::default();
+        let requests = vec![request("/a")];
+        old.record("web", Denied { connection: false, requests, ..denied("api.test", "/usr/bin/curl") });
+        old.record("web", denied("b.test", "/usr/bin/curl"));
+        let carried: Vec<CarriedDenial> = serde_json::from_str(&serde_json::to_string(&old.export()).unwrap()).unwrap();
+        let new = RecentDenials::default();
+        new.record("web", denied("b.test", "/usr/bin/curl"));
+        new.import(carried);
+        let rows = new.top(10);
+        assert_eq!(rows.len(), 2);
+        assert_eq!((rows[0].host.as_str(), rows[0].count), ("b.test", 2));
+        assert_eq!(
+            (rows[1].host.as_str(), rows[1].last_kind.as_ref(), rows[1].last_protocol.as_ref()),
+            ("api.test", "policy_denied", "tls")
+        );
+        assert_eq!(rows[1].requests[0].request.path, "/a");
     }
 }

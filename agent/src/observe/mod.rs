@@ -24,8 +24,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
-pub use denials::{DenialFilter, DenialRow, Denied, DeniedRequest, RecentDenials};
-pub use server::{serve_metrics, Gauges};
+pub use denials::{CarriedDenial, DenialFilter, DenialRow, Denied, DeniedRequest, RecentDenials};
+pub use server::{serve_metrics, Gauges, MetricsServer};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SandboxLabel {

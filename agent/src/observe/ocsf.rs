@@ -125,7 +125,7 @@ impl Outcome {
 
 /// The close line: Close (relayed, answered, served; or opened and denied
 /// later, by a request on it), Refuse (denied), Fail (the allowed
-/// destination could not be reached).
+/// destination could not be reached), Reset (cut at the end of a drain).
 fn connection_closed(line: &mut Line, event: &mut Map<String, Value>, time_ms: u64) -> Class {
     let verdict = line.take_str("verdict");
     let opened = line.0.contains_key("upstream");
@@ -135,6 +135,8 @@ fn connection_closed(line: &mut Line, event: &mut Map<String, Value>, time_ms: u
         Some("denied") if opened => (2, "Close", Outcome::Denied),
         Some("denied") => (5, "Refuse", Outcome::Denied),
         Some("upstream_failed") => (4, "Fail", Outcome::Allowed),
+        // Reset by the agent at the end of a drain.
+        Some("cut") => (3, "Reset", Outcome::Allowed),
         _ => (99, "Other", Outcome::Undecided),
     };
     if let Some(verdict) = verdict {

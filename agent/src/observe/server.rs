@@ -1,12 +1,17 @@
 //! `--metrics-listen`: Prometheus text at `GET /metrics`, nothing else.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::Semaphore,
+    sync::{watch, Semaphore},
 };
 
 use super::{Observer, SandboxGauges};
@@ -19,16 +24,54 @@ const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the daemon reports at scrape time.
 pub type Gauges = Arc<dyn Fn() -> Vec<(String, SandboxGauges)> + Send + Sync>;
 
-/// Binds `address` (so a taken port fails the start) and serves it.
-pub async fn serve_metrics(address: SocketAddr, observer: Arc<Observer>, gauges: Gauges) -> Result<SocketAddr> {
-    let listener = TcpListener::bind(address).await.with_context(|| format!("cannot serve metrics on {address}"))?;
+/// The metrics endpoint served in the background.
+pub struct MetricsServer {
+    /// A duplicate of the listening socket, for an upgrade to hand over.
+    socket: OwnedFd,
+    stop: watch::Sender<bool>,
+}
+
+impl MetricsServer {
+    pub fn socket(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+
+    /// Stops accepting; scrapes under way finish.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Binds `address` (so a taken port fails the start), or takes the socket
+/// an upgrade handed over (`inherited`), and serves it.
+pub async fn serve_metrics(
+    address: SocketAddr,
+    observer: Arc<Observer>,
+    gauges: Gauges,
+    inherited: Option<OwnedFd>,
+) -> Result<MetricsServer> {
+    let listener = match inherited {
+        Some(fd) => {
+            let listener = std::net::TcpListener::from(fd);
+            listener.set_nonblocking(true)?;
+            TcpListener::from_std(listener)?
+        }
+        None => TcpListener::bind(address).await.with_context(|| format!("cannot serve metrics on {address}"))?,
+    };
     let bound = listener.local_addr()?;
+    let socket = listener.as_fd().try_clone_to_owned().context("duplicate the metrics socket")?;
     observer.set_metrics_address(bound);
     tracing::info!(event = "metrics_listening", address = %bound, "metrics at http://{bound}/metrics");
     let slots = Arc::new(Semaphore::new(MAX_SCRAPERS));
+    let (stop, mut stopped) = watch::channel(false);
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let accepted = tokio::select! {
+                // A handle dropped without `stop` leaves it serving.
+                Ok(_) = stopped.wait_for(|stop| *stop) => return,
+                accepted = listener.accept() => accepted,
+            };
+            let Ok((stream, _)) = accepted else {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
@@ -40,7 +83,7 @@ pub async fn serve_metrics(address: SocketAddr, observer: Arc<Observer>, gauges:
             });
         }
     });
-    Ok(bound)
+    Ok(MetricsServer { socket, stop })
 }
 
 async fn scrape(mut stream: TcpStream, observer: &Observer, gauges: &Gauges) -> std::io::Result<()> {

@@ -6,7 +6,11 @@ use std::{net::SocketAddr, sync::atomic::Ordering};
 use tokio::net::TcpStream;
 
 use super::{explicit, route, sandbox::Sandbox};
-use crate::conn::{refuse::reset, Accepted, CloseLog, Origin};
+use crate::conn::{
+    drain::{self, Resettable},
+    refuse::reset,
+    Accepted, CloseLog, Origin,
+};
 
 pub async fn handle(client: TcpStream, peer: SocketAddr, accepted: Accepted, sandbox: &Sandbox) {
     let Some(origin) = attribute(peer, sandbox) else { return };
@@ -37,10 +41,26 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, accepted: Accepted, san
     };
     let _ = client.set_nodelay(true);
     let mut log = CloseLog::opened_by(&origin);
-    if is_own_listener(origin.destination, sandbox.listen_port) {
-        explicit::serve(client, &origin, sandbox, &mut log).await;
-    } else {
-        route::transparent(client, &origin, sandbox, &mut log).await;
+    let client_socket = Resettable::of(&client);
+    let cut = {
+        let walk = async {
+            if is_own_listener(origin.destination, sandbox.listen_port) {
+                explicit::serve(client, &origin, sandbox, &mut log).await;
+            } else {
+                route::transparent(client, &origin, sandbox, &mut log).await;
+            }
+        };
+        tokio::pin!(walk);
+        tokio::select! {
+            () = &mut walk => false,
+            () = drain::cut() => {
+                client_socket.reset_on_close();
+                true
+            }
+        }
+    };
+    if cut {
+        log.cut();
     }
     log.emit(observed, &origin, peer, accepted);
 }

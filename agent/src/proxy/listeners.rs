@@ -4,10 +4,12 @@
 use std::{
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsFd, OwnedFd},
     path::Path,
 };
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpSocket, UdpSocket};
 
 use super::netns;
@@ -69,6 +71,36 @@ impl Listeners {
         Ok(Self { v4, v6, dns })
     }
 
+    /// Duplicates of every socket, with what each is for: what an upgrade
+    /// hands to the next daemon.
+    pub fn duplicates(&self) -> Result<Vec<(ListenerKind, OwnedFd)>> {
+        let tcp = std::iter::once((ListenerKind::TcpV4, self.v4.as_fd()))
+            .chain(self.v6.iter().map(|v6| (ListenerKind::TcpV6, v6.as_fd())));
+        let dns = self.dns.iter().map(|socket| (ListenerKind::Dns, socket.as_fd()));
+        tcp.chain(dns)
+            .map(|(kind, fd)| Ok((kind, fd.try_clone_to_owned().context("duplicate a listening socket")?)))
+            .collect()
+    }
+
+    /// The sockets a previous daemon bound and handed over (in whatever
+    /// network namespace they were made).
+    pub fn from_inherited(sockets: Vec<(ListenerKind, OwnedFd)>) -> Result<Self> {
+        let (mut v4, mut v6, mut dns) = (None, None, Vec::new());
+        for (kind, fd) in sockets {
+            match kind {
+                ListenerKind::TcpV4 => v4 = Some(inherited_tcp(fd)?),
+                ListenerKind::TcpV6 => v6 = Some(inherited_tcp(fd)?),
+                ListenerKind::Dns => {
+                    let socket = std::net::UdpSocket::from(fd);
+                    socket.set_nonblocking(true)?;
+                    dns.push(UdpSocket::from_std(socket)?);
+                }
+            }
+        }
+        let Some(v4) = v4 else { bail!("no IPv4 listener handed over") };
+        Ok(Self { v4, v6, dns })
+    }
+
     pub fn port(&self) -> u16 {
         self.v4.local_addr().map(|a| a.port()).unwrap_or_default()
     }
@@ -77,6 +109,21 @@ impl Listeners {
     pub fn netns_cookie(&self) -> Result<u64> {
         netns::cookie(&self.v4)
     }
+}
+
+/// What a listening socket is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListenerKind {
+    TcpV4,
+    TcpV6,
+    Dns,
+}
+
+fn inherited_tcp(fd: OwnedFd) -> Result<TcpListener> {
+    let listener = std::net::TcpListener::from(fd);
+    listener.set_nonblocking(true)?;
+    Ok(TcpListener::from_std(listener)?)
 }
 
 fn bind_udp(addr: SocketAddr) -> Result<UdpSocket> {

@@ -28,7 +28,7 @@ mod terminate;
 
 pub use self::{
     accept::serve_sandbox,
-    listeners::Listeners,
+    listeners::{ListenerKind, Listeners},
     netns::cookie as netns_cookie,
     sandbox::{Common, Sandbox, SandboxParts, Stats},
 };

@@ -5,7 +5,9 @@
 //! the handshake is answered by hand so that the 101 and a first text frame
 //! leave in one write (one segment).
 //! `ws-peer client URL COUNT [GREETING]`: sends COUNT messages and checks the
-//! echoes (and the greeting first); prints one JSON line.
+//! echoes (and the greeting first); prints one JSON line. With
+//! `WS_PEER_INTERVAL_MS` set, waits that long between messages (a session
+//! that lasts) and prints `{"kind":"started"}` after the first echo.
 
 use anyhow::{bail, ensure, Context, Result};
 use futures_util::{SinkExt, StreamExt};
@@ -93,12 +95,19 @@ async fn client(url: &str, count: usize, greeting: Option<String>) -> Result<()>
             other => bail!("expected the greeting, got {other:?}"),
         }
     }
+    let interval = std::env::var("WS_PEER_INTERVAL_MS").ok().map(|ms| ms.parse()).transpose()?;
     for i in 0..count {
         let sent = format!("message {i} {}", "x".repeat(i * 100));
         socket.send(Message::text(sent.clone())).await?;
         match socket.next().await.context("closed before the echo")?? {
             Message::Text(text) if text.as_str() == sent => {}
             other => bail!("echo {i} differs: {other:?}"),
+        }
+        if let Some(interval) = interval {
+            if i == 0 {
+                println!("{{\"kind\":\"started\"}}");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(interval)).await;
         }
     }
     socket.close(None).await?;

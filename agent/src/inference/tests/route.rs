@@ -43,7 +43,7 @@ impl control::Answer for RouteOnly {
 async fn control_socket(world: &World, allowed_uid: u32) -> PathBuf {
     let socket = world.temp.path().join("run/control.sock");
     let answer = Arc::new(RouteOnly(world.inference.clone()));
-    control::spawn(&socket, allowed_uid, answer).await.unwrap();
+    control::spawn(&socket, allowed_uid, answer, None).await.unwrap();
     socket
 }
 
@@ -126,6 +126,18 @@ async fn update_keeps_the_other_half_and_needs_both_without_a_route() {
     let error = world.inference.set_route("openai", "bad\nmodel").unwrap_err().to_string();
     assert!(error.contains("model: must be 1 to 256 characters"), "{error}");
     assert_eq!(Inference::load(&world.config_path).unwrap().route(), Some(route("claude", "m1")));
+}
+
+#[tokio::test]
+async fn a_route_carried_over_an_upgrade_replaces_the_files_if_its_provider_is_configured() {
+    let world = World::start(ROUTED_OPENAI).await;
+    let before = std::fs::read_to_string(&world.config_path).unwrap();
+    world.inference.carry_route(route("claude", "m2")).unwrap();
+    assert_eq!(world.inference.route(), Some(route("claude", "m2")));
+    let error = world.inference.carry_route(route("gone", "m")).unwrap_err().to_string();
+    assert!(error.contains("no provider named \"gone\""), "{error}");
+    assert_eq!(world.inference.route(), Some(route("claude", "m2")));
+    assert_eq!(std::fs::read_to_string(&world.config_path).unwrap(), before, "the file is left as it is");
 }
 
 fn load_error(yaml: &str) -> String {
