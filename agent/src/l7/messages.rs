@@ -115,6 +115,7 @@ impl MessageInspector<'_> {
             decision,
             None,
             None,
+            None,
         );
     }
 
