@@ -78,3 +78,60 @@ pub fn trailers_only(status: u32, message: &str) -> Response {
         body: Vec::new(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http1::TargetForm;
+
+    fn head(content_type: &str) -> RequestHead {
+        RequestHead {
+            method: "POST".into(),
+            target: "/demo.Repo/Get".into(),
+            version: 1,
+            headers: vec![("content-type".into(), content_type.as_bytes().to_vec())],
+            head_len: 0,
+            authority: None,
+            form: TargetForm::Origin,
+        }
+    }
+
+    #[test]
+    fn grpc_content_types_but_not_grpc_web() {
+        for grpc in ["application/grpc", "application/grpc+proto", "Application/GRPC+json", "application/grpc;x=1"] {
+            assert!(is_grpc_content_type(grpc.as_bytes()), "{grpc}");
+        }
+        for other in ["application/grpc-web", "application/grpc-web+proto", "application/json", "application/grp", ""] {
+            assert!(!is_grpc_content_type(other.as_bytes()), "{other}");
+        }
+    }
+
+    #[test]
+    fn a_call_is_named_by_its_two_path_segments() {
+        let call = call(&head("application/grpc"), "/demo.Repo/Get").unwrap();
+        assert_eq!((call.service.as_str(), call.method.as_str()), ("demo.Repo", "Get"));
+        for path in ["/demo.Repo", "/demo.Repo/", "//Get", "/a/b/c", "demo.Repo/Get"] {
+            assert_eq!(super::call(&head("application/grpc"), path), None, "{path}");
+        }
+        assert_eq!(super::call(&head("application/json"), "/demo.Repo/Get"), None);
+        let escaped = super::call(&head("application/grpc"), "/demo\n.Repo/G\"et").unwrap();
+        assert_eq!((escaped.service.as_str(), escaped.method.as_str()), ("demo\\n.Repo", "G\\\"et"));
+    }
+
+    #[test]
+    fn a_refusal_is_trailers_only_with_a_percent_encoded_message() {
+        let response = trailers_only(status_for(403), "policy 'dé%mo'\n");
+        assert_eq!(response.status, 200);
+        assert!(response.body.is_empty());
+        assert_eq!(
+            response.headers,
+            [
+                ("content-type", "application/grpc".to_owned()),
+                ("grpc-status", "7".to_owned()),
+                ("grpc-message", "policy 'd%C3%A9%25mo'%0A".to_owned()),
+            ]
+        );
+        let statuses: Vec<u32> = [400, 413, 502, 504, 500].into_iter().map(status_for).collect();
+        assert_eq!(statuses, [3, 8, UNAVAILABLE, 4, 13]);
+    }
+}

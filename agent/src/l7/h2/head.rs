@@ -76,3 +76,64 @@ pub fn forward_request(head: &RequestHead, authority: &str, secret: bool) -> Res
     }
     Ok(request)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(request: http::request::Builder) -> http::request::Parts {
+        request.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn a_stream_maps_to_the_head_the_decision_reads_and_back() {
+        let request = Request::builder()
+            .method("POST")
+            .uri("https://api.example.test:443/demo.Repo/Get?x=1")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("authorization", "Bearer p");
+        let head = request_head(&parts(request)).unwrap();
+        assert_eq!(
+            (head.method.as_str(), head.target.as_str(), head.form),
+            ("POST", "/demo.Repo/Get?x=1", TargetForm::Origin)
+        );
+        assert_eq!(head.authority.as_ref().unwrap().to_string(), "api.example.test:443");
+        assert_eq!(head.headers[0], ("content-type".to_owned(), b"application/grpc".to_vec()));
+
+        let forwarded = forward_request(&head, "api.example.test", true).unwrap();
+        assert_eq!(forwarded.uri().to_string(), "https://api.example.test/demo.Repo/Get?x=1");
+        assert_eq!(forwarded.headers().len(), 3);
+        assert!(forwarded.headers().values().all(HeaderValue::is_sensitive));
+        assert!(!forward_request(&head, "api.example.test", false).unwrap().headers()["authorization"].is_sensitive());
+    }
+
+    #[test]
+    fn connection_specific_fields_and_host_are_not_forwarded() {
+        let request = Request::builder()
+            .uri("/a")
+            .header("host", "api.example.test")
+            .header("connection", "keep-alive")
+            .header("keep-alive", "5")
+            .header("proxy-connection", "x")
+            .header("transfer-encoding", "chunked")
+            .header("upgrade", "h2c")
+            .header("te", "gzip")
+            .header("accept", "*/*");
+        let head = request_head(&parts(request)).unwrap();
+        assert_eq!(head.authority.as_ref().unwrap().to_string(), "api.example.test", "host stands for :authority");
+        let forwarded = forward_request(&head, "api.example.test", false).unwrap();
+        let names: Vec<&str> = forwarded.headers().keys().map(|name| name.as_str()).collect();
+        assert_eq!(names, ["accept"]);
+    }
+
+    #[test]
+    fn connect_is_authority_form_and_a_bad_authority_is_refused() {
+        let connect = request_head(&parts(Request::builder().method("CONNECT").uri("other.test:443"))).unwrap();
+        assert_eq!((connect.form, connect.target.as_str()), (TargetForm::Authority, "other.test:443"));
+        let asterisk = request_head(&parts(Request::builder().method("OPTIONS").uri("*"))).unwrap();
+        assert_eq!(asterisk.form, TargetForm::Asterisk);
+        let userinfo = request_head(&parts(Request::builder().uri("https://u@api.example.test/"))).unwrap_err();
+        assert!(userinfo.starts_with("invalid :authority"), "{userinfo}");
+    }
+}
