@@ -70,6 +70,8 @@ pub fn forward_request(head: &RequestHead, authority: &str, secret: bool) -> Res
         if forbidden || (name == http::header::TE && !value.eq_ignore_ascii_case(b"trailers")) {
             continue;
         }
+        // HTTP/2 allows `te` only as `trailers`, spelled so (the h2 crate refuses `Trailers`).
+        let value: &[u8] = if name == http::header::TE { b"trailers" } else { value };
         let mut value = HeaderValue::from_bytes(value).map_err(|_| format!("field {name} has an invalid value"))?;
         value.set_sensitive(secret);
         fields.append(name, value);
@@ -91,7 +93,7 @@ mod tests {
             .method("POST")
             .uri("https://api.example.test:443/demo.Repo/Get?x=1")
             .header("content-type", "application/grpc")
-            .header("te", "trailers")
+            .header("te", "Trailers")
             .header("authorization", "Bearer p");
         let head = request_head(&parts(request)).unwrap();
         assert_eq!(
@@ -104,6 +106,7 @@ mod tests {
         let forwarded = forward_request(&head, "api.example.test", true).unwrap();
         assert_eq!(forwarded.uri().to_string(), "https://api.example.test/demo.Repo/Get?x=1");
         assert_eq!(forwarded.headers().len(), 3);
+        assert_eq!(forwarded.headers()["te"], "trailers", "the only te HTTP/2 allows, lower-cased");
         assert!(forwarded.headers().values().all(HeaderValue::is_sensitive));
         assert!(!forward_request(&head, "api.example.test", false).unwrap().headers()["authorization"].is_sensitive());
     }
