@@ -101,17 +101,21 @@ impl Streams<'_> {
         // The secret's own copy is wiped now; the request's goes with the stream.
         drop(credential);
         let ended = match (request, &self.upstream) {
-            (Err(reason), _) => refused_here(&mut respond, is_grpc, 400, "bad_request", &head, &reason),
+            (Err(reason), _) => {
+                log.verdict = "denied";
+                refused_here(&mut respond, is_grpc, 400, "bad_request", &head, &reason)
+            }
             (Ok(_), Err(unserved)) => {
+                log.upstream_failed(unserved.reason.clone());
                 refused_here(&mut respond, is_grpc, unserved.status, unserved.kind, &head, &unserved.reason)
             }
             (Ok(request), Ok(upstream)) => {
+                log.verdict = "relayed";
                 let body = body.map(|body| Bytes::copy_from_slice(&body));
                 let exchange = Exchange { respond, recv, is_grpc, log: &mut log };
                 exchange.run(upstream.clone(), request, body, &head, self.context).await
             }
         };
-        log.verdict = "relayed";
         if let Some(error) = &ended.error {
             log.error = Some(error.clone());
         }
