@@ -1,7 +1,9 @@
 // An HTTP/2 client (Node's http2) opening several streams at once on one
 // connection: `node h2_client.js ORIGIN CA_FILE PATH...`. All requests are
-// sent before any response is read; prints one JSON line per stream, in
-// the order of PATH, {"path", "status", "body"}, or {"path", "error"}.
+// sent before any response is read; a PATH starting with `~` is reset
+// (RST_STREAM CANCEL) as soon as it is sent. Prints one JSON line per
+// stream, in the order of PATH, {"path", "status", "body"}, {"path",
+// "reset": true} or {"path", "error"}.
 "use strict";
 const fs = require("fs");
 const http2 = require("http2");
@@ -15,7 +17,14 @@ session.on("error", (error) => {
 const results = paths.map(
   (path) =>
     new Promise((resolve) => {
-      const stream = session.request({ ":path": path, ":method": "GET" });
+      const reset = path.startsWith("~");
+      const stream = session.request({ ":path": reset ? path.slice(1) : path, ":method": "GET" });
+      if (reset) {
+        stream.on("close", () => resolve({ path, reset: true }));
+        stream.on("error", () => {});
+        stream.close(http2.constants.NGHTTP2_CANCEL);
+        return;
+      }
       let status = null;
       let body = "";
       stream.on("response", (headers) => (status = headers[":status"]));
