@@ -360,3 +360,44 @@ fn http2_in_clear_text_is_refused_with_a_403_naming_why() -> Result<()> {
     assert_eq!(reached.len(), 1, "only the HTTP/1.1 request reached the origin: {reached:?}");
     Ok(())
 }
+
+/// A Node HTTP/2 client that makes one request on a connection, then waits:
+/// prints `{"status"}`, then `{"goaway": CODE}` or `{"closed": true}`,
+/// whichever comes first.
+const GOAWAY_CLIENT: &str = r#"
+const http2 = require("http2"), fs = require("fs");
+const [origin, ca] = process.argv.slice(1);
+const session = http2.connect(origin, { ca: fs.readFileSync(ca) });
+const say = (event) => { console.log(JSON.stringify(event)); };
+session.on("goaway", (code) => { say({ goaway: code }); process.exit(0); });
+session.on("close", () => { say({ closed: true }); process.exit(0); });
+session.on("error", () => {});
+const stream = session.request({ ":path": "/first" });
+stream.on("response", (headers) => say({ status: headers[":status"] }));
+stream.resume();
+stream.end();
+"#;
+
+#[test]
+fn an_open_http2_connection_gets_goaway_when_the_agent_stops() -> Result<()> {
+    require_root();
+    let mut setup = Setup::new("h2-goaway", &rest_endpoint(H2_HOST, H2_PORT))?;
+    let origin = format!("https://{H2_HOST}:{H2_PORT}");
+    let mut client = setup
+        .sandbox
+        .command("node")
+        .args(["-e", GOAWAY_CLIENT, &origin, &setup.agent_ca])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut stdout = BufReader::new(client.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    stdout.read_line(&mut line)?;
+    assert_eq!(serde_json::from_str::<Value>(&line)?, serde_json::json!({"status": 200}));
+    let status = setup.agent.terminate()?;
+    line.clear();
+    stdout.read_line(&mut line)?;
+    assert_eq!(serde_json::from_str::<Value>(&line)?, serde_json::json!({"goaway": 0}), "GOAWAY (NO_ERROR) first");
+    ensure!(client.wait()?.success(), "client failed");
+    ensure!(status.success(), "the agent stopped cleanly: {status}");
+    Ok(())
+}

@@ -8,7 +8,7 @@
 //! most [`MAX_HEADER_LIST_SIZE`] bytes, at most [`STREAM_WINDOW`] bytes of
 //! a stream's data held here (its flow-control window) and
 //! [`MAX_SEND_BUFFER`] queued to a peer; an idle connection (no stream for
-//! [`KEEP_ALIVE_IDLE`]) gets GOAWAY.
+//! [`KEEP_ALIVE_IDLE`]), or any when the agent stops, gets GOAWAY.
 
 mod head;
 mod pipe;
@@ -81,6 +81,7 @@ pub async fn serve<C>(
     let mut running = FuturesUnordered::new();
     // Set once GOAWAY went out: the client has GOAWAY_GRACE to finish.
     let mut closing = false;
+    let mut stopping = context.stopping.clone();
     loop {
         let wait = match (closing, running.is_empty()) {
             (true, _) => Some(GOAWAY_GRACE),
@@ -106,6 +107,11 @@ pub async fn serve<C>(
                     log.error = Some(format!("the origin's HTTP/2 connection failed: {error}"));
                 }
                 // Open streams fail on their own; no new one can reach the origin.
+                server.graceful_shutdown();
+                closing = true;
+            }
+            // The agent is stopping (its sender gone counts too).
+            _ = stopping.wait_for(|stop| *stop), if !closing => {
                 server.graceful_shutdown();
                 closing = true;
             }
