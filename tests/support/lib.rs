@@ -550,7 +550,10 @@ pub struct Servers {
 }
 
 impl Servers {
-    fn start(mut command: Command, files: Option<PathBuf>) -> Result<Self> {
+    /// Spawns `command` (a server printing JSON lines, the first
+    /// `{"kind": "ready"}`) and waits until it is ready; `files` are removed
+    /// when it is dropped.
+    pub fn start(mut command: Command, files: Option<PathBuf>) -> Result<Self> {
         let mut child = command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?;
         let events = JsonLines::follow_stdout(child.stdout.take().unwrap());
         let servers = Self { child, events, files };

@@ -12,8 +12,8 @@ use anyhow::{bail, Context, Result};
 
 use crate::{cargo, setup, status, target_dir, workspace_root};
 
-pub const TARGETS: [&str; 5] =
-    ["sniff_classify", "tls_client_hello", "http_request_head", "l7_classify", "websocket_client_frames"];
+pub const TARGETS: [&str; 6] =
+    ["sniff_classify", "tls_client_hello", "http_request_head", "l7_classify", "websocket_client_frames", "h2_request"];
 /// Seconds each target runs in `cargo xtask test`.
 pub const TEST_SECONDS: u64 = 15;
 const TRIPLE: &str = "x86_64-unknown-linux-gnu";

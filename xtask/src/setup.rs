@@ -50,8 +50,9 @@ const PACKAGES: [&str; 22] = [
 /// graphql-core are the clients and servers of tests/l7_messages.rs;
 /// ocsf-json-schema (OCSF's compiled schema exports, 1.0.0-rc.2 to 1.8.0)
 /// and jsonschema check the agent's OCSF events (tests/support/ocsf_validate.py).
+/// grpcio is the gRPC client and server of the HTTP/2 tests (tests/h2.rs).
 /// A name may carry extras (`moto[server]`).
-const PYTHON_PACKAGES: [(&str, &str); 11] = [
+const PYTHON_PACKAGES: [(&str, &str); 12] = [
     ("kubernetes-validate", "1.37.0"),
     ("prometheus-client", "0.26.0"),
     ("websockets", "17.4"),
@@ -63,6 +64,7 @@ const PYTHON_PACKAGES: [(&str, &str); 11] = [
     ("graphql-core", "3.2.6"),
     ("ocsf-json-schema", "1.2.0"),
     ("jsonschema", "4.26.0"),
+    ("grpcio", "1.85.4"),
 ];
 const PYTHON: &str = "/usr/bin/python3";
 const BPF_LINKER_VERSION: &str = "0.13.0";

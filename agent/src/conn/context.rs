@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use tokio::sync::watch;
+
 use super::{config::Config, decide::Decider};
 use crate::{credentials::Credentials, observe::SandboxMetrics};
 
@@ -13,4 +15,7 @@ pub struct Context {
     /// Empty when the agent runs without `--credentials`.
     pub credentials: Arc<Credentials>,
     pub observed: Arc<SandboxMetrics>,
+    /// Turns true when the agent stops serving the sandbox: connections
+    /// that hold many requests (HTTP/2) say GOAWAY then.
+    pub stopping: watch::Receiver<bool>,
 }

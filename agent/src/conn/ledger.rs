@@ -128,6 +128,32 @@ impl CloseLog {
         self.reason = Some(reason);
     }
 
+    /// Adds what one stream of a multiplexed connection (HTTP/2) recorded:
+    /// its counts and last reason; `relayed` once any stream was, as for
+    /// HTTP/1 requests one after the other.
+    pub fn absorb(&mut self, part: CloseLog) {
+        self.requests += part.requests;
+        self.requests_denied += part.requests_denied;
+        self.bytes_up += part.bytes_up;
+        self.bytes_down += part.bytes_down;
+        if self.verdict.is_empty() || part.verdict == "relayed" {
+            self.verdict = part.verdict;
+        }
+        self.denial = self.denial.or(part.denial);
+        if part.reason.is_some() {
+            self.reason = part.reason;
+        }
+        if part.audit.is_some() {
+            self.audit = part.audit;
+        }
+        self.error = self.error.take().or(part.error);
+        for denied in part.denied_requests {
+            if self.denied_requests.len() < MAX_DENIED_REQUESTS && !self.denied_requests.contains(&denied) {
+                self.denied_requests.push(denied);
+            }
+        }
+    }
+
     /// A request the rules refused (`call`: the JSON-RPC or GraphQL call
     /// in it that was), kept once for `policy suggest`.
     pub fn request_denied(&mut self, method: &str, path: &str, call: Option<String>) {

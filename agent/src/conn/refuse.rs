@@ -17,7 +17,8 @@ pub const POLICY_HEADER: &str = "X-Sandbox-Egress-Policy";
 pub struct ErrorBody<'a> {
     /// Machine-readable: `policy_denied`, `ssrf_denied`, `host_mismatch`,
     /// `bad_request`, `upstream_failed`, `upstream_timeout`, `upstream_tls_failed`,
-    /// `credential_not_bound`, `credential_unavailable`.
+    /// `credential_not_bound`, `credential_unavailable`, `upstream_http1_only`,
+    /// `grpc_needs_http2`.
     pub error: &'a str,
     /// What was refused, e.g. `CONNECT h:p not permitted by policy`.
     pub detail: &'a str,

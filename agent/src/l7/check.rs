@@ -4,18 +4,24 @@
 //! log line each), the credential applied, and a refusal in the room's own
 //! terms.
 
+use std::{future::Future, time::Duration};
+
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use zeroize::Zeroizing;
 
 use super::{
     body,
-    log::{describe_call, log_request},
+    grpc::{self, GrpcCall},
+    log::{describe_call, log_request, GrpcLine, Line},
     room,
     target::Target,
     websocket, Call, Cause, Classified, Refusal, Room,
 };
 use crate::{
-    conn::{refuse, CloseLog, Context, Origin},
+    conn::{
+        refuse::{self, Response},
+        CloseLog, Context, Origin,
+    },
     credentials::CredentialedHead,
     http1::{self, forward::wants_close, list_elements, BodyFraming, HeadReader, RequestHead, TargetForm},
     policy::{HttpRequest, Inspection, Message, RequestDecision},
@@ -30,6 +36,13 @@ pub enum Checked {
     },
 }
 
+/// What the request decision made of one request, before any byte of an
+/// answer: HTTP/1 and each HTTP/2 stream answer it in their own framing.
+pub enum Decided {
+    Allowed(Box<Allowed>),
+    Refused(Box<Refused>),
+}
+
 /// A request to forward.
 pub struct Allowed {
     /// `head` with the bound provider's credential in it, if any.
@@ -42,6 +55,21 @@ pub struct Allowed {
     pub inspection: Inspection,
     /// A WebSocket upgrade whose messages will be inspected.
     pub websocket: Option<Upgrade>,
+    /// The line of a request that is one call, for the caller to log (a
+    /// batch's lines are logged already).
+    pub line: Option<Line>,
+}
+
+/// A refused request: the room's answer, and what a gRPC refusal says.
+pub struct Refused {
+    pub response: Response,
+    pub status: u16,
+    /// Detail and reason in one line, for `grpc-message`.
+    pub message: String,
+    /// The body was read whole: nothing of the request is left unread.
+    pub body_read: bool,
+    /// The body was cut off while being read: the connection cannot go on.
+    pub broken: bool,
 }
 
 /// An upgrade to an endpoint that inspects WebSocket messages.
@@ -54,10 +82,42 @@ pub struct Upgrade {
     pub credential_provider: Option<String>,
 }
 
-/// Decides one request on a connection to `target`. `head` is rewritten to
-/// forward its canonical target. A refused request leaves a keep-alive
-/// connection open when its body was read whole or it had none; else the
-/// connection closes (an unread body is never read, nor forwarded).
+/// Where a request's body comes from, for a decision that reads it whole:
+/// an HTTP/1 connection, or an HTTP/2 stream.
+pub trait RequestBody {
+    /// Whether the request carries a body.
+    fn has_body(&self, head: &RequestHead) -> bool;
+
+    /// Reads the body whole, at most `limit` bytes, each read waiting at
+    /// most `idle`; then frames `head` for forwarding it ([`body::reframe`]).
+    fn read_whole(
+        &mut self,
+        head: &mut RequestHead,
+        limit: usize,
+        idle: Duration,
+    ) -> impl Future<Output = Result<Vec<u8>, body::ReadError>>;
+}
+
+impl<C: AsyncRead + AsyncWrite + Unpin> RequestBody for HeadReader<C> {
+    fn has_body(&self, head: &RequestHead) -> bool {
+        has_body(head)
+    }
+
+    async fn read_whole(
+        &mut self,
+        head: &mut RequestHead,
+        limit: usize,
+        idle: Duration,
+    ) -> Result<Vec<u8>, body::ReadError> {
+        body::read(self, head, limit, idle).await
+    }
+}
+
+/// Decides one HTTP/1 request on a connection to `target`. `head` is
+/// rewritten to forward its canonical target. A refused request leaves a
+/// keep-alive connection open when its body was read whole or it had none;
+/// else the connection closes (an unread body is never read, nor
+/// forwarded).
 pub async fn check_request<C>(
     client: &mut HeadReader<C>,
     head: &mut RequestHead,
@@ -69,22 +129,83 @@ pub async fn check_request<C>(
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let decision = Decision { target, origin, context };
+    if let Err(reason) = refuse_h2c(head) {
+        return refuse(client.get_mut(), head, &rejected(head, target, origin, context, log, reason).response, false)
+            .await;
+    }
+    match decide_request(client, head, target, origin, context, log).await {
+        Decided::Allowed(mut allowed) => {
+            if let Some(line) = allowed.line.take() {
+                line.emit(origin, target, None, None);
+            }
+            Checked::Allowed(allowed)
+        }
+        Decided::Refused(refused) if refused.broken => {
+            let _ = refuse::refused(client.get_mut(), &refused.response, true).await;
+            Checked::Denied { close: true }
+        }
+        Decided::Refused(refused) => refuse(client.get_mut(), head, &refused.response, refused.body_read).await,
+    }
+}
+
+/// HTTP/2 by `Upgrade: h2c` would carry requests past the decision (the
+/// origin's answer to them is a raw stream): refused, whatever the rules.
+fn refuse_h2c(head: &RequestHead) -> Result<(), String> {
+    if list_elements(&head.headers, "upgrade").any(|protocol| protocol.eq_ignore_ascii_case(b"h2c")) {
+        return Err(format!(
+            "{} {} refused: `Upgrade: h2c` (HTTP/2 in clear text) is not served on inspected paths; \
+             use HTTP/1.1, or HTTP/2 over TLS",
+            head.method,
+            head.origin_form_target()
+        ));
+    }
+    Ok(())
+}
+
+/// The request refused before any rule for `reason`, logged as such.
+fn rejected(
+    head: &RequestHead,
+    target: &Target,
+    origin: &Origin,
+    context: &Context,
+    log: &mut CloseLog,
+    reason: String,
+) -> Refused {
+    let decision = Decision { target, origin, context, grpc: None };
+    let path = head.origin_form_target();
+    decision.reject(head, &path, &super::rest::Rest, None, Cause::Invalid, reason, false, log)
+}
+
+/// The request decision of one request on a connection to `target`,
+/// whatever its framing: canonical target, the endpoint's room, its body
+/// read from `source` if the room or a rewrite needs it, each call decided
+/// (denials logged), the credential applied. `head` is rewritten to
+/// forward its canonical target.
+pub async fn decide_request<B: RequestBody>(
+    source: &mut B,
+    head: &mut RequestHead,
+    target: &Target,
+    origin: &Origin,
+    context: &Context,
+    log: &mut CloseLog,
+) -> Decided {
+    let decision = Decision { target, origin, context, grpc: None };
+    let refused = |refused| Decided::Refused(Box::new(refused));
     let canonical = match canonicalize(&head.origin_form_target(), target.inspection.allow_encoded_slash) {
         Ok(canonical) => canonical,
         Err(reason) => {
             let reason = format!("{} {} refused: {reason}", head.method, head.origin_form_target());
             let path = head.origin_form_target();
-            return decision
-                .reject(client, head, &path, &super::rest::Rest, None, Cause::Invalid, reason, false, log)
-                .await;
+            return refused(decision.reject(head, &path, &super::rest::Rest, None, Cause::Invalid, reason, false, log));
         }
     };
+    let grpc = grpc::call(head, &canonical.path);
+    let decision = Decision { grpc: grpc.as_ref(), ..decision };
     let (inspection, room) = reader(&target.inspection, &canonical.path);
     let mut read = None;
-    if room.reads_body(head) || (inspection.messages.rewrite_body && has_body(head)) {
+    if room.reads_body(head) || (inspection.messages.rewrite_body && source.has_body(head)) {
         let limit = if room.reads_body(head) { inspection.messages.max_body_bytes } else { body::MAX_REWRITTEN_BODY };
-        match body::read(client, head, limit, context.config.idle_timeout).await {
+        match source.read_whole(head, limit, context.config.idle_timeout).await {
             Ok(bytes) => read = Some(bytes),
             Err(error) => {
                 let (status, cause) = match error {
@@ -93,19 +214,17 @@ where
                 };
                 let reason = error.to_string();
                 let path = canonical.path.clone();
-                let response_status = status;
-                return decision
-                    .reject_with_status(client, head, &path, room, response_status, cause, reason, log)
-                    .await;
+                return refused(decision.reject_with_status(head, &path, room, status, cause, reason, log));
             }
         }
     }
+    let body_read = read.is_some();
     let classified = match room.classify(head, &canonical, read.as_deref().map_or(&[][..], |body| body), inspection) {
         Ok(classified) => classified,
         Err(rejected) => {
             let cause = if rejected.unparsable { Cause::Unparsable } else { Cause::Invalid };
             let path = canonical.path.clone();
-            return decision.reject(client, head, &path, room, None, cause, rejected.reason, read.is_some(), log).await;
+            return refused(decision.reject(head, &path, room, None, cause, rejected.reason, body_read, log));
         }
     };
     let single = classified.calls.len() == 1;
@@ -118,14 +237,14 @@ where
         // A lone call's line waits for its credential.
         if !single || !verdict.allow {
             let status = (!verdict.allow).then_some(403);
-            log_request(origin, target, &head.method, &canonical.path, call, generation, &verdict, None, status);
+            decision.log(&head.method, &canonical.path, call, generation, &verdict, None, status);
         }
         (generation, verdict)
     });
     let (generation, verdict) = match decided {
         Ok(allowed) => allowed,
         Err((call, verdict)) => {
-            return decision.deny(client, head, &canonical, room, &classified, call, verdict, read.is_some(), log).await
+            return refused(decision.deny(head, &canonical, room, &classified, call, verdict, body_read, log));
         }
     };
     head.target = canonical.origin_form();
@@ -154,35 +273,54 @@ where
         Ok(applied) => applied,
         Err(refusal) => {
             let reason = Some(format!("{}: {}", refusal.detail, refusal.reason));
-            let refused = RequestDecision { allow: false, audit: false, reason, ..verdict };
+            let denied = RequestDecision { allow: false, audit: false, reason, ..verdict };
             let call = &classified.calls[0];
             let provider = Some(refusal.provider.as_str());
             let status = Some(refusal.status);
-            log_request(origin, target, &head.method, &canonical.path, call, generation, &refused, provider, status);
+            decision.log(&head.method, &canonical.path, call, generation, &denied, provider, status);
             log.credential_refused(&refusal, origin, host);
             log.requests_denied += 1;
-            let response = room.refuse(
-                &Refusal {
-                    status: refusal.status,
-                    kind: refusal.kind,
-                    detail: &refusal.detail,
-                    reason: &refusal.reason,
-                    policy: refused.policy.as_deref(),
-                    rule: None,
-                    cause: Cause::Credential,
-                },
-                Some(&classified),
-            );
-            return refuse(client.get_mut(), head, &response, read.is_some()).await;
+            let refusal = Refusal {
+                status: refusal.status,
+                kind: refusal.kind,
+                detail: &refusal.detail,
+                reason: &refusal.reason,
+                policy: denied.policy.as_deref(),
+                rule: None,
+                cause: Cause::Credential,
+            };
+            return refused(Refused::new(room, &refusal, Some(&classified), body_read));
         }
     };
-    if single {
-        let provider = credential.as_ref().map(CredentialedHead::provider);
-        let call = &classified.calls[0];
-        log_request(origin, target, &head.method, &canonical.path, call, generation, &verdict, provider, None);
-    }
+    let line = single.then(|| Line {
+        method: head.method.clone(),
+        path: canonical.path.clone(),
+        call: classified.calls.into_iter().next().expect("one call"),
+        generation,
+        decision: verdict,
+        credential: credential.as_ref().map(|credential| credential.provider().to_owned()),
+    });
     let body = rewritten.or_else(|| read.map(Zeroizing::new));
-    Checked::Allowed(Box::new(Allowed { credential, body, inspection: inspection.clone(), websocket }))
+    Decided::Allowed(Box::new(Allowed { credential, body, inspection: inspection.clone(), websocket, line }))
+}
+
+impl Refused {
+    /// `room`'s answer to `refusal`.
+    fn new(room: &dyn Room, refusal: &Refusal, classified: Option<&Classified>, body_read: bool) -> Self {
+        let message = match (refusal.policy, refusal.rule) {
+            (Some(policy), Some(rule)) if !refusal.reason.contains(policy) => {
+                format!("{}: {} (rule {rule} of policy '{policy}')", refusal.detail, refusal.reason)
+            }
+            _ => format!("{}: {}", refusal.detail, refusal.reason),
+        };
+        Refused {
+            response: room.refuse(refusal, classified),
+            status: refusal.status,
+            message: format!("sandbox-egress: {message}"),
+            body_read,
+            broken: false,
+        }
+    }
 }
 
 /// The endpoint that reads a request for `path`, and its room: with several
@@ -229,10 +367,13 @@ pub fn decide_calls<'a>(
 }
 
 /// What every refusal and decision of one request needs.
+#[derive(Clone, Copy)]
 struct Decision<'a> {
     target: &'a Target,
     origin: &'a Origin,
     context: &'a Context,
+    /// The call, for a gRPC request.
+    grpc: Option<&'a GrpcCall>,
 }
 
 impl Decision<'_> {
@@ -247,11 +388,26 @@ impl Decision<'_> {
         self.context.decider.request(self.origin, &self.target.name, self.target.upstream, &http)
     }
 
+    /// One call's line; a refused gRPC call's names the `grpc-status` it gets.
+    #[allow(clippy::too_many_arguments)]
+    fn log(
+        &self,
+        method: &str,
+        path: &str,
+        call: &Call,
+        generation: u64,
+        decision: &RequestDecision,
+        credential: Option<&str>,
+        status: Option<u16>,
+    ) {
+        let grpc = self.grpc.map(|call| GrpcLine { call, status: status.map(grpc::status_for) });
+        log_request(self.origin, self.target, method, path, call, generation, decision, credential, status, grpc);
+    }
+
     /// A call the rules deny: the whole request is refused.
     #[allow(clippy::too_many_arguments)]
-    async fn deny<C: AsyncRead + AsyncWrite + Unpin>(
+    fn deny(
         &self,
-        client: &mut HeadReader<C>,
         head: &RequestHead,
         canonical: &CanonicalTarget,
         room: &dyn Room,
@@ -260,7 +416,7 @@ impl Decision<'_> {
         verdict: RequestDecision,
         body_read: bool,
         log: &mut CloseLog,
-    ) -> Checked {
+    ) -> Refused {
         log.requests_denied += 1;
         if log.verdict.is_empty() {
             log.verdict = "denied";
@@ -279,27 +435,23 @@ impl Decision<'_> {
         };
         log.reason = Some(detail.clone());
         log.request_denied(&head.method, &canonical.path, describe_call(&call.message));
-        let response = room.refuse(
-            &Refusal {
-                status: 403,
-                kind: "policy_denied",
-                detail: &detail,
-                reason: &reason,
-                policy: verdict.policy.as_deref(),
-                rule: verdict.rule.as_deref(),
-                cause: Cause::Policy,
-            },
-            Some(classified),
-        );
-        refuse(client.get_mut(), head, &response, body_read).await
+        let refusal = Refusal {
+            status: 403,
+            kind: "policy_denied",
+            detail: &detail,
+            reason: &reason,
+            policy: verdict.policy.as_deref(),
+            rule: verdict.rule.as_deref(),
+            cause: Cause::Policy,
+        };
+        Refused::new(room, &refusal, Some(classified), body_read)
     }
 
     /// A request refused before any rule: it could not be read as its
     /// endpoint's protocol (even under audit).
     #[allow(clippy::too_many_arguments)]
-    async fn reject<C: AsyncRead + AsyncWrite + Unpin>(
+    fn reject(
         &self,
-        client: &mut HeadReader<C>,
         head: &RequestHead,
         path: &str,
         room: &dyn Room,
@@ -308,29 +460,25 @@ impl Decision<'_> {
         reason: String,
         body_read: bool,
         log: &mut CloseLog,
-    ) -> Checked {
+    ) -> Refused {
         self.log_rejected(head, path, &reason, 403, log);
-        let response = room.refuse(
-            &Refusal {
-                status: 403,
-                kind: "policy_denied",
-                detail: &reason,
-                reason: "refused before the rules: the request cannot be decided as its endpoint's protocol",
-                policy: None,
-                rule: None,
-                cause,
-            },
-            classified,
-        );
-        refuse(client.get_mut(), head, &response, body_read).await
+        let refusal = Refusal {
+            status: 403,
+            kind: "policy_denied",
+            detail: &reason,
+            reason: "refused before the rules: the request cannot be decided as its endpoint's protocol",
+            policy: None,
+            rule: None,
+            cause,
+        };
+        Refused::new(room, &refusal, classified, body_read)
     }
 
     /// A body that could not be read whole (too large, malformed): the
     /// connection closes, the rest of the body unread.
     #[allow(clippy::too_many_arguments)]
-    async fn reject_with_status<C: AsyncRead + AsyncWrite + Unpin>(
+    fn reject_with_status(
         &self,
-        client: &mut HeadReader<C>,
         head: &RequestHead,
         path: &str,
         room: &dyn Room,
@@ -338,29 +486,25 @@ impl Decision<'_> {
         cause: Cause,
         reason: String,
         log: &mut CloseLog,
-    ) -> Checked {
+    ) -> Refused {
         self.log_rejected(head, path, &reason, status, log);
-        let response = room.refuse(
-            &Refusal {
-                status,
-                kind: "policy_denied",
-                detail: &reason,
-                reason: "refused before the rules: the body cannot be read to decide it",
-                policy: None,
-                rule: None,
-                cause,
-            },
-            None,
-        );
-        let _ = refuse::refused(client.get_mut(), &response, true).await;
-        Checked::Denied { close: true }
+        let refusal = Refusal {
+            status,
+            kind: "policy_denied",
+            detail: &reason,
+            reason: "refused before the rules: the body cannot be read to decide it",
+            policy: None,
+            rule: None,
+            cause,
+        };
+        Refused { broken: true, ..Refused::new(room, &refusal, None, false) }
     }
 
     fn log_rejected(&self, head: &RequestHead, path: &str, reason: &str, status: u16, log: &mut CloseLog) {
         let generation = self.context.decider.policies.current().generation;
         let refused = RequestDecision::denied(Some(reason.to_owned()));
         let call = Call { message: Message::Http, id: None };
-        log_request(self.origin, self.target, &head.method, path, &call, generation, &refused, None, Some(status));
+        self.log(&head.method, path, &call, generation, &refused, None, Some(status));
         log.requests += 1;
         log.requests_denied += 1;
         if log.verdict.is_empty() {

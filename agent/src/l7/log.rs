@@ -2,18 +2,45 @@
 
 use std::net::SocketAddr;
 
-use super::{target::Target, Call};
+use super::{grpc::GrpcCall, target::Target, Call};
 use crate::{
     conn::Origin,
     policy::{Message, RequestDecision},
 };
+
+/// A gRPC call's part of its line: the call, and its final `grpc-status`
+/// once known (the origin's, or the agent's own on a refusal).
+#[derive(Clone, Copy)]
+pub struct GrpcLine<'a> {
+    pub call: &'a GrpcCall,
+    pub status: Option<u32>,
+}
+
+/// The line of an allowed request, logged once its credential is applied
+/// (HTTP/1), or when its stream ends (HTTP/2, with the final `grpc-status`).
+pub struct Line {
+    pub method: String,
+    pub path: String,
+    pub call: Call,
+    pub generation: u64,
+    pub decision: RequestDecision,
+    /// The provider whose credential it carries.
+    pub credential: Option<String>,
+}
+
+impl Line {
+    pub fn emit(&self, origin: &Origin, target: &Target, status: Option<u16>, grpc: Option<GrpcLine>) {
+        let Line { method, path, call, generation, decision, credential } = self;
+        log_request(origin, target, method, path, call, *generation, decision, credential.as_deref(), status, grpc);
+    }
+}
 
 /// One line per decided call of a request on an inspected connection:
 /// the request, what the room read of it (never arguments, never a
 /// secret), the verdict; `credential`: the provider whose credential it
 /// carried (or whose placeholder was refused); `status`: the agent's
 /// refusal's (an allowed request's comes from the origin, later; a
-/// WebSocket message has none).
+/// WebSocket message has none); `grpc`: the call of a gRPC request.
 #[allow(clippy::too_many_arguments)]
 pub fn log_request(
     origin: &Origin,
@@ -25,6 +52,7 @@ pub fn log_request(
     decision: &RequestDecision,
     credential: Option<&str>,
     status: Option<u16>,
+    grpc: Option<GrpcLine>,
 ) {
     let verdict = match (decision.allow, decision.audit) {
         (true, false) => "allowed",
@@ -56,6 +84,9 @@ pub fn log_request(
         reason = decision.reason,
         credential,
         status,
+        grpc_service = grpc.map(|grpc| grpc.call.service.as_str()),
+        grpc_method = grpc.map(|grpc| grpc.call.method.as_str()),
+        grpc_status = grpc.and_then(|grpc| grpc.status),
         pid = origin.pid,
         exe = origin.exe.as_ref().map(|exe| exe.display().to_string()),
         comm = origin.comm,

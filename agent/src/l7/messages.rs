@@ -120,6 +120,7 @@ impl MessageInspector<'_> {
             decision,
             None,
             None,
+            None,
         );
     }
 

@@ -15,6 +15,8 @@ mod body;
 mod check;
 mod exchange;
 mod graphql;
+pub mod grpc;
+pub mod h2;
 mod jsonrpc;
 mod log;
 mod messages;
@@ -26,11 +28,14 @@ pub mod websocket;
 use serde_json::Value;
 
 pub use self::{
-    check::{check_request, classify_request, decide_calls, reader, Allowed, Checked, Upgrade},
+    check::{
+        check_request, classify_request, decide_calls, decide_request, reader, Allowed, Checked, Decided, Refused,
+        RequestBody, Upgrade,
+    },
     exchange::{exchange, Exchanged, KEEP_ALIVE_IDLE, VIA},
     messages::classify_text,
-    session::serve,
-    target::Target,
+    session::{connect, serve, Connected, Upstream},
+    target::{Target, Unserved},
 };
 use crate::{
     conn::refuse::{header_safe, Response, POLICY_HEADER},

@@ -12,8 +12,9 @@ use zeroize::Zeroizing;
 use super::{
     check::{check_request, Allowed, Checked, Upgrade},
     exchange::{exchange, Exchanged, KEEP_ALIVE_IDLE, VIA},
+    grpc::is_grpc,
     messages::MessageInspector,
-    target::Target,
+    target::{Target, Unserved},
     websocket,
 };
 use crate::{
@@ -26,18 +27,36 @@ use crate::{
     http1::{self, HeadReader, RequestHead, ResponseHead, TargetForm},
     policy::Inspection,
     relay::{self, Prefill},
-    tls::Io,
+    tls::{speaks_h2, Io},
     wire::host::Host,
 };
 
+/// The origin of an inspected HTTP/1 connection as its session starts.
+pub enum Upstream {
+    /// Connected at the first allowed request (over `Some`, a connection
+    /// made already).
+    Later(Option<TcpStream>),
+    /// Connected already (TLS agreed on HTTP/1.1).
+    Connected(Box<dyn Io>),
+    /// It could not be: every allowed request is told why.
+    Failed(Unserved),
+}
+
+/// An origin connected, and whether its TLS agreed on `h2`.
+pub struct Connected {
+    pub io: Box<dyn Io>,
+    pub h2: bool,
+}
+
 /// Serves the HTTP requests of an inspected connection, one by one, on one
-/// upstream connection made at the first allowed request. `buffered`:
-/// request bytes already read (a CONNECT tunnel's first head).
+/// upstream connection (made at the first allowed request unless it is
+/// already). `buffered`: request bytes already read (a CONNECT tunnel's
+/// first head).
 pub async fn serve<C>(
     client: C,
     buffered: Vec<u8>,
     target: Target,
-    mut preconnected: Option<TcpStream>,
+    upstream: Upstream,
     origin: &Origin,
     context: &Context,
     log: &mut CloseLog,
@@ -45,7 +64,18 @@ pub async fn serve<C>(
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let mut client = HeadReader::with_buffered(client, buffered);
-    let mut upstream: Option<HeadReader<Box<dyn Io>>> = None;
+    let (mut preconnected, mut failed) = (None, None);
+    let mut upstream: Option<HeadReader<Box<dyn Io>>> = match upstream {
+        Upstream::Later(tcp) => {
+            preconnected = tcp;
+            None
+        }
+        Upstream::Connected(io) => Some(HeadReader::new(io)),
+        Upstream::Failed(unserved) => {
+            failed = Some(unserved);
+            None
+        }
+    };
     loop {
         let mut head = match client.read_request_head(KEEP_ALIVE_IDLE, context.config.sniff.head_timeout).await {
             Ok(Some(head)) => head,
@@ -66,7 +96,18 @@ pub async fn serve<C>(
             let body = ErrorBody::new("host_mismatch", &head.target, &reason);
             return refuse::error(client.get_mut(), 403, &body).await;
         }
-        let Allowed { credential, body, inspection, websocket } =
+        if is_grpc(&head) {
+            // gRPC needs HTTP/2 (trailers, streams both ways): never downgraded.
+            let reason = format!(
+                "gRPC needs HTTP/2, and this connection speaks HTTP/1.1 ({}): the call is not relayed",
+                if target.tls { "TLS agreed on http/1.1" } else { "plain HTTP" }
+            );
+            log.verdict = "denied";
+            log.reason = Some(reason.clone());
+            let what = format!("{} {}", head.method, head.target);
+            return refuse::error(client.get_mut(), 502, &ErrorBody::new("grpc_needs_http2", &what, &reason)).await;
+        }
+        let Allowed { credential, body, inspection, websocket, .. } =
             match check_request(&mut client, &mut head, &target, origin, context, log).await {
                 Checked::Allowed(allowed) => *allowed,
                 Checked::Denied { close: true } => return,
@@ -74,9 +115,13 @@ pub async fn serve<C>(
             };
         let what = format!("{} {}", head.method, target.name);
         if upstream.is_none() {
-            match connect(&target, preconnected.take(), context, log).await {
-                Ok(stream) => upstream = Some(HeadReader::new(stream)),
-                Err((status, kind, reason)) => {
+            let connected = match failed.take() {
+                Some(unserved) => Err(unserved),
+                None => connect(&target, preconnected.take(), false, context, log).await,
+            };
+            match connected {
+                Ok(connected) => upstream = Some(HeadReader::new(connected.io)),
+                Err(Unserved { status, kind, reason }) => {
                     return refuse::error(client.get_mut(), status, &ErrorBody::new(kind, &what, &reason)).await;
                 }
             }
@@ -111,7 +156,7 @@ pub async fn serve<C>(
 /// A request on an inspected connection must be for the name the
 /// connection was decided on: another Host would reach another site on the
 /// same server (domain fronting) past the decision.
-fn names_target(head: &RequestHead, target: &Target) -> Result<(), String> {
+pub(super) fn names_target(head: &RequestHead, target: &Target) -> Result<(), String> {
     if head.form == TargetForm::Authority {
         return Err("CONNECT inside an inspected connection is not allowed".into());
     }
@@ -128,28 +173,31 @@ fn names_target(head: &RequestHead, target: &Target) -> Result<(), String> {
 }
 
 /// The upstream, TLS verified for the target's name when the client spoke
-/// TLS; else the status, error kind and reason for the client.
-async fn connect(
+/// TLS (offering `h2` if `h2`); else why not, for the client.
+pub async fn connect(
     target: &Target,
     preconnected: Option<TcpStream>,
+    h2: bool,
     context: &Context,
     log: &mut CloseLog,
-) -> Result<Box<dyn Io>, (u16, &'static str, String)> {
+) -> Result<Connected, Unserved> {
     let tcp = match preconnected {
         Some(tcp) => tcp,
-        None => connect_upstream(target.upstream, context, log)
-            .await
-            .ok_or_else(|| (502, "upstream_failed", log.reason.clone().unwrap_or_default()))?,
+        None => connect_upstream(target.upstream, context, log).await.ok_or_else(|| Unserved {
+            status: 502,
+            kind: "upstream_failed",
+            reason: log.reason.clone().unwrap_or_default(),
+        })?,
     };
     if !target.tls {
-        return Ok(Box::new(tcp));
+        return Ok(Connected { io: Box::new(tcp), h2: false });
     }
-    match context.config.upstream_tls.connect(&target.name, tcp).await {
-        Ok(tls) => Ok(Box::new(tls)),
+    match context.config.upstream_tls.connect(&target.name, tcp, h2).await {
+        Ok(tls) => Ok(Connected { h2: speaks_h2(&tls), io: Box::new(tls) }),
         Err(error) => {
             let status = if error.kind == crate::tls::UpstreamTlsErrorKind::Timeout { 504 } else { 502 };
             log.upstream_failed(error.reason.clone());
-            Err((status, error.kind.as_str(), error.reason))
+            Err(Unserved { status, kind: error.kind.as_str(), reason: error.reason })
         }
     }
 }

@@ -19,3 +19,14 @@ pub struct Target {
     /// (not a TLS or CONNECT stream decided once for its host).
     pub via_gate: bool,
 }
+
+/// Why no request of a connection can reach the origin (it cannot be
+/// reached, its TLS failed, it speaks no HTTP/2 to an HTTP/2-only client):
+/// every request decided allowed gets this answer, a refusal still its own.
+#[derive(Debug)]
+pub struct Unserved {
+    /// 502, or 504 for a timeout.
+    pub status: u16,
+    pub kind: &'static str,
+    pub reason: String,
+}

@@ -57,6 +57,7 @@ pub fn serve_sandbox(
             decider,
             credentials: common.credentials.clone(),
             observed: observed.clone(),
+            stopping: stop.clone(),
         },
         dns: common.dns.clone(),
         inference,

@@ -23,7 +23,8 @@ use crate::{
     dns::{is_inference_address, CountAnswer, INFERENCE_HOST},
     http1::RequestHead,
     inference::{is_inference, names_inference, no_route, route_or_refuse},
-    l7::Target,
+    l7::{h2, Target},
+    rewound::Rewound,
     sniff::{self, Sniffed, StreamKind},
 };
 
@@ -87,6 +88,11 @@ pub async fn transparent(mut client: TcpStream, origin: &Origin, sandbox: &Sandb
         StreamKind::Tls(hello) if is_inference(destination, hello.sni.as_deref()) => {
             let Some(route) = route_or_refuse(sandbox.inference.as_ref(), log) else { return reset(client) };
             return Box::pin(route.serve_tls(client, buffered, log)).await;
+        }
+        // HTTP/2 with prior knowledge: no request of it could be decided.
+        StreamKind::Invalid { protocol: "http", .. } if buffered.starts_with(h2::CLEARTEXT_PREFACE) => {
+            log.protocol = "h2c";
+            return h2::refuse_cleartext(Rewound::new(buffered, client), log).await;
         }
         StreamKind::Invalid { protocol: "http", reason } if looks_like_http(&buffered) => {
             log.protocol = "http";

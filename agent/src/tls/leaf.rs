@@ -25,7 +25,14 @@ pub struct LeafCache {
     /// Cloned for each name: its `Arc`s (session cache included) are shared
     /// by all, only the certificate differs.
     base: ServerConfig,
-    configs: Mutex<LruCache<String, Arc<ServerConfig>>>,
+    configs: Mutex<LruCache<String, Configs>>,
+}
+
+/// One name's server configs: offering HTTP/1.1, or `h2` and HTTP/1.1.
+#[derive(Clone)]
+struct Configs {
+    http1: Arc<ServerConfig>,
+    h2: Arc<ServerConfig>,
 }
 
 impl LeafCache {
@@ -34,8 +41,14 @@ impl LeafCache {
     }
 
     /// The server config for `name` (a DNS name, or an IP address literal
-    /// for connections without SNI): made on first use, then cached.
-    pub fn server_config(&self, name: &str) -> io::Result<Arc<ServerConfig>> {
+    /// for connections without SNI), offering `h2` if `h2`: made on first
+    /// use, then cached.
+    pub fn server_config(&self, name: &str, h2: bool) -> io::Result<Arc<ServerConfig>> {
+        let configs = self.configs(name)?;
+        Ok(if h2 { configs.h2 } else { configs.http1 })
+    }
+
+    fn configs(&self, name: &str) -> io::Result<Configs> {
         // Names are case-insensitive: one certificate for every spelling.
         let name = name.to_ascii_lowercase();
         // A miss is made under the lock: a key and a signature take well under
@@ -46,21 +59,23 @@ impl LeafCache {
             return Ok(config.clone());
         }
         let leaf = self.ca.leaf(&name).map_err(|error| io::Error::other(format!("{error:#}")))?;
-        let mut config = self.base.clone();
-        config.cert_resolver = Arc::new(SingleCertAndKey::from(leaf));
-        let config = Arc::new(config);
-        configs.put(name, config.clone());
-        Ok(config)
+        let mut http1 = self.base.clone();
+        http1.cert_resolver = Arc::new(SingleCertAndKey::from(leaf));
+        let mut h2 = http1.clone();
+        h2.alpn_protocols.insert(0, b"h2".to_vec());
+        let made = Configs { http1: Arc::new(http1), h2: Arc::new(h2) };
+        configs.put(name, made.clone());
+        Ok(made)
     }
 
-    /// Completes the TLS handshake of a sandbox's connection to `name`.
-    /// `stream` replays the ClientHello if it was read to sniff it
-    /// ([`crate::rewound::Rewound`]).
-    pub async fn accept<S>(&self, name: &str, stream: S) -> io::Result<TlsStream<S>>
+    /// Completes the TLS handshake of a sandbox's connection to `name`,
+    /// offering `h2` (before HTTP/1.1) if `h2`. `stream` replays the
+    /// ClientHello if it was read to sniff it ([`crate::rewound::Rewound`]).
+    pub async fn accept<S>(&self, name: &str, stream: S, h2: bool) -> io::Result<TlsStream<S>>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        TlsAcceptor::from(self.server_config(name)?).accept(stream).await
+        TlsAcceptor::from(self.server_config(name, h2)?).accept(stream).await
     }
 }
 
@@ -89,6 +104,17 @@ mod tests {
         name: &str,
         server_name: &str,
     ) -> (CertificateDer<'static>, Option<Vec<u8>>) {
+        handshake_offering(leaves, roots, name, server_name, false).await
+    }
+
+    /// As [`handshake`], the agent offering `h2` if `h2`.
+    async fn handshake_offering(
+        leaves: &LeafCache,
+        roots: &RootCertStore,
+        name: &str,
+        server_name: &str,
+        h2: bool,
+    ) -> (CertificateDer<'static>, Option<Vec<u8>>) {
         let mut client = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
             .unwrap()
@@ -98,7 +124,7 @@ mod tests {
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
         let server_name = ServerName::try_from(server_name.to_owned()).unwrap();
         let connect = TlsConnector::from(Arc::new(client)).connect(server_name, client_io);
-        let (client, server) = tokio::join!(connect, leaves.accept(name, server_io));
+        let (client, server) = tokio::join!(connect, leaves.accept(name, server_io, h2));
         server.expect("the agent completes the handshake");
         let client = client.expect("the client trusts the leaf through the CA");
         let (_, session) = client.get_ref();
@@ -110,6 +136,15 @@ mod tests {
         let (leaves, roots) = cache(4);
         let (_, alpn) = handshake(&leaves, &roots, "api.example.test", "api.example.test").await;
         assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
+    }
+
+    #[tokio::test]
+    async fn h2_is_offered_only_when_asked_with_the_same_certificate() {
+        let (leaves, roots) = cache(4);
+        let (http1_leaf, _) = handshake(&leaves, &roots, "api.example.test", "api.example.test").await;
+        let (h2_leaf, alpn) = handshake_offering(&leaves, &roots, "api.example.test", "api.example.test", true).await;
+        assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
+        assert_eq!(h2_leaf, http1_leaf);
     }
 
     #[tokio::test]
@@ -134,6 +169,6 @@ mod tests {
     #[test]
     fn a_name_that_cannot_be_in_a_certificate_is_an_error() {
         let (leaves, _) = cache(1);
-        assert!(leaves.server_config("caf\u{e9}.test").is_err());
+        assert!(leaves.server_config("caf\u{e9}.test", false).is_err());
     }
 }

@@ -12,7 +12,7 @@ mod upstream;
 pub use ca::{AgentCa, DEFAULT_CA_DIR};
 pub use leaf::LeafCache;
 pub use trust::{load_system_roots, write_readable_file, TrustBundle, TRUSTSTORE_PASSWORD};
-pub use upstream::{add_pem_roots, system_roots, UpstreamTls, UpstreamTlsError, UpstreamTlsErrorKind};
+pub use upstream::{add_pem_roots, speaks_h2, system_roots, UpstreamTls, UpstreamTlsError, UpstreamTlsErrorKind};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 

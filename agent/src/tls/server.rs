@@ -5,9 +5,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use rustls::{server::ResolvesServerCertUsingSni, ServerConfig};
 
-/// A server config offering only HTTP/1.1 (the agent parses what it
-/// terminates; a client that insists on h2 fails the handshake), with no
-/// certificate yet: the caller sets `cert_resolver`.
+/// A server config offering only HTTP/1.1, with no certificate yet: the
+/// caller sets `cert_resolver`. Where the origin speaks HTTP/2 (or the
+/// client speaks nothing else), the leaf cache offers `h2` first.
 pub(super) fn http1_server_config() -> Result<ServerConfig> {
     let mut config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()

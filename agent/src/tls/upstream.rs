@@ -46,7 +46,10 @@ pub fn add_pem_roots(roots: &mut RootCertStore, ca_file: &Path) -> Result<()> {
 /// TLS to the origin of a connection the agent terminated; built once at
 /// start-up.
 pub struct UpstreamTls {
-    connector: TlsConnector,
+    /// Offers HTTP/1.1 only.
+    http1: TlsConnector,
+    /// Offers `h2`, then HTTP/1.1: the origin's answer says which it speaks.
+    h2: TlsConnector,
     handshake_timeout: Duration,
 }
 
@@ -104,14 +107,24 @@ impl UpstreamTls {
             .context("TLS protocol versions")?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        // The agent relays what it parsed as HTTP/1.1: it must not get h2 back.
+        // An HTTP/1.1 client's requests are relayed as such: no h2 back.
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Self { connector: TlsConnector::from(Arc::new(config)), handshake_timeout })
+        let mut h2 = config.clone();
+        h2.alpn_protocols.insert(0, b"h2".to_vec());
+        let (http1, h2) = (TlsConnector::from(Arc::new(config)), TlsConnector::from(Arc::new(h2)));
+        Ok(Self { http1, h2, handshake_timeout })
     }
 
     /// The TLS handshake with the origin at the other end of `tcp`, verified
     /// for `name`: a DNS name, or an IP address literal (`[v6]` too).
-    pub async fn connect(&self, name: &str, tcp: TcpStream) -> Result<TlsStream<TcpStream>, UpstreamTlsError> {
+    /// Offers HTTP/1.1, and `h2` first if `h2`: [`speaks_h2`] tells what the
+    /// origin picked.
+    pub async fn connect(
+        &self,
+        name: &str,
+        tcp: TcpStream,
+        h2: bool,
+    ) -> Result<TlsStream<TcpStream>, UpstreamTlsError> {
         let bare = name.strip_prefix('[').and_then(|v6| v6.strip_suffix(']')).unwrap_or(name);
         // "api.example.test (10.0.0.2:443)", or "10.0.0.2:443" when the name is that address.
         let origin = match tcp.peer_addr() {
@@ -126,7 +139,8 @@ impl UpstreamTls {
                 failed(UpstreamTlsErrorKind::HandshakeFailed, format!("{name:?} is not a valid TLS server name"))
             })?,
         };
-        let handshake = timeout(self.handshake_timeout, self.connector.connect(server_name, tcp)).await;
+        let connector = if h2 { &self.h2 } else { &self.http1 };
+        let handshake = timeout(self.handshake_timeout, connector.connect(server_name, tcp)).await;
         match handshake {
             Ok(Ok(tls)) => Ok(tls),
             Ok(Err(error)) => Err(match certificate_error(&error) {
@@ -144,6 +158,11 @@ impl UpstreamTls {
             )),
         }
     }
+}
+
+/// Whether the origin agreed on `h2` in the handshake of `tls`.
+pub fn speaks_h2(tls: &TlsStream<TcpStream>) -> bool {
+    tls.get_ref().1.alpn_protocol() == Some(b"h2")
 }
 
 /// Why the origin's certificate was refused, if that is why the handshake failed.
@@ -199,9 +218,9 @@ mod tests {
         let origin = async {
             let (tcp, _) = listener.accept().await.unwrap();
             // The handshake fails there too when the client refuses the certificate.
-            let _ = leaves.accept(served, tcp).await;
+            let _ = leaves.accept(served, tcp, false).await;
         };
-        let client = async { upstream.connect(name, TcpStream::connect(address).await.unwrap()).await };
+        let client = async { upstream.connect(name, TcpStream::connect(address).await.unwrap(), false).await };
         tokio::join!(origin, client).1
     }
 
@@ -239,7 +258,7 @@ mod tests {
                     .unwrap();
             let _ = tokio_rustls::TlsAcceptor::from(Arc::new(config)).accept(tcp).await;
         };
-        let client = async { upstream.connect(NAME, TcpStream::connect(address).await.unwrap()).await };
+        let client = async { upstream.connect(NAME, TcpStream::connect(address).await.unwrap(), false).await };
         let error = tokio::join!(origin, client).1.err().unwrap();
         assert_eq!(error.kind, UpstreamTlsErrorKind::VerifyFailed);
         assert_eq!(error.reason, format!("certificate verify failed for {NAME}: UnknownIssuer"));
@@ -260,14 +279,14 @@ mod tests {
             let (mut tcp, _) = listener.accept().await.unwrap();
             tcp.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await.unwrap();
         };
-        let client = async { upstream.connect("127.0.0.1", TcpStream::connect(address).await.unwrap()).await };
+        let client = async { upstream.connect("127.0.0.1", TcpStream::connect(address).await.unwrap(), false).await };
         let error = tokio::join!(origin, client).1.err().unwrap();
         assert_eq!(error.kind, UpstreamTlsErrorKind::HandshakeFailed);
         assert!(error.reason.starts_with(&format!("TLS handshake with {address} failed: ")), "{}", error.reason);
 
         let upstream = UpstreamTls::new(RootCertStore::empty(), None, Duration::from_millis(50)).unwrap();
         let (_silent, address) = listen().await;
-        let error = upstream.connect(NAME, TcpStream::connect(address).await.unwrap()).await.err().unwrap();
+        let error = upstream.connect(NAME, TcpStream::connect(address).await.unwrap(), false).await.err().unwrap();
         assert_eq!(error.kind, UpstreamTlsErrorKind::Timeout);
         assert_eq!(error.reason, format!("TLS handshake with {NAME} ({address}) timed out after 50 ms"));
     }

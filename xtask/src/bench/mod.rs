@@ -10,6 +10,7 @@
 //! leaves the machine; clients and servers are `bench-peer` (release build).
 //! Every process, namespace, cgroup and pin is released on drop, Ctrl-C included.
 
+mod grpc;
 mod inference;
 mod keepalive;
 mod process;
@@ -61,6 +62,12 @@ pub struct Args {
     /// Keep-alive requests on each TLS connection.
     #[arg(long, default_value_t = 10)]
     tls_requests: usize,
+    /// gRPC unary calls per figure (new connection, open channel).
+    #[arg(long, default_value_t = 300)]
+    grpc_calls: usize,
+    /// Size of the gRPC server stream.
+    #[arg(long, default_value_t = 256)]
+    grpc_stream_mib: u64,
     /// Connections one after another per server-greeting and letter-first figure.
     #[arg(long, default_value_t = 1000)]
     stall_connections: usize,
@@ -141,6 +148,9 @@ const TLS_PORT: u16 = 4430;
 const TLS_INSPECTED_PORT: u16 = 4431;
 /// The same server behind an MCP endpoint.
 const TLS_MCP_PORT: u16 = 4432;
+/// gRPC over HTTP/2 and TLS: passthrough, and an inspected endpoint.
+const GRPC_PORT: u16 = 4440;
+const GRPC_INSPECTED_PORT: u16 = 4441;
 /// Enough for the idle workload: client, agent and squid (two per connection), server.
 const NOFILE: u64 = 65_536;
 /// Idle connections opened and closed before the memory baseline, so lazy
@@ -159,7 +169,7 @@ pub fn run(args: &Args) -> Result<()> {
     ensure!(args.concurrency > 0 && args.idle > 0, "sizes must be positive");
     ensure!(args.runs <= 50, "at most 50 runs (one server port per way and run)");
     ensure!(args.tls_connections > 0 && args.tls_requests > 1, "at least one TLS connection and two requests on each");
-    ensure!(args.stall_connections > 0, "sizes must be positive");
+    ensure!(args.stall_connections > 0 && args.grpc_calls > 0 && args.grpc_stream_mib > 0, "sizes must be positive");
     ensure!((1..=60).contains(&args.wrk_secs), "--wrk-secs: from 1 to 60");
     ensure!(
         (1..=1024).contains(&args.upload_mib) && args.uploads > 0,
@@ -196,6 +206,7 @@ pub fn run(args: &Args) -> Result<()> {
     bench.throughput_and_latency(&mut results)?;
     bench.tls_requests(&mut results)?;
     bench.mcp_calls(&mut results)?;
+    bench.grpc_calls(&mut results)?;
     bench.keepalive(&mut results)?;
     bench.stalls(&mut results)?;
     bench.inference_stream(&mut results)?;
@@ -416,6 +427,7 @@ impl<'a> Bench<'a> {
             &any(UPLOAD_PORT),
         ]);
         command.args(["--tls", &format!("{},{},{}", any(TLS_PORT), any(TLS_INSPECTED_PORT), any(TLS_MCP_PORT))]);
+        command.args(["--grpc", &format!("{},{}", any(GRPC_PORT), any(GRPC_INSPECTED_PORT))]);
         command.args(["--cert", path_str(&tls_ca.cert)?, "--key", path_str(&tls_ca.key)?]);
         let mut server = Client::spawn(command, "bench servers".into())?;
         server.next_json(e2e::WAIT)?;
@@ -453,6 +465,14 @@ network_policies:
         enforcement: enforce
         rules:
           - allow: {{ method: tools/call, tool: search }}
+      - host: {name}
+        port: {GRPC_PORT}
+      - host: {name}
+        port: {GRPC_INSPECTED_PORT}
+        protocol: rest
+        enforcement: enforce
+        rules:
+          - allow: {{ method: POST, path: "/bench.Peer/*" }}
     binaries:
       - path: "/**"
 "#,

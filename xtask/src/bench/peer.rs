@@ -8,7 +8,10 @@
 //! CONNECT proxies and TCP forwarders.
 //!
 //! The other clients connect to `--to` only: `tls` (keep-alive HTTP over
-//! TLS), `greeting` and `echo` (the first bytes of a stream, either side first).
+//! TLS), `grpc` (unary and streaming calls over HTTP/2, `peer_grpc`), `greeting`
+//! and `echo` (the first bytes of a stream, either side first).
+
+mod peer_grpc;
 
 use std::{
     io::{Read, Write},
@@ -118,6 +121,22 @@ enum Command {
         #[arg(long, default_value = "/")]
         path: String,
     },
+    /// gRPC: `calls` unary calls on a new TLS connection each, as many on
+    /// one open connection, then one server-streaming call of `stream_mib`.
+    Grpc {
+        #[arg(long)]
+        to: SocketAddr,
+        /// PEM file of the CA the server's certificate must chain to.
+        #[arg(long)]
+        ca: PathBuf,
+        /// SNI and `:authority`.
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        calls: usize,
+        #[arg(long)]
+        stream_mib: u64,
+    },
     /// Connections one after another, each timed from connect to the server's greeting.
     Greeting {
         #[arg(long)]
@@ -161,6 +180,9 @@ struct Servers {
     /// The same over TLS, with `--cert` and `--key`.
     #[arg(long, value_delimiter = ',', required = true)]
     tls: Vec<SocketAddr>,
+    /// gRPC over HTTP/2 and TLS (ALPN `h2`), with `--cert` and `--key`.
+    #[arg(long, value_delimiter = ',', required = true)]
+    grpc: Vec<SocketAddr>,
     /// PEM certificate chain of the TLS servers.
     #[arg(long)]
     cert: PathBuf,
@@ -207,6 +229,8 @@ fn main() {
             let body = post.map(std::fs::read).transpose()?;
             rt.block_on(tls(to, &ca, name, connections, requests, Request { path, body }))
         }),
+        Command::Grpc { to, ca, name, calls, stream_mib } => runtime(1)
+            .and_then(|rt| rt.block_on(peer_grpc::client(to, &name, calls, stream_mib << 20, client_config(&ca)?))),
         Command::Greeting { to, connections } => {
             runtime(1).and_then(|rt| rt.block_on(first_bytes(to, connections, b"", GREETING)))
         }
@@ -251,6 +275,9 @@ async fn serve(config: Servers) -> Result<()> {
             let accepting = acceptor.accept(stream);
             async move { serve_keepalive(accepting.await.context("TLS handshake")?).await }
         }));
+    }
+    for address in config.grpc {
+        servers.spawn(peer_grpc::serve(bind(address).await?, server_config(&config.cert, &config.key)?));
     }
     servers.spawn(accept_loop(bind(config.greeting).await?, serve_greeting));
     servers.spawn(accept_loop(bind(config.echo).await?, serve_echo));

@@ -179,6 +179,15 @@ impl Target {
             met: measured.map(|us| us <= limit),
         }
     }
+
+    /// A ratio that should be at least `limit`.
+    pub fn at_least_ratio(what: &'static str, measured: Option<f64>, limit: f64) -> Self {
+        Self {
+            what,
+            measured: measured.map_or("n/a".into(), |ratio| format!("{ratio:.2}x")),
+            met: measured.map(|ratio| ratio >= limit),
+        }
+    }
 }
 
 /// A column of a [`Table`].
