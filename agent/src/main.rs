@@ -166,6 +166,12 @@ struct RunArgs {
     /// Level of the eBPF programs' own traces (redirect decisions are `debug`).
     #[arg(long, value_enum, default_value_t = redirect::EbpfLogLevel::Info)]
     ebpf_log_level: redirect::EbpfLogLevel,
+    /// Sandbox cgroups the kernel's sandbox map holds: the ones served, and
+    /// the ones removed without --detach (kept closed). A `sandbox add`
+    /// beyond it is refused.
+    #[arg(long, default_value_t = redirect::DEFAULT_MAX_SANDBOXES, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_sandboxes: u32,
 }
 
 /// About 6 descriptors per relayed connection (two sockets, two pipes
@@ -307,13 +313,16 @@ fn run(args: RunArgs) -> Result<()> {
         };
         let observer = common.observer.clone();
         let options = daemon::Options {
-            ebpf_log_level: args.ebpf_log_level,
-            allow_abstract_unix: args.allow_abstract_unix.clone(),
+            kernel: redirect::KernelOptions {
+                log_level: args.ebpf_log_level,
+                abstract_unix: args.allow_abstract_unix.clone(),
+                max_sandboxes: args.max_sandboxes,
+            },
             credential_providers,
             inference_tls,
             ca_cert_pem,
         };
-        let daemon = Arc::new(daemon::Daemon::new(common, options));
+        let daemon = Arc::new(daemon::Daemon::new(common, options)?);
         if let Some(address) = args.metrics_listen {
             let gauges_of = daemon.clone();
             let gauges: observe::Gauges = Arc::new(move || gauges_of.gauges());

@@ -1,10 +1,14 @@
 //! One daemon, many sandboxes: each a name, a cgroup, a policy, optionally
-//! a network namespace and an inference config, served on a listener of
-//! its own. Sandboxes come and go at run time (control socket, spec
+//! a network namespace and an inference config. The kernel programs are
+//! loaded once for all of them; the sandboxes in the daemon's own network
+//! namespace share one listener (a sandbox with a namespace of its own, or
+//! a port of its own, has its own); sandboxes naming the same policy file
+//! share it. Sandboxes come and go at run time (control socket, spec
 //! directory); an add, remove or reload never disturbs another sandbox's
 //! connections.
 
 pub mod cli;
+mod policies;
 mod spec_dir;
 
 use std::{
@@ -16,19 +20,19 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 pub use spec_dir::follow_dir;
 
+use self::policies::{PolicyFiles, SharedPolicy};
 use crate::{
     control::{self, Answer, BoxFuture, ControlRequest, SandboxSpec},
     inference::{Inference, InferenceRoute, RouteChange},
-    observe::{DenialFilter, SandboxGauges},
+    observe::{DenialFilter, SandboxGauges, Scrape},
     policy::PolicyStore,
     preflight::{self, Cgroup},
-    proxy::{self, Common, Listeners, Sandbox, SandboxParts},
-    redirect::{self, EbpfLogLevel, Redirect},
+    proxy::{self, Common, Listeners, Sandbox, SandboxParts, SandboxTable, ServedListeners},
+    redirect::{self, Destination, KernelOptions, Redirect},
 };
 
 /// How long in-flight connections may finish after SIGINT/SIGTERM.
@@ -41,8 +45,8 @@ const SUGGEST_DENIALS: usize = 128;
 
 /// What every sandbox is set up with.
 pub struct Options {
-    pub ebpf_log_level: EbpfLogLevel,
-    pub allow_abstract_unix: Vec<String>,
+    /// How the kernel programs are loaded (once, for every sandbox).
+    pub kernel: KernelOptions,
     /// Every `credential_binding` of a policy must name one of these.
     pub credential_providers: Vec<String>,
     /// inference.local's certificate, signed by the agent's CA.
@@ -56,22 +60,41 @@ struct Running {
     cgroup: Cgroup,
     sandbox: Arc<Sandbox>,
     inference: Option<Arc<Inference>>,
-    /// The kernel's cookie of the network namespace its listener is in:
-    /// `exec` checks that a program joins this one.
-    netns_cookie: u64,
-    /// `true` stops its listeners, DNS and policy watch.
-    stop: watch::Sender<bool>,
+    /// Its listeners: the shared ones, or its own (stopped when it goes).
+    /// Their network namespace is the one `exec` checks a program joins.
+    listeners: Arc<ServedListeners>,
+    /// Whether they are the daemon's shared listeners.
+    shared_listener: bool,
+    /// Its policy file, shared with the sandboxes that name it too.
+    policy: Arc<SharedPolicy>,
 }
 
 pub struct Daemon {
     common: Common,
     options: Options,
+    redirect: Arc<Redirect>,
+    /// The sandboxes served, as the listeners find them.
+    table: Arc<SandboxTable>,
+    /// The listener shared by the sandboxes in the daemon's network
+    /// namespace, bound on the first one's add.
+    shared_listeners: Mutex<Option<Arc<ServedListeners>>>,
+    policy_files: PolicyFiles,
     sandboxes: Mutex<BTreeMap<String, Running>>,
 }
 
 impl Daemon {
-    pub fn new(common: Common, options: Options) -> Self {
-        Self { common, options, sandboxes: Mutex::default() }
+    /// Loads the kernel programs (once for every sandbox to come).
+    pub fn new(common: Common, options: Options) -> Result<Self> {
+        let redirect = Arc::new(Redirect::load(&options.kernel)?);
+        Ok(Self {
+            common,
+            options,
+            redirect,
+            table: Arc::default(),
+            shared_listeners: Mutex::default(),
+            policy_files: PolicyFiles::default(),
+            sandboxes: Mutex::default(),
+        })
     }
 
     fn sandboxes(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Running>> {
@@ -97,28 +120,20 @@ impl Daemon {
                 );
             }
         }
+        let policy = self.policy_files.load(&spec.policy, &self.options.credential_providers)?;
         let span = tracing::info_span!("sandbox", sandbox = %spec.name);
         let _entered = span.enter();
-        let policies = PolicyStore::load(&spec.policy, self.options.credential_providers.clone())?;
         let inference = match &spec.inference_config {
             None => None,
             Some(path) => Some(Arc::new(Inference::load(path)?)),
         };
-        let listeners = Listeners::bind(spec.listen_port, spec.netns.as_deref())?;
-        let listen_port = listeners.port();
-        let netns_cookie = listeners.netns_cookie()?;
-        let redirect = Redirect::attach(
-            &cgroup,
-            listen_port,
-            netns_cookie,
-            self.options.ebpf_log_level,
-            &self.options.allow_abstract_unix,
-        )?;
-        let (stop, stopped) = watch::channel(false);
+        let (listeners, shared_listener) = self.listeners_for(&spec)?;
         let parts = SandboxParts {
             name: spec.name.as_str().into(),
-            redirect,
-            policies,
+            cgroup_id: cgroup.id,
+            listen_port: listeners.port,
+            redirect: self.redirect.clone(),
+            policies: policy.store.clone(),
             inference: inference.clone().map(|inference| InferenceRoute {
                 inference,
                 tls: self.options.inference_tls.clone(),
@@ -127,26 +142,65 @@ impl Daemon {
             own_netns: spec.netns.is_some(),
             max_connections: spec.max_connections.unwrap_or(self.common.config.max_connections_per_sandbox),
         };
-        let sandbox = proxy::serve_sandbox(&self.common, parts, listeners, stopped)?;
+        let sandbox = Sandbox::new(&self.common, parts);
+        // In the table before the kernel sends it anything.
+        self.table.insert(sandbox.clone());
+        let destination = Destination { listen_port: listeners.port, netns_cookie: listeners.netns_cookie };
+        if let Err(error) = self.redirect.attach(&cgroup, destination) {
+            self.table.remove(cgroup.id);
+            return Err(error);
+        }
+        policy.store.add_sandbox(&spec.name);
         tracing::info!(
             event = "sandbox_added",
             cgroup = %cgroup.path.display(),
             cgroup_id = cgroup.id,
             netns = spec.netns.as_ref().map(|netns| netns.display().to_string()),
-            listen_port,
+            listen_port = listeners.port,
             policy_file = %spec.policy.display(),
             "sandbox added: its cgroup's connects and DNS queries go to this agent"
         );
-        let running = Running { spec, cgroup, sandbox, inference, netns_cookie, stop };
+        let running = Running { spec, cgroup, sandbox, inference, listeners, shared_listener, policy };
         let shown = describe(&running);
         sandboxes.insert(running.spec.name.clone(), running);
         Ok(shown)
     }
 
-    /// Stops serving a sandbox. Its cgroup stays redirected to the closed
-    /// listener (its connects fail) unless `detach`, which refuses while
-    /// processes remain in the cgroup unless `force`. Its connections in
-    /// flight run to their end.
+    /// The listeners a new sandbox's connects go to: its own in its own
+    /// network namespace, or on a port of its own; otherwise the daemon's
+    /// shared ones (bound now if none are yet). Also says whether they are the shared ones.
+    fn listeners_for(&self, spec: &SandboxSpec) -> Result<(Arc<ServedListeners>, bool)> {
+        let own = |port, netns| -> Result<(Arc<ServedListeners>, bool)> {
+            let listeners = Listeners::bind(port, netns)?;
+            let served = proxy::serve_listeners(&self.common, listeners, self.table.clone(), self.redirect.clone())?;
+            Ok((Arc::new(served), false))
+        };
+        if spec.netns.is_some() {
+            return own(spec.listen_port, spec.netns.as_deref());
+        }
+        let mut shared = self.shared_listeners.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*shared {
+            Some(listeners) if spec.listen_port == 0 || spec.listen_port == listeners.port => {
+                return Ok((listeners.clone(), true));
+            }
+            Some(_) => return own(spec.listen_port, None),
+            None if spec.listen_port != 0 => return own(spec.listen_port, None),
+            None => {}
+        }
+        let (listeners, _) = own(0, None)?;
+        tracing::info!(
+            event = "shared_listener",
+            listen_port = listeners.port,
+            "listening for the sandboxes in the daemon's network namespace"
+        );
+        *shared = Some(listeners.clone());
+        Ok((listeners, true))
+    }
+
+    /// Stops serving a sandbox. Its cgroup stays attached and closed (the
+    /// kernel refuses its connects and datagrams) unless `detach`, which
+    /// refuses while processes remain in the cgroup unless `force`. Its
+    /// connections in flight run to their end.
     pub fn remove(&self, name: &str, detach: bool, force: bool) -> Result<()> {
         let mut sandboxes = self.sandboxes();
         let running = sandboxes.get(name).with_context(|| format!("no sandbox named {name}"))?;
@@ -161,10 +215,13 @@ impl Daemon {
             }
         }
         let running = sandboxes.remove(name).expect("checked above");
-        let _ = running.stop.send(true);
         if detach {
-            redirect::detach(&running.cgroup)?;
+            self.redirect.detach(&running.cgroup)?;
+        } else {
+            self.redirect.close(&running.cgroup);
         }
+        self.table.remove(running.cgroup.id);
+        running.policy.store.remove_sandbox(name);
         tracing::info!(
             event = "sandbox_removed",
             sandbox = name,
@@ -215,7 +272,7 @@ impl Daemon {
         let running = sandboxes.get(name).with_context(|| format!("no sandbox named {name}"))?;
         Ok(json!({
             "sandbox": describe(running),
-            "netns_cookie": running.netns_cookie,
+            "netns_cookie": running.listeners.netns_cookie,
             "agent_ca": self.options.ca_cert_pem,
         }))
     }
@@ -225,15 +282,18 @@ impl Daemon {
         let sandboxes = self.sandboxes();
         let mut all = sandboxes.values();
         match (all.next(), all.next()) {
-            (Some(only), None) => Some(only.sandbox.listen_port),
+            (Some(only), None) => Some(only.listeners.port),
             _ => None,
         }
     }
 
     pub fn status(&self) -> Value {
         let in_flight = self.common.config.max_connections - self.common.slots.available_permits();
+        let shared = self.shared_listeners.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(|l| l.port);
         json!({
             "sandboxes": self.list(),
+            "shared_listen_port": shared,
+            "policy_files": self.policy_files.count(),
             "connections_in_flight": in_flight,
             "max_connections": self.common.config.max_connections,
             "recent_denials": self.common.observer.recent_denials.top(STATUS_DENIALS),
@@ -241,19 +301,20 @@ impl Daemon {
     }
 
     /// What the metrics read at scrape time.
-    pub fn gauges(&self) -> Vec<(String, SandboxGauges)> {
-        self.sandboxes()
+    pub fn gauges(&self) -> Scrape {
+        let sandboxes = self
+            .sandboxes()
             .iter()
             .map(|(name, running)| {
                 let policies = &running.sandbox.context.decider.policies;
                 let gauges = SandboxGauges {
                     generation: policies.current().generation,
                     reload_failures: policies.reload_failures(),
-                    maps: running.sandbox.redirect.map_fill(),
                 };
                 (name.clone(), gauges)
             })
-            .collect()
+            .collect();
+        Scrape { sandboxes, maps: self.redirect.map_fill() }
     }
 
     fn inference_of(&self, name: Option<&str>) -> Result<Arc<Inference>> {
@@ -318,9 +379,8 @@ impl Daemon {
     /// connections in flight. Cgroups stay redirected: their connects are
     /// refused until an agent serves them again, or `detach`.
     pub async fn shutdown(&self) {
-        for running in self.sandboxes().values() {
-            let _ = running.stop.send(true);
-        }
+        self.sandboxes().clear();
+        self.shared_listeners.lock().unwrap_or_else(PoisonError::into_inner).take();
         let max = self.common.config.max_connections as u32;
         let drained = tokio::time::timeout(SHUTDOWN_GRACE, self.common.slots.acquire_many(max)).await.is_ok();
         let stats = &self.common.stats;
@@ -355,6 +415,7 @@ fn describe(running: &Running) -> Value {
         "policy_reload_failures": policies.reload_failures(),
         "netns": running.spec.netns,
         "listen_port": sandbox.listen_port,
+        "shared_listener": running.shared_listener,
         "inference_config": running.spec.inference_config,
         "connections_active": sandbox.context.observed.active(),
     })

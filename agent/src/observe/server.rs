@@ -9,7 +9,7 @@ use tokio::{
     sync::Semaphore,
 };
 
-use super::{Observer, SandboxGauges};
+use super::{Observer, Scrape};
 
 /// Scrapers served at once; more wait in the backlog.
 const MAX_SCRAPERS: usize = 8;
@@ -17,7 +17,7 @@ const MAX_REQUEST_HEAD: usize = 8192;
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the daemon reports at scrape time.
-pub type Gauges = Arc<dyn Fn() -> Vec<(String, SandboxGauges)> + Send + Sync>;
+pub type Gauges = Arc<dyn Fn() -> Scrape + Send + Sync>;
 
 /// Binds `address` (so a taken port fails the start) and serves it.
 pub async fn serve_metrics(address: SocketAddr, observer: Arc<Observer>, gauges: Gauges) -> Result<SocketAddr> {

@@ -17,7 +17,6 @@ use tokio::{
     signal::unix::{signal, SignalKind},
     sync::watch,
 };
-use tracing::Instrument;
 
 use super::Policy;
 
@@ -40,6 +39,8 @@ pub struct PolicyStore {
     /// The current generation, for what must end when the policy changes
     /// (inspected WebSocket sessions).
     generations: Arc<watch::Sender<u64>>,
+    /// The sandboxes that share this policy file, named in its reload lines.
+    sandboxes: Arc<RwLock<Vec<String>>>,
 }
 
 impl PolicyStore {
@@ -53,7 +54,22 @@ impl PolicyStore {
             current: Arc::new(RwLock::new(Arc::new(Loaded { policy, generation: 1 }))),
             reload_failures: Arc::default(),
             generations: Arc::new(watch::Sender::new(1)),
+            sandboxes: Arc::default(),
         })
+    }
+
+    /// Counts `sandbox` among the ones sharing this policy (named in reload lines).
+    pub fn add_sandbox(&self, sandbox: &str) {
+        self.sandboxes.write().unwrap_or_else(|poisoned| poisoned.into_inner()).push(sandbox.to_owned());
+    }
+
+    pub fn remove_sandbox(&self, sandbox: &str) {
+        self.sandboxes.write().unwrap_or_else(|poisoned| poisoned.into_inner()).retain(|name| name != sandbox);
+    }
+
+    /// The sandboxes sharing this policy, comma separated.
+    fn sandbox_names(&self) -> String {
+        self.sandboxes.read().unwrap_or_else(|poisoned| poisoned.into_inner()).join(",")
     }
 
     /// Changes with every generation loaded.
@@ -72,7 +88,14 @@ impl PolicyStore {
                 let generation = current.generation + 1;
                 *current = Arc::new(Loaded { policy, generation });
                 self.generations.send_replace(generation);
-                tracing::info!(event = "policy_reloaded", trigger, generation, policy_file = %self.path.display(), "policy reloaded");
+                tracing::info!(
+                    event = "policy_reloaded",
+                    trigger,
+                    generation,
+                    policy_file = %self.path.display(),
+                    sandbox = %self.sandbox_names(),
+                    "policy reloaded"
+                );
             }
             Err(error) => {
                 self.reload_failures.fetch_add(1, Ordering::Relaxed);
@@ -81,6 +104,7 @@ impl PolicyStore {
                     trigger,
                     generation = self.current().generation,
                     policy_file = %self.path.display(),
+                    sandbox = %self.sandbox_names(),
                     "policy reload refused, the previous policy stays in force: {error:#}"
                 )
             }
@@ -117,7 +141,8 @@ impl PolicyStore {
                 }
             }
         };
-        tokio::spawn(watch.in_current_span());
+        // Outside any sandbox's span: the file may serve several; its lines name them.
+        tokio::spawn(watch);
         Ok(())
     }
 }
