@@ -32,7 +32,8 @@ enum Command {
     Status {
         #[arg(long)]
         json: bool,
-        #[arg(long, default_value = control::DEFAULT_CONTROL_SOCKET)]
+        /// The daemon's control socket (`--socket` is an alias).
+        #[arg(long = "control-socket", visible_alias = "socket", value_name = "PATH", default_value = control::DEFAULT_CONTROL_SOCKET)]
         socket: PathBuf,
     },
     /// Show or change the inference.local route of the running agent.
@@ -134,7 +135,7 @@ struct RunArgs {
     #[arg(long, value_name = "FILE")]
     credentials: Option<PathBuf>,
     /// Control socket for `sandbox-egress sandbox|status|inference` (root only, 0600).
-    #[arg(long, default_value = control::DEFAULT_CONTROL_SOCKET)]
+    #[arg(long, visible_alias = "socket", value_name = "PATH", default_value = control::DEFAULT_CONTROL_SOCKET)]
     control_socket: PathBuf,
     /// Where the agent's CA lives (created on first run): it signs the
     /// certificates of inference.local and of TLS-terminated (L7) endpoints.

@@ -33,7 +33,8 @@ pub enum SandboxCommand {
         /// daemon's --max-connections-per-sandbox).
         #[arg(long)]
         max_connections: Option<usize>,
-        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
+        /// The daemon's control socket (`--socket` is an alias).
+        #[arg(long = "control-socket", visible_alias = "socket", value_name = "PATH", default_value = DEFAULT_CONTROL_SOCKET)]
         socket: PathBuf,
     },
     /// Stop serving a sandbox; its cgroup stays closed unless --detach
@@ -45,14 +46,16 @@ pub enum SandboxCommand {
         detach: bool,
         #[arg(long, requires = "detach")]
         force: bool,
-        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
+        /// The daemon's control socket (`--socket` is an alias).
+        #[arg(long = "control-socket", visible_alias = "socket", value_name = "PATH", default_value = DEFAULT_CONTROL_SOCKET)]
         socket: PathBuf,
     },
     /// The sandboxes served
     List {
         #[arg(long)]
         json: bool,
-        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
+        /// The daemon's control socket (`--socket` is an alias).
+        #[arg(long = "control-socket", visible_alias = "socket", value_name = "PATH", default_value = DEFAULT_CONTROL_SOCKET)]
         socket: PathBuf,
     },
 }
