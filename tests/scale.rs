@@ -112,3 +112,24 @@ fn a_thousand_sandboxes_are_each_decided_by_their_own_policy_and_removed_ones_st
     }
     Ok(())
 }
+
+#[test]
+fn sandboxes_beyond_max_sandboxes_are_refused_with_the_flag_named() -> Result<()> {
+    require_root();
+    let net = TestNet::new()?;
+    let daemon = AgentDaemon::start(&["--max-sandboxes", "2"])?;
+    let policy = PolicyFile::new(&net.allow_all_policy())?;
+    let cgroups: Vec<Sandbox> = (0..3).map(|i| Sandbox::new(&format!("limit-{i}"))).collect::<Result<_>>()?;
+    let mut control = ControlClient::connect(&daemon.socket)?;
+    for (i, cgroup) in cgroups.iter().enumerate().take(2) {
+        control.request(&spec(&format!("limit-{i}"), cgroup, &policy))?;
+    }
+    let refused = control.request(&spec("limit-2", &cgroups[2], &policy)).unwrap_err().to_string();
+    ensure!(refused.contains("--max-sandboxes"), "{refused}");
+    control.request(&json!({"op": "sandbox_remove", "name": "limit-0", "detach": true}))?;
+    control.request(&spec("limit-2", &cgroups[2], &policy))?;
+    for name in ["limit-1", "limit-2"] {
+        control.request(&json!({"op": "sandbox_remove", "name": name, "detach": true}))?;
+    }
+    Ok(())
+}

@@ -47,6 +47,9 @@ pub const DNS_CLIENTS_MAX_ENTRIES: u32 = 16_384;
 
 /// One entry per sandboxed process, while it (or a later one with its pid) lives.
 pub const PROCESS_TIMES_MAX_ENTRIES: u32 = 65_536;
+/// Sandbox cgroups the kernel's sandbox map holds, for every agent on the
+/// host (served, or removed without detach); allocated as they come.
+pub const SANDBOXES_MAX_ENTRIES: u32 = 65_536;
 /// Names given with `--allow-abstract-unix`.
 pub const ABSTRACT_UNIX_ALLOWED_MAX_ENTRIES: u32 = 64;
 /// An abstract unix name is at most 107 bytes (sun_path less its leading NUL).

@@ -3,13 +3,16 @@
 //! A process belongs to the sandbox of its deepest ancestor cgroup (or its
 //! own) found in the map.
 
-use agent_common::{SandboxEntry, MAX_CGROUP_LEVEL};
-use aya_ebpf::{helpers::generated::bpf_get_current_ancestor_cgroup_id, macros::map, maps::HashMap};
+use agent_common::{SandboxEntry, MAX_CGROUP_LEVEL, SANDBOXES_MAX_ENTRIES};
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC, helpers::generated::bpf_get_current_ancestor_cgroup_id, macros::map, maps::HashMap,
+};
 
-/// Sized by the agent at load time (`run --max-sandboxes`); a hash map, not
-/// an LRU: an entry is never evicted, and one too many is refused.
+/// A hash map, not an LRU: an entry is never evicted, and one too many is
+/// refused. Entries are allocated as they come, so its size costs nothing
+/// until used.
 #[map]
-pub static SANDBOXES: HashMap<u64, SandboxEntry> = HashMap::with_max_entries(1, 0);
+pub static SANDBOXES: HashMap<u64, SandboxEntry> = HashMap::with_max_entries(SANDBOXES_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// The calling process's sandbox: its cgroup id and entry.
 pub fn current_sandbox() -> Option<(u64, SandboxEntry)> {

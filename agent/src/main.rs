@@ -167,11 +167,9 @@ struct RunArgs {
     /// Level of the eBPF programs' own traces (redirect decisions are `debug`).
     #[arg(long, value_enum, default_value_t = redirect::EbpfLogLevel::Info)]
     ebpf_log_level: redirect::EbpfLogLevel,
-    /// Sandbox cgroups the kernel's sandbox map holds: the ones served, and
-    /// the ones removed without --detach (kept closed). A `sandbox add`
-    /// beyond it is refused.
-    #[arg(long, default_value_t = redirect::DEFAULT_MAX_SANDBOXES, value_name = "N",
-          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    /// Sandboxes served at once; a `sandbox add` (or spec file) beyond it is refused.
+    #[arg(long, default_value_t = daemon::DEFAULT_MAX_SANDBOXES, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(agent_common::SANDBOXES_MAX_ENTRIES)))]
     max_sandboxes: u32,
 }
 
@@ -317,8 +315,8 @@ fn run(args: RunArgs) -> Result<()> {
             kernel: redirect::KernelOptions {
                 log_level: args.ebpf_log_level,
                 abstract_unix: args.allow_abstract_unix.clone(),
-                max_sandboxes: args.max_sandboxes,
             },
+            max_sandboxes: args.max_sandboxes as usize,
             credential_providers,
             inference_tls,
             ca_cert_pem,

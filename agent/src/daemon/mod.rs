@@ -43,8 +43,13 @@ const STATUS_DENIALS: usize = 20;
 /// of 1 KiB at most), well within a reply line.
 const SUGGEST_DENIALS: usize = 128;
 
+/// Sandboxes served at once by default (`run --max-sandboxes`).
+pub const DEFAULT_MAX_SANDBOXES: u32 = 4096;
+
 /// What every sandbox is set up with.
 pub struct Options {
+    /// Sandboxes served at once (`run --max-sandboxes`).
+    pub max_sandboxes: usize,
     /// How the kernel programs are loaded (once, for every sandbox).
     pub kernel: KernelOptions,
     /// Every `credential_binding` of a policy must name one of these.
@@ -109,6 +114,13 @@ impl Daemon {
         let mut sandboxes = self.sandboxes();
         if sandboxes.contains_key(&spec.name) {
             bail!("a sandbox named {} is already served (remove it first)", spec.name);
+        }
+        if sandboxes.len() >= self.options.max_sandboxes {
+            bail!(
+                "the daemon serves {} sandboxes, its --max-sandboxes: remove one first, or restart the daemon with \
+                 a larger --max-sandboxes",
+                sandboxes.len()
+            );
         }
         let cgroup = preflight::cgroup_v2_dir(&spec.cgroup)?;
         for (name, other) in sandboxes.iter() {
@@ -293,6 +305,7 @@ impl Daemon {
         json!({
             "sandboxes": self.list(),
             "shared_listen_port": shared,
+            "max_sandboxes": self.options.max_sandboxes,
             "policy_files": self.policy_files.count(),
             "connections_in_flight": in_flight,
             "max_connections": self.common.config.max_connections,

@@ -32,7 +32,7 @@ use agent_common::{
     AbstractName, ClientKey, ConnectRecord, DnsClient, ProcessTimes, SandboxEntry, SockAddrKey, ABSTRACT_NAME_MAX,
     BY_CLIENT_MAX_ENTRIES, DNS_CLIENTS_MAX_ENTRIES, MAP_ABSTRACT_UNIX_ALLOWED, MAP_BY_CLIENT, MAP_BY_COOKIE,
     MAP_DNS_CLIENTS, MAP_DNS_SERVER_BY_COOKIE, MAP_EVENTS, MAP_PROCESS_TIMES, MAP_SANDBOXES, MAX_CGROUP_LEVEL,
-    PROCESS_TIMES_MAX_ENTRIES,
+    PROCESS_TIMES_MAX_ENTRIES, SANDBOXES_MAX_ENTRIES,
 };
 use anyhow::{bail, Context, Result};
 use aya::{
@@ -50,9 +50,6 @@ pub use pins::{count_processes, detach};
 use crate::preflight::Cgroup;
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
-
-/// Sandbox cgroups the kernel maps hold by default (`run --max-sandboxes`).
-pub const DEFAULT_MAX_SANDBOXES: u32 = 4096;
 
 /// Where a program runs: its kernel hook.
 #[derive(Clone, Copy)]
@@ -108,8 +105,6 @@ pub enum EbpfLogLevel {
 pub struct KernelOptions {
     pub log_level: EbpfLogLevel,
     pub abstract_unix: Vec<String>,
-    /// Entries of the sandbox map: sandbox cgroups served or closed at once.
-    pub max_sandboxes: u32,
 }
 
 /// Where a sandbox's connects go.
@@ -126,7 +121,6 @@ pub struct Redirect {
     ebpf: Mutex<Ebpf>,
     abstract_unix: [(u32, &'static str, OwnedFd); 2],
     sandboxes: Mutex<HashMap<MapData, u64, SandboxEntry>>,
-    sandbox_capacity: u32,
     by_client: Mutex<HashMap<MapData, ClientKey, ConnectRecord>>,
     dns_clients: HashMap<MapData, ClientKey, DnsClient>,
     process_times: HashMap<MapData, u32, ProcessTimes>,
@@ -143,15 +137,13 @@ impl Redirect {
     /// the host (replacing, without a gap, any left by an earlier agent),
     /// and starts draining eBPF traces and events.
     pub fn load(options: &KernelOptions) -> Result<Self> {
-        anyhow::ensure!(options.max_sandboxes > 0, "--max-sandboxes must be at least 1");
         let host = pins::host_dir();
         std::fs::create_dir_all(&host).with_context(|| format!("create {}", host.display()))?;
         // Agents starting side by side would race to pin the shared maps.
         let _loading = pins::lock_host_dir()?;
-        let carried = pins::resize_sandbox_map(options.max_sandboxes)?;
         let log_level = options.log_level as u8;
         let mut loader = EbpfLoader::new();
-        loader.override_global(aya_log::LEVEL, &log_level, false).map_max_entries(MAP_SANDBOXES, options.max_sandboxes);
+        loader.override_global(aya_log::LEVEL, &log_level, false);
         for map in SHARED_MAPS {
             loader.map_pin_path(map, host.join(map));
         }
@@ -174,29 +166,21 @@ impl Redirect {
         let aya::maps::Map::HashMap(allowed) = allowed else { bail!("{MAP_ABSTRACT_UNIX_ALLOWED} is not a hash map") };
         let abstract_unix = abstract_unix::load(allowed.fd().as_fd())?;
 
-        let sandboxes = take_map(&mut ebpf, MAP_SANDBOXES)?;
-        let aya::maps::Map::HashMap(data) = &sandboxes else { bail!("{MAP_SANDBOXES} is not a hash map") };
-        let sandbox_capacity = data.info()?.max_entries();
-        let mut sandboxes: HashMap<MapData, u64, SandboxEntry> = HashMap::try_from(sandboxes)?;
-        for (cgroup_id, entry) in carried {
-            sandboxes.insert(cgroup_id, entry, 0).context("carry a sandbox entry into the resized map")?;
-        }
+        let mut sandboxes = take_shared_map(&mut ebpf, MAP_SANDBOXES, SANDBOXES_MAX_ENTRIES)?;
         pins::forget_removed_cgroups(&mut sandboxes);
         attach_tracepoints(&mut ebpf)?;
 
-        let by_client = HashMap::try_from(take_map(&mut ebpf, MAP_BY_CLIENT)?)?;
-        let dns_clients = HashMap::try_from(take_map(&mut ebpf, MAP_DNS_CLIENTS)?)?;
-        let process_times = HashMap::try_from(take_map(&mut ebpf, MAP_PROCESS_TIMES)?)?;
+        let by_client = take_shared_map(&mut ebpf, MAP_BY_CLIENT, BY_CLIENT_MAX_ENTRIES)?;
+        let dns_clients = take_shared_map(&mut ebpf, MAP_DNS_CLIENTS, DNS_CLIENTS_MAX_ENTRIES)?;
+        let process_times = take_shared_map(&mut ebpf, MAP_PROCESS_TIMES, PROCESS_TIMES_MAX_ENTRIES)?;
         tracing::info!(
             pins = %host.display(),
-            max_sandboxes = sandbox_capacity,
             "eBPF programs loaded once for every sandbox; process tracking attached for the host"
         );
         Ok(Self {
             ebpf: Mutex::new(ebpf),
             abstract_unix,
             sandboxes: Mutex::new(sandboxes),
-            sandbox_capacity,
             by_client: Mutex::new(by_client),
             dns_clients,
             process_times,
@@ -275,7 +259,7 @@ impl Redirect {
         let mut sandboxes = lock(&self.sandboxes);
         let known = sandboxes.get(&cgroup_id, 0).is_ok();
         let full = |sandboxes: &HashMap<MapData, u64, SandboxEntry>| {
-            sandboxes.keys().count() >= self.sandbox_capacity as usize
+            sandboxes.keys().count() >= SANDBOXES_MAX_ENTRIES as usize
         };
         if !known && full(&sandboxes) {
             // Cgroups deleted since they were served hold entries no one needs.
@@ -283,10 +267,9 @@ impl Redirect {
         }
         if !known && full(&sandboxes) {
             bail!(
-                "the kernel's sandbox map is full: it holds {} sandbox cgroups (--max-sandboxes), served or removed \
-                 without --detach; detach removed ones (`sandbox remove --detach`, `sandbox-egress detach`) or \
-                 restart the daemon with a larger --max-sandboxes",
-                self.sandbox_capacity
+                "the kernel's sandbox map is full: it holds {SANDBOXES_MAX_ENTRIES} sandbox cgroups of this host's \
+                 agents, served or removed without --detach; detach removed ones (`sandbox remove --detach`, \
+                 `sandbox-egress detach`)"
             );
         }
         sandboxes.insert(cgroup_id, entry, 0).context("write the sandbox's entry in the kernel's sandbox map")
@@ -320,7 +303,7 @@ impl Redirect {
         let by_client = lock(&self.by_client).keys().count();
         let sandboxes = lock(&self.sandboxes).keys().count();
         vec![
-            ("sandboxes", sandboxes, self.sandbox_capacity),
+            ("sandboxes", sandboxes, SANDBOXES_MAX_ENTRIES),
             ("connects_by_client", by_client, BY_CLIENT_MAX_ENTRIES),
             ("dns_clients", self.dns_clients.keys().count(), DNS_CLIENTS_MAX_ENTRIES),
             ("process_times", self.process_times.keys().count(), PROCESS_TIMES_MAX_ENTRIES),
@@ -330,6 +313,29 @@ impl Redirect {
 
 fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
     ebpf.take_map(name).with_context(|| format!("map {name} missing from the eBPF object"))
+}
+
+/// A shared hash map, checked against this agent's layout: a map pinned by
+/// another agent version is reused as it is, so it must be the same.
+fn take_shared_map<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    max_entries: u32,
+) -> Result<HashMap<MapData, K, V>> {
+    let map = take_map(ebpf, name)?;
+    let (aya::maps::Map::HashMap(data) | aya::maps::Map::LruHashMap(data)) = &map else {
+        bail!("{name} is not a hash map")
+    };
+    let info = data.info()?;
+    let expected = (size_of::<K>() as u32, size_of::<V>() as u32, max_entries);
+    if (info.key_size(), info.value_size(), info.max_entries()) != expected {
+        bail!(
+            "the map {name} pinned under {} comes from another agent version: detach every sandbox \
+             (`sandbox-egress detach --cgroup DIR`), remove that directory, and start again",
+            pins::host_dir().display()
+        );
+    }
+    Ok(HashMap::try_from(map)?)
 }
 
 /// Fills the map of abstract unix names sandboxes may reach (`@` optional).

@@ -66,30 +66,6 @@ pub(super) fn remove_old_map_pins(dir: &Path) {
     }
 }
 
-/// Before the programs load: if the pinned sandbox map is not `capacity`
-/// entries large, its entries are read out and its pin removed, so the load
-/// makes a map of the new size (the caller writes them back into it). The
-/// links of sandboxes not served again keep the old map through their programs.
-pub(super) fn resize_sandbox_map(capacity: u32) -> Result<Vec<(u64, SandboxEntry)>> {
-    let pin = host_dir().join(MAP_SANDBOXES);
-    let Ok(old) = MapData::from_pin(&pin) else { return Ok(Vec::new()) };
-    let old_capacity = old.info()?.max_entries();
-    if old_capacity == capacity {
-        return Ok(Vec::new());
-    }
-    let old: HashMap<MapData, u64, SandboxEntry> = HashMap::try_from(aya::maps::Map::HashMap(old))?;
-    let entries: Vec<(u64, SandboxEntry)> = old.iter().flatten().collect();
-    anyhow::ensure!(
-        entries.len() <= capacity as usize,
-        "--max-sandboxes {capacity} is fewer than the {} sandbox cgroups the kernel's map holds (served or removed \
-         without --detach): detach some first",
-        entries.len()
-    );
-    std::fs::remove_file(&pin).with_context(|| format!("remove {}", pin.display()))?;
-    tracing::info!(from = old_capacity, to = capacity, "the kernel's sandbox map resized (--max-sandboxes)");
-    Ok(entries)
-}
-
 /// Forgets the sandbox entries and pins of cgroups that no longer exist:
 /// a sandbox cgroup removed without `detach` keeps them, and they would in
 /// time fill the sandbox map.
