@@ -58,6 +58,8 @@ fn a_thousand_sandboxes_are_each_decided_by_their_own_policy_and_removed_ones_st
     let served = status["sandboxes"].as_array().map_or(0, Vec::len);
     ensure!(served == SANDBOXES, "{served} sandboxes served");
     ensure!(status["policy_files"] == DISTINCT + 1, "one policy per file: {}", status["policy_files"]);
+    // The files of the same text share one compiled policy: allowing and denying.
+    ensure!(status["compiled_policies"] == 2, "one compiled policy per text: {}", status["compiled_policies"]);
     let shared_listener = status["sandboxes"].as_array().into_iter().flatten().all(|s| s["shared_listener"] == true);
     ensure!(shared_listener, "every sandbox shares the daemon's listener");
 

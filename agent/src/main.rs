@@ -79,7 +79,8 @@ struct RunArgs {
     /// (/run/netns/NAME or /proc/PID/ns/net).
     #[arg(long, requires = "cgroup")]
     netns: Option<PathBuf>,
-    /// Port of the --cgroup sandbox's loopback listener (0: any free port).
+    /// Port of the --cgroup sandbox's loopback listener; 0: the daemon's
+    /// shared listener on any free port (with --netns, one of its own).
     #[arg(long, default_value_t = 15001)]
     listen_port: u16,
     /// A directory of sandbox specs (one YAML file each, see README):

@@ -26,7 +26,8 @@ pub enum SandboxCommand {
         /// Its inference.local providers and route.
         #[arg(long, value_name = "FILE")]
         inference_config: Option<PathBuf>,
-        /// Port of its loopback listener (0: any free port).
+        /// Port of its loopback listener; 0: the daemon's shared listener (with
+        /// --netns, one of its own on any free port).
         #[arg(long, default_value_t = 0)]
         listen_port: u16,
         /// Connections of one of its cgroups relayed at once (default: the

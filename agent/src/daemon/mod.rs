@@ -307,6 +307,7 @@ impl Daemon {
             "shared_listen_port": shared,
             "max_sandboxes": self.options.max_sandboxes,
             "policy_files": self.policy_files.count(),
+            "compiled_policies": crate::policy::compiled_policies(),
             "connections_in_flight": in_flight,
             "max_connections": self.common.config.max_connections,
             "recent_denials": self.common.observer.recent_denials.top(STATUS_DENIALS),

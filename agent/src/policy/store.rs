@@ -4,10 +4,11 @@
 //! the previous one stays in force.
 
 use std::{
+    collections::HashMap,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, RwLock,
+        Arc, LazyLock, Mutex, PoisonError, RwLock, Weak,
     },
     time::{Duration, SystemTime},
 };
@@ -24,7 +25,8 @@ use super::Policy;
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct Loaded {
-    pub policy: Policy,
+    /// Shared with every file of the same text (see [`compiled_policies`]).
+    pub policy: Arc<Policy>,
     pub generation: u64,
 }
 
@@ -147,12 +149,33 @@ impl PolicyStore {
     }
 }
 
-fn load_checked(path: &Path, credential_providers: &[String]) -> Result<Policy> {
-    let policy = Policy::from_file(path)?;
+fn load_checked(path: &Path, credential_providers: &[String]) -> Result<Arc<Policy>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read policy file {}", path.display()))?;
+    let policy = compile(&text).with_context(|| format!("policy file {}", path.display()))?;
     policy
         .check_credential_bindings(credential_providers.iter().map(String::as_str))
         .with_context(|| format!("policy file {}", path.display()))?;
     Ok(policy)
+}
+
+/// Compiled policies by their text, while in use: identical policy files,
+/// whatever their path, share one compiled policy.
+static COMPILED: LazyLock<Mutex<HashMap<String, Weak<Policy>>>> = LazyLock::new(Mutex::default);
+
+fn compile(text: &str) -> Result<Arc<Policy>> {
+    let mut compiled = COMPILED.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(policy) = compiled.get(text).and_then(Weak::upgrade) {
+        return Ok(policy);
+    }
+    let policy = Arc::new(Policy::from_yaml(text)?);
+    compiled.retain(|_, policy| policy.strong_count() > 0);
+    compiled.insert(text.to_owned(), Arc::downgrade(&policy));
+    Ok(policy)
+}
+
+/// Compiled policies in use (one per distinct policy text).
+pub fn compiled_policies() -> usize {
+    COMPILED.lock().unwrap_or_else(PoisonError::into_inner).values().filter(|policy| policy.strong_count() > 0).count()
 }
 
 fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
