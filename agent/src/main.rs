@@ -341,7 +341,7 @@ fn run(args: RunArgs) -> Result<()> {
         tracing::info!(
             event = "ready",
             sandboxes = daemon.list().len(),
-            listen_port = daemon.only_listen_port(),
+            listen_port = daemon.common_listen_port(),
             control_socket = %args.control_socket.display(),
             "agent ready"
         );

@@ -289,14 +289,13 @@ impl Daemon {
         }))
     }
 
-    /// The port of the one sandbox served, for the `run --cgroup` ready line.
-    pub fn only_listen_port(&self) -> Option<u16> {
+    /// The port every sandbox served listens on, if they share one (one
+    /// sandbox, or all on the shared listener), for the ready line.
+    pub fn common_listen_port(&self) -> Option<u16> {
         let sandboxes = self.sandboxes();
-        let mut all = sandboxes.values();
-        match (all.next(), all.next()) {
-            (Some(only), None) => Some(only.listeners.port),
-            _ => None,
-        }
+        let mut ports = sandboxes.values().map(|running| running.listeners.port);
+        let first = ports.next()?;
+        ports.all(|port| port == first).then_some(first)
     }
 
     pub fn status(&self) -> Value {

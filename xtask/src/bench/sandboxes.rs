@@ -40,14 +40,14 @@ impl Bench<'_> {
         let count = self.args.sandboxes;
         let mut table = Table::new(
             "sandboxes",
-            format!("{count} sandboxes on one daemon"),
+            format!("{} sandboxes on one daemon", thousands(count)),
             format!(
                 "The bench sandbox (`run --cgroup`) and {} more cgroups with the same policy file, added through the \
                  control socket one after another (one connection, requests timed from send to reply), then removed \
                  (fail closed, no --detach). Memory (RSS) and descriptors of the daemon with one sandbox and with \
                  {count}, per sandbox beyond the first. Restart: {count} spec files (`--sandboxes DIR`, the bench \
-                 sandbox's among them), the daemon SIGTERMed and started again with their pins in place, from spawn \
-                 to its ready line (every spec file served). New connection: {REQUESTS} HTTP requests one after \
+                 sandbox's among them), the daemon killed (SIGKILL) and started again with their pins in place, from \
+                 spawn to its ready line (every spec file served). New connection: {REQUESTS} HTTP requests one after \
                  another from the bench sandbox, a new connection each, transparent.",
                 count - 1
             ),
@@ -133,7 +133,8 @@ impl Bench<'_> {
         let relayed_before = agent.relayed()?;
         let route = Route { to: target, connect: None };
         let host = target.to_string();
-        let out = self.client(Way::Transparent, "http", &route, &["--host", &host, "--requests", REQUESTS])?;
+        let args = ["--host", &host, "--requests", REQUESTS, "--concurrency", "1"];
+        let out = self.client(Way::Transparent, "http", &route, &args)?;
         let errors = out["errors"].as_u64().unwrap_or_default();
         ensure!(errors == 0, "{errors} requests failed with many sandboxes: {out}");
         agent.expect_relayed(relayed_before + REQUESTS.parse::<usize>()?)?;
@@ -167,4 +168,17 @@ impl Bench<'_> {
         }
         Ok(restart)
     }
+}
+
+/// 1000 as "1,000".
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
 }
