@@ -128,6 +128,11 @@ fn sandboxes_beyond_max_sandboxes_are_refused_with_the_flag_named() -> Result<()
     }
     let refused = control.request(&spec("limit-2", &cgroups[2], &policy)).unwrap_err().to_string();
     ensure!(refused.contains("--max-sandboxes"), "{refused}");
+    // One flag name on every command, the old one kept as an alias.
+    for (command, flag) in [(&["sandbox", "list"][..], "--control-socket"), (&["status"][..], "--socket")] {
+        let output = std::process::Command::new(agent_bin()).args(command).args([flag, &daemon.socket]).output()?;
+        ensure!(output.status.success(), "{command:?} {flag}: {}", String::from_utf8_lossy(&output.stderr));
+    }
     control.request(&json!({"op": "sandbox_remove", "name": "limit-0", "detach": true}))?;
     control.request(&spec("limit-2", &cgroups[2], &policy))?;
     for name in ["limit-1", "limit-2"] {

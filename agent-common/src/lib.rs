@@ -71,19 +71,22 @@ pub struct SandboxEntry {
     pub _pad: u32,
 }
 
-/// A client's address in one network namespace: loopback addresses repeat
-/// from one namespace to the next.
+/// A client's address towards one listener, in one network namespace:
+/// loopback addresses repeat from one namespace to the next, and one
+/// client port may connect to several listeners at once.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ClientKey {
     pub netns_cookie: u64,
     pub addr: SockAddrKey,
-    pub _pad: u32,
+    /// The listener's port (host order).
+    pub listen_port: u16,
+    pub _pad: u16,
 }
 
 impl ClientKey {
-    pub const fn new(netns_cookie: u64, addr: SockAddrKey) -> Self {
-        Self { netns_cookie, addr, _pad: 0 }
+    pub const fn new(netns_cookie: u64, listen_port: u16, addr: SockAddrKey) -> Self {
+        Self { netns_cookie, addr, listen_port, _pad: 0 }
     }
 }
 
@@ -161,7 +164,9 @@ pub struct ConnectRecord {
     /// Process (thread-group) id of the caller.
     pub tgid: u32,
     pub uid: u32,
-    pub _pad: u32,
+    /// The listener the connect went to (host order).
+    pub listen_port: u16,
+    pub _pad: u16,
     pub cgroup_id: u64,
     /// The sandbox's cgroup: `cgroup_id` or an ancestor of it.
     pub sandbox_cgroup_id: u64,

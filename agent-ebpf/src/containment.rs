@@ -137,7 +137,7 @@ fn record_dns_client(ctx: &SkBuffContext) {
     // SAFETY: the context pointer is the program's own.
     let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
     let sender = DnsClient { cgroup_id, sandbox_cgroup_id: redirect.sandbox_cgroup_id };
-    let _ = DNS_CLIENTS.insert(&ClientKey::new(redirect.netns_cookie, client), &sender, 0);
+    let _ = DNS_CLIENTS.insert(&ClientKey::new(redirect.netns_cookie, redirect.listen_port, client), &sender, 0);
 }
 
 /// Abstract unix socket names sandboxes may reach (`run --allow-abstract-unix`),

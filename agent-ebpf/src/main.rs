@@ -215,6 +215,7 @@ fn record_connect(ctx: &SockAddrContext, caller: &Caller, original_dst: SockAddr
         original_dst,
         tgid: (pid_tgid >> 32) as u32,
         uid: bpf_get_current_uid_gid() as u32,
+        listen_port: caller.listen_port,
         _pad: 0,
         // SAFETY: helper without pointer arguments.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
@@ -392,7 +393,7 @@ pub fn rekey_by_client(ctx: SockOpsContext) -> u32 {
     } else {
         SockAddrKey::from_ipv6(local_ip6, port)
     };
-    let client = ClientKey::new(record.netns_cookie, client);
+    let client = ClientKey::new(record.netns_cookie, record.listen_port, client);
     // A stale entry for a reused client port is replaced by the newer connect.
     let _ = CONNECTS_BY_CLIENT.insert(client, record, u64::from(BPF_ANY));
     let _ = CONNECTS_BY_COOKIE.remove(cookie);

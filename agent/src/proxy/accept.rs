@@ -47,6 +47,8 @@ struct Finder {
     table: Arc<SandboxTable>,
     redirect: Arc<Redirect>,
     netns_cookie: u64,
+    /// The listeners' port (TCP and DNS alike).
+    port: u16,
     stats: Arc<Stats>,
 }
 
@@ -61,7 +63,7 @@ pub fn serve_listeners(
     let port = listeners.port();
     let netns_cookie = listeners.netns_cookie()?;
     let (stop, stopped) = watch::channel(false);
-    let finder = Finder { table, redirect, netns_cookie, stats: common.stats.clone() };
+    let finder = Finder { table, redirect, netns_cookie, port, stats: common.stats.clone() };
     for socket in listeners.dns {
         let finding = finder.clone();
         let asker_of: AskerOf = Arc::new(move |client| finding.dns_asker(client));
@@ -83,7 +85,7 @@ pub fn serve_listeners(
 impl Finder {
     /// Who sent a DNS query from `client`: a sandbox served on these listeners.
     fn dns_asker(&self, client: SocketAddr) -> Option<Asker> {
-        let sender = self.redirect.dns_client(self.netns_cookie, client)?;
+        let sender = self.redirect.dns_client(self.netns_cookie, self.port, client)?;
         let sandbox = self.table.get(sender.sandbox_cgroup_id)?;
         let observed = sandbox.context.observed.clone();
         let count: CountAnswer = Arc::new(move |answer| observed.dns_answer(answer));
@@ -99,7 +101,7 @@ impl Finder {
     /// connection without a record, or from a sandbox no longer served, is
     /// closed and counted, never guessed.
     fn sandbox_of(&self, stream: TcpStream, peer: SocketAddr) -> Option<(TcpStream, ConnectRecord, Arc<Sandbox>)> {
-        let Some(record) = self.redirect.take_record(self.netns_cookie, peer) else {
+        let Some(record) = self.redirect.take_record(self.netns_cookie, self.port, peer) else {
             let unattributed = self.stats.unattributed.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::warn!(client = %peer, unattributed, "connection closed: no kernel record of its origin");
             reset(stream);

@@ -276,20 +276,21 @@ impl Redirect {
     }
 
     /// Takes the record the kernel wrote for the connection whose client end
-    /// is `client`, in the network namespace `netns_cookie`. Each record is
-    /// handed out once.
-    pub fn take_record(&self, netns_cookie: u64, client: SocketAddr) -> Option<ConnectRecord> {
-        let key = ClientKey::new(netns_cookie, key_of(client));
+    /// is `client`, to the listener on `listen_port` in the network namespace
+    /// `netns_cookie`. Each record is handed out once.
+    pub fn take_record(&self, netns_cookie: u64, listen_port: u16, client: SocketAddr) -> Option<ConnectRecord> {
+        let key = ClientKey::new(netns_cookie, listen_port, key_of(client));
         let mut map = lock(&self.by_client);
         let record = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);
         Some(record)
     }
 
-    /// Who sent a DNS query from `client` in the network namespace
-    /// `netns_cookie` (as the agent's UDP socket saw it), if a sandbox sent it.
-    pub fn dns_client(&self, netns_cookie: u64, client: SocketAddr) -> Option<DnsClient> {
-        self.dns_clients.get(&ClientKey::new(netns_cookie, key_of(client)), 0).ok()
+    /// Who sent a DNS query from `client` to the socket on `listen_port` in
+    /// the network namespace `netns_cookie` (as that socket saw it), if a
+    /// sandbox sent it.
+    pub fn dns_client(&self, netns_cookie: u64, listen_port: u16, client: SocketAddr) -> Option<DnsClient> {
+        self.dns_clients.get(&ClientKey::new(netns_cookie, listen_port, key_of(client)), 0).ok()
     }
 
     /// When the sandboxed process `pid` was forked and last tried to exec;
