@@ -312,7 +312,7 @@ fn one_daemon_serves_sandboxes_with_their_own_policies_namespaces_metrics_and_st
     ensure!(gamma_dns.is_some_and(|n| n >= 1.0), "gamma's DNS answered in its namespace: {gamma_dns:?}");
     let decisions = sample("sandbox_egress_decision_seconds_count", &[("sandbox", "beta")]).unwrap_or(0.0);
     ensure!(decisions >= 3.0, "beta's decisions timed: {decisions}");
-    let fill = sample("sandbox_egress_ebpf_map_capacity", &[("sandbox", "gamma"), ("map", "process_times")]);
+    let fill = sample("sandbox_egress_ebpf_map_capacity", &[("map", "process_times")]);
     ensure!(fill.is_some_and(|n| n > 0.0), "map capacity reported");
 
     // status: the sandboxes and the most frequent denial, by host, port and binary.

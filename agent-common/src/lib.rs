@@ -22,20 +22,16 @@ pub const MAP_PROCESS_TIMES: &str = "PROCESS_TIMES";
 /// Name of the map listing the abstract unix socket names sandboxes may
 /// reach (`run --allow-abstract-unix`); every other one is refused.
 pub const MAP_ABSTRACT_UNIX_ALLOWED: &str = "ABSTRACT_UNIX_ALLOWED";
-/// Name of the eBPF global holding the attached cgroup's id, and of the one
-/// holding its level (depth below the cgroup root): process tracking keeps
-/// only the processes in that cgroup or below it.
-pub const GLOBAL_SANDBOX_CGROUP_ID: &str = "SANDBOX_CGROUP_ID";
-pub const GLOBAL_SANDBOX_CGROUP_LEVEL: &str = "SANDBOX_CGROUP_LEVEL";
+/// Name of the map of sandbox cgroups, served or closed ([`SandboxEntry`]
+/// by cgroup id): the programs, loaded once for every sandbox, find a
+/// process's sandbox there, and process tracking keeps only the processes
+/// of those cgroups (and of the cgroups below them).
+pub const MAP_SANDBOXES: &str = "SANDBOXES";
 /// Name of the ring buffer of [`KernelEvent`]s: refusals and drops the
 /// agent logs (kernel-side warnings are rate limited there, per sandbox).
 pub const MAP_EVENTS: &str = "EVENTS";
-/// Name of the eBPF global holding the agent's listener port (host order):
-/// TCP connects go to it, and DNS over UDP to the same port number.
-pub const GLOBAL_LISTEN_PORT: &str = "LISTEN_PORT";
-/// Name of the eBPF global holding the cookie of the agent's network
-/// namespace: the only one where its loopback listener exists.
-pub const GLOBAL_AGENT_NETNS_COOKIE: &str = "AGENT_NETNS_COOKIE";
+/// Deepest cgroup level searched for a process's sandbox (the root is 0).
+pub const MAX_CGROUP_LEVEL: u32 = 32;
 /// DNS queries to this port, on any address, are answered by the agent.
 pub const DNS_PORT: u16 = 53;
 
@@ -51,10 +47,69 @@ pub const DNS_CLIENTS_MAX_ENTRIES: u32 = 16_384;
 
 /// One entry per sandboxed process, while it (or a later one with its pid) lives.
 pub const PROCESS_TIMES_MAX_ENTRIES: u32 = 65_536;
+/// Sandbox cgroups the kernel's sandbox map holds, for every agent on the
+/// host (served, or removed without detach); allocated as they come.
+pub const SANDBOXES_MAX_ENTRIES: u32 = 65_536;
 /// Names given with `--allow-abstract-unix`.
 pub const ABSTRACT_UNIX_ALLOWED_MAX_ENTRIES: u32 = 64;
 /// An abstract unix name is at most 107 bytes (sun_path less its leading NUL).
 pub const ABSTRACT_NAME_MAX: usize = 107;
+
+/// A sandbox cgroup as the programs see it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SandboxEntry {
+    /// Cookie of the network namespace its listener is in: its sockets
+    /// elsewhere are refused.
+    pub netns_cookie: u64,
+    /// Its listener's port (host order): TCP connects go to it, DNS over UDP
+    /// to the same port number.
+    pub listen_port: u16,
+    /// 1 while served; 0 once removed: its connects and datagrams are
+    /// refused (fail closed) until it is served again or detached.
+    pub open: u16,
+    pub _pad: u32,
+}
+
+/// A client's address towards one listener, in one network namespace:
+/// loopback addresses repeat from one namespace to the next, and one
+/// client port may connect to several listeners at once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClientKey {
+    pub netns_cookie: u64,
+    pub addr: SockAddrKey,
+    /// The listener's port (host order).
+    pub listen_port: u16,
+    pub _pad: u16,
+}
+
+impl ClientKey {
+    pub const fn new(netns_cookie: u64, listen_port: u16, addr: SockAddrKey) -> Self {
+        Self { netns_cookie, addr, listen_port, _pad: 0 }
+    }
+}
+
+/// The DNS server a UDP socket addressed, and where its queries went instead.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DnsRedirect {
+    pub server: SockAddrKey,
+    /// The sandbox listener's port its queries went to (host order).
+    pub listen_port: u16,
+    pub _pad: u16,
+    pub netns_cookie: u64,
+    pub sandbox_cgroup_id: u64,
+}
+
+/// Who sent a DNS query to the agent: the socket's cgroup, and the sandbox
+/// cgroup it belongs to (the same, or an ancestor).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsClient {
+    pub cgroup_id: u64,
+    pub sandbox_cgroup_id: u64,
+}
 
 /// A socket address: IPv4 addresses are stored v4-mapped (`::ffff:a.b.c.d`)
 /// so one key type serves both families.
@@ -109,8 +164,14 @@ pub struct ConnectRecord {
     /// Process (thread-group) id of the caller.
     pub tgid: u32,
     pub uid: u32,
-    pub _pad: u32,
+    /// The listener the connect went to (host order).
+    pub listen_port: u16,
+    pub _pad: u16,
     pub cgroup_id: u64,
+    /// The sandbox's cgroup: `cgroup_id` or an ancestor of it.
+    pub sandbox_cgroup_id: u64,
+    /// The network namespace the connect came from (its listener's).
+    pub netns_cookie: u64,
     /// `comm` of the calling thread, NUL padded.
     pub comm: [u8; 16],
     /// The process's times when it connected: the agent refuses the
@@ -139,6 +200,11 @@ pub mod event_kind {
     pub const PACKET_INGRESS: u32 = 3;
     /// A connect or send to an abstract unix socket not allowed, refused.
     pub const ABSTRACT_UNIX: u32 = 4;
+    /// A connect or datagram of a removed sandbox, refused (fail closed).
+    pub const CLOSED: u32 = 5;
+    /// A connect or datagram from a cgroup with the programs attached but
+    /// no sandbox entry, refused (fail closed).
+    pub const UNKNOWN_SANDBOX: u32 = 6;
 }
 
 /// A refusal or drop, at most one per second per sandbox and kind; the ones
@@ -169,10 +235,14 @@ pub struct AbstractName {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: both types are repr(C), Copy, and made only of integers and
+    // SAFETY: all these types are repr(C), Copy, and made only of integers and
     // byte arrays with explicit padding fields: every bit pattern is valid.
     unsafe impl aya::Pod for super::SockAddrKey {}
     unsafe impl aya::Pod for super::ConnectRecord {}
     unsafe impl aya::Pod for super::ProcessTimes {}
     unsafe impl aya::Pod for super::AbstractName {}
+    unsafe impl aya::Pod for super::SandboxEntry {}
+    unsafe impl aya::Pod for super::ClientKey {}
+    unsafe impl aya::Pod for super::DnsRedirect {}
+    unsafe impl aya::Pod for super::DnsClient {}
 }

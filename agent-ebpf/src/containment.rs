@@ -7,16 +7,16 @@
 //!   loopback, where the agent is; any other is dropped (the backstop);
 //! - abstract unix sockets: refused unless the agent was told the name.
 
-use agent_common::{event_kind, AbstractName, SockAddrKey, ABSTRACT_UNIX_ALLOWED_MAX_ENTRIES};
+use agent_common::{event_kind, AbstractName, ClientKey, DnsClient, SockAddrKey, ABSTRACT_UNIX_ALLOWED_MAX_ENTRIES};
 use aya_ebpf::{
-    helpers::generated::bpf_skb_cgroup_id,
+    helpers::generated::{bpf_get_socket_cookie, bpf_skb_cgroup_id},
     macros::{cgroup_skb, cgroup_sock, cgroup_sockopt, map},
     maps::HashMap,
     programs::{SkBuffContext, SockContext, SockoptContext},
 };
 use core::ptr::read_volatile;
 
-use crate::{trace::report_drop, DNS_CLIENTS, LISTEN_PORT};
+use crate::{trace::report_drop, DNS_CLIENTS, DNS_SERVER_BY_COOKIE};
 
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
@@ -102,7 +102,8 @@ fn dropped(ctx: &SkBuffContext, kind: u32, ifindex: u32) {
 }
 
 /// A UDP datagram over loopback from a sandbox goes to the agent (any other
-/// is refused at sendmsg/connect): remember which sandbox its source is.
+/// is refused at sendmsg/connect): remember which sandbox its source is, in
+/// the network namespace its socket's queries were redirected in.
 fn record_dns_client(ctx: &SkBuffContext) {
     let Ok(first) = ctx.load::<u8>(0) else { return };
     let (client, udp_offset) = match first >> 4 {
@@ -125,13 +126,18 @@ fn record_dns_client(ctx: &SkBuffContext) {
         _ => return,
     };
     let Ok(ports) = ctx.load::<[u8; 4]>(udp_offset) else { return };
-    if u16::from_be_bytes([ports[2], ports[3]]) != LISTEN_PORT.load() {
+    // SAFETY: the context pointer is the program's own.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    // SAFETY: the value is copied out at once.
+    let Some(redirect) = (unsafe { DNS_SERVER_BY_COOKIE.get(&cookie) }).copied() else { return };
+    if u16::from_be_bytes([ports[2], ports[3]]) != redirect.listen_port {
         return;
     }
     let client = SockAddrKey { port: u16::from_be_bytes([ports[0], ports[1]]), ..client };
     // SAFETY: the context pointer is the program's own.
     let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
-    let _ = DNS_CLIENTS.insert(&client, &cgroup_id, 0);
+    let sender = DnsClient { cgroup_id, sandbox_cgroup_id: redirect.sandbox_cgroup_id };
+    let _ = DNS_CLIENTS.insert(&ClientKey::new(redirect.netns_cookie, redirect.listen_port, client), &sender, 0);
 }
 
 /// Abstract unix socket names sandboxes may reach (`run --allow-abstract-unix`),

@@ -12,18 +12,13 @@
 use agent_common::{ProcessTimes, PROCESS_TIMES_MAX_ENTRIES};
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_get_current_ancestor_cgroup_id},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, tracepoint},
     maps::LruHashMap,
     programs::TracePointContext,
-    Global,
 };
 
-/// Set by the agent at load time: its cgroup's id and depth.
-#[unsafe(no_mangle)]
-static SANDBOX_CGROUP_ID: Global<u64> = Global::new(0);
-#[unsafe(no_mangle)]
-static SANDBOX_CGROUP_LEVEL: Global<u32> = Global::new(0);
+use crate::sandboxes::current_sandbox;
 
 #[map]
 pub static PROCESS_TIMES: LruHashMap<u32, ProcessTimes> = LruHashMap::with_max_entries(PROCESS_TIMES_MAX_ENTRIES, 0);
@@ -33,10 +28,10 @@ const CLONE_THREAD: u64 = 0x10000;
 const NEWTASK_PID_OFFSET: usize = 8;
 const NEWTASK_CLONE_FLAGS_OFFSET: usize = 32;
 
+/// The tracepoints are attached once for the whole host: they keep only
+/// the processes of sandbox cgroups.
 fn current_in_sandbox() -> bool {
-    // SAFETY: helper without pointer arguments.
-    let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(SANDBOX_CGROUP_LEVEL.load() as i32) };
-    ancestor == SANDBOX_CGROUP_ID.load()
+    current_sandbox().is_some()
 }
 
 fn current_tgid() -> u32 {

@@ -13,22 +13,27 @@
 //! other datagram is refused (EPERM): QUIC clients fall back to TCP at once,
 //! and no UDP or ICMP leaves the sandbox around the proxy.
 //!
-//! The listener exists only in the agent's network namespace, so a sandboxed
-//! process in another namespace (unshare -n, a container's netns) cannot be
-//! redirected: its connects and datagrams are refused (EPERM) with a trace
-//! naming the process, rather than reaching whatever that namespace routes.
+//! The programs are loaded once and attached to every sandbox's cgroup; each
+//! finds its caller's sandbox in the SANDBOXES map (sandboxes.rs): the port
+//! of its listener and the network namespace that listener is in. A
+//! sandboxed process in another namespace (unshare -n, a container's netns)
+//! cannot be redirected: its connects and datagrams are refused (EPERM) with
+//! a trace naming the process, rather than reaching whatever that namespace
+//! routes. So are those of a removed sandbox (fail closed), and of a cgroup
+//! with the programs attached but no entry.
 #![no_std]
 #![no_main]
 
 mod containment;
 mod identity;
+mod sandboxes;
 mod trace;
 
 use core::ptr::{read_volatile, write_volatile};
 
 use agent_common::{
-    event_kind, is_v4_mapped, ConnectRecord, SockAddrKey, BY_CLIENT_MAX_ENTRIES, BY_COOKIE_MAX_ENTRIES,
-    DNS_CLIENTS_MAX_ENTRIES, DNS_PORT, DNS_SERVER_MAX_ENTRIES,
+    event_kind, is_v4_mapped, ClientKey, ConnectRecord, DnsClient, DnsRedirect, SockAddrKey, BY_CLIENT_MAX_ENTRIES,
+    BY_COOKIE_MAX_ENTRIES, DNS_CLIENTS_MAX_ENTRIES, DNS_PORT, DNS_SERVER_MAX_ENTRIES,
 };
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_TCP_CONNECT_CB},
@@ -39,32 +44,27 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::LruHashMap,
     programs::{SockAddrContext, SockOpsContext},
-    EbpfContext, Global,
+    EbpfContext,
 };
 use aya_log_ebpf::debug;
 use identity::current_times;
+use sandboxes::current_sandbox;
 use trace::report_refusal;
-
-/// Set by the agent at load time (host order).
-#[unsafe(no_mangle)]
-pub(crate) static LISTEN_PORT: Global<u16> = Global::new(0);
-
-/// Set by the agent at load time: the network namespace its listener is in.
-#[unsafe(no_mangle)]
-static AGENT_NETNS_COOKIE: Global<u64> = Global::new(0);
 
 #[map]
 static CONNECTS_BY_COOKIE: LruHashMap<u64, ConnectRecord> = LruHashMap::with_max_entries(BY_COOKIE_MAX_ENTRIES, 0);
 
 #[map]
-static CONNECTS_BY_CLIENT: LruHashMap<SockAddrKey, ConnectRecord> =
+static CONNECTS_BY_CLIENT: LruHashMap<ClientKey, ConnectRecord> =
     LruHashMap::with_max_entries(BY_CLIENT_MAX_ENTRIES, 0);
 
 #[map]
-static DNS_SERVER_BY_COOKIE: LruHashMap<u64, SockAddrKey> = LruHashMap::with_max_entries(DNS_SERVER_MAX_ENTRIES, 0);
+pub(crate) static DNS_SERVER_BY_COOKIE: LruHashMap<u64, DnsRedirect> =
+    LruHashMap::with_max_entries(DNS_SERVER_MAX_ENTRIES, 0);
 
 #[map]
-pub(crate) static DNS_CLIENTS: LruHashMap<SockAddrKey, u64> = LruHashMap::with_max_entries(DNS_CLIENTS_MAX_ENTRIES, 0);
+pub(crate) static DNS_CLIENTS: LruHashMap<ClientKey, DnsClient> =
+    LruHashMap::with_max_entries(DNS_CLIENTS_MAX_ENTRIES, 0);
 
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
@@ -103,26 +103,52 @@ fn socket_cookie(ctx: &SockAddrContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
-/// Whether the caller shares the agent's network namespace; if not, traces
-/// the refusal (the only place it can be explained from).
-fn in_agent_netns(ctx: &SockAddrContext) -> bool {
-    // SAFETY: the context pointer is the program's own.
-    if unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == AGENT_NETNS_COOKIE.load() {
-        return true;
-    }
-    // SAFETY: helper without pointer arguments.
-    report_refusal(unsafe { bpf_get_current_cgroup_id() }, event_kind::OTHER_NETNS);
-    false
+/// The caller's sandbox, as far as its connects and datagrams may go to it.
+struct Caller {
+    sandbox_cgroup_id: u64,
+    netns_cookie: u64,
+    listen_port: u16,
 }
 
-/// Remembers which DNS server a UDP socket addressed (the latest one).
-fn record_dns_server(ctx: &SockAddrContext, server: SockAddrKey) {
-    let _ = DNS_SERVER_BY_COOKIE.insert(socket_cookie(ctx), server, u64::from(BPF_ANY));
+/// The caller's sandbox if it is served and the caller is in its
+/// listener's network namespace; if not, traces the refusal (the only
+/// place it can be explained from).
+fn caller(ctx: &SockAddrContext) -> Option<Caller> {
+    // SAFETY: helper without pointer arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let Some((sandbox_cgroup_id, entry)) = current_sandbox() else {
+        report_refusal(cgroup_id, event_kind::UNKNOWN_SANDBOX);
+        return None;
+    };
+    if entry.open == 0 {
+        report_refusal(cgroup_id, event_kind::CLOSED);
+        return None;
+    }
+    // SAFETY: the context pointer is the program's own.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if netns_cookie != entry.netns_cookie {
+        report_refusal(cgroup_id, event_kind::OTHER_NETNS);
+        return None;
+    }
+    Some(Caller { sandbox_cgroup_id, netns_cookie, listen_port: entry.listen_port })
+}
+
+/// Remembers which DNS server a UDP socket addressed (the latest one), and
+/// where its queries go instead.
+fn record_dns_server(ctx: &SockAddrContext, caller: &Caller, server: SockAddrKey) {
+    let redirect = DnsRedirect {
+        server,
+        listen_port: caller.listen_port,
+        _pad: 0,
+        netns_cookie: caller.netns_cookie,
+        sandbox_cgroup_id: caller.sandbox_cgroup_id,
+    };
+    let _ = DNS_SERVER_BY_COOKIE.insert(socket_cookie(ctx), redirect, u64::from(BPF_ANY));
 }
 
 /// Sends a UDP datagram (or connects a UDP socket) for port 53 to the
 /// agent's DNS responder instead. Returns whether it was redirected.
-fn redirect_dns4(ctx: &SockAddrContext) -> bool {
+fn redirect_dns4(ctx: &SockAddrContext, caller: &Caller) -> bool {
     let sa = ctx.sock_addr;
     // SAFETY: valid context; user_ip4/user_port are readable and writable here.
     unsafe {
@@ -130,14 +156,14 @@ fn redirect_dns4(ctx: &SockAddrContext) -> bool {
         if port != DNS_PORT {
             return false;
         }
-        record_dns_server(ctx, SockAddrKey::from_ipv4(read_volatile(&(*sa).user_ip4), port));
+        record_dns_server(ctx, caller, SockAddrKey::from_ipv4(read_volatile(&(*sa).user_ip4), port));
         write_volatile(&mut (*sa).user_ip4, LOOPBACK_V4_BE);
-        write_volatile(&mut (*sa).user_port, u32::from(LISTEN_PORT.load().to_be()));
+        write_volatile(&mut (*sa).user_port, u32::from(caller.listen_port.to_be()));
     }
     true
 }
 
-fn redirect_dns6(ctx: &SockAddrContext) -> bool {
+fn redirect_dns6(ctx: &SockAddrContext, caller: &Caller) -> bool {
     let sa = ctx.sock_addr;
     // SAFETY: valid context; user_ip6 is accessed as four u32 words.
     unsafe {
@@ -146,9 +172,9 @@ fn redirect_dns6(ctx: &SockAddrContext) -> bool {
             return false;
         }
         let ip6 = read_ip6(&(*sa).user_ip6);
-        record_dns_server(ctx, SockAddrKey::from_ipv6(ip6, port));
+        record_dns_server(ctx, caller, SockAddrKey::from_ipv6(ip6, port));
         write_ip6(&mut (*sa).user_ip6, loopback_for(ip6));
-        write_volatile(&mut (*sa).user_port, u32::from(LISTEN_PORT.load().to_be()));
+        write_volatile(&mut (*sa).user_port, u32::from(caller.listen_port.to_be()));
     }
     true
 }
@@ -183,15 +209,18 @@ unsafe fn write_ip6(words: &mut [u32; 4], ip6: [u32; 4]) {
 /// Stores who connects where, under the socket cookie. An existing record is
 /// kept: while a restarting agent's programs overlap, the first program in the
 /// chain saw the real destination and later ones only see the listener.
-fn record_connect(ctx: &SockAddrContext, original_dst: SockAddrKey) {
+fn record_connect(ctx: &SockAddrContext, caller: &Caller, original_dst: SockAddrKey) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let record = ConnectRecord {
         original_dst,
         tgid: (pid_tgid >> 32) as u32,
         uid: bpf_get_current_uid_gid() as u32,
+        listen_port: caller.listen_port,
         _pad: 0,
         // SAFETY: helper without pointer arguments.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        sandbox_cgroup_id: caller.sandbox_cgroup_id,
+        netns_cookie: caller.netns_cookie,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
         times: current_times(),
     };
@@ -202,13 +231,11 @@ fn record_connect(ctx: &SockAddrContext, original_dst: SockAddrKey) {
 
 #[cgroup_sock_addr(connect4)]
 pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
-    if !in_agent_netns(&ctx) {
-        return REJECT;
-    }
+    let Some(caller) = caller(&ctx) else { return REJECT };
     let sa = ctx.sock_addr;
     match socket_kind(sa) {
         Socket::Tcp => {}
-        Socket::Udp => return dns_or_reject(redirect_dns4(&ctx)),
+        Socket::Udp => return dns_or_reject(redirect_dns4(&ctx, &caller)),
         Socket::OtherDatagram | Socket::UnsupportedStream => return REJECT,
     }
     // SAFETY: valid context; user_ip4/user_port are readable and writable
@@ -216,31 +243,29 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
     unsafe {
         let ip4 = read_volatile(&(*sa).user_ip4);
         let port = u16::from_be(read_volatile(&(*sa).user_port) as u16);
-        record_connect(&ctx, SockAddrKey::from_ipv4(ip4, port));
+        record_connect(&ctx, &caller, SockAddrKey::from_ipv4(ip4, port));
         write_volatile(&mut (*sa).user_ip4, LOOPBACK_V4_BE);
-        write_volatile(&mut (*sa).user_port, u32::from(LISTEN_PORT.load().to_be()));
+        write_volatile(&mut (*sa).user_port, u32::from(caller.listen_port.to_be()));
     }
     ALLOW
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
-    if !in_agent_netns(&ctx) {
-        return REJECT;
-    }
+    let Some(caller) = caller(&ctx) else { return REJECT };
     let sa = ctx.sock_addr;
     match socket_kind(sa) {
         Socket::Tcp => {}
-        Socket::Udp => return dns_or_reject(redirect_dns6(&ctx)),
+        Socket::Udp => return dns_or_reject(redirect_dns6(&ctx, &caller)),
         Socket::OtherDatagram | Socket::UnsupportedStream => return REJECT,
     }
     // SAFETY: valid context for a connect6 program.
     unsafe {
         let ip6 = read_ip6(&(*sa).user_ip6);
         let port = u16::from_be(read_volatile(&(*sa).user_port) as u16);
-        record_connect(&ctx, SockAddrKey::from_ipv6(ip6, port));
+        record_connect(&ctx, &caller, SockAddrKey::from_ipv6(ip6, port));
         write_ip6(&mut (*sa).user_ip6, loopback_for(ip6));
-        write_volatile(&mut (*sa).user_port, u32::from(LISTEN_PORT.load().to_be()));
+        write_volatile(&mut (*sa).user_port, u32::from(caller.listen_port.to_be()));
     }
     ALLOW
 }
@@ -256,18 +281,14 @@ fn dns_or_reject(redirected_to_agent: bool) -> i32 {
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn redirect_dns_sendmsg4(ctx: SockAddrContext) -> i32 {
-    if !in_agent_netns(&ctx) {
-        return REJECT;
-    }
-    dns_or_reject(redirect_dns4(&ctx))
+    let Some(caller) = caller(&ctx) else { return REJECT };
+    dns_or_reject(redirect_dns4(&ctx, &caller))
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn redirect_dns_sendmsg6(ctx: SockAddrContext) -> i32 {
-    if !in_agent_netns(&ctx) {
-        return REJECT;
-    }
-    dns_or_reject(redirect_dns6(&ctx))
+    let Some(caller) = caller(&ctx) else { return REJECT };
+    dns_or_reject(redirect_dns6(&ctx, &caller))
 }
 
 /// A reply from the agent's DNS responder is shown as coming from the
@@ -279,10 +300,14 @@ pub fn restore_dns_source4(ctx: SockAddrContext) -> i32 {
     unsafe {
         let ip4 = read_volatile(&(*sa).user_ip4);
         let port = u16::from_be(read_volatile(&(*sa).user_port) as u16);
-        if ip4 != LOOPBACK_V4_BE || port != LISTEN_PORT.load() {
+        if ip4 != LOOPBACK_V4_BE {
             return ALLOW;
         }
-        if let Some(server) = DNS_SERVER_BY_COOKIE.get(socket_cookie(&ctx)) {
+        if let Some(redirect) = DNS_SERVER_BY_COOKIE.get(socket_cookie(&ctx)) {
+            if port != redirect.listen_port {
+                return ALLOW;
+            }
+            let server = redirect.server;
             let a = server.addr;
             write_volatile(&mut (*sa).user_ip4, u32::from_ne_bytes([a[12], a[13], a[14], a[15]]));
             write_volatile(&mut (*sa).user_port, u32::from(server.port.to_be()));
@@ -298,10 +323,14 @@ pub fn restore_dns_source6(ctx: SockAddrContext) -> i32 {
     unsafe {
         let ip6 = read_ip6(&(*sa).user_ip6);
         let port = u16::from_be(read_volatile(&(*sa).user_port) as u16);
-        if (ip6 != LOOPBACK_V6_BE && ip6 != MAPPED_LOOPBACK_V4_BE) || port != LISTEN_PORT.load() {
+        if ip6 != LOOPBACK_V6_BE && ip6 != MAPPED_LOOPBACK_V4_BE {
             return ALLOW;
         }
-        if let Some(server) = DNS_SERVER_BY_COOKIE.get(socket_cookie(&ctx)) {
+        if let Some(redirect) = DNS_SERVER_BY_COOKIE.get(socket_cookie(&ctx)) {
+            if port != redirect.listen_port {
+                return ALLOW;
+            }
+            let server = redirect.server;
             let a = server.addr;
             let words = [
                 u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
@@ -364,6 +393,7 @@ pub fn rekey_by_client(ctx: SockOpsContext) -> u32 {
     } else {
         SockAddrKey::from_ipv6(local_ip6, port)
     };
+    let client = ClientKey::new(record.netns_cookie, record.listen_port, client);
     // A stale entry for a reused client port is replaced by the newer connect.
     let _ = CONNECTS_BY_CLIENT.insert(client, record, u64::from(BPF_ANY));
     let _ = CONNECTS_BY_COOKIE.remove(cookie);

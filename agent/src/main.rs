@@ -32,7 +32,8 @@ enum Command {
     Status {
         #[arg(long)]
         json: bool,
-        #[arg(long, default_value = control::DEFAULT_CONTROL_SOCKET)]
+        /// The daemon's control socket (`--socket` is an alias).
+        #[arg(long = "control-socket", visible_alias = "socket", value_name = "PATH", default_value = control::DEFAULT_CONTROL_SOCKET)]
         socket: PathBuf,
     },
     /// Show or change the inference.local route of the running agent.
@@ -81,7 +82,8 @@ struct RunArgs {
     /// (/run/netns/NAME or /proc/PID/ns/net).
     #[arg(long, requires = "cgroup")]
     netns: Option<PathBuf>,
-    /// Port of the --cgroup sandbox's loopback listener (0: any free port).
+    /// Port of the --cgroup sandbox's loopback listener; 0: the daemon's
+    /// shared listener on any free port (with --netns, one of its own).
     #[arg(long, default_value_t = 15001)]
     listen_port: u16,
     /// A directory of sandbox specs (one YAML file each, see README):
@@ -137,7 +139,7 @@ struct RunArgs {
     #[arg(long, value_name = "FILE")]
     credentials: Option<PathBuf>,
     /// Control socket for `sandbox-egress sandbox|status|inference` (root only, 0600).
-    #[arg(long, default_value = control::DEFAULT_CONTROL_SOCKET)]
+    #[arg(long, visible_alias = "socket", value_name = "PATH", default_value = control::DEFAULT_CONTROL_SOCKET)]
     control_socket: PathBuf,
     /// Where the agent's CA lives (created on first run): it signs the
     /// certificates of inference.local and of TLS-terminated (L7) endpoints.
@@ -173,6 +175,10 @@ struct RunArgs {
     /// once the daemon stops accepting; then the rest are reset (e.g. 30s, 10m).
     #[arg(long, default_value = upgrade::DEFAULT_DRAIN_TIMEOUT, value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    /// Sandboxes served at once; a `sandbox add` (or spec file) beyond it is refused.
+    #[arg(long, default_value_t = daemon::DEFAULT_MAX_SANDBOXES, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(agent_common::SANDBOXES_MAX_ENTRIES)))]
+    max_sandboxes: u32,
 }
 
 /// About 6 descriptors per relayed connection (two sockets, two pipes
@@ -317,15 +323,18 @@ fn run(args: RunArgs) -> Result<()> {
         };
         let observer = common.observer.clone();
         let options = daemon::Options {
-            ebpf_log_level: args.ebpf_log_level,
-            allow_abstract_unix: args.allow_abstract_unix.clone(),
+            kernel: redirect::KernelOptions {
+                log_level: args.ebpf_log_level,
+                abstract_unix: args.allow_abstract_unix.clone(),
+            },
+            max_sandboxes: args.max_sandboxes as usize,
             credential_providers,
             inference_tls,
             ca_cert_pem,
             binary: std::env::current_exe().context("this daemon's binary")?,
             args: std::env::args_os().skip(1).collect(),
         };
-        let daemon = Arc::new(daemon::Daemon::new(common, options));
+        let daemon = Arc::new(daemon::Daemon::new(common, options)?);
         let (predecessor, inventory, mut sockets) = match handed {
             Some((predecessor, inventory, sockets)) => (Some(predecessor), Some(inventory), sockets),
             None => (None, None, upgrade::HandedSockets::default()),
@@ -346,7 +355,7 @@ fn run(args: RunArgs) -> Result<()> {
         // Installed before "ready": a signal right after it must not kill the agent.
         let shutdown_signal = shutdown_signal()?;
         if let Some(inventory) = inventory {
-            daemon.take_over(inventory, sockets.sandboxes)?;
+            daemon.take_over(inventory, sockets.shared, sockets.sandboxes)?;
         }
         if let Some(spec) = shorthand.filter(|spec| !daemon.serves(&spec.name)) {
             daemon.add(spec)?;
@@ -364,7 +373,7 @@ fn run(args: RunArgs) -> Result<()> {
         tracing::info!(
             event = "ready",
             sandboxes = daemon.list().len(),
-            listen_port = daemon.only_listen_port(),
+            listen_port = daemon.common_listen_port(),
             control_socket = %args.control_socket.display(),
             upgraded_from,
             "agent ready"

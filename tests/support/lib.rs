@@ -8,7 +8,7 @@
 
 use std::{
     ffi::CString,
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
@@ -1143,4 +1143,46 @@ pub fn validate_ocsf(lines: &[String]) -> Result<String> {
         String::from_utf8_lossy(&output.stderr)
     );
     Ok(report)
+}
+
+/// A connection to a daemon's control socket, for many requests in a row.
+pub struct ControlClient {
+    reader: BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+}
+
+impl ControlClient {
+    pub fn connect(socket: &str) -> Result<Self> {
+        let writer = std::os::unix::net::UnixStream::connect(socket).with_context(|| format!("connect {socket}"))?;
+        writer.set_read_timeout(Some(WAIT))?;
+        Ok(Self { reader: BufReader::new(writer.try_clone()?), writer })
+    }
+
+    /// Sends one request (a JSON object with its `op`) and returns the reply; an error if not `ok`.
+    pub fn request(&mut self, request: &Value) -> Result<Value> {
+        writeln!(self.writer, "{request}")?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        let reply: Value = serde_json::from_str(&line).with_context(|| format!("reply {line:?}"))?;
+        ensure!(reply["ok"] == true, "{request}: {}", reply["error"]);
+        Ok(reply)
+    }
+}
+
+/// A process's resident memory (KiB) and open descriptors.
+pub fn process_usage(pid: u32) -> Result<(u64, usize)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.split_whitespace().next()?.parse().ok())
+        .context("VmRSS")?;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+    Ok((rss, fds))
+}
+
+/// The `percent`th percentile of `times` (sorted in place).
+pub fn percentile(times: &mut [Duration], percent: usize) -> Duration {
+    times.sort();
+    times.get((times.len() * percent / 100).min(times.len().saturating_sub(1))).copied().unwrap_or_default()
 }

@@ -27,7 +27,8 @@ pub struct SandboxSpec {
     /// Its inference.local providers and route; without one, inference.local is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inference_config: Option<PathBuf>,
-    /// Port of its loopback listener (0: any free port).
+    /// Port of its loopback listener; 0: the daemon's shared listener (with
+    /// `netns`, one of its own on any free port).
     #[serde(default)]
     pub listen_port: u16,
     /// Connections of one of its cgroups relayed at once (default: the

@@ -26,14 +26,16 @@ pub enum SandboxCommand {
         /// Its inference.local providers and route.
         #[arg(long, value_name = "FILE")]
         inference_config: Option<PathBuf>,
-        /// Port of its loopback listener (0: any free port).
+        /// Port of its loopback listener; 0: the daemon's shared listener (with
+        /// --netns, one of its own on any free port).
         #[arg(long, default_value_t = 0)]
         listen_port: u16,
         /// Connections of one of its cgroups relayed at once (default: the
         /// daemon's --max-connections-per-sandbox).
         #[arg(long)]
         max_connections: Option<usize>,
-        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
+        /// The daemon's control socket (`--socket` is an alias).
+        #[arg(long = "control-socket", visible_alias = "socket", value_name = "PATH", default_value = DEFAULT_CONTROL_SOCKET)]
         socket: PathBuf,
     },
     /// Stop serving a sandbox; its cgroup stays closed unless --detach
@@ -45,14 +47,16 @@ pub enum SandboxCommand {
         detach: bool,
         #[arg(long, requires = "detach")]
         force: bool,
-        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
+        /// The daemon's control socket (`--socket` is an alias).
+        #[arg(long = "control-socket", visible_alias = "socket", value_name = "PATH", default_value = DEFAULT_CONTROL_SOCKET)]
         socket: PathBuf,
     },
     /// The sandboxes served
     List {
         #[arg(long)]
         json: bool,
-        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
+        /// The daemon's control socket (`--socket` is an alias).
+        #[arg(long = "control-socket", visible_alias = "socket", value_name = "PATH", default_value = DEFAULT_CONTROL_SOCKET)]
         socket: PathBuf,
     },
 }

@@ -1,10 +1,14 @@
 //! One daemon, many sandboxes: each a name, a cgroup, a policy, optionally
-//! a network namespace and an inference config, served on a listener of
-//! its own. Sandboxes come and go at run time (control socket, spec
+//! a network namespace and an inference config. The kernel programs are
+//! loaded once for all of them; the sandboxes in the daemon's own network
+//! namespace share one listener (a sandbox with a namespace of its own, or
+//! a port of its own, has its own); sandboxes naming the same policy file
+//! share it. Sandboxes come and go at run time (control socket, spec
 //! directory); an add, remove or reload never disturbs another sandbox's
 //! connections.
 
 pub mod cli;
+mod policies;
 mod spec_dir;
 mod upgrade;
 
@@ -27,31 +31,39 @@ use tokio_rustls::TlsAcceptor;
 
 pub use spec_dir::follow_dir;
 
+use self::policies::{PolicyFiles, SharedPolicy};
 use crate::{
     conn,
     control::{self, Answer, BoxFuture, ControlRequest, ControlServer, SandboxSpec},
     inference::{Inference, InferenceRoute, RouteChange},
-    observe::{DenialFilter, SandboxGauges},
+    observe::{DenialFilter, SandboxGauges, Scrape},
     policy::PolicyStore,
     preflight::{self, Cgroup},
-    proxy::{self, Common, ListenerKind, Listeners, Sandbox, SandboxParts},
-    redirect::{self, EbpfLogLevel, Redirect},
+    proxy::{self, Common, ListenerKind, Listeners, Sandbox, SandboxParts, SandboxTable, ServedListeners},
+    redirect::{self, Destination, KernelOptions, Redirect},
     upgrade::SocketRole,
 };
 
 /// How long connections cut at the end of a drain are given to write
 /// their close lines.
 const CUT_GRACE: Duration = Duration::from_secs(5);
+/// Duplicates of listening sockets, by what each is, for an upgrade to hand over.
+type Sockets = Vec<(ListenerKind, OwnedFd)>;
 /// Denials shown by `status`.
 const STATUS_DENIALS: usize = 20;
 /// Denials `policy suggest` reads: with their requests (16 at most, paths
 /// of 1 KiB at most), well within a reply line.
 const SUGGEST_DENIALS: usize = 128;
 
+/// Sandboxes served at once by default (`run --max-sandboxes`).
+pub const DEFAULT_MAX_SANDBOXES: u32 = 4096;
+
 /// What every sandbox is set up with.
 pub struct Options {
-    pub ebpf_log_level: EbpfLogLevel,
-    pub allow_abstract_unix: Vec<String>,
+    /// Sandboxes served at once (`run --max-sandboxes`).
+    pub max_sandboxes: usize,
+    /// How the kernel programs are loaded (once, for every sandbox).
+    pub kernel: KernelOptions,
     /// Every `credential_binding` of a policy must name one of these.
     pub credential_providers: Vec<String>,
     /// inference.local's certificate, signed by the agent's CA.
@@ -69,18 +81,33 @@ struct Running {
     cgroup: Cgroup,
     sandbox: Arc<Sandbox>,
     inference: Option<Arc<Inference>>,
-    /// The kernel's cookie of the network namespace its listener is in:
-    /// `exec` checks that a program joins this one.
-    netns_cookie: u64,
-    /// `true` stops its listeners, DNS and policy watch.
-    stop: watch::Sender<bool>,
-    /// Duplicates of its listening sockets, for an upgrade to hand over.
+    /// Its listeners: the shared ones, or its own (stopped when it goes).
+    /// Their network namespace is the one `exec` checks a program joins.
+    listeners: Arc<ServedListeners>,
+    /// Whether they are the daemon's shared listeners.
+    shared_listener: bool,
+    /// Its policy file, shared with the sandboxes that name it too.
+    policy: Arc<SharedPolicy>,
+    /// Duplicates of its own listening sockets (none for the shared ones),
+    /// for an upgrade to hand over.
     sockets: Vec<(ListenerKind, OwnedFd)>,
 }
 
 pub struct Daemon {
     common: Common,
     options: Options,
+    redirect: Arc<Redirect>,
+    /// The sandboxes served, as the listeners find them.
+    table: Arc<SandboxTable>,
+    /// The listener shared by the sandboxes in the daemon's network
+    /// namespace, bound on the first one's add.
+    shared_listeners: Mutex<Option<Arc<ServedListeners>>>,
+    /// Duplicates of the shared listening sockets, for an upgrade to hand over.
+    shared_sockets: Mutex<Vec<(ListenerKind, OwnedFd)>>,
+    /// The shared sockets a previous daemon handed over, until the first
+    /// sandbox that shares them is added.
+    inherited_shared: Mutex<Option<Vec<(ListenerKind, OwnedFd)>>>,
+    policy_files: PolicyFiles,
     sandboxes: Mutex<BTreeMap<String, Running>>,
     /// The control socket and the metrics listener, for an upgrade to hand over.
     servers: Mutex<Vec<(SocketRole, OwnedFd)>>,
@@ -95,13 +122,23 @@ pub struct Daemon {
     /// Set while an upgrade takes the inventory over, and after: a sandbox
     /// added, removed or rerouted here then would not reach the new daemon.
     handing_over: AtomicBool,
+    /// Set when the daemon stops accepting: HTTP/2 connections get a GOAWAY.
+    stopping: watch::Sender<bool>,
 }
 
 impl Daemon {
-    pub fn new(common: Common, options: Options) -> Self {
-        Self {
+    /// Loads the kernel programs (once for every sandbox to come).
+    pub fn new(common: Common, options: Options) -> Result<Self> {
+        let redirect = Arc::new(Redirect::load(&options.kernel)?);
+        Ok(Self {
             common,
             options,
+            redirect,
+            table: Arc::default(),
+            shared_listeners: Mutex::default(),
+            shared_sockets: Mutex::default(),
+            inherited_shared: Mutex::default(),
+            policy_files: PolicyFiles::default(),
             sandboxes: Mutex::default(),
             servers: Mutex::default(),
             handed_over: watch::channel(None).0,
@@ -109,7 +146,8 @@ impl Daemon {
             carried: Mutex::default(),
             draining: AtomicBool::new(false),
             handing_over: AtomicBool::new(false),
-        }
+            stopping: watch::channel(false).0,
+        })
     }
 
     fn sandboxes(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Running>> {
@@ -131,6 +169,13 @@ impl Daemon {
         if sandboxes.contains_key(&spec.name) {
             bail!("a sandbox named {} is already served (remove it first)", spec.name);
         }
+        if sandboxes.len() >= self.options.max_sandboxes {
+            bail!(
+                "the daemon serves {} sandboxes, its --max-sandboxes: remove one first, or restart the daemon with \
+                 a larger --max-sandboxes",
+                sandboxes.len()
+            );
+        }
         let cgroup = preflight::cgroup_v2_dir(&spec.cgroup)?;
         for (name, other) in sandboxes.iter() {
             if cgroup.path.starts_with(&other.cgroup.path) || other.cgroup.path.starts_with(&cgroup.path) {
@@ -141,60 +186,114 @@ impl Daemon {
                 );
             }
         }
+        let policy = self.policy_files.load(&spec.policy, &self.options.credential_providers)?;
         let span = tracing::info_span!("sandbox", sandbox = %spec.name);
         let _entered = span.enter();
-        let policies = PolicyStore::load(&spec.policy, self.options.credential_providers.clone())?;
         let inference = match &spec.inference_config {
             None => None,
             Some(path) => Some(Arc::new(Inference::load(path)?)),
         };
-        let listeners = match inherited {
-            Some(sockets) => Listeners::from_inherited(sockets)?,
-            None => Listeners::bind(spec.listen_port, spec.netns.as_deref())?,
-        };
-        let sockets = listeners.duplicates()?;
-        let listen_port = listeners.port();
-        let netns_cookie = listeners.netns_cookie()?;
-        let redirect = Redirect::attach(
-            &cgroup,
-            listen_port,
-            netns_cookie,
-            self.options.ebpf_log_level,
-            &self.options.allow_abstract_unix,
-        )?;
-        let (stop, stopped) = watch::channel(false);
+        let (listeners, shared_listener, sockets) = self.listeners_for(&spec, inherited)?;
         let parts = SandboxParts {
             name: spec.name.as_str().into(),
-            redirect,
-            policies,
+            cgroup_id: cgroup.id,
+            listen_port: listeners.port,
+            redirect: self.redirect.clone(),
+            policies: policy.store.clone(),
             inference: inference.clone().map(|inference| InferenceRoute {
                 inference,
                 tls: self.options.inference_tls.clone(),
                 dns: self.common.resolver.clone(),
             }),
             own_netns: spec.netns.is_some(),
+            stopping: self.stopping.subscribe(),
             max_connections: spec.max_connections.unwrap_or(self.common.config.max_connections_per_sandbox),
         };
-        let sandbox = proxy::serve_sandbox(&self.common, parts, listeners, stopped)?;
+        let sandbox = Sandbox::new(&self.common, parts);
+        // In the table before the kernel sends it anything.
+        self.table.insert(sandbox.clone());
+        let destination = Destination { listen_port: listeners.port, netns_cookie: listeners.netns_cookie };
+        if let Err(error) = self.redirect.attach(&cgroup, destination) {
+            self.table.remove(cgroup.id);
+            return Err(error);
+        }
+        policy.store.add_sandbox(&spec.name);
         tracing::info!(
             event = "sandbox_added",
             cgroup = %cgroup.path.display(),
             cgroup_id = cgroup.id,
             netns = spec.netns.as_ref().map(|netns| netns.display().to_string()),
-            listen_port,
+            listen_port = listeners.port,
             policy_file = %spec.policy.display(),
             "sandbox added: its cgroup's connects and DNS queries go to this agent"
         );
-        let running = Running { spec, cgroup, sandbox, inference, netns_cookie, stop, sockets };
+        let running = Running { spec, cgroup, sandbox, inference, listeners, shared_listener, policy, sockets };
         let shown = describe(&running);
         sandboxes.insert(running.spec.name.clone(), running);
         Ok(shown)
     }
 
-    /// Stops serving a sandbox. Its cgroup stays redirected to the closed
-    /// listener (its connects fail) unless `detach`, which refuses while
-    /// processes remain in the cgroup unless `force`. Its connections in
-    /// flight run to their end.
+    /// The listeners a new sandbox's connects go to: those a previous
+    /// daemon handed over for it (`inherited`); its own in its own network
+    /// namespace, or on a port of its own; otherwise the daemon's shared ones
+    /// (bound, or taken from those handed over, if none are yet). Also says
+    /// whether they are the shared ones, and duplicates of its own sockets.
+    fn listeners_for(
+        &self,
+        spec: &SandboxSpec,
+        inherited: Option<Vec<(ListenerKind, OwnedFd)>>,
+    ) -> Result<(Arc<ServedListeners>, bool, Sockets)> {
+        let serve = |listeners: Listeners| -> Result<(Arc<ServedListeners>, Sockets)> {
+            let sockets = listeners.duplicates()?;
+            let served = proxy::serve_listeners(&self.common, listeners, self.table.clone(), self.redirect.clone())?;
+            Ok((Arc::new(served), sockets))
+        };
+        let own = |listeners: Listeners| serve(listeners).map(|(served, sockets)| (served, false, sockets));
+        if let Some(sockets) = inherited {
+            return own(Listeners::from_inherited(sockets)?);
+        }
+        if spec.netns.is_some() {
+            return own(Listeners::bind(spec.listen_port, spec.netns.as_deref())?);
+        }
+        let mut shared = self.shared_listeners.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*shared {
+            Some(listeners) if spec.listen_port == 0 || spec.listen_port == listeners.port => {
+                return Ok((listeners.clone(), true, Vec::new()));
+            }
+            Some(_) => return own(Listeners::bind(spec.listen_port, None)?),
+            None if spec.listen_port != 0 => return own(Listeners::bind(spec.listen_port, None)?),
+            None => {}
+        }
+        let handed = self.inherited_shared.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let listeners = match handed {
+            Some(sockets) => Listeners::from_inherited(sockets)?,
+            None => Listeners::bind(0, None)?,
+        };
+        let (listeners, sockets) = serve(listeners)?;
+        *self.shared_sockets.lock().unwrap_or_else(PoisonError::into_inner) = sockets;
+        tracing::info!(
+            event = "shared_listener",
+            listen_port = listeners.port,
+            "listening for the sandboxes in the daemon's network namespace"
+        );
+        *shared = Some(listeners.clone());
+        Ok((listeners, true, Vec::new()))
+    }
+
+    /// Stops every listener (connections in flight run on).
+    fn stop_accepting(&self) {
+        for running in self.sandboxes().values() {
+            running.listeners.stop();
+        }
+        if let Some(shared) = &*self.shared_listeners.lock().unwrap_or_else(PoisonError::into_inner) {
+            shared.stop();
+        }
+    }
+
+    /// Stops serving a sandbox. Its cgroup stays attached and closed (the
+    /// kernel refuses its connects and datagrams) unless `detach`, which
+    /// refuses while processes remain in the cgroup unless `force`. Its
+    /// connections in flight run to their end.
     pub fn remove(&self, name: &str, detach: bool, force: bool) -> Result<()> {
         self.not_handing_over()?;
         let mut sandboxes = self.sandboxes();
@@ -210,10 +309,13 @@ impl Daemon {
             }
         }
         let running = sandboxes.remove(name).expect("checked above");
-        let _ = running.stop.send(true);
         if detach {
-            redirect::detach(&running.cgroup)?;
+            self.redirect.detach(&running.cgroup)?;
+        } else {
+            self.redirect.close(&running.cgroup);
         }
+        self.table.remove(running.cgroup.id);
+        running.policy.store.remove_sandbox(name);
         tracing::info!(
             event = "sandbox_removed",
             sandbox = name,
@@ -280,25 +382,29 @@ impl Daemon {
         let running = sandboxes.get(name).with_context(|| format!("no sandbox named {name}"))?;
         Ok(json!({
             "sandbox": describe(running),
-            "netns_cookie": running.netns_cookie,
+            "netns_cookie": running.listeners.netns_cookie,
             "agent_ca": self.options.ca_cert_pem,
         }))
     }
 
-    /// The port of the one sandbox served, for the `run --cgroup` ready line.
-    pub fn only_listen_port(&self) -> Option<u16> {
+    /// The port every sandbox served listens on, if they share one (one
+    /// sandbox, or all on the shared listener), for the ready line.
+    pub fn common_listen_port(&self) -> Option<u16> {
         let sandboxes = self.sandboxes();
-        let mut all = sandboxes.values();
-        match (all.next(), all.next()) {
-            (Some(only), None) => Some(only.sandbox.listen_port),
-            _ => None,
-        }
+        let mut ports = sandboxes.values().map(|running| running.listeners.port);
+        let first = ports.next()?;
+        ports.all(|port| port == first).then_some(first)
     }
 
     pub fn status(&self) -> Value {
         let in_flight = self.common.config.max_connections - self.common.slots.available_permits();
+        let shared = self.shared_listeners.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(|l| l.port);
         json!({
             "sandboxes": self.list(),
+            "shared_listen_port": shared,
+            "max_sandboxes": self.options.max_sandboxes,
+            "policy_files": self.policy_files.count(),
+            "compiled_policies": crate::policy::compiled_policies(),
             "connections_in_flight": in_flight,
             "max_connections": self.common.config.max_connections,
             "recent_denials": self.common.observer.recent_denials.top(STATUS_DENIALS),
@@ -306,19 +412,20 @@ impl Daemon {
     }
 
     /// What the metrics read at scrape time.
-    pub fn gauges(&self) -> Vec<(String, SandboxGauges)> {
-        self.sandboxes()
+    pub fn gauges(&self) -> Scrape {
+        let sandboxes = self
+            .sandboxes()
             .iter()
             .map(|(name, running)| {
                 let policies = &running.sandbox.context.decider.policies;
                 let gauges = SandboxGauges {
                     generation: policies.current().generation,
                     reload_failures: policies.reload_failures(),
-                    maps: running.sandbox.redirect.map_fill(),
                 };
                 (name.clone(), gauges)
             })
-            .collect()
+            .collect();
+        Scrape { sandboxes, maps: self.redirect.map_fill() }
     }
 
     fn inference_of(&self, name: Option<&str>) -> Result<Arc<Inference>> {
@@ -410,9 +517,9 @@ impl Daemon {
     /// `detach`; after an upgrade the new daemon serves them.
     pub async fn shutdown(&self, drain: Duration) {
         self.draining.store(true, Ordering::Relaxed);
-        for running in self.sandboxes().values() {
-            let _ = running.stop.send(true);
-        }
+        self.stop_accepting();
+        // Open HTTP/2 connections are told to go away.
+        self.stopping.send_replace(true);
         let max = self.common.config.max_connections;
         let in_flight = |daemon: &Self| max - daemon.common.slots.available_permits();
         tracing::info!(
@@ -464,6 +571,7 @@ fn describe(running: &Running) -> Value {
         "policy_reload_failures": policies.reload_failures(),
         "netns": running.spec.netns,
         "listen_port": sandbox.listen_port,
+        "shared_listener": running.shared_listener,
         "inference_config": running.spec.inference_config,
         "connections_active": sandbox.context.observed.active(),
     })

@@ -65,10 +65,11 @@ impl Daemon {
         };
         successor.finish(&state, TAKE_OVER_TIMEOUT).context("the new daemon did not take over")?;
         // The sockets stay open in the new daemon: connects wait in the same backlogs.
+        self.stop_accepting();
         for running in self.sandboxes().values_mut() {
-            let _ = running.stop.send(true);
             running.sockets.clear();
         }
+        self.shared_sockets.lock().unwrap_or_else(PoisonError::into_inner).clear();
         self.servers.lock().unwrap_or_else(PoisonError::into_inner).clear();
         tracing::info!(
             event = "upgraded",
@@ -86,6 +87,10 @@ impl Daemon {
             sockets.push(role.clone());
             fds.push(fd.try_clone()?);
         }
+        for (kind, fd) in self.shared_sockets.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+            sockets.push(SocketRole::Shared { kind: *kind });
+            fds.push(fd.try_clone()?);
+        }
         let mut sandboxes = Vec::new();
         for (name, running) in self.sandboxes().iter() {
             for (kind, fd) in &running.sockets {
@@ -100,19 +105,26 @@ impl Daemon {
         Ok((fds, inventory))
     }
 
-    /// Serves the sandboxes a previous daemon handed over, each on its own
-    /// sockets (`sockets`: by sandbox name), with the inference route it
-    /// had and the DNS answers given.
+    /// Serves the sandboxes a previous daemon handed over, on the sockets
+    /// they had: the shared ones (`shared`) or their own (`sockets`, by
+    /// sandbox name), with the inference route each had and the DNS
+    /// answers given.
     pub fn take_over(
         &self,
         inventory: Inventory,
+        shared: Vec<(ListenerKind, OwnedFd)>,
         mut sockets: BTreeMap<String, Vec<(ListenerKind, OwnedFd)>>,
     ) -> Result<()> {
+        if !shared.is_empty() {
+            *self.inherited_shared.lock().unwrap_or_else(PoisonError::into_inner) = Some(shared);
+        }
         for CarriedSandbox { spec, route } in inventory.sandboxes {
             let name = spec.name.clone();
-            let inherited =
-                sockets.remove(&name).with_context(|| format!("no sockets handed over for sandbox {name}"))?;
-            self.add_on(spec, Some(inherited)).with_context(|| format!("sandbox {name}"))?;
+            let inherited = sockets.remove(&name);
+            if inherited.is_none() && spec.netns.is_some() {
+                bail!("no sockets handed over for sandbox {name}, which has a network namespace of its own");
+            }
+            self.add_on(spec, inherited).with_context(|| format!("sandbox {name}"))?;
             self.carried.lock().unwrap_or_else(PoisonError::into_inner).insert(name.clone());
             let inference = self.sandboxes().get(&name).and_then(|running| running.inference.clone());
             if let (Some(route), Some(inference)) = (route, inference) {

@@ -36,7 +36,7 @@ pub use self::{
     budgets::DnsLimits,
     records::{CarriedRecord, DnsRecords, RecordLimits},
     resolver::Resolver,
-    responder::{CountAnswer, DnsResponder, SandboxOf},
+    responder::{Asker, AskerOf, CountAnswer, DnsResponder},
 };
 
 pub const INFERENCE_HOST: &str = "inference.local";

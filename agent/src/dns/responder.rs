@@ -45,8 +45,18 @@ pub struct Client {
     pub transport: &'static str,
 }
 
-/// Which sandbox sent a UDP query, from its source address.
-pub type SandboxOf = Arc<dyn Fn(SocketAddr) -> Sandbox + Send + Sync>;
+/// Who sent a UDP query: its cgroup, its sandbox's policy, where its
+/// answers are counted, and its sandbox's span (every line names it).
+pub struct Asker {
+    pub cgroup: Sandbox,
+    pub policies: PolicyStore,
+    pub count: CountAnswer,
+    pub span: tracing::Span,
+}
+
+/// Who sent a UDP query, from its source address; `None` when no sandbox
+/// served here did (the query is dropped).
+pub type AskerOf = Arc<dyn Fn(SocketAddr) -> Option<Asker> + Send + Sync>;
 
 /// Counts each query by its answer ([`answer_label`]), for the metrics.
 pub type CountAnswer = Arc<dyn Fn(&'static str) + Send + Sync>;
@@ -115,15 +125,10 @@ impl DnsResponder {
         Self { resolver, records, budgets: Arc::new(Budgets::new(limits)) }
     }
 
-    /// Serves DNS over UDP on `socket` (a sandbox's loopback port), for the
-    /// names of `policies` (read per query: a reload changes them at once).
-    pub async fn serve_udp(
-        self: Arc<Self>,
-        socket: UdpSocket,
-        sandbox_of: SandboxOf,
-        policies: PolicyStore,
-        count: CountAnswer,
-    ) {
+    /// Serves DNS over UDP on `socket` (the loopback port of one sandbox, or
+    /// of every sandbox sharing a listener), each query for the names of
+    /// its sender's policy (read per query: a reload changes them at once).
+    pub async fn serve_udp(self: Arc<Self>, socket: UdpSocket, asker_of: AskerOf) {
         let socket = Arc::new(socket);
         let mut buffer = vec![0u8; MAX_MESSAGE];
         loop {
@@ -134,17 +139,22 @@ impl DnsResponder {
                     continue;
                 }
             };
+            let Some(sender) = asker_of(client) else {
+                tracing::debug!(client = %client, "DNS: a query from no sandbox served here, dropped");
+                continue;
+            };
             // Decided here, so refusals cost no task and tasks are bounded by the budgets.
             let asker = Client { address: client, transport: "udp" };
-            match self.prepare(&buffer[..len], sandbox_of(client), asker, &policies) {
-                Step::Silent => count(answer_label(None)),
+            let step = sender.span.in_scope(|| self.prepare(&buffer[..len], sender.cgroup, asker, &sender.policies));
+            match step {
+                Step::Silent => (sender.count)(answer_label(None)),
                 Step::Reply(reply) => {
-                    count(answer_label(Some(&reply)));
+                    (sender.count)(answer_label(Some(&reply)));
                     let _ = socket.send_to(&reply, client).await;
                 }
                 Step::Forward(permit, request) => {
                     let query = buffer[..len].to_vec();
-                    let (responder, socket, count) = (self.clone(), socket.clone(), count.clone());
+                    let (responder, socket, count) = (self.clone(), socket.clone(), sender.count.clone());
                     tokio::spawn(
                         async move {
                             let reply = responder.forward_answer(&query, &request, permit.sandbox, asker).await;
@@ -154,7 +164,7 @@ impl DnsResponder {
                             }
                             drop(permit);
                         }
-                        .in_current_span(),
+                        .instrument(sender.span.clone()),
                     );
                 }
             }

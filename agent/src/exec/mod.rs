@@ -54,7 +54,7 @@ pub struct ExecArgs {
     #[arg(long, value_name = "USER|UID[:GID]")]
     user: Option<String>,
     /// The daemon's control socket (its `run --control-socket`).
-    #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
+    #[arg(long, visible_alias = "socket", value_name = "PATH", default_value = DEFAULT_CONTROL_SOCKET)]
     control_socket: PathBuf,
     /// Leave the TLS trust variables as they are: no bundle, no truststore.
     #[arg(long)]

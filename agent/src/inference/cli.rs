@@ -21,8 +21,8 @@ pub enum InferenceCommand {
         /// The model every request is sent with.
         #[arg(long)]
         model: String,
-        /// The agent's control socket (`run --control-socket`).
-        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
+        /// The daemon's control socket (`--socket` is an alias).
+        #[arg(long = "control-socket", visible_alias = "socket", value_name = "PATH", default_value = DEFAULT_CONTROL_SOCKET)]
         socket: PathBuf,
         /// The sandbox whose route it is; needed only when more than one
         /// sandbox has an inference config.
@@ -31,8 +31,8 @@ pub enum InferenceCommand {
     },
     /// Show the current route
     Get {
-        /// The agent's control socket (`run --control-socket`).
-        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
+        /// The daemon's control socket (`--socket` is an alias).
+        #[arg(long = "control-socket", visible_alias = "socket", value_name = "PATH", default_value = DEFAULT_CONTROL_SOCKET)]
         socket: PathBuf,
         /// The sandbox whose route it is; needed only when more than one
         /// sandbox has an inference config.
@@ -45,8 +45,8 @@ pub enum InferenceCommand {
         provider: Option<String>,
         #[arg(long)]
         model: Option<String>,
-        /// The agent's control socket (`run --control-socket`).
-        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
+        /// The daemon's control socket (`--socket` is an alias).
+        #[arg(long = "control-socket", visible_alias = "socket", value_name = "PATH", default_value = DEFAULT_CONTROL_SOCKET)]
         socket: PathBuf,
         /// The sandbox whose route it is; needed only when more than one
         /// sandbox has an inference config.

@@ -59,7 +59,6 @@ struct ReasonLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MapLabels {
-    sandbox: String,
     map: &'static str,
 }
 
@@ -140,10 +139,15 @@ impl Default for Observer {
             "Policy reloads refused (the previous policy stayed in force), by sandbox",
             observer.reload_failures.clone(),
         );
-        registry.register("ebpf_map_entries", "Entries in each sandbox's eBPF maps", observer.map_entries.clone());
+        registry.register(
+            "ebpf_map_entries",
+            "Entries in each eBPF map, shared by every sandbox",
+            observer.map_entries.clone(),
+        );
         registry.register(
             "ebpf_map_capacity",
-            "Most entries each sandbox's eBPF maps hold (LRU: the oldest go beyond it)",
+            "Most entries each eBPF map holds (sandboxes: a full map refuses another; the others are LRU: the \
+             oldest go beyond it)",
             observer.map_capacity.clone(),
         );
         registry.register("sandboxes", "Sandboxes served", observer.sandboxes.clone());
@@ -163,7 +167,13 @@ pub struct SandboxMetrics {
 pub struct SandboxGauges {
     pub generation: u64,
     pub reload_failures: u64,
-    /// (map name, entries, capacity).
+}
+
+/// What the daemon reports at scrape time.
+#[derive(Default)]
+pub struct Scrape {
+    pub sandboxes: Vec<(String, SandboxGauges)>,
+    /// The eBPF maps, shared by every sandbox: (map name, entries, capacity).
     pub maps: Vec<(&'static str, usize, u32)>,
 }
 
@@ -195,18 +205,18 @@ impl Observer {
 
     /// The metrics in Prometheus text format, after `refresh` set the
     /// gauges read at scrape time.
-    pub fn encode(&self, sandboxes: &[(String, SandboxGauges)]) -> String {
-        self.sandboxes.set(sandboxes.len() as i64);
-        for (name, gauges) in sandboxes {
+    pub fn encode(&self, scrape: &Scrape) -> String {
+        self.sandboxes.set(scrape.sandboxes.len() as i64);
+        for (name, gauges) in &scrape.sandboxes {
             let label = SandboxLabel { sandbox: name.clone() };
             self.generation.get_or_create(&label).set(gauges.generation as i64);
             let failures = self.reload_failures.get_or_create(&label);
             failures.inc_by(gauges.reload_failures.saturating_sub(failures.get()));
-            for &(map, entries, capacity) in &gauges.maps {
-                let labels = MapLabels { sandbox: name.clone(), map };
-                self.map_entries.get_or_create(&labels).set(entries as i64);
-                self.map_capacity.get_or_create(&labels).set(i64::from(capacity));
-            }
+        }
+        for &(map, entries, capacity) in &scrape.maps {
+            let labels = MapLabels { map };
+            self.map_entries.get_or_create(&labels).set(entries as i64);
+            self.map_capacity.get_or_create(&labels).set(i64::from(capacity));
         }
         let mut text = String::new();
         // Writing to a String cannot fail.
@@ -293,8 +303,11 @@ mod tests {
         });
         web.dns_answer("refused");
         web.decided_in(Duration::from_micros(20));
-        let gauges = SandboxGauges { generation: 3, reload_failures: 2, maps: vec![("dns_clients", 5, 4096)] };
-        let text = observer.encode(&[("web".to_owned(), gauges)]);
+        let scrape = Scrape {
+            sandboxes: vec![("web".to_owned(), SandboxGauges { generation: 3, reload_failures: 2 })],
+            maps: vec![("dns_clients", 5, 4096)],
+        };
+        let text = observer.encode(&scrape);
         for expected in [
             r#"sandbox_egress_connections_total{sandbox="web",verdict="denied",protocol="tls"} 1"#,
             r#"sandbox_egress_connections_active{sandbox="web"} 1"#,
@@ -303,14 +316,16 @@ mod tests {
             r#"sandbox_egress_decision_seconds_count{sandbox="web"} 1"#,
             r#"sandbox_egress_policy_generation{sandbox="web"} 3"#,
             r#"sandbox_egress_policy_reload_failures_total{sandbox="web"} 2"#,
-            r#"sandbox_egress_ebpf_map_entries{sandbox="web",map="dns_clients"} 5"#,
+            r#"sandbox_egress_ebpf_map_entries{map="dns_clients"} 5"#,
             "sandbox_egress_sandboxes 1",
         ] {
             assert!(text.contains(expected), "{expected} in\n{text}");
         }
         drop(active);
-        let again =
-            observer.encode(&[("web".to_owned(), SandboxGauges { generation: 3, reload_failures: 2, maps: vec![] })]);
+        let again = observer.encode(&Scrape {
+            sandboxes: vec![("web".to_owned(), SandboxGauges { generation: 3, reload_failures: 2 })],
+            maps: vec![],
+        });
         assert!(again.contains(r#"sandbox_egress_connections_active{sandbox="web"} 0"#), "{again}");
         assert!(
             again.contains(r#"sandbox_egress_policy_reload_failures_total{sandbox="web"} 2"#),

@@ -14,7 +14,7 @@ use tokio::{
     sync::{watch, Semaphore},
 };
 
-use super::{Observer, SandboxGauges};
+use super::{Observer, Scrape};
 
 /// Scrapers served at once; more wait in the backlog.
 const MAX_SCRAPERS: usize = 8;
@@ -22,7 +22,7 @@ const MAX_REQUEST_HEAD: usize = 8192;
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the daemon reports at scrape time.
-pub type Gauges = Arc<dyn Fn() -> Vec<(String, SandboxGauges)> + Send + Sync>;
+pub type Gauges = Arc<dyn Fn() -> Scrape + Send + Sync>;
 
 /// The metrics endpoint served in the background.
 pub struct MetricsServer {

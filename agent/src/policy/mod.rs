@@ -143,7 +143,7 @@ use regorus::{CompiledPolicy, Value};
 use serde::Serialize;
 
 use normalize::{canonical_host, validate_dns_name, NetworkPolicy};
-pub use store::PolicyStore;
+pub use store::{compiled_policies, PolicyStore};
 
 const EGRESS_REGO: &str = include_str!("../../../policies/egress.rego");
 const DECISION_RULE: &str = "data.sandbox_egress.decision";

@@ -4,10 +4,11 @@
 //! the previous one stays in force.
 
 use std::{
+    collections::HashMap,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, RwLock,
+        Arc, LazyLock, Mutex, PoisonError, RwLock, Weak,
     },
     time::{Duration, SystemTime},
 };
@@ -17,7 +18,6 @@ use tokio::{
     signal::unix::{signal, SignalKind},
     sync::watch,
 };
-use tracing::Instrument;
 
 use super::Policy;
 
@@ -25,7 +25,8 @@ use super::Policy;
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct Loaded {
-    pub policy: Policy,
+    /// Shared with every file of the same text (see [`compiled_policies`]).
+    pub policy: Arc<Policy>,
     pub generation: u64,
 }
 
@@ -40,6 +41,8 @@ pub struct PolicyStore {
     /// The current generation, for what must end when the policy changes
     /// (inspected WebSocket sessions).
     generations: Arc<watch::Sender<u64>>,
+    /// The sandboxes that share this policy file, named in its reload lines.
+    sandboxes: Arc<RwLock<Vec<String>>>,
 }
 
 impl PolicyStore {
@@ -53,7 +56,22 @@ impl PolicyStore {
             current: Arc::new(RwLock::new(Arc::new(Loaded { policy, generation: 1 }))),
             reload_failures: Arc::default(),
             generations: Arc::new(watch::Sender::new(1)),
+            sandboxes: Arc::default(),
         })
+    }
+
+    /// Counts `sandbox` among the ones sharing this policy (named in reload lines).
+    pub fn add_sandbox(&self, sandbox: &str) {
+        self.sandboxes.write().unwrap_or_else(|poisoned| poisoned.into_inner()).push(sandbox.to_owned());
+    }
+
+    pub fn remove_sandbox(&self, sandbox: &str) {
+        self.sandboxes.write().unwrap_or_else(|poisoned| poisoned.into_inner()).retain(|name| name != sandbox);
+    }
+
+    /// The sandboxes sharing this policy, comma separated.
+    fn sandbox_names(&self) -> String {
+        self.sandboxes.read().unwrap_or_else(|poisoned| poisoned.into_inner()).join(",")
     }
 
     /// Changes with every generation loaded.
@@ -72,7 +90,14 @@ impl PolicyStore {
                 let generation = current.generation + 1;
                 *current = Arc::new(Loaded { policy, generation });
                 self.generations.send_replace(generation);
-                tracing::info!(event = "policy_reloaded", trigger, generation, policy_file = %self.path.display(), "policy reloaded");
+                tracing::info!(
+                    event = "policy_reloaded",
+                    trigger,
+                    generation,
+                    policy_file = %self.path.display(),
+                    sandbox = %self.sandbox_names(),
+                    "policy reloaded"
+                );
             }
             Err(error) => {
                 self.reload_failures.fetch_add(1, Ordering::Relaxed);
@@ -81,6 +106,7 @@ impl PolicyStore {
                     trigger,
                     generation = self.current().generation,
                     policy_file = %self.path.display(),
+                    sandbox = %self.sandbox_names(),
                     "policy reload refused, the previous policy stays in force: {error:#}"
                 )
             }
@@ -117,17 +143,39 @@ impl PolicyStore {
                 }
             }
         };
-        tokio::spawn(watch.in_current_span());
+        // Outside any sandbox's span: the file may serve several; its lines name them.
+        tokio::spawn(watch);
         Ok(())
     }
 }
 
-fn load_checked(path: &Path, credential_providers: &[String]) -> Result<Policy> {
-    let policy = Policy::from_file(path)?;
+fn load_checked(path: &Path, credential_providers: &[String]) -> Result<Arc<Policy>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read policy file {}", path.display()))?;
+    let policy = compile(&text).with_context(|| format!("policy file {}", path.display()))?;
     policy
         .check_credential_bindings(credential_providers.iter().map(String::as_str))
         .with_context(|| format!("policy file {}", path.display()))?;
     Ok(policy)
+}
+
+/// Compiled policies by their text, while in use: identical policy files,
+/// whatever their path, share one compiled policy.
+static COMPILED: LazyLock<Mutex<HashMap<String, Weak<Policy>>>> = LazyLock::new(Mutex::default);
+
+fn compile(text: &str) -> Result<Arc<Policy>> {
+    let mut compiled = COMPILED.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(policy) = compiled.get(text).and_then(Weak::upgrade) {
+        return Ok(policy);
+    }
+    let policy = Arc::new(Policy::from_yaml(text)?);
+    compiled.retain(|_, policy| policy.strong_count() > 0);
+    compiled.insert(text.to_owned(), Arc::downgrade(&policy));
+    Ok(policy)
+}
+
+/// Compiled policies in use (one per distinct policy text).
+pub fn compiled_policies() -> usize {
+    COMPILED.lock().unwrap_or_else(PoisonError::into_inner).values().filter(|policy| policy.strong_count() > 0).count()
 }
 
 fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {

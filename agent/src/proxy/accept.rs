@@ -1,98 +1,135 @@
-//! One sandbox served: its policy watch, its DNS sockets and its accept
-//! loops, every log line inside naming it.
+//! Listeners served: their DNS sockets and accept loops, for every sandbox
+//! whose connects come to them (each connection's sandbox is the one its
+//! kernel record names), every log line inside naming that sandbox.
 
 use std::{
+    net::SocketAddr,
     sync::{atomic::Ordering, Arc},
     time::Duration,
 };
 
-use anyhow::Result;
+use agent_common::ConnectRecord;
 use tokio::{
-    net::TcpListener,
+    net::{TcpListener, TcpStream},
     sync::{watch, Semaphore},
 };
 use tracing::Instrument;
 
 use super::{
     connection,
-    limits::SandboxSlots,
     listeners::Listeners,
-    sandbox::{Common, Sandbox, SandboxParts},
+    sandbox::{Common, Sandbox, SandboxTable, Stats},
 };
 use crate::{
-    conn::{Accepted, Context, Decider},
-    dns::{CountAnswer, SandboxOf},
+    conn::{refuse::reset, Accepted},
+    dns::{Asker, AskerOf, CountAnswer},
+    redirect::Redirect,
 };
 
-/// Serves one sandbox on `listeners` until `stop` turns true: its policy
-/// watch, its DNS and its connections, every log line inside naming it.
-/// Connections in flight when it stops run to their end.
-pub fn serve_sandbox(
-    common: &Common,
-    parts: SandboxParts,
-    listeners: Listeners,
-    stop: watch::Receiver<bool>,
-) -> Result<Arc<Sandbox>> {
-    let SandboxParts { name, redirect, policies, inference, own_netns, max_connections } = parts;
-    let span = tracing::info_span!("sandbox", sandbox = %name);
-    let _entered = span.enter();
-    policies.spawn_watch(stop.clone())?;
-    let observed = common.observer.sandbox(&name);
-    let listen_port = listeners.port();
-    let decider = Decider {
-        policies: policies.clone(),
-        records: common.records.clone(),
-        resolver: common.resolver.clone(),
-        observed: observed.clone(),
-    };
-    let sandbox = Arc::new(Sandbox {
-        name,
-        listen_port,
-        own_netns,
-        sandbox_slots: SandboxSlots::new(max_connections),
-        redirect,
-        stats: common.stats.clone(),
-        context: Context {
-            config: common.config.clone(),
-            decider,
-            credentials: common.credentials.clone(),
-            observed: observed.clone(),
-            stopping: stop.clone(),
-        },
-        dns: common.dns.clone(),
-        inference,
-        observer: common.observer.clone(),
-    });
-    for socket in listeners.dns {
-        let attributing = sandbox.clone();
-        let sandbox_of: SandboxOf = Arc::new(move |client| attributing.redirect.dns_client_sandbox(client));
-        let answers = observed.clone();
-        let count: CountAnswer = Arc::new(move |answer| answers.dns_answer(answer));
-        let serving = common.dns.clone().serve_udp(socket, sandbox_of, policies.clone(), count);
-        let mut stop = stop.clone();
-        tokio::spawn(
-            async move {
-                tokio::select! {
-                    () = serving => {}
-                    _ = stop.changed() => {}
-                }
-            }
-            .in_current_span(),
-        );
-    }
-    let listeners = std::iter::once(listeners.v4).chain(listeners.v6);
-    for listener in listeners {
-        tokio::spawn(accept_loop(listener, sandbox.clone(), common.slots.clone(), stop.clone()).in_current_span());
-    }
-    Ok(sandbox)
+/// Listeners being served; dropping it stops them (connections in flight
+/// run to their end).
+pub struct ServedListeners {
+    pub port: u16,
+    /// The network namespace the listeners are in.
+    pub netns_cookie: u64,
+    stop: watch::Sender<bool>,
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    sandbox: Arc<Sandbox>,
-    slots: Arc<Semaphore>,
-    mut stop: watch::Receiver<bool>,
-) {
+impl ServedListeners {
+    /// Stops accepting on them (as dropping them does).
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+impl Drop for ServedListeners {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// What an accept loop or DNS socket needs to find a sandbox.
+#[derive(Clone)]
+struct Finder {
+    table: Arc<SandboxTable>,
+    redirect: Arc<Redirect>,
+    netns_cookie: u64,
+    /// The listeners' port (TCP and DNS alike).
+    port: u16,
+    stats: Arc<Stats>,
+}
+
+/// Serves `listeners` (DNS and connections) for the sandboxes of `table`
+/// until the returned handle is dropped.
+pub fn serve_listeners(
+    common: &Common,
+    listeners: Listeners,
+    table: Arc<SandboxTable>,
+    redirect: Arc<Redirect>,
+) -> anyhow::Result<ServedListeners> {
+    let port = listeners.port();
+    let netns_cookie = listeners.netns_cookie()?;
+    let (stop, stopped) = watch::channel(false);
+    let finder = Finder { table, redirect, netns_cookie, port, stats: common.stats.clone() };
+    for socket in listeners.dns {
+        let finding = finder.clone();
+        let asker_of: AskerOf = Arc::new(move |client| finding.dns_asker(client));
+        let serving = common.dns.clone().serve_udp(socket, asker_of);
+        let mut stop = stopped.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = serving => {}
+                _ = stop.changed() => {}
+            }
+        });
+    }
+    for listener in std::iter::once(listeners.v4).chain(listeners.v6) {
+        tokio::spawn(accept_loop(listener, finder.clone(), common.slots.clone(), stopped.clone()));
+    }
+    Ok(ServedListeners { port, netns_cookie, stop })
+}
+
+impl Finder {
+    /// Who sent a DNS query from `client`: a sandbox served on these listeners.
+    fn dns_asker(&self, client: SocketAddr) -> Option<Asker> {
+        let sender = self.redirect.dns_client(self.netns_cookie, self.port, client)?;
+        let sandbox = self.table.get(sender.sandbox_cgroup_id)?;
+        let observed = sandbox.context.observed.clone();
+        let count: CountAnswer = Arc::new(move |answer| observed.dns_answer(answer));
+        Some(Asker {
+            cgroup: Some(sender.cgroup_id),
+            policies: sandbox.context.decider.policies.clone(),
+            count,
+            span: sandbox.span.clone(),
+        })
+    }
+
+    /// The kernel's record of an accepted connection and its sandbox; a
+    /// connection without a record, or from a sandbox no longer served, is
+    /// closed and counted, never guessed.
+    fn sandbox_of(&self, stream: TcpStream, peer: SocketAddr) -> Option<(TcpStream, ConnectRecord, Arc<Sandbox>)> {
+        let Some(record) = self.redirect.take_record(self.netns_cookie, self.port, peer) else {
+            let unattributed = self.stats.unattributed.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(client = %peer, unattributed, "connection closed: no kernel record of its origin");
+            reset(stream);
+            return None;
+        };
+        let Some(sandbox) = self.table.get(record.sandbox_cgroup_id) else {
+            let unattributed = self.stats.unattributed.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(
+                client = %peer,
+                cgroup_id = record.sandbox_cgroup_id,
+                unattributed,
+                "connection closed: its sandbox is not served (removed)"
+            );
+            reset(stream);
+            return None;
+        };
+        Some((stream, record, sandbox))
+    }
+}
+
+async fn accept_loop(listener: TcpListener, finder: Finder, slots: Arc<Semaphore>, mut stop: watch::Receiver<bool>) {
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop.changed() => return,
@@ -107,18 +144,19 @@ async fn accept_loop(
             },
         };
         let accepted = Accepted::now();
-        sandbox.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        finder.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let Some((stream, record, sandbox)) = finder.sandbox_of(stream, peer) else { continue };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            connection::refuse_over_limit(stream, peer, accepted, &sandbox);
+            sandbox.span.in_scope(|| connection::refuse_over_limit(stream, peer, accepted, &record, &sandbox));
             continue;
         };
-        let sandbox = sandbox.clone();
+        let span = sandbox.span.clone();
         tokio::spawn(
             async move {
-                connection::handle(stream, peer, accepted, &sandbox).await;
+                connection::handle(stream, peer, accepted, &record, &sandbox).await;
                 drop(slot);
             }
-            .in_current_span(),
+            .instrument(span),
         );
     }
 }

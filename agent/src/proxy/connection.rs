@@ -3,6 +3,7 @@
 
 use std::{net::SocketAddr, sync::atomic::Ordering};
 
+use agent_common::ConnectRecord;
 use tokio::net::TcpStream;
 
 use super::{explicit, route, sandbox::Sandbox};
@@ -12,8 +13,14 @@ use crate::conn::{
     Accepted, CloseLog, Origin,
 };
 
-pub async fn handle(client: TcpStream, peer: SocketAddr, accepted: Accepted, sandbox: &Sandbox) {
-    let Some(origin) = attribute(peer, sandbox) else { return };
+pub async fn handle(
+    client: TcpStream,
+    peer: SocketAddr,
+    accepted: Accepted,
+    record: &ConnectRecord,
+    sandbox: &Sandbox,
+) {
+    let origin = attribute(record, peer, sandbox);
     let observed = &sandbox.context.observed;
     let _active = observed.connection_started();
     if let Some(reason) = origin.identity_lost {
@@ -66,8 +73,14 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, accepted: Accepted, san
 }
 
 /// Turns away a connection beyond `--max-connections`, logged like any other.
-pub fn refuse_over_limit(client: TcpStream, peer: SocketAddr, accepted: Accepted, sandbox: &Sandbox) {
-    let Some(origin) = attribute(peer, sandbox) else { return reset(client) };
+pub fn refuse_over_limit(
+    client: TcpStream,
+    peer: SocketAddr,
+    accepted: Accepted,
+    record: &ConnectRecord,
+    sandbox: &Sandbox,
+) {
+    let origin = attribute(record, peer, sandbox);
     let max = sandbox.context.config.max_connections;
     let reason = format!("too many connections in flight (--max-connections {max})");
     refuse(client, &origin, peer, accepted, sandbox, reason);
@@ -89,16 +102,10 @@ fn refuse(client: TcpStream, origin: &Origin, peer: SocketAddr, accepted: Accept
     log.emit(&sandbox.context.observed, origin, peer, accepted);
 }
 
-/// Who made the connection, from the kernel's record; a connection without
-/// one is closed and counted, never guessed.
-fn attribute(peer: SocketAddr, sandbox: &Sandbox) -> Option<Origin> {
-    let Some(record) = sandbox.redirect.take_record(peer) else {
-        let unattributed = sandbox.stats.unattributed.fetch_add(1, Ordering::Relaxed) + 1;
-        tracing::warn!(client = %peer, unattributed, "connection closed: no kernel record of its origin");
-        return None;
-    };
+/// Who made the connection, from the kernel's record.
+fn attribute(record: &ConnectRecord, peer: SocketAddr, sandbox: &Sandbox) -> Origin {
     let with_ancestors = sandbox.context.decider.policies.current().policy.matches_binaries();
-    Some(Origin::from_record(&record, peer, with_ancestors, |pid| sandbox.redirect.process_times(pid)))
+    Origin::from_record(record, peer, with_ancestors, |pid| sandbox.redirect.process_times(pid))
 }
 
 fn is_own_listener(destination: SocketAddr, listen_port: u16) -> bool {

@@ -1,10 +1,13 @@
-//! The userspace proxy: one sandbox's listeners, and one connection's walk
+//! The userspace proxy: the listeners (shared by the sandboxes in the
+//! agent's network namespace, one set per sandbox with a namespace of its
+//! own), and one connection's walk
 //! from accept to its close line. Each kind of connection has a route of
 //! its own that owns it to its end; what they share is in [`crate::conn`],
 //! the L7 rooms in [`crate::l7`], inference.local in [`crate::inference`].
 //!
 //! - `sandbox`: one sandbox as its connections see it;
-//! - `accept`: a sandbox served, its accept loops;
+//! - `accept`: listeners served, their DNS and accept loops, each
+//!   connection handed to the sandbox its kernel record names;
 //! - `connection`: attribute -> limits -> explicit or transparent -> close line;
 //! - `route`: a transparent connection, by what its first bytes say;
 //! - `early`: server-first streams (connect on the address, first speaker goes);
@@ -27,8 +30,8 @@ mod sandbox;
 mod terminate;
 
 pub use self::{
-    accept::serve_sandbox,
+    accept::{serve_listeners, ServedListeners},
     listeners::{ListenerKind, Listeners},
     netns::cookie as netns_cookie,
-    sandbox::{Common, Sandbox, SandboxParts, Stats},
+    sandbox::{Common, Sandbox, SandboxParts, SandboxTable, Stats},
 };

@@ -1,12 +1,15 @@
 //! One sandbox as its connections see it, and what every sandbox shares.
 
-use std::sync::{atomic::AtomicU64, Arc};
+use std::{
+    collections::HashMap,
+    sync::{atomic::AtomicU64, Arc, PoisonError, RwLock},
+};
 
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 
 use super::limits::SandboxSlots;
 use crate::{
-    conn::{Config, Context},
+    conn::{Config, Context, Decider},
     credentials::Credentials,
     dns::{DnsRecords, DnsResponder, Resolver},
     inference::InferenceRoute,
@@ -45,12 +48,18 @@ pub struct Common {
 /// One sandbox's own parts, made by the daemon when it is added.
 pub struct SandboxParts {
     pub name: Arc<str>,
-    pub redirect: Redirect,
+    /// Its cgroup's id: the kernel's records name it.
+    pub cgroup_id: u64,
+    /// Its listener's port.
+    pub listen_port: u16,
+    pub redirect: Arc<Redirect>,
     pub policies: PolicyStore,
     pub inference: Option<InferenceRoute>,
     /// Set when the sandbox has a network namespace of its own: its
     /// loopback is its own, never the agent's.
     pub own_netns: bool,
+    /// Turns true when the daemon stops accepting.
+    pub stopping: watch::Receiver<bool>,
     /// Connections of one of its cgroups relayed at once.
     pub max_connections: usize,
 }
@@ -59,11 +68,14 @@ pub struct SandboxParts {
 /// by every sandbox.
 pub struct Sandbox {
     pub name: Arc<str>,
+    pub cgroup_id: u64,
+    /// Every line logged for it is inside this span.
+    pub span: tracing::Span,
     /// Its listener's port: a connect to it is an explicit proxy request.
     pub listen_port: u16,
     /// The sandbox has a network namespace of its own: its loopback is not the agent's.
     pub own_netns: bool,
-    pub redirect: Redirect,
+    pub redirect: Arc<Redirect>,
     pub stats: Arc<Stats>,
     pub sandbox_slots: SandboxSlots,
     /// What every route and L7 room sees of it.
@@ -72,4 +84,69 @@ pub struct Sandbox {
     /// `None` when the sandbox has no inference config.
     pub inference: Option<InferenceRoute>,
     pub observer: Arc<Observer>,
+}
+
+impl Sandbox {
+    /// A sandbox ready for its connections, from its parts and what every sandbox shares.
+    pub fn new(common: &Common, parts: SandboxParts) -> Arc<Self> {
+        let SandboxParts {
+            name,
+            cgroup_id,
+            listen_port,
+            redirect,
+            policies,
+            inference,
+            own_netns,
+            stopping,
+            max_connections,
+        } = parts;
+        let span = tracing::info_span!("sandbox", sandbox = %name);
+        let observed = common.observer.sandbox(&name);
+        let decider = Decider {
+            policies,
+            records: common.records.clone(),
+            resolver: common.resolver.clone(),
+            observed: observed.clone(),
+        };
+        Arc::new(Self {
+            name,
+            cgroup_id,
+            span,
+            listen_port,
+            own_netns,
+            redirect,
+            stats: common.stats.clone(),
+            sandbox_slots: SandboxSlots::new(max_connections),
+            context: Context {
+                config: common.config.clone(),
+                decider,
+                credentials: common.credentials.clone(),
+                observed,
+                stopping,
+            },
+            dns: common.dns.clone(),
+            inference,
+            observer: common.observer.clone(),
+        })
+    }
+}
+
+/// The sandboxes served, by cgroup id: a listener finds each connection's
+/// sandbox by the cgroup its kernel record names, so many sandboxes can
+/// share one listener.
+#[derive(Default)]
+pub struct SandboxTable(RwLock<HashMap<u64, Arc<Sandbox>>>);
+
+impl SandboxTable {
+    pub fn insert(&self, sandbox: Arc<Sandbox>) {
+        self.0.write().unwrap_or_else(PoisonError::into_inner).insert(sandbox.cgroup_id, sandbox);
+    }
+
+    pub fn remove(&self, cgroup_id: u64) {
+        self.0.write().unwrap_or_else(PoisonError::into_inner).remove(&cgroup_id);
+    }
+
+    pub fn get(&self, cgroup_id: u64) -> Option<Arc<Sandbox>> {
+        self.0.read().unwrap_or_else(PoisonError::into_inner).get(&cgroup_id).cloned()
+    }
 }

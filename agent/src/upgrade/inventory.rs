@@ -28,7 +28,15 @@ pub struct Inventory {
 pub enum SocketRole {
     Control,
     Metrics,
-    Sandbox { name: String, kind: ListenerKind },
+    /// The listener the sandboxes in the daemon's network namespace share.
+    Shared {
+        kind: ListenerKind,
+    },
+    /// A sandbox's own listener (its network namespace, or a port of its own).
+    Sandbox {
+        name: String,
+        kind: ListenerKind,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -51,6 +59,7 @@ pub struct FinalState {
 pub struct HandedSockets {
     pub control: Option<OwnedFd>,
     pub metrics: Option<OwnedFd>,
+    pub shared: Vec<(ListenerKind, OwnedFd)>,
     /// By sandbox name.
     pub sandboxes: BTreeMap<String, Vec<(ListenerKind, OwnedFd)>>,
 }
@@ -62,6 +71,7 @@ impl HandedSockets {
             match role {
                 SocketRole::Control => sorted.control = Some(fd),
                 SocketRole::Metrics => sorted.metrics = Some(fd),
+                SocketRole::Shared { kind } => sorted.shared.push((kind, fd)),
                 SocketRole::Sandbox { name, kind } => sorted.sandboxes.entry(name).or_default().push((kind, fd)),
             }
         }

@@ -16,6 +16,7 @@ mod keepalive;
 mod process;
 mod proxies;
 mod report;
+mod sandboxes;
 mod stalls;
 mod tls;
 mod upload;
@@ -80,6 +81,12 @@ pub struct Args {
     /// Uploads one after another per figure.
     #[arg(long, default_value_t = 30)]
     uploads: usize,
+    /// Sandboxes on one daemon in the "1,000 sandboxes" table.
+    #[arg(long, default_value_t = 1000)]
+    sandboxes: usize,
+    /// Only the "1,000 sandboxes" table (and its targets).
+    #[arg(long)]
+    only_sandboxes: bool,
 }
 
 /// How a client reaches the server.
@@ -170,6 +177,7 @@ pub fn run(args: &Args) -> Result<()> {
     ensure!(args.runs <= 50, "at most 50 runs (one server port per way and run)");
     ensure!(args.tls_connections > 0 && args.tls_requests > 1, "at least one TLS connection and two requests on each");
     ensure!(args.stall_connections > 0 && args.grpc_calls > 0 && args.grpc_stream_mib > 0, "sizes must be positive");
+    ensure!((2..=4096).contains(&args.sandboxes), "--sandboxes: from 2 to 4096");
     ensure!((1..=60).contains(&args.wrk_secs), "--wrk-secs: from 1 to 60");
     ensure!(
         (1..=1024).contains(&args.upload_mib) && args.uploads > 0,
@@ -203,15 +211,18 @@ pub fn run(args: &Args) -> Result<()> {
     let net = TestNet::new()?;
     let bench = Bench::new(args, Limits { nofile, idle }, agent_bin, peer_bin, &net, &work)?;
     let mut results = Results::default();
-    bench.throughput_and_latency(&mut results)?;
-    bench.tls_requests(&mut results)?;
-    bench.mcp_calls(&mut results)?;
-    bench.grpc_calls(&mut results)?;
-    bench.keepalive(&mut results)?;
-    bench.stalls(&mut results)?;
-    bench.inference_stream(&mut results)?;
-    bench.upload(&mut results)?;
-    bench.memory(&mut results)?;
+    if !args.only_sandboxes {
+        bench.throughput_and_latency(&mut results)?;
+        bench.tls_requests(&mut results)?;
+        bench.mcp_calls(&mut results)?;
+        bench.grpc_calls(&mut results)?;
+        bench.keepalive(&mut results)?;
+        bench.stalls(&mut results)?;
+        bench.inference_stream(&mut results)?;
+        bench.upload(&mut results)?;
+        bench.memory(&mut results)?;
+    }
+    bench.sandboxes(&mut results)?;
     bench.netns.check_alone()?;
     drop(bench);
 

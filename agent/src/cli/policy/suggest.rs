@@ -38,7 +38,7 @@ pub struct SuggestArgs {
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     since: Option<Duration>,
     /// The daemon's control socket.
-    #[arg(long, alias = "socket", value_name = "PATH", default_value = DEFAULT_CONTROL_SOCKET)]
+    #[arg(long, visible_alias = "socket", value_name = "PATH", default_value = DEFAULT_CONTROL_SOCKET)]
     control_socket: PathBuf,
     /// Print FILE with the suggestions added to its network_policies.
     #[arg(long, value_name = "FILE")]
