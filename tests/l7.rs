@@ -463,8 +463,11 @@ fn plain_http_to_an_inspected_endpoint_is_decided_per_request() -> Result<()> {
     assert_eq!((read.status, &read.json()["target"]), (200, &Value::from("/x")), "{}", read.body);
     let write = curl_i(&sandbox, &["--noproxy", "*", "-X", "DELETE", &url])?;
     assert_denied(&write, "access: read-only", "DELETE /x not permitted by policy");
-    assert_eq!(api.events.matching(|e| e["kind"] == "request").len(), 1);
-    assert_eq!(agent.log.matching(|e| e["event"] == "request").len(), 2);
+    // The agent's lines are read from its stderr by another thread: waited for, then counted.
+    let logged = agent.log.wait_for_count("both requests logged", 2, |e| e["event"] == "request")?;
+    assert_eq!(logged.len(), 2, "{logged:?}");
+    let reached = api.events.wait_for_count("the allowed request at the API", 1, |e| e["kind"] == "request")?;
+    assert_eq!(reached.len(), 1, "the denied request never reached the API: {reached:?}");
     Ok(())
 }
 
