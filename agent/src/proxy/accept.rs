@@ -11,20 +11,24 @@ use std::{
 use agent_common::ConnectRecord;
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{watch, Semaphore},
+    sync::{watch, OwnedSemaphorePermit, Semaphore},
 };
 use tracing::Instrument;
 
 use super::{
     connection,
     listeners::Listeners,
-    sandbox::{Common, Sandbox, SandboxTable, Stats},
+    sandbox::{Common, SandboxTable, Stats},
 };
 use crate::{
     conn::{refuse::reset, Accepted},
     dns::{Asker, AskerOf, CountAnswer},
     redirect::Redirect,
 };
+
+/// How long a connection waits for its sandbox to be added (see
+/// `Finder::serve_when_added`).
+const SANDBOX_WAIT: Duration = Duration::from_secs(5);
 
 /// Listeners being served; dropping it stops them (connections in flight
 /// run to their end).
@@ -104,28 +108,46 @@ impl Finder {
         })
     }
 
-    /// The kernel's record of an accepted connection and its sandbox; a
-    /// connection without a record, or from a sandbox no longer served, is
-    /// closed and counted, never guessed.
-    fn sandbox_of(&self, stream: TcpStream, peer: SocketAddr) -> Option<(TcpStream, ConnectRecord, Arc<Sandbox>)> {
+    /// The kernel's record of an accepted connection; a connection without
+    /// one is closed and counted, never guessed.
+    fn record_of(&self, stream: TcpStream, peer: SocketAddr) -> Option<(TcpStream, ConnectRecord)> {
         let Some(record) = self.redirect.take_record(self.netns_cookie, self.port, peer) else {
             let unattributed = self.stats.unattributed.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::warn!(client = %peer, unattributed, "connection closed: no kernel record of its origin");
             reset(stream);
             return None;
         };
-        let Some(sandbox) = self.table.get(record.sandbox_cgroup_id) else {
+        Some((stream, record))
+    }
+
+    /// A connection whose sandbox is not in the table: one being added (a
+    /// daemon restarted over its pins accepts before it has added every
+    /// sandbox again) is served once it is, within `SANDBOX_WAIT`; the
+    /// connection holds its global slot while it waits. Otherwise it is
+    /// closed and counted.
+    async fn serve_when_added(
+        self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        accepted: Accepted,
+        record: ConnectRecord,
+        slot: OwnedSemaphorePermit,
+    ) {
+        let Some(sandbox) = self.table.wait_for(record.sandbox_cgroup_id, SANDBOX_WAIT).await else {
             let unattributed = self.stats.unattributed.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::warn!(
                 client = %peer,
                 cgroup_id = record.sandbox_cgroup_id,
                 unattributed,
-                "connection closed: its sandbox is not served (removed)"
+                "connection closed: its sandbox is not served (removed, or not added again within {}s)",
+                SANDBOX_WAIT.as_secs()
             );
             reset(stream);
-            return None;
+            return;
         };
-        Some((stream, record, sandbox))
+        let span = sandbox.span.clone();
+        connection::handle(stream, peer, accepted, &record, &sandbox).instrument(span).await;
+        drop(slot);
     }
 }
 
@@ -145,7 +167,19 @@ async fn accept_loop(listener: TcpListener, finder: Finder, slots: Arc<Semaphore
         };
         let accepted = Accepted::now();
         finder.stats.accepted.fetch_add(1, Ordering::Relaxed);
-        let Some((stream, record, sandbox)) = finder.sandbox_of(stream, peer) else { continue };
+        let Some((stream, record)) = finder.record_of(stream, peer) else { continue };
+        let Some(sandbox) = finder.table.get(record.sandbox_cgroup_id) else {
+            match slots.clone().try_acquire_owned() {
+                Ok(slot) => {
+                    tokio::spawn(finder.clone().serve_when_added(stream, peer, accepted, record, slot));
+                }
+                Err(_) => {
+                    tracing::warn!(client = %peer, cgroup_id = record.sandbox_cgroup_id, "connection closed: over the connection limit while its sandbox is added");
+                    reset(stream);
+                }
+            }
+            continue;
+        };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             sandbox.span.in_scope(|| connection::refuse_over_limit(stream, peer, accepted, &record, &sandbox));
             continue;

@@ -3,9 +3,10 @@
 use std::{
     collections::HashMap,
     sync::{atomic::AtomicU64, Arc, PoisonError, RwLock},
+    time::Duration,
 };
 
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 
 use super::limits::SandboxSlots;
 use crate::{
@@ -135,18 +136,40 @@ impl Sandbox {
 /// sandbox by the cgroup its kernel record names, so many sandboxes can
 /// share one listener.
 #[derive(Default)]
-pub struct SandboxTable(RwLock<HashMap<u64, Arc<Sandbox>>>);
+pub struct SandboxTable {
+    sandboxes: RwLock<HashMap<u64, Arc<Sandbox>>>,
+    /// Woken on every insert, for connections waiting for their sandbox.
+    inserted: Notify,
+}
 
 impl SandboxTable {
     pub fn insert(&self, sandbox: Arc<Sandbox>) {
-        self.0.write().unwrap_or_else(PoisonError::into_inner).insert(sandbox.cgroup_id, sandbox);
+        self.sandboxes.write().unwrap_or_else(PoisonError::into_inner).insert(sandbox.cgroup_id, sandbox);
+        self.inserted.notify_waiters();
     }
 
     pub fn remove(&self, cgroup_id: u64) {
-        self.0.write().unwrap_or_else(PoisonError::into_inner).remove(&cgroup_id);
+        self.sandboxes.write().unwrap_or_else(PoisonError::into_inner).remove(&cgroup_id);
     }
 
     pub fn get(&self, cgroup_id: u64) -> Option<Arc<Sandbox>> {
-        self.0.read().unwrap_or_else(PoisonError::into_inner).get(&cgroup_id).cloned()
+        self.sandboxes.read().unwrap_or_else(PoisonError::into_inner).get(&cgroup_id).cloned()
+    }
+
+    /// The sandbox of `cgroup_id` once it is in the table, for at most `wait`.
+    pub async fn wait_for(&self, cgroup_id: u64, wait: Duration) -> Option<Arc<Sandbox>> {
+        let waiting = async {
+            loop {
+                let inserted = self.inserted.notified();
+                tokio::pin!(inserted);
+                // Registered before the lookup, so an insert in between is not missed.
+                inserted.as_mut().enable();
+                if let Some(sandbox) = self.get(cgroup_id) {
+                    return sandbox;
+                }
+                inserted.await;
+            }
+        };
+        tokio::time::timeout(wait, waiting).await.ok()
     }
 }
