@@ -5,11 +5,11 @@
 //!
 //! A connection the server accepted is seen there even if it is reset at
 //! once, so the agent connects before the client's bytes are decided only
-//! when the client stays silent: for [`CLIENT_GRACE`], or not at all for a
-//! destination whose server spoke first recently. A client that speaks
-//! before is decided on its bytes, then connected, and a server never sees
-//! a connection for a stream those bytes deny. An early connection that is
-//! not used is reset, never closed with a FIN nor relayed.
+//! for a client silent at accept that stays silent for [`CLIENT_GRACE`]
+//! (at once, to a destination whose server spoke first recently). A client
+//! that speaks before is decided on its bytes, then connected: a server
+//! never sees a connection for a stream those bytes deny. An early
+//! connection that is not used is reset, never closed with a FIN nor relayed.
 
 use std::{
     collections::HashMap,
@@ -104,12 +104,12 @@ pub async fn race(client: &TcpStream, origin: &Origin, context: &Context, greete
     }
     let started = Instant::now();
     let destination = origin.destination;
-    if !greeters.greeted_recently(destination) && timeout(CLIENT_GRACE, spoke(client)).await.is_ok() {
-        return None;
-    }
     let verdict = context.decider.stream(origin, None, destination).await;
     // An inspected endpoint's bytes are never relayed raw, whoever speaks first.
     let address = verdict.outcome.as_ref().ok().filter(|allowed| allowed.inspect.is_none())?.upstream;
+    if !greeters.greeted_recently(destination) && timeout(CLIENT_GRACE, spoke(client)).await.is_ok() {
+        return None;
+    }
     // A client that speaks while the connect is under way is not kept
     // waiting for it: its bytes are decided first (and the half-made
     // connection dropped, reset if it completed).
@@ -132,7 +132,7 @@ pub async fn race(client: &TcpStream, origin: &Origin, context: &Context, greete
 }
 
 /// A connection to `address` that is reset, not closed, if dropped before
-/// [`Early::into_stream`] (including while it is being made).
+/// [`Early::adopt`] (including while it is being made).
 async fn connect_resetting(address: SocketAddr) -> std::io::Result<TcpStream> {
     let socket = if address.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     socket.set_zero_linger()?;
