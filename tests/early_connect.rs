@@ -25,6 +25,12 @@ const SLOW_PORT: u16 = 9105;
 /// A server that speaks first (a greeting), allowed by address.
 const GREETING_PORT: u16 = 9106;
 
+/// The agent's `--first-byte-timeout`.
+const FIRST_BYTE_TIMEOUT_MS: u64 = 2000;
+/// How long the slow client is silent: past the 50 ms grace, well within
+/// the first-byte timeout.
+const SLOW_CLIENT_MS: u64 = 500;
+
 /// Resolves (by the test's DNS) elsewhere than the test host.
 const ELSEWHERE: &str = "198.51.100.7";
 
@@ -75,7 +81,10 @@ network_policies:
         ))?;
         let sandbox = Sandbox::new(name)?;
         let dns_args = dns.agent_args();
-        let agent = Agent::start(&sandbox, &policy, &[dns_args[0].as_str(), dns_args[1].as_str()])?;
+        // A first-byte timeout far above the grace: a slow client's delay falls between them.
+        let args =
+            [dns_args[0].as_str(), dns_args[1].as_str(), "--first-byte-timeout", &FIRST_BYTE_TIMEOUT_MS.to_string()];
+        let agent = Agent::start(&sandbox, &policy, &args)?;
         Ok(Self { agent, sandbox, server, net, _policy: policy, _dns: dns })
     }
 
@@ -196,12 +205,12 @@ fn a_client_silent_past_the_grace_is_connected_early_and_reset_if_denied() -> Re
     setup.server.events.wait_for("the warm-up's end", |e| e["kind"] == "closed" && e["port"] == SLOW_PORT)?;
     let before = open_fds(setup.agent.pid())?;
 
-    // Silent for 200 ms (past the 50 ms grace, within the 300 ms first-byte
-    // timeout): connected early on the address alone, then denied on its SNI.
+    // Silent past the grace: connected early on the address alone, then
+    // denied on its SNI.
     const SLOW: usize = 5;
     let mut pids = HashSet::new();
     for _ in 0..SLOW {
-        let (pid, report) = setup.stream(&slow, &["--sni", "denied.example"], 200)?;
+        let (pid, report) = setup.stream(&slow, &["--sni", "denied.example"], SLOW_CLIENT_MS)?;
         ensure!(report["received"] == 0, "the client got bytes back: {report}");
         setup.denied(pid, "a slow client's denied SNI")?;
         pids.insert(pid);
