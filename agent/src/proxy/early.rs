@@ -171,3 +171,24 @@ fn peek(stream: &TcpStream) -> std::io::Result<usize> {
     }
     Ok(received as usize)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greeters_are_remembered_up_to_the_bound() {
+        let greeters = Greeters::default();
+        let at = |port: u16| SocketAddr::from(([192, 0, 2, 1], port));
+        assert!(!greeters.greeted_recently(at(1)));
+        for port in 1..=MAX_GREETERS as u16 {
+            greeters.greeted(at(port));
+        }
+        assert!(greeters.greeted_recently(at(1)) && greeters.greeted_recently(at(MAX_GREETERS as u16)));
+        // Full of recent ones: a new destination is not remembered, a known one is refreshed.
+        greeters.greeted(at(MAX_GREETERS as u16 + 1));
+        assert!(!greeters.greeted_recently(at(MAX_GREETERS as u16 + 1)));
+        greeters.greeted(at(1));
+        assert!(greeters.greeted_recently(at(1)));
+    }
+}
