@@ -15,14 +15,15 @@ use crate::{
 /// the address alone made.
 pub async fn server_first(client: TcpStream, connected: Early, sandbox: &Sandbox, log: &mut CloseLog) {
     log.protocol = "silent";
-    let Early { upstream, verdict } = connected;
+    let (verdict, upstream) = connected.adopt();
     if log.decided(verdict).is_ok() {
         log.relayed(relay::relay(client, upstream, Prefill::default(), sandbox.context.config.idle_timeout).await);
     }
 }
 
 /// Relays an allowed stream whose first bytes are `buffered`, over the
-/// connection made early if it went to the allowed address.
+/// connection made early if it went to the allowed address (else that one
+/// is reset unused).
 pub async fn relay(
     client: TcpStream,
     buffered: Vec<u8>,
@@ -40,11 +41,9 @@ pub async fn relay(
     }
     let idle = sandbox.context.config.idle_timeout;
     let prefill = Prefill { to_upstream: buffered, ..Prefill::default() };
-    match early.map(Early::into_stream) {
-        Some((address, upstream)) if address == allowed.upstream => {
-            log.relayed(relay::relay(client, upstream, prefill, idle).await)
-        }
-        _ => {
+    match early.filter(|early| early.address() == allowed.upstream) {
+        Some(early) => log.relayed(relay::relay(client, early.adopt().1, prefill, idle).await),
+        None => {
             if let Some(upstream) = connect_upstream(allowed.upstream, &sandbox.context, log).await {
                 log.relayed(relay::relay(client, upstream, prefill, idle).await);
             }

@@ -8,7 +8,7 @@ use std::{
 
 use tokio::sync::{watch, Notify, Semaphore};
 
-use super::limits::SandboxSlots;
+use super::{early::Greeters, limits::SandboxSlots};
 use crate::{
     conn::{Config, Context, Decider},
     credentials::Credentials,
@@ -85,6 +85,8 @@ pub struct Sandbox {
     /// `None` when the sandbox has no inference config.
     pub inference: Option<InferenceRoute>,
     pub observer: Arc<Observer>,
+    /// Its destinations whose server spoke first: connected without waiting for the client.
+    pub greeters: Greeters,
 }
 
 impl Sandbox {
@@ -128,6 +130,7 @@ impl Sandbox {
             dns: common.dns.clone(),
             inference,
             observer: common.observer.clone(),
+            greeters: Greeters::default(),
         })
     }
 }

@@ -49,8 +49,9 @@ impl Bench<'_> {
             "Server greeting: the server writes a line on accept, the client only reads; `xxxx` first: the client \
              sends `xxxx` (no line end) and the server echoes it. Each connection is timed from connect to the \
              bytes expected. The agent's policy names the server by its IP literal, so the address alone decides \
-             and it may connect upstream at once; a stall would show as its 300 ms first-byte timeout. \"Added\" is \
-             the median of the differences to direct in the same run."
+             and it connects upstream early (the first connection after the 50 ms grace, the rest at once since \
+             its server spoke first); a stall would show as its 300 ms first-byte timeout. \"Added\" is the \
+             median of the differences to direct in the same run."
                 .into(),
             &[DIRECT, TRANSPARENT, HAPROXY],
         );
