@@ -1,0 +1,194 @@
+//! The kernel fast path, end to end: an endpoint declared `protocol: tcp`
+//! is decided by the proxy for an executable's first connection to a
+//! destination; the next ones go direct from connect4/6, each still with
+//! its close line (`path: kernel`, the kernel's byte counts), and only while
+//! the decision holds: not after a reload that drops it, nor once the
+//! sandbox is removed or the agent is gone.
+
+use std::{os::unix::fs::PermissionsExt, path::Path, thread, time::Duration};
+
+use anyhow::{ensure, Result};
+use e2e::*;
+use serde_json::Value;
+
+fn canonical(path: &str) -> String {
+    std::fs::canonicalize(path).unwrap().display().to_string()
+}
+
+/// A policy whose one endpoint is `host:port`, L4 only, for `binaries`.
+fn l4_policy(host: &str, port: u16, binaries: &[&str]) -> String {
+    let binaries: Vec<String> = binaries.iter().map(|path| format!("{{ path: \"{path}\" }}")).collect();
+    format!(
+        "version: 1\nnetwork_policies:\n  l4:\n    binaries: [{}]\n    endpoints:\n      - host: \"{host}\"\n        \
+         port: {port}\n        protocol: tcp\n",
+        binaries.join(", ")
+    )
+}
+
+/// The exchange client run by `program` (a Python interpreter).
+fn exchange_by(program: &str, sandbox: &Sandbox, host: &str, send: u64, recv: u64) -> Result<(u32, Value)> {
+    let mut command = sandbox.command(program);
+    command.arg(support_file("exchange_client.py")).args([
+        "inet",
+        host,
+        &EXCHANGE_PORT.to_string(),
+        &send.to_string(),
+        &recv.to_string(),
+    ]);
+    let (pid, output) = spawn_and_wait(command)?;
+    ensure!(output.status.success(), "exchange failed: {}", String::from_utf8_lossy(&output.stderr));
+    Ok((pid, serde_json::from_slice(&output.stdout)?))
+}
+
+fn exchange_fails(program: &str, sandbox: &Sandbox, host: &str) -> Result<(u32, String)> {
+    let mut command = sandbox.command(program);
+    command.arg(support_file("exchange_client.py")).args(["inet", host, &EXCHANGE_PORT.to_string(), "10", "10"]);
+    let (pid, output) = spawn_and_wait(command)?;
+    ensure!(!output.status.success(), "the exchange succeeded");
+    Ok((pid, String::from_utf8_lossy(&output.stderr).into_owned()))
+}
+
+fn header_len(send: u64, recv: u64) -> u64 {
+    format!("SEND {send} RECV {recv}\n").len() as u64
+}
+
+/// A copy of the Python interpreter under another path (another executable file).
+fn python_copy(dir: &TempDir, name: &str) -> Result<String> {
+    let copy = dir.file(name);
+    std::fs::copy(canonical(PYTHON), &copy)?;
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))?;
+    // The sandbox runs it as root; the temp dir must be reachable.
+    ensure!(Path::new(&copy).exists());
+    Ok(copy)
+}
+
+#[test]
+fn an_allowed_executable_connects_direct_after_its_first_connection_and_is_logged_by_the_kernel() -> Result<()> {
+    require_root();
+    let net = TestNet::new()?;
+    let servers = net.start_servers()?;
+    let dir = TempDir::new("fastpath-exe")?;
+    let other = python_copy(&dir, "python-other")?;
+    let denied = python_copy(&dir, "python-denied")?;
+    let python = canonical(PYTHON);
+    let host = net.v4.to_string();
+    let policy = PolicyFile::new(&l4_policy(&host, EXCHANGE_PORT, &[&python, &other]))?;
+    let sandbox = Sandbox::new("fastpath")?;
+    let agent = Agent::start(&sandbox, &policy, &[])?;
+    let (send, recv) = (200_000u64, 300_000u64);
+
+    let (first_pid, first) = exchange_by(PYTHON, &sandbox, &host, send, recv)?;
+    assert_eq!(first["local"], "127.0.0.1", "the first connection goes through the agent");
+    let line = agent.wait_connection_of(first_pid)?;
+    assert_eq!((&line["verdict"], &line["path"]), (&Value::from("relayed"), &Value::Null), "{line}");
+    assert_eq!(line["exe"], python);
+
+    let (pid, second) = exchange_by(PYTHON, &sandbox, &host, send, recv)?;
+    assert_eq!(second["received_intact"], true);
+    assert_ne!(second["local"], "127.0.0.1", "the second connection goes direct: {second}");
+    servers
+        .events
+        .wait_for("the direct exchange", |e| e["kind"] == "exchange" && e["sha256"] == second["sent_sha256"])?;
+    let line = agent.wait_connection_of(pid)?;
+    assert_eq!(line["path"], "kernel", "{line}");
+    assert_eq!(line["verdict"], "relayed");
+    assert_eq!(line["sandbox"], agent.wait_connection_of(first_pid)?["sandbox"]);
+    assert_eq!(line["exe"], python);
+    assert_eq!(line["comm"], "python3");
+    assert_eq!(line["destination"], format!("{host}:{EXCHANGE_PORT}"));
+    assert_eq!(line["policy"], "l4");
+    assert_eq!(line["bytes_up"], header_len(send, recv) + send, "{line}");
+    assert_eq!(line["bytes_down"], recv, "{line}");
+    assert_eq!(agent.connections_of(pid).len(), 1, "the proxy did not see it");
+
+    // Another executable the endpoint allows: its own first connection goes through the agent.
+    let (other_first, local) = exchange_by(&other, &sandbox, &host, 10, 10)?;
+    assert_eq!(local["local"], "127.0.0.1");
+    assert_eq!(agent.wait_connection_of(other_first)?["exe"], other);
+    let (other_pid, direct) = exchange_by(&other, &sandbox, &host, 10, 20)?;
+    assert_ne!(direct["local"], "127.0.0.1");
+    let line = agent.wait_connection_of(other_pid)?;
+    assert_eq!((&line["path"], &line["exe"]), (&Value::from("kernel"), &Value::from(other.clone())), "{line}");
+    assert_eq!(line["bytes_down"], 20);
+
+    // An executable the endpoint does not list is denied, every time, by the proxy.
+    for _ in 0..2 {
+        let (pid, _) = exchange_fails(&denied, &sandbox, &host)?;
+        let line = agent.wait_connection_of(pid)?;
+        assert_eq!((&line["verdict"], &line["path"]), (&Value::from("denied"), &Value::Null), "{line}");
+    }
+
+    // A reload that drops the endpoint: the next connect is the proxy's again, and denied.
+    policy.write(&l4_policy(&host, EXCHANGE_PORT + 1, &[&python, &other]))?;
+    agent.log.wait_for("the reload", |e| e["event"] == "policy_reloaded")?;
+    let (pid, _) = exchange_fails(PYTHON, &sandbox, &host)?;
+    let line = agent.wait_connection_of(pid)?;
+    assert_eq!((&line["verdict"], &line["path"]), (&Value::from("denied"), &Value::Null), "{line}");
+    Ok(())
+}
+
+#[test]
+fn a_fast_path_connect_fails_once_the_agent_is_killed() -> Result<()> {
+    require_root();
+    let net = TestNet::new()?;
+    let servers = net.start_servers()?;
+    let host = net.v4.to_string();
+    let policy = PolicyFile::new(&l4_policy(&host, EXCHANGE_PORT, &[&canonical(PYTHON)]))?;
+    let sandbox = Sandbox::new("fastpath-kill")?;
+    let mut agent = Agent::start(&sandbox, &policy, &[])?;
+    exchange_by(PYTHON, &sandbox, &host, 10, 10)?;
+    let (pid, direct) = exchange_by(PYTHON, &sandbox, &host, 10, 10)?;
+    assert_ne!(direct["local"], "127.0.0.1", "fast-pathed before the kill");
+    assert_eq!(agent.wait_connection_of(pid)?["path"], "kernel");
+
+    agent.kill();
+    let exchanges = servers.events.matching(|e| e["kind"] == "exchange").len();
+    let (_, stderr) = exchange_fails(PYTHON, &sandbox, &host)?;
+    assert!(stderr.contains("ConnectionRefusedError"), "expected a refused connect, got {stderr}");
+    // Give a leaked connection time to show up before asserting there is none.
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(servers.events.matching(|e| e["kind"] == "exchange").len(), exchanges, "the server was reached");
+    Ok(())
+}
+
+#[test]
+fn a_removed_sandbox_cannot_use_its_fast_path() -> Result<()> {
+    require_root();
+    let net = TestNet::new()?;
+    let _servers = net.start_servers()?;
+    let host = net.v4.to_string();
+    let policy = PolicyFile::new(&l4_policy(&host, EXCHANGE_PORT, &[&canonical(PYTHON)]))?;
+    let sandbox = Sandbox::new("fastpath-removed")?;
+    let mut daemon = AgentDaemon::start(&[])?;
+    daemon.add("l4", &sandbox, &policy, &[])?;
+    exchange_by(PYTHON, &sandbox, &host, 10, 10)?;
+    let (pid, direct) = exchange_by(PYTHON, &sandbox, &host, 10, 10)?;
+    assert_ne!(direct["local"], "127.0.0.1", "fast-pathed before the removal");
+    assert_eq!(daemon.agent.wait_connection_of(pid)?["path"], "kernel");
+
+    let (ok, stdout, stderr) = daemon.cli(&["sandbox", "remove", "l4"])?;
+    ensure!(ok, "{stdout}{stderr}");
+    let (_, stderr) = exchange_fails(PYTHON, &sandbox, &host)?;
+    assert!(stderr.contains("PermissionError"), "expected EPERM, got {stderr}");
+    Ok(())
+}
+
+#[test]
+fn the_kernel_reads_the_executable_of_each_process() -> Result<()> {
+    // Different binaries from one sandbox, each named right in its line
+    // (a copy of the same file is another executable).
+    require_root();
+    let net = TestNet::new()?;
+    let _servers = net.start_servers()?;
+    let dir = TempDir::new("fastpath-ids")?;
+    let copy = python_copy(&dir, "python-copy")?;
+    let sandbox = Sandbox::new("fastpath-ids")?;
+    let policy = PolicyFile::new(&net.allow_all_policy())?;
+    let agent = Agent::start(&sandbox, &policy, &[])?;
+    let host = net.v4.to_string();
+    for program in [PYTHON, copy.as_str(), PYTHON, copy.as_str()] {
+        let (pid, _) = exchange_by(program, &sandbox, &host, 10, 10)?;
+        assert_eq!(agent.wait_connection_of(pid)?["exe"], canonical(program));
+    }
+    Ok(())
+}
