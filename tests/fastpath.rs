@@ -192,3 +192,116 @@ fn the_kernel_reads_the_executable_of_each_process() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn ipv6_and_v4_mapped_connects_take_the_fast_path_too() -> Result<()> {
+    require_root();
+    let net = TestNet::new()?;
+    let _servers = net.start_servers()?;
+    let python = canonical(PYTHON);
+    let policy = format!(
+        "{}      - host: \"{}\"\n        port: {EXCHANGE_PORT}\n        protocol: tcp\n",
+        l4_policy(&net.v4.to_string(), EXCHANGE_PORT, &[&python]),
+        net.v6
+    );
+    let policy = PolicyFile::new(&policy)?;
+    let sandbox = Sandbox::new("fastpath-v6")?;
+    let agent = Agent::start(&sandbox, &policy, &[])?;
+    let cases = [(net.v6.to_string(), format!("[{}]", net.v6)), (format!("::ffff:{}", net.v4), net.v4.to_string())];
+    for (host, logged) in cases {
+        let run = |send: u64, recv: u64| -> Result<(u32, Value)> {
+            let mut command = sandbox.command(PYTHON);
+            command.arg(support_file("exchange_client.py")).args([
+                "inet6",
+                &host,
+                &EXCHANGE_PORT.to_string(),
+                &send.to_string(),
+                &recv.to_string(),
+            ]);
+            let (pid, output) = spawn_and_wait(command)?;
+            ensure!(output.status.success(), "exchange failed: {}", String::from_utf8_lossy(&output.stderr));
+            Ok((pid, serde_json::from_slice(&output.stdout)?))
+        };
+        let (pid, first) = run(10, 10)?;
+        assert!(first["local"].as_str().is_some_and(|local| local.ends_with("127.0.0.1") || local == "::1"), "{first}");
+        assert_eq!(agent.wait_connection_of(pid)?["path"], Value::Null);
+        let (pid, second) = run(1000, 2000)?;
+        assert!(
+            second["local"].as_str().is_some_and(|local| !local.ends_with("127.0.0.1") && local != "::1"),
+            "{second}"
+        );
+        let line = agent.wait_connection_of(pid)?;
+        assert_eq!(
+            (&line["path"], &line["destination"]),
+            (&Value::from("kernel"), &Value::from(format!("{logged}:{EXCHANGE_PORT}"))),
+            "{line}"
+        );
+        assert_eq!(
+            (&line["bytes_up"], &line["bytes_down"]),
+            (&Value::from(header_len(1000, 2000) + 1000), &Value::from(2000)),
+            "{line}"
+        );
+    }
+    Ok(())
+}
+
+/// Tries, from a process the fast path serves, to reach another port of
+/// the test host with an HTTP request: over a socket connected by the fast
+/// path, disconnected (AF_UNSPEC) and connected again elsewhere; and over a
+/// fresh socket. Prints the local address each got (the loopback when the
+/// agent has it) or the error.
+const TURN: &str = r#"
+import ctypes, json, socket, sys
+host, port, attack = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+request = b"GET /attack HTTP/1.0\r\n\r\n"
+def attempt(sock):
+    try:
+        sock.connect((host, attack))
+        local = sock.getsockname()[0]
+        sock.sendall(request)
+        sock.recv(100)
+        return local
+    except OSError as error:
+        return type(error).__name__
+out = {}
+s = socket.create_connection((host, port), timeout=5)
+out["fast_local"] = s.getsockname()[0]
+libc = ctypes.CDLL(None, use_errno=True)
+unspec = (ctypes.c_ubyte * 16)()
+out["disconnect"] = libc.connect(s.fileno(), unspec, 16)
+out["reconnect"] = attempt(s)
+t = socket.socket()
+t.settimeout(5)
+out["fresh"] = attempt(t)
+print(json.dumps(out))
+"#;
+
+#[test]
+fn a_fast_path_socket_cannot_be_turned_to_another_destination() -> Result<()> {
+    require_root();
+    let net = TestNet::new()?;
+    let servers = net.start_servers()?;
+    let host = net.v4.to_string();
+    let policy = PolicyFile::new(&l4_policy(&host, EXCHANGE_PORT, &[&canonical(PYTHON)]))?;
+    let sandbox = Sandbox::new("fastpath-turn")?;
+    let agent = Agent::start(&sandbox, &policy, &[])?;
+    exchange_by(PYTHON, &sandbox, &host, 10, 10)?;
+    let mut fast = Vec::new();
+    for _ in 0..2 {
+        let mut command = sandbox.command(PYTHON);
+        command.args(["-c", TURN, &host, &EXCHANGE_PORT.to_string(), &HTTP_PORT.to_string()]);
+        let (_, output) = spawn_and_wait(command)?;
+        ensure!(output.status.success(), "probe failed: {}", String::from_utf8_lossy(&output.stderr));
+        let out: Value = serde_json::from_slice(&output.stdout)?;
+        assert_eq!(out["disconnect"], 0, "{out}");
+        for attempt in ["reconnect", "fresh"] {
+            assert_eq!(out[attempt], "127.0.0.1", "{attempt} went to the agent: {out}");
+        }
+        fast.push(out["fast_local"].clone());
+    }
+    assert!(fast.iter().all(|local| local != "127.0.0.1"), "the probes' first sockets went by the fast path: {fast:?}");
+    agent.log.wait_for("a denied attempt", |e| e["event"] == "connection" && e["verdict"] == "denied")?;
+    thread::sleep(Duration::from_millis(300));
+    assert!(servers.events.matching(|e| e["path"] == "/attack").is_empty(), "the other port was reached");
+    Ok(())
+}
