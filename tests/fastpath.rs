@@ -305,3 +305,85 @@ fn a_fast_path_socket_cannot_be_turned_to_another_destination() -> Result<()> {
     assert!(servers.events.matching(|e| e["path"] == "/attack").is_empty(), "the other port was reached");
     Ok(())
 }
+
+/// An exchange that waits between its header and its bytes: prints its
+/// local address once connected, then waits for a line on stdin.
+const HELD: &str = r#"
+import json, socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+s.sendall(b"SEND 5 RECV 7\n")
+print(json.dumps({"local": s.getsockname()[0]}), flush=True)
+sys.stdin.readline()
+s.sendall(b"hello")
+received = b""
+while True:
+    data = s.recv(100)
+    if not data:
+        break
+    received += data
+print(json.dumps({"received": len(received)}), flush=True)
+"#;
+
+/// A daemon started by an upgrade (not a child of the test): killed on drop.
+struct Started(u32);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        // SAFETY: signalling a process this test had started.
+        unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        for _ in 0..250 {
+            if !Path::new(&format!("/proc/{}", self.0)).exists() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[test]
+fn a_fast_socket_open_across_an_upgrade_is_logged_by_the_new_daemon() -> Result<()> {
+    use std::{
+        io::Write,
+        process::{Command, Stdio},
+    };
+    require_root();
+    let net = TestNet::new()?;
+    let _servers = net.start_servers()?;
+    let host = net.v4.to_string();
+    let policy = PolicyFile::new(&l4_policy(&host, EXCHANGE_PORT, &[&canonical(PYTHON)]))?;
+    let sandbox = Sandbox::new("fastpath-upgrade")?;
+    let dir = TempDir::new("fastpath-upgrade")?;
+    let mut daemon = AgentDaemon::start(&[])?;
+    daemon.add("l4", &sandbox, &policy, &[])?;
+    exchange_by(PYTHON, &sandbox, &host, 10, 10)?;
+
+    let mut held = sandbox.command(PYTHON);
+    held.args(["-c", HELD, &host, &EXCHANGE_PORT.to_string()]);
+    let mut held = held.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?;
+    let held_pid = held.id();
+    let out = JsonLines::follow_stdout(held.stdout.take().unwrap());
+    let local = out.wait_for("connected", |e| e.get("local").is_some())?;
+    assert_ne!(local["local"], "127.0.0.1", "the held connection goes by the fast path");
+
+    let next = dir.file("sandbox-egress-next");
+    std::fs::copy(agent_bin(), &next)?;
+    let output =
+        Command::new(agent_bin()).args(["upgrade", "--control-socket", &daemon.socket, "--binary", &next]).output()?;
+    ensure!(output.status.success(), "upgrade failed: {}", String::from_utf8_lossy(&output.stderr));
+    let new_pid: u32 = String::from_utf8_lossy(&output.stdout).trim().parse()?;
+    let _new = Started(new_pid);
+    daemon.agent.log.wait_for("the new daemon ready", |e| e["event"] == "ready" && e["agent_pid"] == new_pid)?;
+
+    writeln!(held.stdin.take().unwrap())?;
+    out.wait_for("the exchange's end", |e| e["received"] == 7)?;
+    let _ = held.wait()?;
+    let line = daemon.agent.wait_connection_of(held_pid)?;
+    assert_eq!((&line["path"], &line["agent_pid"]), (&Value::from("kernel"), &Value::from(new_pid)), "{line}");
+    assert_eq!(
+        (&line["bytes_up"], &line["bytes_down"]),
+        (&Value::from(header_len(5, 7) + 5), &Value::from(7)),
+        "{line}"
+    );
+    assert_eq!(daemon.agent.connections_of(held_pid).len(), 1, "logged once");
+    Ok(())
+}
