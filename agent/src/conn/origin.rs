@@ -118,8 +118,9 @@ pub fn known_exe(exe: ExeId) -> Option<PathBuf> {
 
 /// The executable that connected: its path known by the kernel's identity
 /// of it, or read from `/proc/<pid>/exe` (and kept if the path names that
-/// very file: not a replaced or deleted one, nor one of another process
-/// that took the pid or exec'd since, which the times check refuses).
+/// very file and its only name: not a replaced, deleted or hard-linked
+/// one, nor one of another process that took the pid or exec'd since,
+/// which the times check refuses).
 fn exe_of_record(record: &ConnectRecord) -> Option<PathBuf> {
     if let Some(known) = known_exe(record.exe) {
         return Some(known);
@@ -131,9 +132,11 @@ fn exe_of_record(record: &ConnectRecord) -> Option<PathBuf> {
     Some(exe)
 }
 
-/// Whether `path` is the file the kernel identifies as `exe`.
+/// Whether `path` is the file the kernel identifies as `exe`, and its only
+/// name (a file with hard links elsewhere has as many paths).
 fn is_file(path: &Path, exe: ExeId) -> bool {
-    std::fs::metadata(path).is_ok_and(|file| file.dev() == user_dev(exe.dev) && file.ino() == exe.ino)
+    std::fs::metadata(path)
+        .is_ok_and(|file| file.dev() == user_dev(exe.dev) && file.ino() == exe.ino && file.nlink() == 1)
 }
 
 fn exe_of(pid: u32) -> Option<PathBuf> {

@@ -297,13 +297,18 @@ impl Daemon {
         let mut generations = store.generations();
         let (table, redirect, sandbox) = (self.table.clone(), self.redirect.clone(), Arc::downgrade(sandbox));
         tokio::spawn(async move {
-            while generations.changed().await.is_ok() {
+            // The first round covers a reload between the attach and this task's start.
+            loop {
                 let Some(sandbox) = sandbox.upgrade() else { return };
                 if !table.get(sandbox.cgroup_id).is_some_and(|served| Arc::ptr_eq(&served, &sandbox)) {
                     return;
                 }
                 let generation = *generations.borrow_and_update();
                 redirect.set_fast_generation(sandbox.cgroup_id, sandbox.fast_generation(generation));
+                drop(sandbox);
+                if generations.changed().await.is_err() {
+                    return;
+                }
             }
         });
     }

@@ -30,8 +30,11 @@ const LOST_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 /// executable alone is allowed there by a `protocol: tcp` endpoint.
 pub fn offer(origin: &Origin, sandbox: &Sandbox) {
     let destination = origin.destination;
+    // Only an executable whose path is known for its identity: the kernel
+    // matches the identity, the policy matched the path.
+    let identified = origin.exe.is_some() && known_exe(origin.exe_id) == origin.exe;
     if !sandbox.redirect.exe_known()
-        || origin.exe_id.ino == 0
+        || !identified
         || destination.port() == DNS_PORT
         || is_inference_address(destination.ip())
     {
@@ -88,7 +91,7 @@ pub fn serve_closes(
             for close in &batch {
                 match table.get(close.socket.sandbox_cgroup_id) {
                     Some(sandbox) => sandbox.span.in_scope(|| log_close(close, &sandbox)),
-                    None => tracing::warn!(
+                    None => tracing::debug!(
                         cgroup_id = close.socket.sandbox_cgroup_id,
                         pid = close.socket.tgid,
                         "a kernel fast-path connection closed, of a sandbox no longer served: not logged"
