@@ -68,7 +68,7 @@ pub const FAST_DECISIONS_MAX_ENTRIES: u32 = 65_536;
 /// Fast-path sockets open at once on the host (LRU).
 pub const FAST_SOCKETS_MAX_ENTRIES: u32 = 65_536;
 /// Bytes of the ring buffer of fast-path closes.
-pub const FAST_CLOSES_BYTES: u32 = 256 * 1024;
+pub const FAST_CLOSES_BYTES: u32 = 1024 * 1024;
 /// A policy name longer than this is never fast-pathed.
 pub const POLICY_NAME_MAX: usize = 64;
 /// Names given with `--allow-abstract-unix`.
