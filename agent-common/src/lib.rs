@@ -205,14 +205,16 @@ pub struct ConnectRecord {
     pub exe: ExeId,
 }
 
-/// An executable file as the kernel knows it: inode number and device
-/// (`s_dev`, the kernel's encoding: major << 20 | minor). Zero: unknown.
+/// An executable file as the kernel knows it: inode number, device
+/// (`s_dev`, the kernel's encoding: major << 20 | minor) and the inode's
+/// generation (a freed inode number used again gets another one on ext4,
+/// xfs, btrfs and tmpfs). Zero: unknown.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ExeId {
     pub ino: u64,
     pub dev: u32,
-    pub _pad: u32,
+    pub generation: u32,
 }
 
 /// A fast-path decision's key: who (cgroup and executable) may reach which

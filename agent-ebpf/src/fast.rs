@@ -6,8 +6,9 @@
 //! packet backstop lets exactly those out, and sock_ops reports each one's
 //! close (with the kernel's byte counts) on the FAST_CLOSES ring.
 //!
-//! The executable is read from the calling task (task->mm->exe_file's inode
-//! and device) at offsets the agent takes from the kernel's BTF at load.
+//! The executable is read from the calling task (task->mm->exe_file's inode,
+//! device and inode generation) at offsets the agent takes from the
+//! kernel's BTF at load.
 
 use core::ptr::read_volatile;
 
@@ -59,6 +60,8 @@ static INODE_INO_OFFSET: u32 = 0;
 static INODE_SB_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
 static SB_DEV_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static INODE_GENERATION_OFFSET: u32 = 0;
 
 const CURRENT_NETNS: u64 = u64::MAX;
 const LOOPBACK_V4_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
@@ -84,7 +87,9 @@ unsafe fn read_exe() -> Option<ExeId> {
         let sb = read_pointer(inode, read_volatile(&INODE_SB_OFFSET))?;
         let ino = bpf_probe_read_kernel((inode + read_volatile(&INODE_INO_OFFSET) as usize) as *const u64).ok()?;
         let dev = bpf_probe_read_kernel((sb + read_volatile(&SB_DEV_OFFSET) as usize) as *const u32).ok()?;
-        Some(ExeId { ino, dev, _pad: 0 })
+        let generation =
+            bpf_probe_read_kernel((inode + read_volatile(&INODE_GENERATION_OFFSET) as usize) as *const u32).ok()?;
+        Some(ExeId { ino, dev, generation })
     }
 }
 

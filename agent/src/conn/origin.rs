@@ -108,12 +108,19 @@ fn ancestor_counts(parent: ProcessTimes, child: ProcessTimes) -> Option<bool> {
 /// that names that very file.
 static KNOWN_EXES: LazyLock<Mutex<LruCache<ExeId, PathBuf>>> = LazyLock::new(|| Mutex::new(LruCache::new(EXE_PATHS)));
 
-/// The path of the executable the kernel saw connect, if one was known.
+/// The path of the executable the kernel saw connect, if one was known
+/// and still names that very file (an inode number freed and used again
+/// is another file: the path then names something else, or nothing).
 pub fn known_exe(exe: ExeId) -> Option<PathBuf> {
     if exe.ino == 0 {
         return None;
     }
-    KNOWN_EXES.lock().unwrap_or_else(PoisonError::into_inner).get(&exe).cloned()
+    let known = KNOWN_EXES.lock().unwrap_or_else(PoisonError::into_inner).get(&exe).cloned()?;
+    if is_file(&known, exe) {
+        return Some(known);
+    }
+    KNOWN_EXES.lock().unwrap_or_else(PoisonError::into_inner).pop(&exe);
+    None
 }
 
 /// The executable that connected: its path known by the kernel's identity
@@ -184,6 +191,33 @@ mod tests {
         assert!(identity_lost(times(0, 0), Some(times(0, 30))).unwrap().contains("exec"));
         assert!(identity_lost(times(10, 20), Some(times(40, 0))).unwrap().contains("pid went to another process"));
         assert!(identity_lost(times(10, 20), None).unwrap().contains("no longer tracked"));
+    }
+
+    fn kernel_id(path: &Path) -> ExeId {
+        let file = std::fs::metadata(path).unwrap();
+        let dev = ((libc::major(file.dev()) << 20) | libc::minor(file.dev())) as u32;
+        ExeId { ino: file.ino(), dev, generation: 7 }
+    }
+
+    #[test]
+    fn a_known_path_counts_only_while_it_names_that_very_file() {
+        let dir = std::env::temp_dir().join(format!("known-exe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tool");
+        std::fs::write(&path, "v1").unwrap();
+        let id = kernel_id(&path);
+        KNOWN_EXES.lock().unwrap().put(id, path.clone());
+        assert_eq!(known_exe(id), Some(path.clone()));
+        // A second name: no longer the only path of that file.
+        std::fs::hard_link(&path, dir.join("alias")).unwrap();
+        assert_eq!(known_exe(id), None);
+        KNOWN_EXES.lock().unwrap().put(id, path.clone());
+        std::fs::remove_file(dir.join("alias")).unwrap();
+        // Replaced: the path names another inode now.
+        std::fs::write(dir.join("tool.new"), "v2").unwrap();
+        std::fs::rename(dir.join("tool.new"), &path).unwrap();
+        assert_eq!(known_exe(id), None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

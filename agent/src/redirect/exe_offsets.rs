@@ -1,5 +1,5 @@
 //! Where the calling task's executable is, in the running kernel's structs
-//! (task->mm->exe_file->f_inode: i_ino, i_sb->s_dev): offsets read from its
+//! (task->mm->exe_file->f_inode: i_ino, i_generation, i_sb->s_dev): offsets read from its
 //! BTF, handed to the programs as globals, since they walk the structs with
 //! bpf_probe_read_kernel (aya's programs have no CO-RE).
 
@@ -10,12 +10,13 @@ use btf_rs::{Btf, Type};
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// (global in the programs, struct, member path).
-const OFFSETS: [(&str, &str, &str); 6] = [
+const OFFSETS: [(&str, &str, &str); 7] = [
     ("TASK_MM_OFFSET", "task_struct", "mm"),
     ("MM_EXE_FILE_OFFSET", "mm_struct", "exe_file"),
     ("FILE_INODE_OFFSET", "file", "f_inode"),
     ("INODE_INO_OFFSET", "inode", "i_ino"),
     ("INODE_SB_OFFSET", "inode", "i_sb"),
+    ("INODE_GENERATION_OFFSET", "inode", "i_generation"),
     ("SB_DEV_OFFSET", "super_block", "s_dev"),
 ];
 
