@@ -155,6 +155,9 @@ const IDLE_PORT_BASE: u16 = 9000;
 const KEEPALIVE_PORT: u16 = 7000;
 const GREETING_PORT: u16 = 7100;
 const ECHO_PORT: u16 = 7101;
+/// The same, in the kernel fast path's `protocol: tcp` endpoint.
+const GREETING_KERNEL_PORT: u16 = 7102;
+const ECHO_KERNEL_PORT: u16 = 7103;
 /// The streaming provider inference.local is routed to.
 const SSE_PORT: u16 = 7200;
 /// Takes uploads with `Expect: 100-continue`.
@@ -217,6 +220,13 @@ pub fn run(args: &Args) -> Result<()> {
 
     let machine = machine();
     let work = WorkDir::new()?;
+    // cargo hard-links its outputs: a copy with one link, an executable the
+    // kernel fast path can identify (see README, "The kernel fast path").
+    let peer_bin = {
+        let copy = work.0.join("bench-peer");
+        std::fs::copy(&peer_bin, &copy).with_context(|| format!("copy {}", peer_bin.display()))?;
+        copy
+    };
     let net = TestNet::new()?;
     let bench = Bench::new(args, Limits { nofile, idle }, agent_bin, peer_bin, &net, &work)?;
     let mut results = Results::default();
@@ -439,9 +449,9 @@ impl<'a> Bench<'a> {
             "--keepalive",
             &any(KEEPALIVE_PORT),
             "--greeting",
-            &any(GREETING_PORT),
+            &format!("{},{}", any(GREETING_PORT), any(GREETING_KERNEL_PORT)),
             "--echo",
-            &any(ECHO_PORT),
+            &format!("{},{}", any(ECHO_PORT), any(ECHO_KERNEL_PORT)),
             "--sse",
             &any(SSE_PORT),
             "--upload",
@@ -466,7 +476,8 @@ impl<'a> Bench<'a> {
             )
             .map(|p| p.to_string())
             .collect();
-        let l4_ports: Vec<String> = std::iter::once(BULK_KERNEL_PORT)
+        let l4_ports: Vec<String> = [BULK_KERNEL_PORT, GREETING_KERNEL_PORT, ECHO_KERNEL_PORT]
+            .into_iter()
             .chain(kernel.iter().flat_map(|i| [HTTP_PORT_BASE + i, IDLE_PORT_BASE + i]))
             .map(|p| p.to_string())
             .collect();

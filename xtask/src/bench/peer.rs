@@ -198,11 +198,11 @@ struct Servers {
     #[arg(long)]
     key: PathBuf,
     /// Says `GREETING` on accept, then closes.
-    #[arg(long)]
-    greeting: SocketAddr,
+    #[arg(long, value_delimiter = ',', required = true)]
+    greeting: Vec<SocketAddr>,
     /// Echoes the client's `ECHO`, then closes.
-    #[arg(long)]
-    echo: SocketAddr,
+    #[arg(long, value_delimiter = ',', required = true)]
+    echo: Vec<SocketAddr>,
     /// A streaming chat-completions provider: the first server-sent event at
     /// once, the rest after [`SSE_PAUSE`].
     #[arg(long)]
@@ -290,8 +290,12 @@ async fn serve(config: Servers) -> Result<()> {
     for address in config.grpc {
         servers.spawn(peer_grpc::serve(bind(address).await?, server_config(&config.cert, &config.key)?));
     }
-    servers.spawn(accept_loop(bind(config.greeting).await?, serve_greeting));
-    servers.spawn(accept_loop(bind(config.echo).await?, serve_echo));
+    for address in config.greeting {
+        servers.spawn(accept_loop(bind(address).await?, serve_greeting));
+    }
+    for address in config.echo {
+        servers.spawn(accept_loop(bind(address).await?, serve_echo));
+    }
     servers.spawn(accept_loop(bind(config.sse).await?, serve_sse));
     servers.spawn(accept_loop(bind(config.upload).await?, serve_upload));
     println!("{}", json!({ "ready": true }));
