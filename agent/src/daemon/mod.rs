@@ -124,8 +124,9 @@ pub struct Daemon {
     handing_over: AtomicBool,
     /// Set when the daemon stops accepting: HTTP/2 connections get a GOAWAY.
     stopping: watch::Sender<bool>,
-    /// Set when an upgrade hands the kernel's fast-path closes to the new daemon.
-    fast_closes_handed: watch::Sender<bool>,
+    /// Set when an upgrade hands the kernel fast path (its closes, its
+    /// sandboxes' generations) to the new daemon.
+    fast_path_handed: watch::Sender<bool>,
 }
 
 impl Daemon {
@@ -149,7 +150,7 @@ impl Daemon {
             draining: AtomicBool::new(false),
             handing_over: AtomicBool::new(false),
             stopping: watch::channel(false).0,
-            fast_closes_handed: watch::channel(false).0,
+            fast_path_handed: watch::channel(false).0,
         })
     }
 
@@ -292,14 +293,16 @@ impl Daemon {
 
     /// Each policy reload of `sandbox` changes its fast-path generation in
     /// the kernel (decisions of earlier ones stop matching), for as long as
-    /// it is the one served in its cgroup.
+    /// it is the one served in its cgroup and no upgrade handed it over (the
+    /// new daemon's generations are then in force).
     fn follow_reloads(&self, sandbox: &Arc<Sandbox>, store: &PolicyStore) {
         let mut generations = store.generations();
         let (table, redirect, sandbox) = (self.table.clone(), self.redirect.clone(), Arc::downgrade(sandbox));
+        let handed = self.fast_path_handed.subscribe();
         tokio::spawn(async move {
             // The first round covers a reload between the attach and this task's start.
             loop {
-                let Some(sandbox) = sandbox.upgrade() else { return };
+                let Some(sandbox) = sandbox.upgrade().filter(|_| !*handed.borrow()) else { return };
                 if !table.get(sandbox.cgroup_id).is_some_and(|served| Arc::ptr_eq(&served, &sandbox)) {
                     return;
                 }
@@ -317,7 +320,7 @@ impl Daemon {
     /// upgrade hands them to the new daemon (which calls this once it took over).
     pub fn log_fast_closes(&self) {
         if let Some(closes) = self.redirect.take_fast_closes() {
-            let stop = self.fast_closes_handed.subscribe();
+            let stop = self.fast_path_handed.subscribe();
             proxy::serve_closes(closes, self.table.clone(), self.common.observer.clone(), stop);
         }
     }
