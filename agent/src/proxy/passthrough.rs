@@ -4,7 +4,7 @@
 
 use tokio::net::TcpStream;
 
-use super::{early::Early, sandbox::Sandbox};
+use super::{early::Early, fast, sandbox::Sandbox};
 use crate::{
     conn::{connect_upstream, refuse::reset, Allowed, CloseLog, Origin},
     credentials::check_stream,
@@ -13,10 +13,11 @@ use crate::{
 
 /// A server-first stream connected early: relayed at once on the decision
 /// the address alone made.
-pub async fn server_first(client: TcpStream, connected: Early, sandbox: &Sandbox, log: &mut CloseLog) {
+pub async fn server_first(client: TcpStream, connected: Early, origin: &Origin, sandbox: &Sandbox, log: &mut CloseLog) {
     log.protocol = "silent";
     let (verdict, upstream) = connected.adopt();
     if log.decided(verdict).is_ok() {
+        fast::offer(origin, sandbox);
         log.relayed(relay::relay(client, upstream, Prefill::default(), sandbox.context.config.idle_timeout).await);
     }
 }
@@ -38,6 +39,9 @@ pub async fn relay(
     if let Err(refusal) = check_stream(&buffered, &host, log.protocol) {
         log.credential_refused(&refusal, origin, &host);
         return reset(client);
+    }
+    if matches!(log.protocol, "opaque" | "silent") {
+        fast::offer(origin, sandbox);
     }
     let idle = sandbox.context.config.idle_timeout;
     let prefill = Prefill { to_upstream: buffered, ..Prefill::default() };

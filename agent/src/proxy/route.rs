@@ -48,7 +48,7 @@ pub async fn transparent(mut client: TcpStream, origin: &Origin, sandbox: &Sandb
     if !is_inference_address(destination.ip()) {
         match early::race(&client, origin, &sandbox.context, &sandbox.greeters).await {
             Some(FirstSpeaker::Server(connected)) => {
-                return passthrough::server_first(client, connected, sandbox, log).await
+                return passthrough::server_first(client, connected, origin, sandbox, log).await
             }
             Some(FirstSpeaker::Client(connected)) => early = Some(connected),
             None => {}
