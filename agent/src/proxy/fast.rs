@@ -25,9 +25,10 @@ use crate::{
 /// At most one warning about lost closes in this long.
 const LOST_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Offers the kernel the decision that let `origin` relay an L4 stream
-/// (opaque or silent: no host of its own) to its destination, if the
-/// executable alone is allowed there by a `protocol: tcp` endpoint.
+/// Offers the kernel the decision that let `origin` relay a stream as it is
+/// (opaque, silent or TLS passthrough) to its destination, if the address
+/// alone (no SNI) allows the executable alone there by a `protocol: tcp`
+/// endpoint: the kernel never sees bytes, so neither does that decision.
 pub fn offer(origin: &Origin, sandbox: &Sandbox) {
     let destination = origin.destination;
     // Only an executable whose path is known for its identity: the kernel

@@ -40,7 +40,7 @@ pub async fn relay(
         log.credential_refused(&refusal, origin, &host);
         return reset(client);
     }
-    if matches!(log.protocol, "opaque" | "silent") {
+    if matches!(log.protocol, "opaque" | "silent" | "tls") {
         fast::offer(origin, sandbox);
     }
     let idle = sandbox.context.config.idle_timeout;
