@@ -387,3 +387,51 @@ fn a_fast_socket_open_across_an_upgrade_is_logged_by_the_new_daemon() -> Result<
     assert_eq!(daemon.agent.connections_of(held_pid).len(), 1, "logged once");
     Ok(())
 }
+
+/// One TLS handshake and `GET /` to `host:port` without SNI (an IP, as
+/// many clients do for a literal), not verifying; prints the socket's local
+/// address then the status line.
+const TLS_CLIENT: &str = r#"
+import socket, ssl, sys
+host, port = sys.argv[1], int(sys.argv[2])
+sock = socket.create_connection((host, port), timeout=30)
+local = sock.getsockname()[0]
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+context.check_hostname = False
+context.verify_mode = ssl.CERT_NONE
+tls = context.wrap_socket(sock)
+tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+print(local)
+print(tls.recv(64).split(b"\r\n")[0].decode())
+"#;
+
+#[test]
+fn a_tls_stream_passed_through_to_an_l4_endpoint_takes_the_fast_path_next_time() -> Result<()> {
+    require_root();
+    let net = TestNet::new()?;
+    let _servers = net.start_servers()?;
+    let host = net.v4.to_string();
+    let policy = PolicyFile::new(&l4_policy(&host, TLS_PORT, &[&canonical(PYTHON)]))?;
+    let sandbox = Sandbox::new("fastpath-tls")?;
+    let agent = Agent::start(&sandbox, &policy, &[])?;
+    let tls_exchange = || -> Result<(u32, String)> {
+        let mut command = sandbox.command(PYTHON);
+        command.args(["-c", TLS_CLIENT, &host, &TLS_PORT.to_string()]);
+        let (pid, output) = spawn_and_wait(command)?;
+        ensure!(output.status.success(), "TLS client failed: {}", String::from_utf8_lossy(&output.stderr));
+        let stdout = String::from_utf8(output.stdout)?;
+        let mut lines = stdout.lines();
+        let local = lines.next().unwrap_or_default().to_string();
+        ensure!(lines.next().is_some_and(|status| status.starts_with("HTTP/1")), "no HTTP answer: {stdout}");
+        Ok((pid, local))
+    };
+    let (first_pid, local) = tls_exchange()?;
+    assert_eq!(local, "127.0.0.1", "the first connection goes through the agent");
+    let line = agent.wait_connection_of(first_pid)?;
+    assert_eq!((&line["protocol"], &line["verdict"], &line["path"]), (&"tls".into(), &"relayed".into(), &Value::Null));
+    let (pid, local) = tls_exchange()?;
+    assert_ne!(local, "127.0.0.1", "the second TLS connection goes direct");
+    let line = agent.wait_connection_of(pid)?;
+    assert_eq!((&line["path"], &line["policy"]), (&Value::from("kernel"), &Value::from("l4")), "{line}");
+    Ok(())
+}
