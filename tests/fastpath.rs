@@ -151,6 +151,52 @@ fn a_fast_path_connect_fails_once_the_agent_is_killed() -> Result<()> {
     Ok(())
 }
 
+/// A listener a sandboxed process would bind on the agent's port once the
+/// agent is gone: it accepts one connection and says what came first.
+const IMPOSTOR: &str = r#"
+import json, socket, sys
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("127.0.0.1", int(sys.argv[1])))
+listener.listen()
+print(json.dumps({"kind": "ready"}), flush=True)
+listener.settimeout(30)
+connection, peer = listener.accept()
+connection.settimeout(30)
+first = connection.recv(64).split(b"\n")[0].decode()
+print(json.dumps({"kind": "accepted", "first_line": first}), flush=True)
+"#;
+
+#[test]
+fn a_listener_a_sandboxed_process_binds_on_the_agents_port_is_not_taken_for_the_agents() -> Result<()> {
+    require_root();
+    let net = TestNet::new()?;
+    let servers = net.start_servers()?;
+    let host = net.v4.to_string();
+    let policy = PolicyFile::new(&l4_policy(&host, EXCHANGE_PORT, &[&canonical(PYTHON)]))?;
+    let sandbox = Sandbox::new("fastpath-impostor")?;
+    let mut agent = Agent::start(&sandbox, &policy, &[])?;
+    exchange_by(PYTHON, &sandbox, &host, 10, 10)?;
+    let (pid, direct) = exchange_by(PYTHON, &sandbox, &host, 10, 10)?;
+    assert_ne!(direct["local"], "127.0.0.1", "fast-pathed before the kill");
+    assert_eq!(agent.wait_connection_of(pid)?["path"], "kernel");
+
+    agent.kill();
+    let exchanges = servers.events.matching(|e| e["kind"] == "exchange").len();
+    let mut impostor = sandbox.command(PYTHON);
+    impostor.args(["-u", "-c", IMPOSTOR, &agent.port.to_string()]);
+    let impostor = Servers::start(impostor, None)?;
+    // Its listener has no mark (nor could it have the agent's): the cached
+    // decision is not used, and the connect is redirected to it.
+    let (_, redirected) = exchange_by(PYTHON, &sandbox, &host, 10, 10)?;
+    assert_eq!(redirected["local"], "127.0.0.1", "redirected, not fast-pathed: {redirected}");
+    assert_eq!(redirected["received"], 0, "{redirected}");
+    let accepted = impostor.events.wait_for("the impostor's accept", |e| e["kind"] == "accepted")?;
+    assert_eq!(accepted["first_line"], "SEND 10 RECV 10", "{accepted}");
+    assert_eq!(servers.events.matching(|e| e["kind"] == "exchange").len(), exchanges, "the server was reached");
+    Ok(())
+}
+
 #[test]
 fn a_removed_sandbox_cannot_use_its_fast_path() -> Result<()> {
     require_root();
