@@ -7,7 +7,7 @@
 
 use std::{os::unix::fs::PermissionsExt, path::Path, thread, time::Duration};
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use e2e::*;
 use serde_json::Value;
 
@@ -386,6 +386,16 @@ impl Drop for Started {
     }
 }
 
+/// The mark (`fwmark:0x...`, as `ss -e` shows it) of the TCP listener on
+/// 127.0.0.1:`port` in this network namespace.
+fn listener_mark(port: u16) -> Result<String> {
+    let output = run("ss", &["-Htlne", &format!("sport = :{port}")])?;
+    let listing = String::from_utf8_lossy(&output.stdout);
+    let line = listing.lines().find(|line| line.contains(&format!("127.0.0.1:{port} "))).context("no listener")?;
+    let mark = line.split_whitespace().find(|field| field.starts_with("fwmark:")).context("no mark")?;
+    Ok(mark.to_owned())
+}
+
 #[test]
 fn a_fast_socket_open_across_an_upgrade_is_logged_by_the_new_daemon() -> Result<()> {
     use std::{
@@ -400,7 +410,9 @@ fn a_fast_socket_open_across_an_upgrade_is_logged_by_the_new_daemon() -> Result<
     let sandbox = Sandbox::new("fastpath-upgrade")?;
     let dir = TempDir::new("fastpath-upgrade")?;
     let mut daemon = AgentDaemon::start(&[])?;
-    daemon.add("l4", &sandbox, &policy, &[])?;
+    let added = daemon.add("l4", &sandbox, &policy, &[])?;
+    let port = added["listen_port"].as_u64().context("listen_port")? as u16;
+    let mark = listener_mark(port)?;
     exchange_by(PYTHON, &sandbox, &host, 10, 10)?;
 
     let mut held = sandbox.command(PYTHON);
@@ -431,5 +443,12 @@ fn a_fast_socket_open_across_an_upgrade_is_logged_by_the_new_daemon() -> Result<
         "{line}"
     );
     assert_eq!(daemon.agent.connections_of(held_pid).len(), 1, "logged once");
+
+    // The new daemon kept the listener's mark, and its programs take the listener for the agent's.
+    assert_eq!(listener_mark(port)?, mark);
+    let (first, _) = exchange_by(PYTHON, &sandbox, &host, 10, 10)?;
+    assert_eq!(daemon.agent.wait_connection_of(first)?["agent_pid"], new_pid, "a new generation: through the agent");
+    let (_, direct) = exchange_by(PYTHON, &sandbox, &host, 10, 10)?;
+    assert_ne!(direct["local"], "127.0.0.1", "fast-pathed under the new daemon: {direct}");
     Ok(())
 }
