@@ -7,7 +7,7 @@
 
 use std::{os::unix::fs::PermissionsExt, path::Path, thread, time::Duration};
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use e2e::*;
 use serde_json::Value;
 
@@ -147,6 +147,52 @@ fn a_fast_path_connect_fails_once_the_agent_is_killed() -> Result<()> {
     assert!(stderr.contains("ConnectionRefusedError"), "expected a refused connect, got {stderr}");
     // Give a leaked connection time to show up before asserting there is none.
     thread::sleep(Duration::from_millis(300));
+    assert_eq!(servers.events.matching(|e| e["kind"] == "exchange").len(), exchanges, "the server was reached");
+    Ok(())
+}
+
+/// A listener a sandboxed process would bind on the agent's port once the
+/// agent is gone: it accepts one connection and says what came first.
+const IMPOSTOR: &str = r#"
+import json, socket, sys
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("127.0.0.1", int(sys.argv[1])))
+listener.listen()
+print(json.dumps({"kind": "ready"}), flush=True)
+listener.settimeout(30)
+connection, peer = listener.accept()
+connection.settimeout(30)
+first = connection.recv(64).split(b"\n")[0].decode()
+print(json.dumps({"kind": "accepted", "first_line": first}), flush=True)
+"#;
+
+#[test]
+fn a_listener_a_sandboxed_process_binds_on_the_agents_port_is_not_taken_for_the_agents() -> Result<()> {
+    require_root();
+    let net = TestNet::new()?;
+    let servers = net.start_servers()?;
+    let host = net.v4.to_string();
+    let policy = PolicyFile::new(&l4_policy(&host, EXCHANGE_PORT, &[&canonical(PYTHON)]))?;
+    let sandbox = Sandbox::new("fastpath-impostor")?;
+    let mut agent = Agent::start(&sandbox, &policy, &[])?;
+    exchange_by(PYTHON, &sandbox, &host, 10, 10)?;
+    let (pid, direct) = exchange_by(PYTHON, &sandbox, &host, 10, 10)?;
+    assert_ne!(direct["local"], "127.0.0.1", "fast-pathed before the kill");
+    assert_eq!(agent.wait_connection_of(pid)?["path"], "kernel");
+
+    agent.kill();
+    let exchanges = servers.events.matching(|e| e["kind"] == "exchange").len();
+    let mut impostor = sandbox.command(PYTHON);
+    impostor.args(["-u", "-c", IMPOSTOR, &agent.port.to_string()]);
+    let impostor = Servers::start(impostor, None)?;
+    // Its listener has no mark (nor could it have the agent's): the cached
+    // decision is not used, and the connect is redirected to it.
+    let (_, redirected) = exchange_by(PYTHON, &sandbox, &host, 10, 10)?;
+    assert_eq!(redirected["local"], "127.0.0.1", "redirected, not fast-pathed: {redirected}");
+    assert_eq!(redirected["received"], 0, "{redirected}");
+    let accepted = impostor.events.wait_for("the impostor's accept", |e| e["kind"] == "accepted")?;
+    assert_eq!(accepted["first_line"], "SEND 10 RECV 10", "{accepted}");
     assert_eq!(servers.events.matching(|e| e["kind"] == "exchange").len(), exchanges, "the server was reached");
     Ok(())
 }
@@ -340,6 +386,16 @@ impl Drop for Started {
     }
 }
 
+/// The mark (`fwmark:0x...`, as `ss -e` shows it) of the TCP listener on
+/// 127.0.0.1:`port` in this network namespace.
+fn listener_mark(port: u16) -> Result<String> {
+    let output = run("ss", &["-Htlne", &format!("sport = :{port}")])?;
+    let listing = String::from_utf8_lossy(&output.stdout);
+    let line = listing.lines().find(|line| line.contains(&format!("127.0.0.1:{port} "))).context("no listener")?;
+    let mark = line.split_whitespace().find(|field| field.starts_with("fwmark:")).context("no mark")?;
+    Ok(mark.to_owned())
+}
+
 #[test]
 fn a_fast_socket_open_across_an_upgrade_is_logged_by_the_new_daemon() -> Result<()> {
     use std::{
@@ -354,7 +410,9 @@ fn a_fast_socket_open_across_an_upgrade_is_logged_by_the_new_daemon() -> Result<
     let sandbox = Sandbox::new("fastpath-upgrade")?;
     let dir = TempDir::new("fastpath-upgrade")?;
     let mut daemon = AgentDaemon::start(&[])?;
-    daemon.add("l4", &sandbox, &policy, &[])?;
+    let added = daemon.add("l4", &sandbox, &policy, &[])?;
+    let port = added["listen_port"].as_u64().context("listen_port")? as u16;
+    let mark = listener_mark(port)?;
     exchange_by(PYTHON, &sandbox, &host, 10, 10)?;
 
     let mut held = sandbox.command(PYTHON);
@@ -385,6 +443,13 @@ fn a_fast_socket_open_across_an_upgrade_is_logged_by_the_new_daemon() -> Result<
         "{line}"
     );
     assert_eq!(daemon.agent.connections_of(held_pid).len(), 1, "logged once");
+
+    // The new daemon kept the listener's mark, and its programs take the listener for the agent's.
+    assert_eq!(listener_mark(port)?, mark);
+    let (first, _) = exchange_by(PYTHON, &sandbox, &host, 10, 10)?;
+    assert_eq!(daemon.agent.wait_connection_of(first)?["agent_pid"], new_pid, "a new generation: through the agent");
+    let (_, direct) = exchange_by(PYTHON, &sandbox, &host, 10, 10)?;
+    assert_ne!(direct["local"], "127.0.0.1", "fast-pathed under the new daemon: {direct}");
     Ok(())
 }
 

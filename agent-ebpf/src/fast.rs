@@ -62,6 +62,12 @@ static INODE_SB_OFFSET: u32 = 0;
 static SB_DEV_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
 static INODE_GENERATION_OFFSET: u32 = 0;
+/// The mark (SO_MARK) the agent sets on its TCP listeners, set at load; 0
+/// (unset) never matches. A sandboxed process can neither read it nor set
+/// a mark (CAP_NET_ADMIN), so a listener it binds on the agent's port after
+/// the agent died is not taken for the agent's.
+#[unsafe(no_mangle)]
+static LISTENER_MARK: u32 = 0;
 
 const CURRENT_NETNS: u64 = u64::MAX;
 const LOOPBACK_V4_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
@@ -136,8 +142,10 @@ pub fn fast_connect(ctx: &SockAddrContext, caller: &Caller, destination: SockAdd
 }
 
 /// Whether the agent's listener for this sandbox is up in the caller's
-/// network namespace: once the agent is gone, every connect is redirected
-/// to where nothing listens (fail closed).
+/// network namespace: a socket listening there that carries the agent's
+/// mark. Once the agent is gone, every connect is redirected to where
+/// nothing listens, or to whatever a sandboxed process bound there
+/// (fail closed either way).
 fn agent_listening(ctx: &SockAddrContext, listen_port: u16, v4: bool) -> bool {
     // SAFETY: a plain-data union, all zero.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
@@ -152,15 +160,18 @@ fn agent_listening(ctx: &SockAddrContext, listen_port: u16, v4: bool) -> bool {
         tuple.__bindgen_anon_1.ipv6.dport = listen_port.to_be();
         36
     };
-    // SAFETY: the tuple lives on the stack for the call; a socket found is released at once.
+    // SAFETY: the tuple lives on the stack for the call; a socket found is
+    // read (the verifier allows `mark` on a socket pointer) and released at once.
     unsafe {
+        let expected = read_volatile(&LISTENER_MARK);
         let sk = bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size, CURRENT_NETNS, 0);
         if sk.is_null() {
             return false;
         }
+        let mark = (*sk).mark;
         bpf_sk_release(sk.cast());
+        expected != 0 && mark == expected
     }
-    true
 }
 
 /// A socket redirected after all (a reconnect of a fast one) is no longer fast.

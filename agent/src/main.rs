@@ -322,10 +322,16 @@ fn run(args: RunArgs) -> Result<()> {
             observer: Arc::new(observe::Observer::default()),
         };
         let observer = common.observer.clone();
+        // Kept across an upgrade; new (secret, nonzero) on every other start.
+        let inherited_mark = handed.as_ref().and_then(|(_, _, sockets)| {
+            proxy::inherited_mark(sockets.shared.iter().chain(sockets.sandboxes.values().flatten()))
+        });
+        let listener_mark = inherited_mark.unwrap_or_else(|| rand::random::<u32>().max(1));
         let options = daemon::Options {
             kernel: redirect::KernelOptions {
                 log_level: args.ebpf_log_level,
                 abstract_unix: args.allow_abstract_unix.clone(),
+                listener_mark,
             },
             max_sandboxes: args.max_sandboxes as usize,
             credential_providers,

@@ -260,25 +260,26 @@ impl Daemon {
             Ok((Arc::new(served), sockets))
         };
         let own = |listeners: Listeners| serve(listeners).map(|(served, sockets)| (served, false, sockets));
+        let mark = self.options.kernel.listener_mark;
         if let Some(sockets) = inherited {
-            return own(Listeners::from_inherited(sockets)?);
+            return own(Listeners::from_inherited(sockets, mark)?);
         }
         if spec.netns.is_some() {
-            return own(Listeners::bind(spec.listen_port, spec.netns.as_deref())?);
+            return own(Listeners::bind(spec.listen_port, spec.netns.as_deref(), mark)?);
         }
         let mut shared = self.shared_listeners.lock().unwrap_or_else(PoisonError::into_inner);
         match &*shared {
             Some(listeners) if spec.listen_port == 0 || spec.listen_port == listeners.port => {
                 return Ok((listeners.clone(), true, Vec::new()));
             }
-            Some(_) => return own(Listeners::bind(spec.listen_port, None)?),
-            None if spec.listen_port != 0 => return own(Listeners::bind(spec.listen_port, None)?),
+            Some(_) => return own(Listeners::bind(spec.listen_port, None, mark)?),
+            None if spec.listen_port != 0 => return own(Listeners::bind(spec.listen_port, None, mark)?),
             None => {}
         }
         let handed = self.inherited_shared.lock().unwrap_or_else(PoisonError::into_inner).take();
         let listeners = match handed {
-            Some(sockets) => Listeners::from_inherited(sockets)?,
-            None => Listeners::bind(0, None)?,
+            Some(sockets) => Listeners::from_inherited(sockets, mark)?,
+            None => Listeners::bind(0, None, mark)?,
         };
         let (listeners, sockets) = serve(listeners)?;
         *self.shared_sockets.lock().unwrap_or_else(PoisonError::into_inner) = sockets;

@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use nix::sys::socket::{getsockopt, setsockopt, sockopt};
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpSocket, UdpSocket};
 
@@ -19,7 +20,12 @@ const LISTEN_BACKLOG: u32 = 4096;
 /// The loopback sockets a sandbox is redirected to: TCP connects to
 /// 127.0.0.1:P (v4-mapped ones included) and [::1]:P, DNS over UDP to the
 /// same port number; in the agent's network namespace, or in the sandbox's
-/// own (`--netns`).
+/// own (`--netns`). The TCP listeners carry the agent's listener mark
+/// (SO_MARK), by which the kernel fast path knows them from a listener a
+/// sandboxed process would bind on the same port once the agent is gone.
+/// Their accepted connections inherit it; it does not change how those
+/// are routed: their peers are on loopback, and the `local` table (rule
+/// priority 0) is consulted before any fwmark rule.
 pub struct Listeners {
     pub(super) v4: TcpListener,
     pub(super) v6: Option<TcpListener>,
@@ -29,9 +35,10 @@ pub struct Listeners {
 impl Listeners {
     /// Binds port `port` (0: any free one) on the loopback of `netns`, or of
     /// the agent's own namespace. A namespace's loopback that is down is
-    /// brought up: the sandbox reaches the agent over it.
-    pub fn bind(port: u16, netns: Option<&Path>) -> Result<Self> {
-        let Some(path) = netns else { return Self::bind_here(port) };
+    /// brought up: the sandbox reaches the agent over it. The TCP listeners
+    /// get `mark`.
+    pub fn bind(port: u16, netns: Option<&Path>, mark: u32) -> Result<Self> {
+        let Some(path) = netns else { return Self::bind_here(port, mark) };
         let namespace =
             std::fs::File::open(path).with_context(|| format!("open the network namespace {}", path.display()))?;
         let runtime = tokio::runtime::Handle::current();
@@ -44,18 +51,18 @@ impl Listeners {
                         .with_context(|| format!("enter the network namespace {} (is it one?)", path.display()))?;
                     netns::loopback_up()?;
                     let _runtime = runtime.enter();
-                    Self::bind_here(port)
+                    Self::bind_here(port, mark)
                 })
                 .join()
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("binding in {} panicked", path.display())))
         })
     }
 
-    fn bind_here(port: u16) -> Result<Self> {
-        let v4 = bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?;
+    fn bind_here(port: u16, mark: u32) -> Result<Self> {
+        let v4 = bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), mark)?;
         let port = v4.local_addr()?.port();
         let mut dns = vec![bind_udp(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?];
-        let v6 = match bind(SocketAddr::from((Ipv6Addr::LOCALHOST, port))) {
+        let v6 = match bind(SocketAddr::from((Ipv6Addr::LOCALHOST, port)), mark) {
             Ok(listener) => {
                 dns.push(bind_udp(SocketAddr::from((Ipv6Addr::LOCALHOST, port)))?);
                 Some(listener)
@@ -83,13 +90,14 @@ impl Listeners {
     }
 
     /// The sockets a previous daemon bound and handed over (in whatever
-    /// network namespace they were made).
-    pub fn from_inherited(sockets: Vec<(ListenerKind, OwnedFd)>) -> Result<Self> {
+    /// network namespace they were made); the TCP listeners get `mark` (a
+    /// daemon of an earlier version set none).
+    pub fn from_inherited(sockets: Vec<(ListenerKind, OwnedFd)>, mark: u32) -> Result<Self> {
         let (mut v4, mut v6, mut dns) = (None, None, Vec::new());
         for (kind, fd) in sockets {
             match kind {
-                ListenerKind::TcpV4 => v4 = Some(inherited_tcp(fd)?),
-                ListenerKind::TcpV6 => v6 = Some(inherited_tcp(fd)?),
+                ListenerKind::TcpV4 => v4 = Some(inherited_tcp(fd, mark)?),
+                ListenerKind::TcpV6 => v6 = Some(inherited_tcp(fd, mark)?),
                 ListenerKind::Dns => {
                     let socket = std::net::UdpSocket::from(fd);
                     socket.set_nonblocking(true)?;
@@ -120,8 +128,20 @@ pub enum ListenerKind {
     Dns,
 }
 
-fn inherited_tcp(fd: OwnedFd) -> Result<TcpListener> {
+/// The mark of the first TCP listener among `sockets` that has one: that of
+/// the daemon that handed them over, kept so that its programs, still
+/// attached until this daemon's replace them, go on taking its listeners
+/// for the agent's.
+pub fn inherited_mark<'a>(sockets: impl IntoIterator<Item = &'a (ListenerKind, OwnedFd)>) -> Option<u32> {
+    sockets
+        .into_iter()
+        .filter(|(kind, _)| *kind != ListenerKind::Dns)
+        .find_map(|(_, fd)| getsockopt(fd, sockopt::Mark).ok().filter(|mark| *mark != 0))
+}
+
+fn inherited_tcp(fd: OwnedFd, mark: u32) -> Result<TcpListener> {
     let listener = std::net::TcpListener::from(fd);
+    set_mark(&listener, mark)?;
     listener.set_nonblocking(true)?;
     Ok(TcpListener::from_std(listener)?)
 }
@@ -139,9 +159,15 @@ fn bind_udp(addr: SocketAddr) -> Result<UdpSocket> {
     Ok(UdpSocket::from_std(socket)?)
 }
 
-fn bind(addr: SocketAddr) -> Result<TcpListener> {
+/// Sets the agent's listener mark (SO_MARK needs CAP_NET_ADMIN).
+fn set_mark(socket: &impl AsFd, mark: u32) -> Result<()> {
+    setsockopt(socket, sockopt::Mark, &mark).context("set the listener mark (SO_MARK needs CAP_NET_ADMIN)")
+}
+
+fn bind(addr: SocketAddr, mark: u32) -> Result<TcpListener> {
     let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
+    set_mark(&socket, mark)?;
     socket.bind(addr).map_err(|error| {
         let hint = if error.kind() == io::ErrorKind::AddrInUse {
             ": the port is already in use (choose another listen port)"

@@ -34,7 +34,7 @@ mod terminate;
 pub use self::{
     accept::{serve_listeners, ServedListeners},
     fast::serve_closes,
-    listeners::{ListenerKind, Listeners},
+    listeners::{inherited_mark, ListenerKind, Listeners},
     netns::cookie as netns_cookie,
     sandbox::{Common, Sandbox, SandboxParts, SandboxTable, Stats},
 };

@@ -120,6 +120,9 @@ pub enum EbpfLogLevel {
 pub struct KernelOptions {
     pub log_level: EbpfLogLevel,
     pub abstract_unix: Vec<String>,
+    /// The mark on the agent's TCP listeners (nonzero): the fast path takes
+    /// only a listener with it for the agent's.
+    pub listener_mark: u32,
 }
 
 /// Where a sandbox's connects go.
@@ -177,6 +180,7 @@ impl Redirect {
         if let Some(offsets) = &exe_offsets {
             offsets.set(&mut loader);
         }
+        loader.override_global("LISTENER_MARK", &options.listener_mark, true);
         for (map, pin) in SHARED_MAPS {
             loader.map_pin_path(map, host.join(pin));
         }
