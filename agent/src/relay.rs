@@ -4,15 +4,17 @@
 //! travels end to end. Byte counts survive errors: the close log always says
 //! how much went each way. Two plain TCP sockets are joined with splice(2)
 //! through a pipe, so the payload never enters userspace; a direction holds
-//! its pipe only while data flows. When one side fails (reset, idle
+//! a pipe only while data flows, taken from a small pool of empty ones. When one side fails (reset, idle
 //! timeout), the other is reset too, once what it was sent is acknowledged:
 //! a FIN would let a truncated close-delimited response pass for complete.
 
 use std::{
-    future::Future,
     io,
-    os::fd::OwnedFd,
-    sync::atomic::{AtomicU64, Ordering},
+    os::fd::{AsRawFd, OwnedFd},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex, MutexGuard, PoisonError,
+    },
     time::{Duration, Instant},
 };
 
@@ -61,10 +63,15 @@ pub async fn relay(
     let result = {
         let (client_read, client_write) = client.split();
         let (upstream_read, upstream_write) = upstream.split();
-        tokio::try_join!(
-            splice_until_eof(client_read, upstream_write, prefill.to_upstream, &mut outcome.bytes_up, &idle),
-            splice_until_eof(upstream_read, client_write, prefill.to_client, &mut outcome.bytes_down, &idle),
-        )
+        tokio::select! {
+            result = async {
+                tokio::try_join!(
+                    splice_until_eof(client_read, upstream_write, prefill.to_upstream, &mut outcome.bytes_up, &idle),
+                    splice_until_eof(upstream_read, client_write, prefill.to_client, &mut outcome.bytes_down, &idle),
+                )
+            } => result.map(drop),
+            error = idle.expired() => Err(error),
+        }
     };
     if let Err(error) = result {
         tokio::join!(reset_when_flushed(&client), reset_when_flushed(&upstream));
@@ -84,10 +91,15 @@ where
     let mut outcome = Outcome::default();
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
-    let result = tokio::try_join!(
-        copy_until_eof(&mut client_read, &mut upstream_write, prefill.to_upstream, &mut outcome.bytes_up, &idle),
-        copy_until_eof(&mut upstream_read, &mut client_write, prefill.to_client, &mut outcome.bytes_down, &idle),
-    );
+    let result = tokio::select! {
+        result = async {
+            tokio::try_join!(
+                copy_until_eof(&mut client_read, &mut upstream_write, prefill.to_upstream, &mut outcome.bytes_up, &idle),
+                copy_until_eof(&mut upstream_read, &mut client_write, prefill.to_client, &mut outcome.bytes_down, &idle),
+            )
+        } => result.map(drop),
+        error = idle.expired() => Err(error),
+    };
     outcome.error = result.err();
     outcome
 }
@@ -106,16 +118,16 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    idle.bounded(write_all_counted(to, &prefill, delivered)).await?;
+    write_all_counted(to, &prefill, delivered).await?;
     drop(prefill);
     let mut buffer = vec![0u8; COPY_BUFFER];
     loop {
-        let read = idle.bounded(from.read(&mut buffer)).await?;
+        let read = from.read(&mut buffer).await?;
         if read == 0 {
             return to.shutdown().await;
         }
         idle.touch();
-        idle.bounded(write_all_counted(to, &buffer[..read], delivered)).await?;
+        write_all_counted(to, &buffer[..read], delivered).await?;
         idle.touch();
     }
 }
@@ -138,7 +150,6 @@ pub async fn reset_when_flushed(socket: &TcpStream) {
 
 /// Bytes sent on `socket` but not yet acknowledged (SIOCOUTQ); 0 if unknown.
 fn unacknowledged_bytes(socket: &TcpStream) -> i32 {
-    use std::os::fd::AsRawFd;
     let mut queued: libc::c_int = 0;
     // SAFETY: TIOCOUTQ (SIOCOUTQ for TCP) writes one int.
     let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
@@ -149,7 +160,8 @@ fn unacknowledged_bytes(socket: &TcpStream) -> i32 {
     }
 }
 
-/// When a relay last moved a byte, in either direction.
+/// When a relay last moved a byte, in either direction: one timer for the
+/// whole relay, re-armed only when it fires, rather than one per read.
 struct Idle {
     started: Instant,
     /// Milliseconds after `started`; atomic so the relay future stays `Send`.
@@ -170,19 +182,19 @@ impl Idle {
         self.started + Duration::from_millis(self.last_active_ms.load(Ordering::Relaxed)) + self.limit
     }
 
-    /// Waits for `io`, unless the whole relay has been idle for the limit
-    /// meanwhile (activity in the other direction keeps this wait going).
-    async fn bounded<T>(&self, io: impl Future<Output = io::Result<T>>) -> io::Result<T> {
-        tokio::pin!(io);
+    /// `TimedOut` once nothing has moved for the limit: what ends a relay
+    /// whose peers stalled.
+    async fn expired(&self) -> io::Error {
+        let timer = tokio::time::sleep_until(self.expires().into());
+        tokio::pin!(timer);
         loop {
-            match tokio::time::timeout_at(self.expires().into(), &mut io).await {
-                Ok(result) => return result,
-                Err(_) if self.expires() <= Instant::now() => {
-                    let message = format!("idle for {:?} in both directions", self.limit);
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, message));
-                }
-                Err(_) => {}
+            timer.as_mut().await;
+            let expires = self.expires();
+            if expires <= Instant::now() {
+                let message = format!("idle for {:?} in both directions", self.limit);
+                return io::Error::new(io::ErrorKind::TimedOut, message);
             }
+            timer.as_mut().reset(expires.into());
         }
     }
 }
@@ -198,7 +210,7 @@ async fn splice_until_eof(
     delivered: &mut u64,
     idle: &Idle,
 ) -> io::Result<()> {
-    idle.bounded(write_all_counted(&mut to, &prefill, delivered)).await?;
+    write_all_counted(&mut to, &prefill, delivered).await?;
     if !prefill.is_empty() {
         idle.touch();
     }
@@ -209,15 +221,18 @@ async fn splice_until_eof(
         // when the socket runs dry, so an idle connection holds none. Readiness
         // alone proves nothing: tokio reports an accepted socket readable
         // before anything has arrived.
-        if idle.bounded(from.peek(&mut [0u8; 1])).await? == 0 {
+        if from.peek(&mut [0u8; 1]).await? == 0 {
             return to.shutdown().await;
         }
-        let pipe = Pipe::new()?;
+        let pipe = Pipe::take()?;
         loop {
             // The pipe is empty here (drained below), so WouldBlock can only
             // mean that the socket has nothing more to read.
             let mut in_pipe = match from.as_ref().try_io(Interest::READABLE, || pipe.fill_from(from.as_ref())) {
-                Ok(0) => return to.shutdown().await,
+                Ok(0) => {
+                    pipe.give_back();
+                    return to.shutdown().await;
+                }
                 Ok(spliced) => spliced,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
                 Err(error) => return Err(error),
@@ -225,7 +240,7 @@ async fn splice_until_eof(
             // Drain fully before reading again: this keeps the WouldBlock above
             // unambiguous and guarantees nothing is left behind at EOF.
             while in_pipe > 0 {
-                idle.bounded(to.writable()).await?;
+                to.writable().await?;
                 match to.as_ref().try_io(Interest::WRITABLE, || pipe.drain_to(to.as_ref(), in_pipe)) {
                     Ok(spliced) => {
                         in_pipe -= spliced;
@@ -237,6 +252,7 @@ async fn splice_until_eof(
                 }
             }
         }
+        pipe.give_back();
     }
 }
 
@@ -252,7 +268,91 @@ struct Pipe {
 /// /proc/sys/fs/pipe-max-size, so an unprivileged agent gets it too.
 const PIPE_SIZE: i32 = 1024 * 1024;
 
+/// Empty pipes kept for the next direction that needs one: a new pipe costs
+/// pipe2, F_SETPIPE_SZ and two closes. Bounded, so a burst leaves at most
+/// this many behind; an empty pipe holds no pages, only its descriptors and
+/// the kernel's slot array.
+const POOLED_PIPES: usize = 32;
+/// A pooled pipe unused this long is closed, so a daemon without traffic
+/// holds none.
+const POOLED_FOR: Duration = Duration::from_secs(1);
+
+struct Pool {
+    /// Each with when it came back; the most recent last (taken first).
+    pipes: Vec<(Pipe, Instant)>,
+    /// Whether a task is closing the pipes unused for `POOLED_FOR`.
+    trimming: bool,
+}
+
+static POOL: Mutex<Pool> = Mutex::new(Pool { pipes: Vec::new(), trimming: false });
+
+fn pool() -> MutexGuard<'static, Pool> {
+    POOL.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Held by the pool's trimmer: the next pipe given back starts another
+/// once it is dropped, however the trimmer ends (its runtime may stop
+/// before it even runs).
+struct Trimming;
+
+impl Drop for Trimming {
+    fn drop(&mut self) {
+        pool().trimming = false;
+    }
+}
+
+/// Closes the pooled pipes unused for `POOLED_FOR`, until none is left.
+async fn trim_pool(_trimming: Trimming) {
+    loop {
+        tokio::time::sleep(POOLED_FOR).await;
+        let unused: Vec<(Pipe, Instant)> = {
+            let mut pool = pool();
+            let fresh = pool.pipes.partition_point(|(_, since)| since.elapsed() >= POOLED_FOR);
+            let unused = pool.pipes.drain(..fresh).collect();
+            if pool.pipes.is_empty() {
+                return;
+            }
+            unused
+        };
+        drop(unused);
+    }
+}
+
 impl Pipe {
+    /// An empty pipe: a pooled one, or a new one.
+    fn take() -> io::Result<Self> {
+        let pooled = pool().pipes.pop();
+        pooled.map_or_else(Self::new, |(pipe, _)| Ok(pipe))
+    }
+
+    /// Pools the pipe if it is provably empty (bytes left in it would reach
+    /// another connection's peer) and the pool has room; closes it otherwise.
+    fn give_back(self) {
+        if self.queued() != Some(0) {
+            return;
+        }
+        let runtime = tokio::runtime::Handle::try_current();
+        let start_trimmer = {
+            let mut pool = pool();
+            if pool.pipes.len() >= POOLED_PIPES || runtime.is_err() {
+                return;
+            }
+            pool.pipes.push((self, Instant::now()));
+            !std::mem::replace(&mut pool.trimming, true)
+        };
+        if let (true, Ok(runtime)) = (start_trimmer, runtime) {
+            runtime.spawn(trim_pool(Trimming));
+        }
+    }
+
+    /// Bytes waiting in the pipe (FIONREAD); `None` if that cannot be told.
+    fn queued(&self) -> Option<usize> {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: FIONREAD on a pipe writes one int.
+        let rc = unsafe { libc::ioctl(self.read_end.as_raw_fd(), libc::FIONREAD, &mut queued) };
+        (rc == 0).then_some(queued as usize)
+    }
+
     fn new() -> io::Result<Self> {
         let (read_end, write_end) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
         // Refused when pipe-max-size was lowered or the user's pipe quota is
@@ -335,9 +435,17 @@ mod tests {
             .collect()
     }
 
-    /// Pipes opened since `before` and still open.
+    /// Pipes opened since `before`, still open and not in the pool of empty ones.
     fn new_pipes(before: &HashSet<u64>) -> usize {
-        open_inodes("pipe").difference(before).count()
+        let pooled = pool().pipes.len();
+        open_inodes("pipe").difference(before).count().saturating_sub(pooled)
+    }
+
+    /// Closes the pooled pipes and returns the pipes open then: the baseline
+    /// of a test that counts pipes (holding them exclusively).
+    fn pipes_before() -> HashSet<u64> {
+        pool().pipes.clear();
+        open_inodes("pipe")
     }
 
     /// The inode of the socket behind `socket`'s fd: unlike the fd number, it
@@ -679,7 +787,7 @@ mod tests {
     #[tokio::test]
     async fn relay_closes_its_pipes_and_sockets_after_many_relays() {
         let _pipes = exclusive_pipes().await;
-        let pipes_before = open_inodes("pipe");
+        let pipes_before = pipes_before();
         let mut sockets = HashSet::new();
         for _ in 0..4 {
             let mut relayed = Relayed::start(Prefill::default()).await;
@@ -706,9 +814,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn only_empty_pipes_go_back_to_the_pool_and_it_is_bounded() {
+        let _pipes = exclusive_pipes().await;
+        let before = pipes_before();
+        let with_bytes = Pipe::new().expect("pipe");
+        nix::unistd::write(&with_bytes.write_end, b"left over").expect("write into the pipe");
+        with_bytes.give_back();
+        assert_eq!(pool().pipes.len(), 0, "a pipe with bytes in it was pooled");
+        for _ in 0..POOLED_PIPES + 3 {
+            Pipe::new().expect("pipe").give_back();
+        }
+        assert_eq!(pool().pipes.len(), POOLED_PIPES);
+        assert_eq!(new_pipes(&before), 0, "pipes beyond the pool's bound stay open");
+        pool().pipes.clear();
+    }
+
+    #[tokio::test]
+    async fn pooled_pipes_unused_for_a_while_are_closed() {
+        let _pipes = exclusive_pipes().await;
+        let before = pipes_before();
+        Pipe::new().expect("pipe").give_back();
+        assert_eq!(pool().pipes.len(), 1);
+        let deadline = Instant::now() + 10 * POOLED_FOR;
+        while open_inodes("pipe").difference(&before).count() > 0 && Instant::now() < deadline {
+            sleep(POOLED_FOR / 10).await;
+        }
+        assert_eq!(open_inodes("pipe").difference(&before).count(), 0, "a pooled pipe stayed open unused");
+    }
+
+    #[tokio::test]
     async fn idle_relay_holds_no_pipe_before_or_after_data() {
         let _pipes = exclusive_pipes().await;
-        let pipes_before = open_inodes("pipe");
+        let pipes_before = pipes_before();
         let mut relayed = Relayed::start(Prefill::default()).await;
         sleep(Duration::from_millis(100)).await;
         assert_eq!(new_pipes(&pipes_before), 0, "an idle relay opened a pipe");
