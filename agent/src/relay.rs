@@ -39,6 +39,17 @@ pub struct Prefill {
     pub to_client: Vec<u8>,
 }
 
+/// A raw relay a route leaves to the end of its connection
+/// ([`crate::conn::CloseLog::relay_after`]), to run once the route's own
+/// state is freed: an idle relayed connection then holds little more than
+/// the relay.
+pub struct Later {
+    pub client: TcpStream,
+    pub upstream: TcpStream,
+    pub prefill: Prefill,
+    pub idle_timeout: Duration,
+}
+
 #[derive(Debug, Default)]
 pub struct Outcome {
     /// Client to upstream.

@@ -8,7 +8,7 @@ use super::{early::Early, sandbox::Sandbox};
 use crate::{
     conn::{connect_upstream, refuse::reset, Allowed, CloseLog, Origin},
     credentials::check_stream,
-    relay::{self, Prefill},
+    relay::Prefill,
 };
 
 /// A server-first stream connected early: relayed at once on the decision
@@ -17,7 +17,7 @@ pub async fn server_first(client: TcpStream, connected: Early, sandbox: &Sandbox
     log.protocol = "silent";
     let Early { upstream, verdict } = connected;
     if log.decided(verdict).is_ok() {
-        log.relayed(relay::relay(client, upstream, Prefill::default(), sandbox.context.config.idle_timeout).await);
+        log.relay_after(client, upstream, Prefill::default(), sandbox.context.config.idle_timeout);
     }
 }
 
@@ -41,12 +41,10 @@ pub async fn relay(
     let idle = sandbox.context.config.idle_timeout;
     let prefill = Prefill { to_upstream: buffered, ..Prefill::default() };
     match early.map(Early::into_stream) {
-        Some((address, upstream)) if address == allowed.upstream => {
-            log.relayed(relay::relay(client, upstream, prefill, idle).await)
-        }
+        Some((address, upstream)) if address == allowed.upstream => log.relay_after(client, upstream, prefill, idle),
         _ => {
             if let Some(upstream) = connect_upstream(allowed.upstream, &sandbox.context, log).await {
-                log.relayed(relay::relay(client, upstream, prefill, idle).await);
+                log.relay_after(client, upstream, prefill, idle);
             }
         }
     }
