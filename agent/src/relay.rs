@@ -9,12 +9,14 @@
 //! a FIN would let a truncated close-delimited response pass for complete.
 
 use std::{
+    future::Future,
     io,
     os::fd::{AsRawFd, OwnedFd},
     sync::{
         atomic::{AtomicU64, Ordering},
         Mutex, MutexGuard, PoisonError,
     },
+    task::{ready, Context, Poll},
     time::{Duration, Instant},
 };
 
@@ -23,11 +25,8 @@ use nix::{
     unistd::pipe2,
 };
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest},
-    net::{
-        tcp::{ReadHalf, WriteHalf},
-        TcpStream,
-    },
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf},
+    net::TcpStream,
 };
 
 /// Bytes a caller already read from one side, sent before anything relayed.
@@ -63,29 +62,47 @@ pub struct Outcome {
 /// Relays two TCP sockets with splice(2), prefill first, until both
 /// directions reach EOF, either fails, or neither moves a byte for
 /// `idle_timeout` (a stalled peer must not hold the connection forever).
-pub async fn relay(
-    mut client: TcpStream,
-    mut upstream: TcpStream,
-    prefill: Prefill,
-    idle_timeout: Duration,
-) -> Outcome {
+///
+/// Both directions and the idle timer are polled by hand in one future: an
+/// idle relay (most of a proxy's connections) holds a few hundred bytes, not
+/// a future per direction and per wait.
+///
+/// Takes its sockets boxed: an async fn keeps its arguments apart from its
+/// locals for its whole life.
+pub async fn relay(sockets: Box<Later>) -> Outcome {
+    let Later { client, upstream, prefill, idle_timeout } = *sockets;
     let idle = Idle::new(idle_timeout);
-    let mut outcome = Outcome::default();
-    let result = {
-        let (client_read, client_write) = client.split();
-        let (upstream_read, upstream_write) = upstream.split();
-        tokio::select! {
-            result = async {
-                tokio::try_join!(
-                    splice_until_eof(client_read, upstream_write, prefill.to_upstream, &mut outcome.bytes_up, &idle),
-                    splice_until_eof(upstream_read, client_write, prefill.to_client, &mut outcome.bytes_down, &idle),
-                )
-            } => result.map(drop),
-            error = idle.expired() => Err(error),
+    let mut up = Direction::new(prefill.to_upstream);
+    let mut down = Direction::new(prefill.to_client);
+    let timer = tokio::time::sleep_until(idle.expires().into());
+    tokio::pin!(timer);
+    let result = std::future::poll_fn(|cx| {
+        let up_done = match up.poll(cx, &client, &upstream, &idle) {
+            Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+            polled => polled.is_ready(),
+        };
+        let down_done = match down.poll(cx, &upstream, &client, &idle) {
+            Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+            polled => polled.is_ready(),
+        };
+        if up_done && down_done {
+            return Poll::Ready(Ok(()));
         }
-    };
+        // Activity moves the deadline; the timer is re-armed only when it fires.
+        while timer.as_mut().poll(cx).is_ready() {
+            let expires = idle.expires();
+            if expires <= Instant::now() {
+                return Poll::Ready(Err(idle.timed_out()));
+            }
+            timer.as_mut().reset(expires.into());
+        }
+        Poll::Pending
+    })
+    .await;
+    let mut outcome = Outcome { bytes_up: up.delivered, bytes_down: down.delivered, error: None };
     if let Err(error) = result {
-        tokio::join!(reset_when_flushed(&client), reset_when_flushed(&upstream));
+        // Boxed: the relay's own state is sized by its largest wait.
+        Box::pin(async { tokio::join!(reset_when_flushed(&client), reset_when_flushed(&upstream)) }).await;
         outcome.error = Some(error);
     }
     outcome
@@ -193,6 +210,10 @@ impl Idle {
         self.started + Duration::from_millis(self.last_active_ms.load(Ordering::Relaxed)) + self.limit
     }
 
+    fn timed_out(&self) -> io::Error {
+        io::Error::new(io::ErrorKind::TimedOut, format!("idle for {:?} in both directions", self.limit))
+    }
+
     /// `TimedOut` once nothing has moved for the limit: what ends a relay
     /// whose peers stalled.
     async fn expired(&self) -> io::Error {
@@ -202,68 +223,103 @@ impl Idle {
             timer.as_mut().await;
             let expires = self.expires();
             if expires <= Instant::now() {
-                let message = format!("idle for {:?} in both directions", self.limit);
-                return io::Error::new(io::ErrorKind::TimedOut, message);
+                return self.timed_out();
             }
             timer.as_mut().reset(expires.into());
         }
     }
 }
 
-/// One direction of `relay`: socket -> pipe -> socket until EOF.
-///
-/// `delivered` counts bytes spliced out of the pipe into `to`, updated as they
-/// go, so it stays right when this future fails or is dropped part-way.
-async fn splice_until_eof(
-    mut from: ReadHalf<'_>,
-    mut to: WriteHalf<'_>,
+/// One direction of [`relay`]: socket -> pipe -> socket until EOF, then a
+/// half-close of the writer.
+struct Direction {
+    /// Bytes read before the relay, sent first; freed once sent.
     prefill: Vec<u8>,
-    delivered: &mut u64,
-    idle: &Idle,
-) -> io::Result<()> {
-    write_all_counted(&mut to, &prefill, delivered).await?;
-    if !prefill.is_empty() {
-        idle.touch();
+    prefill_sent: usize,
+    /// Taken only once data (or EOF) is there and given back when the
+    /// socket runs dry, so an idle direction holds none.
+    pipe: Option<Pipe>,
+    /// Bytes in the pipe: drained fully before reading again, which keeps a
+    /// WouldBlock on the read unambiguous and leaves nothing behind at EOF.
+    in_pipe: usize,
+    /// Bytes written to the writer, counted as they land, so the count is
+    /// right when the relay fails or is dropped part-way.
+    delivered: u64,
+    done: bool,
+}
+
+impl Direction {
+    fn new(prefill: Vec<u8>) -> Self {
+        Self { prefill, prefill_sent: 0, pipe: None, in_pipe: 0, delivered: 0, done: false }
     }
-    // This future lives as long as the connection: free the prefill now.
-    drop(prefill);
-    loop {
-        // Take a pipe only once data (or EOF) is really there and give it back
-        // when the socket runs dry, so an idle connection holds none. Readiness
-        // alone proves nothing: tokio reports an accepted socket readable
-        // before anything has arrived.
-        if from.peek(&mut [0u8; 1]).await? == 0 {
-            return to.shutdown().await;
+
+    fn poll(&mut self, cx: &mut Context<'_>, from: &TcpStream, to: &TcpStream, idle: &Idle) -> Poll<io::Result<()>> {
+        if self.done {
+            return Poll::Ready(Ok(()));
         }
-        let pipe = Pipe::take()?;
-        loop {
-            // The pipe is empty here (drained below), so WouldBlock can only
-            // mean that the socket has nothing more to read.
-            let mut in_pipe = match from.as_ref().try_io(Interest::READABLE, || pipe.fill_from(from.as_ref())) {
-                Ok(0) => {
-                    pipe.give_back();
-                    return to.shutdown().await;
+        while self.prefill_sent < self.prefill.len() {
+            ready!(to.poll_write_ready(cx))?;
+            match to.try_write(&self.prefill[self.prefill_sent..]) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(written) => {
+                    self.prefill_sent += written;
+                    self.delivered += written as u64;
+                    idle.touch();
                 }
-                Ok(spliced) => spliced,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
-                Err(error) => return Err(error),
-            };
-            // Drain fully before reading again: this keeps the WouldBlock above
-            // unambiguous and guarantees nothing is left behind at EOF.
-            while in_pipe > 0 {
-                to.writable().await?;
-                match to.as_ref().try_io(Interest::WRITABLE, || pipe.drain_to(to.as_ref(), in_pipe)) {
-                    Ok(spliced) => {
-                        in_pipe -= spliced;
-                        *delivered += spliced as u64;
-                        idle.touch();
-                    }
-                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(error) => return Err(error),
-                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error) => return Poll::Ready(Err(error)),
             }
         }
-        pipe.give_back();
+        if self.prefill.capacity() > 0 {
+            // The relay lives as long as the connection: free the prefill now.
+            self.prefill = Vec::new();
+        }
+        loop {
+            if self.pipe.is_none() {
+                // Readiness alone proves nothing: tokio reports an accepted
+                // socket readable before anything has arrived.
+                let mut byte = [0u8; 1];
+                if ready!(from.poll_peek(cx, &mut ReadBuf::new(&mut byte)))? == 0 {
+                    return self.finish(to);
+                }
+                self.pipe = Some(Pipe::take()?);
+            }
+            let pipe = self.pipe.as_ref().expect("taken above");
+            if self.in_pipe == 0 {
+                // The pipe is empty, so WouldBlock can only mean that the
+                // socket has nothing more to read.
+                match from.try_io(Interest::READABLE, || pipe.fill_from(from)) {
+                    Ok(0) => {
+                        self.pipe.take().expect("taken above").give_back();
+                        return self.finish(to);
+                    }
+                    Ok(spliced) => self.in_pipe = spliced,
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                        self.pipe.take().expect("taken above").give_back();
+                        continue;
+                    }
+                    Err(error) => return Poll::Ready(Err(error)),
+                }
+            }
+            ready!(to.poll_write_ready(cx))?;
+            match to.try_io(Interest::WRITABLE, || pipe.drain_to(to, self.in_pipe)) {
+                Ok(spliced) => {
+                    self.in_pipe -= spliced;
+                    self.delivered += spliced as u64;
+                    idle.touch();
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error) => return Poll::Ready(Err(error)),
+            }
+        }
+    }
+
+    /// EOF from the reader: half-closes the writer, so the FIN travels on.
+    fn finish(&mut self, to: &TcpStream) -> Poll<io::Result<()>> {
+        self.done = true;
+        // SAFETY: shutdown on a descriptor the caller holds open.
+        let rc = unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
+        Poll::Ready(if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) })
     }
 }
 
@@ -492,7 +548,8 @@ mod tests {
             let (client_app, client_agent) = tcp_pair().await;
             let (upstream_agent, upstream_app) = tcp_pair().await;
             let socket_inodes = [&client_app, &client_agent, &upstream_agent, &upstream_app].map(socket_inode);
-            let relay = tokio::spawn(relay(client_agent, upstream_agent, prefill, idle_timeout));
+            let sockets = Later { client: client_agent, upstream: upstream_agent, prefill, idle_timeout };
+            let relay = tokio::spawn(relay(Box::new(sockets)));
             Self { client_app, upstream_app, relay, socket_inodes }
         }
     }

@@ -116,8 +116,9 @@ impl Finder {
     }
 
     /// One accepted connection, in a task of its own: its kernel record,
-    /// its sandbox, its global slot (`None`: over `--max-connections`),
-    /// then its walk to the close line.
+    /// its sandbox, its global slot (`None`: over `--max-connections`:
+    /// refused and logged), then its walk to the close line, in its
+    /// sandbox's span.
     async fn serve(
         self: Arc<Self>,
         stream: TcpStream,
@@ -141,7 +142,12 @@ impl Finder {
                 None => return reset(stream),
             },
         };
-        serve_in(stream, peer, accepted, &record, &sandbox, slot).await;
+        let span = sandbox.span.clone();
+        let Some(slot) = slot else {
+            return span.in_scope(|| connection::refuse_over_limit(stream, peer, accepted, &record, &sandbox));
+        };
+        connection::handle(stream, peer, accepted, &record, &sandbox).instrument(span).await;
+        drop(slot);
     }
 
     /// The sandbox of a connection that is not in the table: one being
@@ -163,24 +169,6 @@ impl Finder {
         }
         sandbox
     }
-}
-
-/// A connection of `sandbox`, in its span: served if it has its global
-/// slot, refused and logged otherwise.
-async fn serve_in(
-    stream: TcpStream,
-    peer: SocketAddr,
-    accepted: Accepted,
-    record: &ConnectRecord,
-    sandbox: &Sandbox,
-    slot: Option<OwnedSemaphorePermit>,
-) {
-    let span = sandbox.span.clone();
-    let Some(slot) = slot else {
-        return span.in_scope(|| connection::refuse_over_limit(stream, peer, accepted, record, sandbox));
-    };
-    connection::handle(stream, peer, accepted, record, sandbox).instrument(span).await;
-    drop(slot);
 }
 
 /// `listener` and `count - 1` duplicates of it, each registered on its own:

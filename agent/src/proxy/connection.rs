@@ -14,7 +14,7 @@ use crate::{
         refuse::reset,
         Accepted, CloseLog, Origin,
     },
-    relay::{self, Later},
+    relay,
 };
 
 pub async fn handle(
@@ -74,8 +74,7 @@ pub async fn handle(
     };
     drop(walk);
     if let (false, Some(later)) = (cut, log.then_relay.take()) {
-        let Later { client, upstream, prefill, idle_timeout } = *later;
-        let relay = relay::relay(client, upstream, prefill, idle_timeout);
+        let relay = relay::relay(later);
         tokio::pin!(relay);
         tokio::select! {
             outcome = &mut relay => log.relayed(outcome),
