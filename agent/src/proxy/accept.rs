@@ -4,12 +4,9 @@
 
 use std::{
     net::SocketAddr,
-    os::fd::AsFd,
     sync::{atomic::Ordering, Arc},
     time::Duration,
 };
-
-use anyhow::Context as _;
 
 use agent_common::ConnectRecord;
 use tokio::{
@@ -91,11 +88,8 @@ pub fn serve_listeners(
         });
     }
     let finder = Arc::new(finder);
-    let loops = tokio::runtime::Handle::current().metrics().num_workers().max(1);
     for listener in std::iter::once(listeners.v4).chain(listeners.v6) {
-        for listener in accepting_copies(listener, loops)? {
-            tokio::spawn(accept_loop(listener, finder.clone(), common.slots.clone(), stopped.clone()));
-        }
+        tokio::spawn(accept_loop(listener, finder.clone(), common.slots.clone(), stopped.clone()));
     }
     Ok(ServedListeners { port, netns_cookie, stop })
 }
@@ -171,24 +165,11 @@ impl Finder {
     }
 }
 
-/// `listener` and `count - 1` duplicates of it, each registered on its own:
-/// as many accept loops on one accept queue as the runtime has workers, so
-/// a burst of connects is accepted on every core. (One queue rather than
-/// SO_REUSEPORT listeners: an upgrade hands the one socket over, and no
-/// connection waits in the queue of a listener that is closed.)
-fn accepting_copies(listener: TcpListener, count: usize) -> anyhow::Result<Vec<TcpListener>> {
-    let mut copies = Vec::with_capacity(count);
-    for _ in 1..count {
-        let fd = listener.as_fd().try_clone_to_owned().context("duplicate a listening socket")?;
-        copies.push(TcpListener::from_std(std::net::TcpListener::from(fd))?);
-    }
-    copies.push(listener);
-    Ok(copies)
-}
-
 /// Accepts and hands each connection to a task of its own, at once: the
-/// kernel record, attribution and logging all happen there, so a loop
-/// waits on nothing but accept.
+/// kernel record, attribution, limits and logging all happen there, so the
+/// loop waits on nothing but accept. (One loop per listener: several on
+/// duplicates of the socket, one per runtime worker, were all woken by
+/// each connect and measured slower on 2 cores.)
 async fn accept_loop(
     listener: TcpListener,
     finder: Arc<Finder>,
