@@ -30,6 +30,18 @@ pub const MAP_SANDBOXES: &str = "SANDBOXES";
 /// Name of the ring buffer of [`KernelEvent`]s: refusals and drops the
 /// agent logs (kernel-side warnings are rate limited there, per sandbox).
 pub const MAP_EVENTS: &str = "EVENTS";
+/// Name of the kernel fast path's decision cache ([`FastKey`] to
+/// [`FastDecision`]): filled by the agent from its own decisions, read by
+/// connect4/6.
+pub const MAP_FAST_DECISIONS: &str = "FAST_DECISIONS";
+/// Name of the map of sockets let out by the fast path ([`FastSocket`] by
+/// socket cookie): the packet backstop lets exactly these through, and
+/// sock_ops reports each one's close.
+pub const MAP_FAST_SOCKETS: &str = "FAST_SOCKETS";
+/// Name of the ring buffer of [`FastClose`]s, one per fast socket closed.
+pub const MAP_FAST_CLOSES: &str = "FAST_CLOSES";
+/// Name of the per-CPU count of [`FastClose`]s lost to a full ring.
+pub const MAP_FAST_CLOSES_LOST: &str = "FAST_CLOSES_LOST";
 /// Deepest cgroup level searched for a process's sandbox (the root is 0).
 pub const MAX_CGROUP_LEVEL: u32 = 32;
 /// DNS queries to this port, on any address, are answered by the agent.
@@ -50,6 +62,15 @@ pub const PROCESS_TIMES_MAX_ENTRIES: u32 = 65_536;
 /// Sandbox cgroups the kernel's sandbox map holds, for every agent on the
 /// host (served, or removed without detach); allocated as they come.
 pub const SANDBOXES_MAX_ENTRIES: u32 = 65_536;
+/// Fast-path decisions cached for every agent on the host (LRU: an
+/// evicted one only costs a proxied connection).
+pub const FAST_DECISIONS_MAX_ENTRIES: u32 = 65_536;
+/// Fast-path sockets open at once on the host (LRU).
+pub const FAST_SOCKETS_MAX_ENTRIES: u32 = 65_536;
+/// Bytes of the ring buffer of fast-path closes.
+pub const FAST_CLOSES_BYTES: u32 = 1024 * 1024;
+/// A policy name longer than this is never fast-pathed.
+pub const POLICY_NAME_MAX: usize = 64;
 /// Names given with `--allow-abstract-unix`.
 pub const ABSTRACT_UNIX_ALLOWED_MAX_ENTRIES: u32 = 64;
 /// An abstract unix name is at most 107 bytes (sun_path less its leading NUL).
@@ -68,7 +89,9 @@ pub struct SandboxEntry {
     /// 1 while served; 0 once removed: its connects and datagrams are
     /// refused (fail closed) until it is served again or detached.
     pub open: u16,
-    pub _pad: u32,
+    /// The generation of the fast-path decisions that hold for it: a policy
+    /// reload changes it, and the decisions of earlier ones stop matching.
+    pub fast_generation: u32,
 }
 
 /// A client's address towards one listener, in one network namespace:
@@ -178,6 +201,90 @@ pub struct ConnectRecord {
     /// connection if they changed before it read the process's identity
     /// (an exec, or its pid taken by another process).
     pub times: ProcessTimes,
+    /// The process's executable when it connected (zero if unknown).
+    pub exe: ExeId,
+}
+
+/// An executable file as the kernel knows it: inode number, device
+/// (`s_dev`, the kernel's encoding: major << 20 | minor) and the inode's
+/// generation (a freed inode number used again gets another one on ext4,
+/// xfs, btrfs and tmpfs). Zero: unknown.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ExeId {
+    pub ino: u64,
+    pub dev: u32,
+    pub generation: u32,
+}
+
+/// A fast-path decision's key: who (cgroup and executable) may reach which
+/// destination, under which generation of its sandbox's policy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FastKey {
+    /// The connecting process's own cgroup (names resolved are per cgroup).
+    pub cgroup_id: u64,
+    pub exe: ExeId,
+    pub destination: SockAddrKey,
+    pub fast_generation: u32,
+}
+
+/// A fast-path decision: allowed until `expires_ns`, by `policy`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FastDecision {
+    /// CLOCK_MONOTONIC (`bpf_ktime_get_ns`); `u64::MAX` for IP literals.
+    pub expires_ns: u64,
+    pub sandbox_cgroup_id: u64,
+    /// The allowing policy's name, NUL padded.
+    pub policy: [u8; POLICY_NAME_MAX],
+}
+
+/// A socket connected by the fast path, while it is open.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FastSocket {
+    /// CLOCK_MONOTONIC at connect().
+    pub started_ns: u64,
+    pub sandbox_cgroup_id: u64,
+    pub cgroup_id: u64,
+    pub exe: ExeId,
+    pub destination: SockAddrKey,
+    pub tgid: u32,
+    pub uid: u32,
+    /// The TCP states it went through (bit `1 << state`), for what its
+    /// byte counts include (SYN, FINs) and whether it was established.
+    pub states: u32,
+    pub fast_generation: u32,
+    pub comm: [u8; 16],
+    pub policy: [u8; POLICY_NAME_MAX],
+    pub _pad: u32,
+}
+
+// No implicit padding anywhere: the verifier rejects uninitialised bytes.
+const _: () = {
+    assert!(size_of::<FastKey>() == 48);
+    assert!(size_of::<FastDecision>() == 80);
+    assert!(size_of::<FastSocket>() == 160);
+    assert!(size_of::<FastClose>() == 192);
+    assert!(size_of::<ConnectRecord>() == 104);
+};
+
+/// A fast-path socket closed, with the kernel's TCP byte counts: they
+/// count the SYN and FINs as one byte each (see [`FastClose::payload`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FastClose {
+    pub socket: FastSocket,
+    /// Bytes the peer acknowledged (sent by the sandbox).
+    pub bytes_acked: u64,
+    /// Bytes received from the peer.
+    pub bytes_received: u64,
+    /// CLOCK_MONOTONIC at close.
+    pub closed_ns: u64,
+    /// The state it closed from.
+    pub closed_from: u32,
+    pub _pad: u32,
 }
 
 /// When a sandboxed process was forked and when it last tried to exec,
@@ -233,6 +340,39 @@ pub struct AbstractName {
     pub name: [u8; ABSTRACT_NAME_MAX],
 }
 
+/// TCP states (include/net/tcp_states.h).
+pub mod tcp_state {
+    pub const ESTABLISHED: u32 = 1;
+    pub const FIN_WAIT2: u32 = 5;
+    pub const CLOSE: u32 = 7;
+    pub const CLOSE_WAIT: u32 = 8;
+    pub const LAST_ACK: u32 = 9;
+    pub const CLOSING: u32 = 11;
+}
+
+impl FastClose {
+    fn went_through(&self, state: u32) -> bool {
+        self.socket.states & (1 << state) != 0
+    }
+
+    pub fn established(&self) -> bool {
+        self.went_through(tcp_state::ESTABLISHED)
+    }
+
+    /// Payload bytes (up: acknowledged by the peer, down: received): the
+    /// kernel's counts less the SYN and FINs in them. Our FIN was
+    /// acknowledged if the socket reached FIN_WAIT2, or closed from
+    /// LAST_ACK or CLOSING; the peer's came if it went through CLOSE_WAIT or
+    /// CLOSING, or closed from FIN_WAIT2 (into TIME_WAIT).
+    pub fn payload(&self) -> (u64, u64) {
+        use tcp_state::*;
+        let fin_acked = self.went_through(FIN_WAIT2) || matches!(self.closed_from, LAST_ACK | CLOSING);
+        let fin_received = self.went_through(CLOSE_WAIT) || self.went_through(CLOSING) || self.closed_from == FIN_WAIT2;
+        let up = self.bytes_acked.saturating_sub(u64::from(self.established()) + u64::from(fin_acked));
+        (up, self.bytes_received.saturating_sub(u64::from(fin_received)))
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all these types are repr(C), Copy, and made only of integers and
@@ -245,4 +385,8 @@ mod user {
     unsafe impl aya::Pod for super::ClientKey {}
     unsafe impl aya::Pod for super::DnsRedirect {}
     unsafe impl aya::Pod for super::DnsClient {}
+    unsafe impl aya::Pod for super::ExeId {}
+    unsafe impl aya::Pod for super::FastKey {}
+    unsafe impl aya::Pod for super::FastDecision {}
+    unsafe impl aya::Pod for super::FastSocket {}
 }

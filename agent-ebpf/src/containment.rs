@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use core::ptr::read_volatile;
 
-use crate::{trace::report_drop, DNS_CLIENTS, DNS_SERVER_BY_COOKIE};
+use crate::{fast, trace::report_drop, DNS_CLIENTS, DNS_SERVER_BY_COOKIE};
 
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
@@ -69,14 +69,18 @@ pub fn refuse_device_binding(ctx: SockoptContext) -> i32 {
 
 const IPPROTO_UDP_U8: u8 = 17;
 
-/// The backstop: a sandbox's packets leave only over loopback. On the way,
-/// notes which sandbox sent each DNS query to the agent.
+/// The backstop: a sandbox's packets leave only over loopback, but for
+/// those of sockets the fast path let out. On the way, notes which sandbox
+/// sent each DNS query to the agent.
 #[cgroup_skb(egress)]
 pub fn contain_egress(ctx: SkBuffContext) -> i32 {
     // SAFETY: valid context; ifindex is readable in cgroup_skb programs.
     let ifindex = unsafe { read_volatile(&(*ctx.skb.skb).ifindex) };
     if ifindex == LOOPBACK_IFINDEX {
         record_dns_client(&ctx);
+        return ALLOW;
+    }
+    if is_fast_socket(&ctx) {
         return ALLOW;
     }
     dropped(&ctx, event_kind::PACKET_EGRESS, ifindex);
@@ -89,11 +93,16 @@ pub fn contain_egress(ctx: SkBuffContext) -> i32 {
 pub fn contain_ingress(ctx: SkBuffContext) -> i32 {
     // SAFETY: valid context; ifindex is readable in cgroup_skb programs.
     let ifindex = unsafe { read_volatile(&(*ctx.skb.skb).ifindex) };
-    if ifindex == LOOPBACK_IFINDEX {
+    if ifindex == LOOPBACK_IFINDEX || is_fast_socket(&ctx) {
         return ALLOW;
     }
     dropped(&ctx, event_kind::PACKET_INGRESS, ifindex);
     REJECT
+}
+
+fn is_fast_socket(ctx: &SkBuffContext) -> bool {
+    // SAFETY: the context pointer is the program's own.
+    fast::is_fast(unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) })
 }
 
 fn dropped(ctx: &SkBuffContext, kind: u32, ifindex: u32) {

@@ -25,6 +25,7 @@
 #![no_main]
 
 mod containment;
+mod fast;
 mod identity;
 mod sandboxes;
 mod trace;
@@ -32,11 +33,14 @@ mod trace;
 use core::ptr::{read_volatile, write_volatile};
 
 use agent_common::{
-    event_kind, is_v4_mapped, ClientKey, ConnectRecord, DnsClient, DnsRedirect, SockAddrKey, BY_CLIENT_MAX_ENTRIES,
-    BY_COOKIE_MAX_ENTRIES, DNS_CLIENTS_MAX_ENTRIES, DNS_PORT, DNS_SERVER_MAX_ENTRIES,
+    event_kind, is_v4_mapped, ClientKey, ConnectRecord, DnsClient, DnsRedirect, ExeId, SockAddrKey,
+    BY_CLIENT_MAX_ENTRIES, BY_COOKIE_MAX_ENTRIES, DNS_CLIENTS_MAX_ENTRIES, DNS_PORT, DNS_SERVER_MAX_ENTRIES,
 };
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_TCP_CONNECT_CB},
+    bindings::{
+        bpf_sock_addr, BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB,
+    },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
@@ -47,6 +51,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use aya_log_ebpf::debug;
+use fast::{current_exe, fast_connect};
 use identity::current_times;
 use sandboxes::current_sandbox;
 use trace::report_refusal;
@@ -98,7 +103,7 @@ fn socket_kind(sa: *const bpf_sock_addr) -> Socket {
     }
 }
 
-fn socket_cookie(ctx: &SockAddrContext) -> u64 {
+pub(crate) fn socket_cookie(ctx: &SockAddrContext) -> u64 {
     // SAFETY: the context pointer is the program's own.
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
@@ -108,6 +113,7 @@ struct Caller {
     sandbox_cgroup_id: u64,
     netns_cookie: u64,
     listen_port: u16,
+    fast_generation: u32,
 }
 
 /// The caller's sandbox if it is served and the caller is in its
@@ -130,7 +136,12 @@ fn caller(ctx: &SockAddrContext) -> Option<Caller> {
         report_refusal(cgroup_id, event_kind::OTHER_NETNS);
         return None;
     }
-    Some(Caller { sandbox_cgroup_id, netns_cookie, listen_port: entry.listen_port })
+    Some(Caller {
+        sandbox_cgroup_id,
+        netns_cookie,
+        listen_port: entry.listen_port,
+        fast_generation: entry.fast_generation,
+    })
 }
 
 /// Remembers which DNS server a UDP socket addressed (the latest one), and
@@ -209,7 +220,7 @@ unsafe fn write_ip6(words: &mut [u32; 4], ip6: [u32; 4]) {
 /// Stores who connects where, under the socket cookie. An existing record is
 /// kept: while a restarting agent's programs overlap, the first program in the
 /// chain saw the real destination and later ones only see the listener.
-fn record_connect(ctx: &SockAddrContext, caller: &Caller, original_dst: SockAddrKey) {
+fn record_connect(ctx: &SockAddrContext, caller: &Caller, original_dst: SockAddrKey, exe: ExeId) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let record = ConnectRecord {
         original_dst,
@@ -223,8 +234,11 @@ fn record_connect(ctx: &SockAddrContext, caller: &Caller, original_dst: SockAddr
         netns_cookie: caller.netns_cookie,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
         times: current_times(),
+        exe,
     };
-    if CONNECTS_BY_COOKIE.insert(socket_cookie(ctx), record, u64::from(BPF_NOEXIST)).is_ok() {
+    let cookie = socket_cookie(ctx);
+    fast::forget_socket(cookie);
+    if CONNECTS_BY_COOKIE.insert(cookie, record, u64::from(BPF_NOEXIST)).is_ok() {
         debug!(ctx, "redirect pid={} dst=[{:i}]:{}", record.tgid, original_dst.addr, original_dst.port);
     }
 }
@@ -243,7 +257,12 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
     unsafe {
         let ip4 = read_volatile(&(*sa).user_ip4);
         let port = u16::from_be(read_volatile(&(*sa).user_port) as u16);
-        record_connect(&ctx, &caller, SockAddrKey::from_ipv4(ip4, port));
+        let destination = SockAddrKey::from_ipv4(ip4, port);
+        let exe = current_exe();
+        if fast_connect(&ctx, &caller, destination, exe, true) {
+            return ALLOW;
+        }
+        record_connect(&ctx, &caller, destination, exe);
         write_volatile(&mut (*sa).user_ip4, LOOPBACK_V4_BE);
         write_volatile(&mut (*sa).user_port, u32::from(caller.listen_port.to_be()));
     }
@@ -263,7 +282,12 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
     unsafe {
         let ip6 = read_ip6(&(*sa).user_ip6);
         let port = u16::from_be(read_volatile(&(*sa).user_port) as u16);
-        record_connect(&ctx, &caller, SockAddrKey::from_ipv6(ip6, port));
+        let destination = SockAddrKey::from_ipv6(ip6, port);
+        let exe = current_exe();
+        if fast_connect(&ctx, &caller, destination, exe, is_v4_mapped(ip6)) {
+            return ALLOW;
+        }
+        record_connect(&ctx, &caller, destination, exe);
         write_ip6(&mut (*sa).user_ip6, loopback_for(ip6));
         write_volatile(&mut (*sa).user_port, u32::from(caller.listen_port.to_be()));
     }
@@ -346,14 +370,15 @@ pub fn restore_dns_source6(ctx: SockAddrContext) -> i32 {
 }
 
 /// Re-keys the connect record by the client's address before the SYN, so the
-/// record exists by the time the agent accepts the connection.
+/// record exists by the time the agent accepts the connection. For a fast
+/// socket instead, asks for its state changes, and reports its close.
 #[sock_ops]
 pub fn rekey_by_client(ctx: SockOpsContext) -> u32 {
     let ops = ctx.ops;
     // Every field is read up front: the verifier rejects ctx reads that LLVM
     // merges across branches.
     // SAFETY: valid sock_ops context.
-    let (op, family, local_ip4, local_port, remote_ip6) = unsafe {
+    let (op, family, local_ip4, local_port, remote_ip6, states, bytes_acked, bytes_received) = unsafe {
         (
             read_volatile(&(*ops).op),
             read_volatile(&(*ops).family),
@@ -365,8 +390,17 @@ pub fn rekey_by_client(ctx: SockOpsContext) -> u32 {
                 read_volatile(&(*ops).remote_ip6[2]),
                 read_volatile(&(*ops).remote_ip6[3]),
             ],
+            (read_volatile(&(*ops).__bindgen_anon_1.args[0]), read_volatile(&(*ops).__bindgen_anon_1.args[1])),
+            read_volatile(&(*ops).bytes_acked),
+            read_volatile(&(*ops).bytes_received),
         )
     };
+    if op == BPF_SOCK_OPS_STATE_CB {
+        // SAFETY: the context pointer is the program's own.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        fast::state_changed(cookie, states.0, states.1, bytes_acked, bytes_received);
+        return 1;
+    }
     if op != BPF_SOCK_OPS_TCP_CONNECT_CB {
         return 1;
     }
@@ -381,6 +415,10 @@ pub fn rekey_by_client(ctx: SockOpsContext) -> u32 {
     };
     // SAFETY: the context pointer is the program's own.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if fast::is_fast(cookie) {
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+        return 1;
+    }
     // SAFETY: the value is copied out before any map update.
     let Some(record) = (unsafe { CONNECTS_BY_COOKIE.get(cookie) }).copied() else {
         return 1;

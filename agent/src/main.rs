@@ -370,6 +370,7 @@ fn run(args: RunArgs) -> Result<()> {
         } else {
             notify_systemd(&[sd_notify::NotifyState::Ready]);
         }
+        daemon.log_fast_closes();
         tracing::info!(
             event = "ready",
             sandboxes = daemon.list().len(),

@@ -23,6 +23,8 @@ def main():
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     sock.settimeout(30)
     sock.connect((host, int(port)))
+    # A redirected connect is bound to the loopback; one let out by the kernel fast path is not.
+    local = sock.getsockname()[0]
     sock.sendall(f"SEND {send} RECV {recv}\n".encode())
     sent_digest = hashlib.sha256()
     for piece in pattern(send):
@@ -44,6 +46,7 @@ def main():
         "sent_sha256": sent_digest.hexdigest(),
         "received": received,
         "received_intact": got.hexdigest() == expected.hexdigest(),
+        "local": local,
     }))
 
 

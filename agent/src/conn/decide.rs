@@ -51,6 +51,31 @@ impl Decider {
         Verdict { outcome: outcome.await, generation, port: destination.port(), address: Some(destination.ip()) }
     }
 
+    /// Whether the kernel may let `origin`'s executable connect to
+    /// `destination` on its own from now on: the same decision by the
+    /// executable alone (no ancestor), by an endpoint declared `protocol:
+    /// tcp` (L4: no byte is looked at), not inspected, without a host of its
+    /// own (an IP literal, or a name this cgroup resolved through the
+    /// agent's DNS: then only while that answer lives), and not a sensitive
+    /// address unless listed.
+    pub fn fast_path(&self, origin: &Origin, destination: SocketAddr) -> Option<FastAllow> {
+        origin.exe.as_ref()?;
+        let request = Request { ancestors: &[], ..request(origin, None, Some(destination.ip()), destination.port()) };
+        let resolved = self.records.names(origin.cgroup_id, destination.ip());
+        let (generation, decision, resolved_host) = self.evaluate(&request, Some(&resolved));
+        let l4 = decision.endpoint.as_ref().is_some_and(|endpoint| endpoint.protocol.as_deref() == Some("tcp"));
+        if !decision.allow || decision.inspect.is_some() || !l4 {
+            return None;
+        }
+        let allowed = allowed_by_policy(decision).ok()?;
+        allowed.check_sensitive(destination.ip()).ok()?;
+        let expires = match resolved_host {
+            Some(name) => Some(self.records.expiry(origin.cgroup_id, &name, destination.ip())?),
+            None => None,
+        };
+        Some(FastAllow { generation, policy: allowed.policy?, expires })
+    }
+
     /// An explicit `CONNECT host:port`: the agent resolves the host and
     /// connects to an address it checked.
     pub async fn connect(&self, origin: &Origin, host: &str, port: u16) -> Verdict {
@@ -218,6 +243,15 @@ fn request<'a>(origin: &'a Origin, host: Option<&'a str>, ip: Option<IpAddr>, po
 
 fn mismatch(host: &str, destination: IpAddr) -> Denial {
     Denial::mismatch(format!("{host} does not resolve to {destination}, the address the sandbox connected to"))
+}
+
+/// A decision the kernel may repeat on its own (see [`Decider::fast_path`]).
+pub struct FastAllow {
+    /// The policy generation it was made under.
+    pub generation: u64,
+    pub policy: String,
+    /// When the DNS answer it rests on expires; `None`: never (an address).
+    pub expires: Option<Instant>,
 }
 
 /// The policy's allow, before the agent's own checks pick the upstream.

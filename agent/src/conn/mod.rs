@@ -23,9 +23,9 @@ mod verdict;
 pub use self::{
     config::Config,
     context::Context,
-    decide::Decider,
+    decide::{Decider, FastAllow},
     ledger::{Accepted, CloseLog, InferenceLog},
-    origin::Origin,
+    origin::{known_exe, Origin},
     upstream::connect_upstream,
     verdict::{Allowed, Denial, Verdict},
 };

@@ -3,13 +3,21 @@
 
 use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
-    path::PathBuf,
+    num::NonZeroUsize,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::{LazyLock, Mutex, PoisonError},
 };
 
-use agent_common::{ConnectRecord, ProcessTimes};
+use agent_common::{ConnectRecord, ExeId, ProcessTimes};
+use lru::LruCache;
+
+use crate::redirect::fast::user_dev;
 
 /// Ancestors looked at for `binaries` rules; deeper chains are cut here.
 const MAX_ANCESTORS: usize = 16;
+/// Executables whose path is kept by their kernel identity.
+const EXE_PATHS: NonZeroUsize = NonZeroUsize::new(4096).unwrap();
 
 pub struct Origin {
     /// The destination the sandboxed process asked for.
@@ -20,8 +28,12 @@ pub struct Origin {
     pub uid: u32,
     pub cgroup_id: u64,
     pub comm: String,
-    /// `/proc/<pid>/exe` at accept time; `None` if the process already exited.
+    /// The executable that connected, by the kernel's identity of it
+    /// (device and inode, read at connect) and the path known for it; else
+    /// `/proc/<pid>/exe` at accept time. `None` if the process already exited.
     pub exe: Option<PathBuf>,
+    /// The kernel's identity of the executable (zero if unknown).
+    pub exe_id: ExeId,
     /// Executables of the parent, grandparent... (nearest first), up to but
     /// excluding pid 1, when the policy matches binaries or `exe` is not
     /// known (empty otherwise).
@@ -50,7 +62,7 @@ impl Origin {
         let comm_len = record.comm.iter().position(|&b| b == 0).unwrap_or(record.comm.len());
         // The executable first, the times after: an exec is stamped before
         // it swaps the executable, so unchanged times vouch for what was read.
-        let exe = exe_of(record.tgid);
+        let exe = exe_of_record(record);
         // Without its own executable, a process can match `binaries` only by an ancestor's.
         let ancestors = if with_ancestors || exe.is_none() { ancestors_of(record.tgid, &times_of) } else { Vec::new() };
         let identity_lost = identity_lost(record.times, times_of(record.tgid));
@@ -62,6 +74,7 @@ impl Origin {
             cgroup_id: record.cgroup_id,
             comm: String::from_utf8_lossy(&record.comm[..comm_len]).into_owned(),
             exe,
+            exe_id: record.exe,
             ancestors,
             identity_lost,
         }
@@ -89,6 +102,48 @@ fn ancestor_counts(parent: ProcessTimes, child: ProcessTimes) -> Option<bool> {
         return None;
     }
     Some(parent.exec_ns <= child.forked_ns)
+}
+
+/// Paths of executables by their kernel identity, filled only with a path
+/// that names that very file.
+static KNOWN_EXES: LazyLock<Mutex<LruCache<ExeId, PathBuf>>> = LazyLock::new(|| Mutex::new(LruCache::new(EXE_PATHS)));
+
+/// The path of the executable the kernel saw connect, if one was known
+/// and still names that very file (an inode number freed and used again
+/// is another file: the path then names something else, or nothing).
+pub fn known_exe(exe: ExeId) -> Option<PathBuf> {
+    if exe.ino == 0 {
+        return None;
+    }
+    let known = KNOWN_EXES.lock().unwrap_or_else(PoisonError::into_inner).get(&exe).cloned()?;
+    if is_file(&known, exe) {
+        return Some(known);
+    }
+    KNOWN_EXES.lock().unwrap_or_else(PoisonError::into_inner).pop(&exe);
+    None
+}
+
+/// The executable that connected: its path known by the kernel's identity
+/// of it, or read from `/proc/<pid>/exe` (and kept if the path names that
+/// very file and its only name: not a replaced, deleted or hard-linked
+/// one, nor one of another process that took the pid or exec'd since,
+/// which the times check refuses).
+fn exe_of_record(record: &ConnectRecord) -> Option<PathBuf> {
+    if let Some(known) = known_exe(record.exe) {
+        return Some(known);
+    }
+    let exe = exe_of(record.tgid)?;
+    if record.exe.ino != 0 && is_file(&exe, record.exe) {
+        KNOWN_EXES.lock().unwrap_or_else(PoisonError::into_inner).put(record.exe, exe.clone());
+    }
+    Some(exe)
+}
+
+/// Whether `path` is the file the kernel identifies as `exe`, and its only
+/// name (a file with hard links elsewhere has as many paths).
+fn is_file(path: &Path, exe: ExeId) -> bool {
+    std::fs::metadata(path)
+        .is_ok_and(|file| file.dev() == user_dev(exe.dev) && file.ino() == exe.ino && file.nlink() == 1)
 }
 
 fn exe_of(pid: u32) -> Option<PathBuf> {
@@ -136,6 +191,33 @@ mod tests {
         assert!(identity_lost(times(0, 0), Some(times(0, 30))).unwrap().contains("exec"));
         assert!(identity_lost(times(10, 20), Some(times(40, 0))).unwrap().contains("pid went to another process"));
         assert!(identity_lost(times(10, 20), None).unwrap().contains("no longer tracked"));
+    }
+
+    fn kernel_id(path: &Path) -> ExeId {
+        let file = std::fs::metadata(path).unwrap();
+        let dev = ((libc::major(file.dev()) << 20) | libc::minor(file.dev())) as u32;
+        ExeId { ino: file.ino(), dev, generation: 7 }
+    }
+
+    #[test]
+    fn a_known_path_counts_only_while_it_names_that_very_file() {
+        let dir = std::env::temp_dir().join(format!("known-exe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tool");
+        std::fs::write(&path, "v1").unwrap();
+        let id = kernel_id(&path);
+        KNOWN_EXES.lock().unwrap().put(id, path.clone());
+        assert_eq!(known_exe(id), Some(path.clone()));
+        // A second name: no longer the only path of that file.
+        std::fs::hard_link(&path, dir.join("alias")).unwrap();
+        assert_eq!(known_exe(id), None);
+        KNOWN_EXES.lock().unwrap().put(id, path.clone());
+        std::fs::remove_file(dir.join("alias")).unwrap();
+        // Replaced: the path names another inode now.
+        std::fs::write(dir.join("tool.new"), "v2").unwrap();
+        std::fs::rename(dir.join("tool.new"), &path).unwrap();
+        assert_eq!(known_exe(id), None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

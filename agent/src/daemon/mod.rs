@@ -124,6 +124,9 @@ pub struct Daemon {
     handing_over: AtomicBool,
     /// Set when the daemon stops accepting: HTTP/2 connections get a GOAWAY.
     stopping: watch::Sender<bool>,
+    /// Set when an upgrade hands the kernel fast path (its closes, its
+    /// sandboxes' generations) to the new daemon.
+    fast_path_handed: watch::Sender<bool>,
 }
 
 impl Daemon {
@@ -147,6 +150,7 @@ impl Daemon {
             draining: AtomicBool::new(false),
             handing_over: AtomicBool::new(false),
             stopping: watch::channel(false).0,
+            fast_path_handed: watch::channel(false).0,
         })
     }
 
@@ -208,15 +212,22 @@ impl Daemon {
             own_netns: spec.netns.is_some(),
             stopping: self.stopping.subscribe(),
             max_connections: spec.max_connections.unwrap_or(self.common.config.max_connections_per_sandbox),
+            // Random per add: fast-path decisions of an earlier add or daemon never match.
+            fast_base: rand::random(),
         };
         let sandbox = Sandbox::new(&self.common, parts);
         // In the table before the kernel sends it anything.
         self.table.insert(sandbox.clone());
-        let destination = Destination { listen_port: listeners.port, netns_cookie: listeners.netns_cookie };
+        let destination = Destination {
+            listen_port: listeners.port,
+            netns_cookie: listeners.netns_cookie,
+            fast_generation: sandbox.fast_generation(policy.store.current().generation),
+        };
         if let Err(error) = self.redirect.attach(&cgroup, destination) {
             self.table.remove(cgroup.id);
             return Err(error);
         }
+        self.follow_reloads(&sandbox, &policy.store);
         policy.store.add_sandbox(&spec.name);
         tracing::info!(
             event = "sandbox_added",
@@ -278,6 +289,40 @@ impl Daemon {
         );
         *shared = Some(listeners.clone());
         Ok((listeners, true, Vec::new()))
+    }
+
+    /// Each policy reload of `sandbox` changes its fast-path generation in
+    /// the kernel (decisions of earlier ones stop matching), for as long as
+    /// it is the one served in its cgroup and no upgrade handed it over (the
+    /// new daemon's generations are then in force).
+    fn follow_reloads(&self, sandbox: &Arc<Sandbox>, store: &PolicyStore) {
+        let mut generations = store.generations();
+        let (table, redirect, sandbox) = (self.table.clone(), self.redirect.clone(), Arc::downgrade(sandbox));
+        let handed = self.fast_path_handed.subscribe();
+        tokio::spawn(async move {
+            // The first round covers a reload between the attach and this task's start.
+            loop {
+                let Some(sandbox) = sandbox.upgrade().filter(|_| !*handed.borrow()) else { return };
+                if !table.get(sandbox.cgroup_id).is_some_and(|served| Arc::ptr_eq(&served, &sandbox)) {
+                    return;
+                }
+                let generation = *generations.borrow_and_update();
+                redirect.set_fast_generation(sandbox.cgroup_id, sandbox.fast_generation(generation));
+                drop(sandbox);
+                if generations.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Logs the close of every kernel fast-path connection, until an
+    /// upgrade hands them to the new daemon (which calls this once it took over).
+    pub fn log_fast_closes(&self) {
+        if let Some(closes) = self.redirect.take_fast_closes() {
+            let stop = self.fast_path_handed.subscribe();
+            proxy::serve_closes(closes, self.table.clone(), self.common.observer.clone(), stop);
+        }
     }
 
     /// Stops every listener (connections in flight run on).

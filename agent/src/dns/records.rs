@@ -68,6 +68,14 @@ impl DnsRecords {
         self.names_at(sandbox, ip, Instant::now())
     }
 
+    /// Until when `sandbox` knows `ip` for `name` (its latest live answer).
+    pub fn expiry(&self, sandbox: u64, name: &str, ip: IpAddr) -> Option<Instant> {
+        let (name, ip, now) = (normalize(name), ip.to_canonical(), Instant::now());
+        let sandboxes = self.lock();
+        let answers = sandboxes.get(&sandbox).into_iter().flatten();
+        answers.filter(|answer| answer.expiry > now && answer.ip == ip && answer.name == name).map(|a| a.expiry).max()
+    }
+
     pub(super) fn names_at(&self, sandbox: u64, ip: IpAddr, now: Instant) -> Vec<String> {
         let ip = ip.to_canonical();
         self.live(sandbox, now, |answer| (answer.ip == ip).then(|| answer.name.clone()))

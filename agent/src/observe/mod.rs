@@ -83,6 +83,7 @@ pub struct Observer {
     reload_failures: Family<SandboxLabel, Counter>,
     map_entries: Family<MapLabels, Gauge>,
     map_capacity: Family<MapLabels, Gauge>,
+    fast_closes_lost: Counter,
     sandboxes: Gauge,
     pub recent_denials: RecentDenials,
     metrics_address: RwLock<Option<SocketAddr>>,
@@ -102,6 +103,7 @@ impl Default for Observer {
             reload_failures: Family::default(),
             map_entries: Family::default(),
             map_capacity: Family::default(),
+            fast_closes_lost: Counter::default(),
             sandboxes: Gauge::default(),
             recent_denials: RecentDenials::default(),
             metrics_address: RwLock::default(),
@@ -138,6 +140,11 @@ impl Default for Observer {
             "policy_reload_failures",
             "Policy reloads refused (the previous policy stayed in force), by sandbox",
             observer.reload_failures.clone(),
+        );
+        registry.register(
+            "fast_path_closes_lost",
+            "Kernel fast-path connections that ended without a close line (the kernel's ring of closes was full)",
+            observer.fast_closes_lost.clone(),
         );
         registry.register(
             "ebpf_map_entries",
@@ -186,6 +193,11 @@ impl Observer {
             active: self.active.get_or_create(&label).clone(),
             decision_seconds: self.decision_seconds.get_or_create(&label).clone(),
         })
+    }
+
+    /// Fast-path closes the kernel could not report.
+    pub fn fast_closes_lost(&self, lost: u64) {
+        self.fast_closes_lost.inc_by(lost);
     }
 
     pub fn set_metrics_address(&self, address: SocketAddr) {

@@ -539,6 +539,20 @@ mod tests {
     }
 
     #[test]
+    fn a_kernel_fast_path_connection_keeps_its_path_in_unmapped() {
+        let line = map(json!({
+            "event": "connection", "path": "kernel", "verdict": "relayed", "protocol": "tcp", "pid": 9,
+            "exe": "/usr/bin/psql", "comm": "psql", "uid": 0, "destination": "10.0.0.1:5432",
+            "upstream": "10.0.0.1:5432", "policy": "db", "policy_generation": 2, "bytes_up": 7, "bytes_down": 3,
+        }));
+        let event = event(line, "INFO", TIME);
+        assert_eq!((event["activity_id"].as_u64(), event["disposition_id"].as_u64()), (Some(2), Some(1)));
+        assert_eq!(event["traffic"], json!({"bytes_out": 7, "bytes_in": 3, "bytes": 10}));
+        assert_eq!(event["dst_endpoint"], json!({"ip": "10.0.0.1", "port": 5432}));
+        assert_eq!(event["unmapped"]["path"], "kernel");
+    }
+
+    #[test]
     fn a_connection_denied_by_its_requests_closes_blocked() {
         let line = map(json!({"event": "connection", "verdict": "denied", "reason": "POST / not permitted",
                               "destination": "198.18.1.2:443", "upstream": "198.18.1.2:443", "requests": 1}));

@@ -11,6 +11,7 @@
 //! - `connection`: attribute -> limits -> explicit or transparent -> close line;
 //! - `route`: a transparent connection, by what its first bytes say;
 //! - `early`: server-first streams (connect on the address, first speaker goes);
+//! - `fast`: the kernel fast path: decisions offered to it, its close lines;
 //! - `passthrough`: TLS without inspection, opaque and silent streams;
 //! - `terminate`: TLS (or a tunnel) to an inspected endpoint, into the L7 session;
 //! - `plain_http`: the private-IP gate, request by request;
@@ -20,6 +21,7 @@ mod accept;
 mod connection;
 mod early;
 mod explicit;
+mod fast;
 mod limits;
 mod listeners;
 mod netns;
@@ -31,6 +33,7 @@ mod terminate;
 
 pub use self::{
     accept::{serve_listeners, ServedListeners},
+    fast::serve_closes,
     listeners::{ListenerKind, Listeners},
     netns::cookie as netns_cookie,
     sandbox::{Common, Sandbox, SandboxParts, SandboxTable, Stats},

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
 
-use super::sandbox::Sandbox;
+use super::{early::Early, sandbox::Sandbox};
 use crate::{
     conn::{
         connect_upstream,
@@ -25,7 +25,7 @@ use crate::{
 pub enum HttpMode {
     /// Redirected by the kernel: the upstream is the address the sandbox
     /// chose; `preconnected`, a connection to it made before the client spoke.
-    Transparent { destination: SocketAddr, preconnected: Option<(SocketAddr, TcpStream)> },
+    Transparent { destination: SocketAddr, preconnected: Option<Box<Early>> },
     /// Sent to the agent's listener as a proxy request (absolute-form).
     Explicit,
 }
@@ -38,7 +38,7 @@ enum Mode {
 }
 
 impl HttpMode {
-    fn split(self) -> (Mode, Option<(SocketAddr, TcpStream)>) {
+    fn split(self) -> (Mode, Option<Box<Early>>) {
         match self {
             Self::Transparent { destination, preconnected } => (Mode::Transparent { destination }, preconnected),
             Self::Explicit => (Mode::Explicit, None),
@@ -71,9 +71,11 @@ pub async fn serve(
             log.verdict = "denied";
             log.reason = Some(reason.clone());
             let denial = Denial { kind: "policy_denied", reason, address_class: None };
+            drop(preconnected.take());
             return deny_http(client.into_parts().0, &format!("CONNECT {}", head.target), &denial).await;
         }
         let Some(authority) = head.authority.clone() else {
+            drop(preconnected.take());
             return bad_request(client.into_parts().0, log, "request without Host".into()).await;
         };
         let host_text = authority.host.to_string();
@@ -90,6 +92,8 @@ pub async fn serve(
         let allowed = match log.decided(verdict) {
             Ok(allowed) => allowed,
             Err(denial) => {
+                // Reset before the 403: no upstream connection outlives a denial.
+                drop(preconnected.take());
                 let (mut stream, _) = client.into_parts();
                 deny_http(&mut stream, &format!("{} {host_text}:{port}", head.method), &denial).await;
                 // Answered at once; a client sending the body anyway must still read the 403.
@@ -102,6 +106,8 @@ pub async fn serve(
         let mut read_body = None;
         match allowed.inspect.clone() {
             Some(inspection) => {
+                // Its requests are checked one by one, possibly at length: not kept for them.
+                drop(preconnected.take());
                 let upstream = SocketAddr::new(allowed.upstream.ip(), port);
                 let target = Target { name: lookup_name.clone(), upstream, inspection, tls: false, via_gate: true };
                 match check_request(&mut client, &mut head, &target, origin, &sandbox.context, log).await {
@@ -122,6 +128,7 @@ pub async fn serve(
                 let reason = "plain HTTP goes to no endpoint bound to a credential provider (credentials are only \
                               sent over TLS the agent terminates)";
                 if let Err(refusal) = check_unbound(&head, &host_text, reason) {
+                    drop(preconnected.take());
                     log.credential_refused(&refusal, origin, &host_text);
                     let body = ErrorBody::new(refusal.kind, &refusal.detail, &refusal.reason);
                     return refuse::error(client.get_mut(), refusal.status, &body).await;
@@ -131,8 +138,9 @@ pub async fn serve(
         // A keep-alive request for another address needs another upstream.
         if upstream.as_ref().map(|u| u.address) != Some(allowed.upstream) {
             // A connection made before the client spoke serves the first request to its address.
+            // (Another address: that one is reset unused.)
             let ready =
-                preconnected.take().filter(|(address, _)| *address == allowed.upstream).map(|(_, stream)| stream);
+                preconnected.take().filter(|early| early.address() == allowed.upstream).map(|early| early.adopt().1);
             let connected = match ready {
                 Some(stream) => Some(stream),
                 None => connect_upstream(allowed.upstream, &sandbox.context, log).await,

@@ -9,7 +9,7 @@ use agent_common::DNS_PORT;
 use tokio::net::TcpStream;
 
 use super::{
-    early::{self, Early, FirstSpeaker},
+    early::{self, FirstSpeaker},
     passthrough,
     plain_http::{self, HttpMode},
     sandbox::Sandbox,
@@ -46,9 +46,9 @@ pub async fn transparent(mut client: TcpStream, origin: &Origin, sandbox: &Sandb
     }
     let mut early = None;
     if !is_inference_address(destination.ip()) {
-        match early::race(&client, origin, &sandbox.context).await {
+        match early::race(&client, origin, &sandbox.context, &sandbox.greeters).await {
             Some(FirstSpeaker::Server(connected)) => {
-                return passthrough::server_first(client, connected, sandbox, log).await
+                return passthrough::server_first(client, connected, origin, sandbox, log).await
             }
             Some(FirstSpeaker::Client(connected)) => early = Some(connected),
             None => {}
@@ -71,6 +71,8 @@ pub async fn transparent(mut client: TcpStream, origin: &Origin, sandbox: &Sandb
         return reset(client);
     }
     let Sniffed { kind, buffered } = sniffed;
+    // Only plain HTTP and streams relayed as they are use an early
+    // connection; every other branch drops (resets) it before it answers.
     let host = match kind {
         StreamKind::Closed => {
             log.protocol = "closed";
@@ -78,24 +80,28 @@ pub async fn transparent(mut client: TcpStream, origin: &Origin, sandbox: &Sandb
             return;
         }
         StreamKind::Http(head) if is_inference(destination, None) || names_inference(head.authority.as_ref()) => {
+            drop(early);
             return inference_http(client, buffered, head, sandbox, log).await;
         }
         StreamKind::Http(head) => {
             log.protocol = "http";
-            let mode = HttpMode::Transparent { destination, preconnected: early.map(Early::into_stream) };
+            let mode = HttpMode::Transparent { destination, preconnected: early.map(Box::new) };
             return plain_http::serve(client, buffered, head, mode, origin, sandbox, log).await;
         }
         StreamKind::Tls(hello) if is_inference(destination, hello.sni.as_deref()) => {
+            drop(early);
             let Some(route) = route_or_refuse(sandbox.inference.as_ref(), log) else { return reset(client) };
             return Box::pin(route.serve_tls(client, buffered, log)).await;
         }
         // HTTP/2 with prior knowledge: no request of it could be decided.
         StreamKind::Invalid { protocol: "http", .. } if buffered.starts_with(h2::CLEARTEXT_PREFACE) => {
             log.protocol = "h2c";
+            drop(early);
             return h2::refuse_cleartext(Rewound::new(buffered, client), log).await;
         }
         StreamKind::Invalid { protocol: "http", reason } if looks_like_http(&buffered) => {
             log.protocol = "http";
+            drop(early);
             return bad_request(client, log, reason).await;
         }
         StreamKind::Invalid { protocol: "tls", reason } => {
@@ -139,12 +145,16 @@ pub async fn transparent(mut client: TcpStream, origin: &Origin, sandbox: &Sandb
                 ));
                 return reset(client);
             }
+            drop(early);
             let name = host.or(resolved_host).unwrap_or_else(|| destination.ip().to_canonical().to_string());
             let target = Target { name, upstream, inspection, tls: true, via_gate: false };
             Box::pin(terminate::tls(client, buffered, target, None, origin, sandbox, log)).await
         }
         Ok(allowed) => passthrough::relay(client, buffered, allowed, early, origin, sandbox, log).await,
-        Err(_) => reset(client),
+        Err(_) => {
+            drop(early);
+            reset(client);
+        }
     }
 }
 

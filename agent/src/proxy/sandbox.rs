@@ -8,7 +8,7 @@ use std::{
 
 use tokio::sync::{watch, Notify, Semaphore};
 
-use super::limits::SandboxSlots;
+use super::{early::Greeters, limits::SandboxSlots};
 use crate::{
     conn::{Config, Context, Decider},
     credentials::Credentials,
@@ -63,6 +63,8 @@ pub struct SandboxParts {
     pub stopping: watch::Receiver<bool>,
     /// Connections of one of its cgroups relayed at once.
     pub max_connections: usize,
+    /// Its fast-path generations are this plus its policy's generation.
+    pub fast_base: u32,
 }
 
 /// One sandbox, as its connections see it; the daemon-wide parts are shared
@@ -85,9 +87,24 @@ pub struct Sandbox {
     /// `None` when the sandbox has no inference config.
     pub inference: Option<InferenceRoute>,
     pub observer: Arc<Observer>,
+    /// Its destinations whose server spoke first: connected without waiting for the client.
+    pub greeters: Greeters,
+    fast_base: u32,
 }
 
 impl Sandbox {
+    /// The kernel fast path's generation for its policy's `generation`.
+    pub fn fast_generation(&self, generation: u64) -> u32 {
+        self.fast_base.wrapping_add(generation as u32)
+    }
+
+    /// The policy generation a fast-path generation stands for, if it is
+    /// one of this sandbox's (not of an earlier daemon's).
+    pub fn policy_generation_of(&self, fast_generation: u32) -> Option<u64> {
+        let generation = u64::from(fast_generation.wrapping_sub(self.fast_base));
+        (generation >= 1 && generation <= self.context.decider.policies.current().generation).then_some(generation)
+    }
+
     /// A sandbox ready for its connections, from its parts and what every sandbox shares.
     pub fn new(common: &Common, parts: SandboxParts) -> Arc<Self> {
         let SandboxParts {
@@ -100,6 +117,7 @@ impl Sandbox {
             own_netns,
             stopping,
             max_connections,
+            fast_base,
         } = parts;
         let span = tracing::info_span!("sandbox", sandbox = %name);
         let observed = common.observer.sandbox(&name);
@@ -128,6 +146,8 @@ impl Sandbox {
             dns: common.dns.clone(),
             inference,
             observer: common.observer.clone(),
+            greeters: Greeters::default(),
+            fast_base,
         })
     }
 }

@@ -19,6 +19,8 @@
 
 mod abstract_unix;
 mod drains;
+mod exe_offsets;
+pub mod fast;
 mod pins;
 mod raw_bpf;
 
@@ -29,10 +31,11 @@ use std::{
 };
 
 use agent_common::{
-    AbstractName, ClientKey, ConnectRecord, DnsClient, ProcessTimes, SandboxEntry, SockAddrKey, ABSTRACT_NAME_MAX,
-    BY_CLIENT_MAX_ENTRIES, DNS_CLIENTS_MAX_ENTRIES, MAP_ABSTRACT_UNIX_ALLOWED, MAP_BY_CLIENT, MAP_BY_COOKIE,
-    MAP_DNS_CLIENTS, MAP_DNS_SERVER_BY_COOKIE, MAP_EVENTS, MAP_PROCESS_TIMES, MAP_SANDBOXES, MAX_CGROUP_LEVEL,
-    PROCESS_TIMES_MAX_ENTRIES, SANDBOXES_MAX_ENTRIES,
+    AbstractName, ClientKey, ConnectRecord, DnsClient, FastDecision, FastKey, ProcessTimes, SandboxEntry, SockAddrKey,
+    ABSTRACT_NAME_MAX, BY_CLIENT_MAX_ENTRIES, DNS_CLIENTS_MAX_ENTRIES, FAST_DECISIONS_MAX_ENTRIES,
+    MAP_ABSTRACT_UNIX_ALLOWED, MAP_BY_CLIENT, MAP_BY_COOKIE, MAP_DNS_CLIENTS, MAP_DNS_SERVER_BY_COOKIE, MAP_EVENTS,
+    MAP_FAST_CLOSES, MAP_FAST_CLOSES_LOST, MAP_FAST_DECISIONS, MAP_FAST_SOCKETS, MAP_PROCESS_TIMES, MAP_SANDBOXES,
+    MAX_CGROUP_LEVEL, PROCESS_TIMES_MAX_ENTRIES, SANDBOXES_MAX_ENTRIES,
 };
 use anyhow::{bail, Context, Result};
 use aya::{
@@ -87,9 +90,21 @@ const HOST_LINKS: [(&str, &str, (&str, &str)); 3] = [
     ("track_exec-execveat", "track_exec", ("syscalls", "sys_enter_execveat")),
 ];
 
-/// The maps shared by every sandbox and every agent run, pinned in the host directory.
-const SHARED_MAPS: [&str; 6] =
-    [MAP_BY_COOKIE, MAP_BY_CLIENT, MAP_DNS_SERVER_BY_COOKIE, MAP_DNS_CLIENTS, MAP_PROCESS_TIMES, MAP_SANDBOXES];
+/// The maps shared by every sandbox and every agent run, pinned in the host
+/// directory: (map, pin name). A map whose layout changed gets a new pin
+/// name, so agents of both layouts can run side by side.
+const SHARED_MAPS: [(&str, &str); 10] = [
+    (MAP_BY_COOKIE, "CONNECTS_BY_COOKIE_2"),
+    (MAP_BY_CLIENT, "CONNECTS_BY_CLIENT_2"),
+    (MAP_DNS_SERVER_BY_COOKIE, MAP_DNS_SERVER_BY_COOKIE),
+    (MAP_DNS_CLIENTS, MAP_DNS_CLIENTS),
+    (MAP_PROCESS_TIMES, MAP_PROCESS_TIMES),
+    (MAP_SANDBOXES, MAP_SANDBOXES),
+    (MAP_FAST_DECISIONS, MAP_FAST_DECISIONS),
+    (MAP_FAST_SOCKETS, MAP_FAST_SOCKETS),
+    (MAP_FAST_CLOSES, MAP_FAST_CLOSES),
+    (MAP_FAST_CLOSES_LOST, MAP_FAST_CLOSES_LOST),
+];
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum EbpfLogLevel {
@@ -113,6 +128,8 @@ pub struct Destination {
     pub listen_port: u16,
     /// The network namespace the listener is in (its sockets elsewhere are refused).
     pub netns_cookie: u64,
+    /// The generation of the fast-path decisions that hold for it.
+    pub fast_generation: u32,
 }
 
 /// The programs and maps, loaded once and shared by every sandbox.
@@ -124,6 +141,11 @@ pub struct Redirect {
     by_client: Mutex<HashMap<MapData, ClientKey, ConnectRecord>>,
     dns_clients: HashMap<MapData, ClientKey, DnsClient>,
     process_times: HashMap<MapData, u32, ProcessTimes>,
+    fast_decisions: Mutex<HashMap<MapData, FastKey, FastDecision>>,
+    /// The ring of fast-path closes, until the daemon takes it to read.
+    fast_closes: Mutex<Option<fast::Closes>>,
+    /// Whether the programs read the executable (and so may fast-path).
+    exe_known: bool,
     /// Dropped with the redirect: its trace and event drains end.
     _drains: watch::Sender<()>,
 }
@@ -144,8 +166,19 @@ impl Redirect {
         let log_level = options.log_level as u8;
         let mut loader = EbpfLoader::new();
         loader.override_global(aya_log::LEVEL, &log_level, false);
-        for map in SHARED_MAPS {
-            loader.map_pin_path(map, host.join(map));
+        let exe_offsets = exe_offsets::ExeOffsets::read()
+            .inspect_err(|error| {
+                tracing::warn!(
+                    "the kernel's BTF does not say where a task's executable is ({error:#}): connections are \
+                     attributed from /proc/PID/exe, and the kernel fast path is off"
+                )
+            })
+            .ok();
+        if let Some(offsets) = &exe_offsets {
+            offsets.set(&mut loader);
+        }
+        for (map, pin) in SHARED_MAPS {
+            loader.map_pin_path(map, host.join(pin));
         }
         let mut ebpf = loader.load(EBPF_OBJECT).with_context(|| {
             format!(
@@ -173,6 +206,15 @@ impl Redirect {
         let by_client = take_shared_map(&mut ebpf, MAP_BY_CLIENT, BY_CLIENT_MAX_ENTRIES)?;
         let dns_clients = take_shared_map(&mut ebpf, MAP_DNS_CLIENTS, DNS_CLIENTS_MAX_ENTRIES)?;
         let process_times = take_shared_map(&mut ebpf, MAP_PROCESS_TIMES, PROCESS_TIMES_MAX_ENTRIES)?;
+        let mut fast_decisions = take_shared_map(&mut ebpf, MAP_FAST_DECISIONS, FAST_DECISIONS_MAX_ENTRIES)?;
+        // Decisions no sandbox's current generation matches (of earlier
+        // runs, removed sandboxes, replaced policies): never used again.
+        // Other agents' live ones stay.
+        fast::forget(&mut fast_decisions, |key, decision| {
+            let entry = sandboxes.get(&decision.sandbox_cgroup_id, 0).ok();
+            entry.is_none_or(|entry| entry.fast_generation != key.fast_generation || entry.open == 0)
+        });
+        let fast_closes = fast::Closes::take(&mut ebpf)?;
         tracing::info!(
             pins = %host.display(),
             "eBPF programs loaded once for every sandbox; process tracking attached for the host"
@@ -184,6 +226,9 @@ impl Redirect {
             by_client: Mutex::new(by_client),
             dns_clients,
             process_times,
+            fast_decisions: Mutex::new(fast_decisions),
+            fast_closes: Mutex::new(Some(fast_closes)),
+            exe_known: exe_offsets.is_some(),
             _drains: drains,
         })
     }
@@ -203,9 +248,10 @@ impl Redirect {
             netns_cookie: destination.netns_cookie,
             listen_port: destination.listen_port,
             open: 1,
-            _pad: 0,
+            fast_generation: destination.fast_generation,
         };
         self.set_entry(cgroup.id, entry)?;
+        self.forget_fast(cgroup.id, Some(destination.fast_generation));
         let dir = pins::cgroup_dir(cgroup);
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         let previous = pins::pinned_links(&dir, CGROUP_LINKS.iter().map(|(pin, _)| *pin).chain(ABSTRACT_UNIX_PINS));
@@ -241,18 +287,62 @@ impl Redirect {
     /// A removed sandbox: its cgroup stays attached, and its connects and
     /// datagrams are refused (fail closed) until it is served again or detached.
     pub fn close(&self, cgroup: &Cgroup) {
-        let mut sandboxes = lock(&self.sandboxes);
-        if let Ok(entry) = sandboxes.get(&cgroup.id, 0) {
-            if let Err(error) = sandboxes.insert(cgroup.id, SandboxEntry { open: 0, ..entry }, 0) {
-                tracing::error!(%error, cgroup = %cgroup.path.display(), "cannot mark the sandbox closed");
+        {
+            let mut sandboxes = lock(&self.sandboxes);
+            if let Ok(entry) = sandboxes.get(&cgroup.id, 0) {
+                if let Err(error) = sandboxes.insert(cgroup.id, SandboxEntry { open: 0, ..entry }, 0) {
+                    tracing::error!(%error, cgroup = %cgroup.path.display(), "cannot mark the sandbox closed");
+                }
             }
         }
+        self.forget_fast(cgroup.id, None);
     }
 
     /// Removes the redirect of `cgroup`: its entry, then its links.
     pub fn detach(&self, cgroup: &Cgroup) -> Result<bool> {
         let _ = lock(&self.sandboxes).remove(&cgroup.id);
+        self.forget_fast(cgroup.id, None);
         pins::detach(cgroup)
+    }
+
+    /// A policy reload of the sandbox of `cgroup_id`: one update of its
+    /// entry, and the fast-path decisions of earlier generations stop
+    /// matching at once (they are deleted after).
+    pub fn set_fast_generation(&self, cgroup_id: u64, fast_generation: u32) {
+        {
+            let mut sandboxes = lock(&self.sandboxes);
+            let Ok(entry) = sandboxes.get(&cgroup_id, 0) else { return };
+            if let Err(error) = sandboxes.insert(cgroup_id, SandboxEntry { fast_generation, ..entry }, 0) {
+                tracing::error!(%error, cgroup_id, "cannot change the sandbox's fast-path generation");
+            }
+        }
+        self.forget_fast(cgroup_id, Some(fast_generation));
+    }
+
+    /// Deletes the fast-path decisions of the sandbox of `cgroup_id` (but
+    /// those of `keep`).
+    fn forget_fast(&self, cgroup_id: u64, keep: Option<u32>) {
+        fast::forget(&mut lock(&self.fast_decisions), |key, decision| {
+            decision.sandbox_cgroup_id == cgroup_id && Some(key.fast_generation) != keep
+        });
+    }
+
+    /// Whether the programs read the caller's executable: without it there
+    /// is no kernel identity and no fast path.
+    pub fn exe_known(&self) -> bool {
+        self.exe_known
+    }
+
+    /// Lets the kernel connect `key` directly from now on, by `decision`.
+    pub fn allow_fast(&self, key: FastKey, decision: FastDecision) {
+        if let Err(error) = lock(&self.fast_decisions).insert(key, decision, 0) {
+            tracing::warn!(%error, "cannot cache a fast-path decision");
+        }
+    }
+
+    /// The ring of fast-path closes, for the one reader that logs them.
+    pub fn take_fast_closes(&self) -> Option<fast::Closes> {
+        lock(&self.fast_closes).take()
     }
 
     fn set_entry(&self, cgroup_id: u64, entry: SandboxEntry) -> Result<()> {
@@ -303,8 +393,10 @@ impl Redirect {
     pub fn map_fill(&self) -> Vec<(&'static str, usize, u32)> {
         let by_client = lock(&self.by_client).keys().count();
         let sandboxes = lock(&self.sandboxes).keys().count();
+        let fast_decisions = lock(&self.fast_decisions).keys().count();
         vec![
             ("sandboxes", sandboxes, SANDBOXES_MAX_ENTRIES),
+            ("fast_decisions", fast_decisions, FAST_DECISIONS_MAX_ENTRIES),
             ("connects_by_client", by_client, BY_CLIENT_MAX_ENTRIES),
             ("dns_clients", self.dns_clients.keys().count(), DNS_CLIENTS_MAX_ENTRIES),
             ("process_times", self.process_times.keys().count(), PROCESS_TIMES_MAX_ENTRIES),

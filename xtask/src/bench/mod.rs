@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: the same workloads, in one run on this machine,
 //! direct (the limit), through the agent (transparent redirect and explicit
-//! CONNECT, clients inside the sandbox cgroup) and through peer proxies
+//! CONNECT, and the kernel fast path of a `protocol: tcp` endpoint, clients
+//! inside the sandbox cgroup) and through peer proxies
 //! (squid and tinyproxy by CONNECT, haproxy in TCP mode) on loopback; then
 //! workloads with columns of their own (TLS termination, keep-alive HTTP,
 //! server-first and letter-first streams, inference.local, uploads with
@@ -94,6 +95,10 @@ pub struct Args {
 pub enum Way {
     Direct,
     Transparent,
+    /// Through the agent's kernel fast path: a `protocol: tcp` endpoint,
+    /// each executable's first stream to a destination relayed by the agent
+    /// (a one-byte touch before the timed workloads), the rest direct.
+    Kernel,
     AgentConnect,
     Squid,
     Tinyproxy,
@@ -101,13 +106,14 @@ pub enum Way {
 }
 
 impl Way {
-    pub const ALL: [Way; 6] =
-        [Way::Direct, Way::Transparent, Way::AgentConnect, Way::Squid, Way::Tinyproxy, Way::Haproxy];
+    pub const ALL: [Way; 7] =
+        [Way::Direct, Way::Transparent, Way::Kernel, Way::AgentConnect, Way::Squid, Way::Tinyproxy, Way::Haproxy];
 
     pub fn key(self) -> &'static str {
         match self {
             Way::Direct => "direct",
             Way::Transparent => "agent_transparent",
+            Way::Kernel => "agent_kernel",
             Way::AgentConnect => "agent_connect",
             Way::Squid => "squid_connect",
             Way::Tinyproxy => "tinyproxy_connect",
@@ -119,6 +125,7 @@ impl Way {
         match self {
             Way::Direct => "direct",
             Way::Transparent => "agent transparent",
+            Way::Kernel => "agent kernel fast path",
             Way::AgentConnect => "agent CONNECT",
             Way::Squid => "squid CONNECT",
             Way::Tinyproxy => "tinyproxy CONNECT",
@@ -131,7 +138,7 @@ impl Way {
     }
 
     fn through_agent(self) -> bool {
-        matches!(self, Way::Transparent | Way::AgentConnect)
+        matches!(self, Way::Transparent | Way::Kernel | Way::AgentConnect)
     }
 }
 
@@ -140,12 +147,17 @@ impl Way {
 /// TIME_WAIT for a minute, and distinct ports keep those from exhausting
 /// the ephemeral range towards any one server port.
 const BULK_PORT: u16 = 5201;
+/// The bulk stream of the kernel fast path's `protocol: tcp` endpoint.
+const BULK_KERNEL_PORT: u16 = 5202;
 const HTTP_PORT_BASE: u16 = 8000;
 const IDLE_PORT_BASE: u16 = 9000;
 /// The servers from here on close first (TIME_WAIT on their side), so one port each will do.
 const KEEPALIVE_PORT: u16 = 7000;
 const GREETING_PORT: u16 = 7100;
 const ECHO_PORT: u16 = 7101;
+/// The same, in the kernel fast path's `protocol: tcp` endpoint.
+const GREETING_KERNEL_PORT: u16 = 7102;
+const ECHO_KERNEL_PORT: u16 = 7103;
 /// The streaming provider inference.local is routed to.
 const SSE_PORT: u16 = 7200;
 /// Takes uploads with `Expect: 100-continue`.
@@ -208,6 +220,13 @@ pub fn run(args: &Args) -> Result<()> {
 
     let machine = machine();
     let work = WorkDir::new()?;
+    // cargo hard-links its outputs: a copy with one link, an executable the
+    // kernel fast path can identify (see README, "The kernel fast path").
+    let peer_bin = {
+        let copy = work.0.join("bench-peer");
+        std::fs::copy(&peer_bin, &copy).with_context(|| format!("copy {}", peer_bin.display()))?;
+        copy
+    };
     let net = TestNet::new()?;
     let bench = Bench::new(args, Limits { nofile, idle }, agent_bin, peer_bin, &net, &work)?;
     let mut results = Results::default();
@@ -424,14 +443,15 @@ impl<'a> Bench<'a> {
         let any = |port: u16| format!("0.0.0.0:{port}");
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &net.netns]).arg(&peer_bin);
-        command.args(["serve", "--bulk", &any(BULK_PORT), "--http", &http.join(","), "--idle", &idle.join(",")]);
+        let bulk = format!("{},{}", any(BULK_PORT), any(BULK_KERNEL_PORT));
+        command.args(["serve", "--bulk", &bulk, "--http", &http.join(","), "--idle", &idle.join(",")]);
         command.args([
             "--keepalive",
             &any(KEEPALIVE_PORT),
             "--greeting",
-            &any(GREETING_PORT),
+            &format!("{},{}", any(GREETING_PORT), any(GREETING_KERNEL_PORT)),
             "--echo",
-            &any(ECHO_PORT),
+            &format!("{},{}", any(ECHO_PORT), any(ECHO_KERNEL_PORT)),
             "--sse",
             &any(SSE_PORT),
             "--upload",
@@ -446,9 +466,19 @@ impl<'a> Bench<'a> {
         // Plain HTTP through the agent must go to a private address listed
         // in allowed_ips; one endpoint with every port serves all workloads
         // but TLS, whose endpoints are by name (the SNI), one of them inspected.
+        // The kernel fast path's ports are in an endpoint of their own, `protocol: tcp`.
+        let kernel = Way::ALL.iter().position(|&way| way == Way::Kernel).expect("a way") * args.runs;
+        let kernel = (kernel..kernel + args.runs).map(|i| i as u16).collect::<Vec<_>>();
         let ports: Vec<String> = [BULK_PORT, KEEPALIVE_PORT, GREETING_PORT, ECHO_PORT, UPLOAD_PORT]
             .into_iter()
-            .chain((0..ways as u16).flat_map(|i| [HTTP_PORT_BASE + i, IDLE_PORT_BASE + i]))
+            .chain(
+                (0..ways as u16).filter(|i| !kernel.contains(i)).flat_map(|i| [HTTP_PORT_BASE + i, IDLE_PORT_BASE + i]),
+            )
+            .map(|p| p.to_string())
+            .collect();
+        let l4_ports: Vec<String> = [BULK_KERNEL_PORT, GREETING_KERNEL_PORT, ECHO_KERNEL_PORT]
+            .into_iter()
+            .chain(kernel.iter().flat_map(|i| [HTTP_PORT_BASE + i, IDLE_PORT_BASE + i]))
             .map(|p| p.to_string())
             .collect();
         let policy = PolicyFile::new(&format!(
@@ -459,6 +489,14 @@ network_policies:
       - host: "{server_ip}"
         ports: [{ports}]
         allowed_ips: ["{server_ip}/32"]
+    binaries:
+      - path: "/**"
+  bench-l4:
+    endpoints:
+      - host: "{server_ip}"
+        ports: [{l4_ports}]
+        allowed_ips: ["{server_ip}/32"]
+        protocol: tcp
     binaries:
       - path: "/**"
   bench-tls:
@@ -488,6 +526,7 @@ network_policies:
       - path: "/**"
 "#,
             ports = ports.join(", "),
+            l4_ports = l4_ports.join(", "),
             name = tls::NAME,
         ))?;
         Ok(Self {
@@ -507,8 +546,8 @@ network_policies:
         })
     }
 
-    fn bulk_target(&self) -> SocketAddr {
-        SocketAddr::from((self.server_ip, BULK_PORT))
+    fn bulk_target(&self, way: Way) -> SocketAddr {
+        SocketAddr::from((self.server_ip, if way == Way::Kernel { BULK_KERNEL_PORT } else { BULK_PORT }))
     }
 
     fn http_target(&self, way: Way, run: usize) -> SocketAddr {
@@ -526,7 +565,7 @@ network_policies:
     /// Every server address haproxy forwards to.
     fn haproxy_targets(&self) -> Vec<SocketAddr> {
         let runs = 0..self.args.runs;
-        std::iter::once(self.bulk_target())
+        std::iter::once(self.bulk_target(Way::Haproxy))
             .chain(runs.clone().map(|run| self.http_target(Way::Haproxy, run)))
             .chain(runs.map(|run| self.idle_target(Way::Haproxy, run)))
             .collect()
@@ -586,13 +625,22 @@ network_policies:
 
                 let proxy = match way {
                     Way::Direct => None,
-                    Way::Transparent | Way::AgentConnect => Some(agent.pid()),
+                    Way::Transparent | Way::Kernel | Way::AgentConnect => Some(agent.pid()),
                     Way::Squid => Some(squid.pid()),
                     Way::Tinyproxy => Some(tinyproxy.pid()),
                     Way::Haproxy => Some(haproxy.pid()),
                 };
+                // Connections the agent must have logged relayed: the bulk one and every successful request.
+                let mut expected = 1;
+                if way == Way::Kernel {
+                    // Each destination's first stream, relayed by the agent; the timed ones go direct.
+                    for target in [self.bulk_target(way), self.http_target(way, run)] {
+                        self.client(way, "touch", &routes.route(way, target), &[])?;
+                        expected += 1;
+                    }
+                }
                 let cpu_before = proxy.map(cpu_seconds).transpose()?;
-                let out = self.client(way, "bulk", &routes.route(way, self.bulk_target()), &["--bytes", &bytes])?;
+                let out = self.client(way, "bulk", &routes.route(way, self.bulk_target(way)), &["--bytes", &bytes])?;
                 for (metric, key) in [(Metric::UploadGbps, "upload_gbps"), (Metric::DownloadGbps, "download_gbps")] {
                     let value = number(&out, key)?;
                     results.add(metric, way, value);
@@ -604,8 +652,6 @@ network_policies:
                     summary.push(format!("{per_gib:.2} CPU-s/GiB"));
                 }
 
-                // Connections the agent must have relayed: the bulk one and every successful request.
-                let mut expected = 1;
                 let target = self.http_target(way, run);
                 let host = target.to_string();
                 for (count, concurrency, metrics) in [
@@ -664,7 +710,7 @@ network_policies:
                 let target = self.idle_target(way, run);
                 let (mut proxy, route) = match way {
                     Way::Direct => continue,
-                    Way::Transparent => (
+                    Way::Transparent | Way::Kernel => (
                         Proxy::Agent(self.start_agent(&[
                             "--max-connections",
                             &capacity.to_string(),
@@ -797,7 +843,7 @@ impl Routes {
         let loopback = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
         match way {
             // Transparent: the sandboxed client connects to the server; the kernel redirects.
-            Way::Direct | Way::Transparent => Route { to: target, connect: None },
+            Way::Direct | Way::Transparent | Way::Kernel => Route { to: target, connect: None },
             Way::AgentConnect => Route { to: loopback(self.agent_port), connect: Some(target) },
             Way::Squid => Route { to: loopback(self.squid), connect: Some(target) },
             Way::Tinyproxy => Route { to: loopback(self.tinyproxy), connect: Some(target) },

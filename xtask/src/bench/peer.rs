@@ -81,6 +81,13 @@ enum Command {
         #[arg(long)]
         bytes: u64,
     },
+    /// One connection that sends a single opaque byte and closes: an
+    /// executable's first stream to a destination, which the agent relays
+    /// and then lets the kernel fast path repeat (a `protocol: tcp` endpoint).
+    Touch {
+        #[command(flatten)]
+        route: Route,
+    },
     /// Short HTTP/1.1 requests, a new connection each.
     Http {
         #[command(flatten)]
@@ -166,8 +173,9 @@ enum Command {
 
 #[derive(clap::Args)]
 struct Servers {
-    #[arg(long)]
-    bulk: SocketAddr,
+    /// Bulk streams (one for the agent's fast path, on a port of its own).
+    #[arg(long, value_delimiter = ',', required = true)]
+    bulk: Vec<SocketAddr>,
     /// HTTP responders (one per way and run, so TIME_WAITs never run out of ports).
     #[arg(long, value_delimiter = ',', required = true)]
     http: Vec<SocketAddr>,
@@ -190,11 +198,11 @@ struct Servers {
     #[arg(long)]
     key: PathBuf,
     /// Says `GREETING` on accept, then closes.
-    #[arg(long)]
-    greeting: SocketAddr,
+    #[arg(long, value_delimiter = ',', required = true)]
+    greeting: Vec<SocketAddr>,
     /// Echoes the client's `ECHO`, then closes.
-    #[arg(long)]
-    echo: SocketAddr,
+    #[arg(long, value_delimiter = ',', required = true)]
+    echo: Vec<SocketAddr>,
     /// A streaming chat-completions provider: the first server-sent event at
     /// once, the rest after [`SSE_PAUSE`].
     #[arg(long)]
@@ -219,6 +227,7 @@ fn main() {
     let outcome = match cli.command {
         Command::Serve(servers) => runtime(2).and_then(|rt| rt.block_on(serve(servers))),
         Command::Bulk { route, bytes } => bulk(&route, bytes),
+        Command::Touch { route } => touch(&route),
         // One client thread: enough to outrun any proxy here, and it leaves
         // the other core to the proxy and the server.
         Command::Http { route, host, requests, concurrency } => {
@@ -260,7 +269,9 @@ fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
 
 async fn serve(config: Servers) -> Result<()> {
     let mut servers = JoinSet::new();
-    servers.spawn(accept_loop(bind(config.bulk).await?, serve_bulk));
+    for address in config.bulk {
+        servers.spawn(accept_loop(bind(address).await?, serve_bulk));
+    }
     for address in config.http {
         servers.spawn(accept_loop(bind(address).await?, serve_http));
     }
@@ -279,8 +290,12 @@ async fn serve(config: Servers) -> Result<()> {
     for address in config.grpc {
         servers.spawn(peer_grpc::serve(bind(address).await?, server_config(&config.cert, &config.key)?));
     }
-    servers.spawn(accept_loop(bind(config.greeting).await?, serve_greeting));
-    servers.spawn(accept_loop(bind(config.echo).await?, serve_echo));
+    for address in config.greeting {
+        servers.spawn(accept_loop(bind(address).await?, serve_greeting));
+    }
+    for address in config.echo {
+        servers.spawn(accept_loop(bind(address).await?, serve_echo));
+    }
     servers.spawn(accept_loop(bind(config.sse).await?, serve_sse));
     servers.spawn(accept_loop(bind(config.upload).await?, serve_upload));
     println!("{}", json!({ "ready": true }));
@@ -517,6 +532,18 @@ async fn serve_idle(mut stream: TcpStream) -> Result<()> {
     stream.read_exact(&mut byte).await?;
     stream.write_all(&byte).await?;
     let _ = stream.read(&mut byte).await?;
+    Ok(())
+}
+
+fn touch(route: &Route) -> Result<()> {
+    let mut stream = std::net::TcpStream::connect_timeout(&route.to, STEP_TIMEOUT)
+        .with_context(|| format!("connect {}", route.to))?;
+    stream.set_read_timeout(Some(STEP_TIMEOUT))?;
+    stream.write_all(&[OPAQUE])?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    // The server refuses the byte and closes (or the agent resets): either ends it.
+    let _ = std::io::copy(&mut stream, &mut std::io::sink());
+    println!("{}", json!({ "touched": route.to.to_string() }));
     Ok(())
 }
 

@@ -358,6 +358,45 @@ pub fn targets(results: &Results) -> Vec<Target> {
         let agent = results.median(metric, Way::Transparent);
         targets.push(Target::versus_haproxy(what, agent, results.median(metric, Way::Haproxy), better));
     }
+
+    // The same for the kernel fast path of a `protocol: tcp` endpoint.
+    let up = results.ratio(Metric::UploadGbps, Way::Kernel);
+    let down = results.ratio(Metric::DownloadGbps, Way::Kernel);
+    targets.push(Target {
+        what: "kernel fast path throughput ≥ 0.9× direct",
+        measured: format!("upload {}, download {}", times(up), times(down)),
+        met: up.zip(down).map(|(up, down)| up >= 0.9 && down >= 0.9),
+    });
+    let added = results.paired(Metric::SequentialP50, Way::Kernel, Way::Direct, |agent, direct| agent - direct);
+    targets.push(Target {
+        what: "kernel fast path: added latency per new connection (sequential p50) ≤ 50 µs",
+        measured: added.map_or("n/a".into(), |added| format!("{added:.0} µs")),
+        met: added.map(|added| added <= 50.0),
+    });
+    let kernel_idle = results.median(Metric::IdleBytes, Way::Kernel);
+    targets.push(Target {
+        what: "kernel fast path: agent memory per idle connection ≤ 3.3 KiB",
+        measured: kib(kernel_idle),
+        met: kernel_idle.map(|bytes| bytes <= 3.3 * 1024.0),
+    });
+    for (what, metric, better) in [
+        ("kernel fast path: upload at or ahead of haproxy (Gbit/s)", Metric::UploadGbps, Better::Higher),
+        ("kernel fast path: download at or ahead of haproxy (Gbit/s)", Metric::DownloadGbps, Better::Higher),
+        ("kernel fast path: sequential p50 at or ahead of haproxy (µs)", Metric::SequentialP50, Better::Lower),
+        ("kernel fast path: sequential p99 at or ahead of haproxy (µs)", Metric::SequentialP99, Better::Lower),
+        ("kernel fast path: sequential connections/s at or ahead of haproxy", Metric::SequentialRate, Better::Higher),
+        ("kernel fast path: concurrent p50 at or ahead of haproxy (µs)", Metric::ConcurrentP50, Better::Lower),
+        ("kernel fast path: concurrent p99 at or ahead of haproxy (µs)", Metric::ConcurrentP99, Better::Lower),
+        ("kernel fast path: concurrent connections/s at or ahead of haproxy", Metric::ConcurrentRate, Better::Higher),
+        (
+            "kernel fast path: memory per idle connection at or ahead of haproxy (bytes)",
+            Metric::IdleBytes,
+            Better::Lower,
+        ),
+    ] {
+        let agent = results.median(metric, Way::Kernel);
+        targets.push(Target::versus_haproxy(what, agent, results.median(metric, Way::Haproxy), better));
+    }
     targets
 }
 
