@@ -4,15 +4,19 @@
 //! travels end to end. Byte counts survive errors: the close log always says
 //! how much went each way. Two plain TCP sockets are joined with splice(2)
 //! through a pipe, so the payload never enters userspace; a direction holds
-//! its pipe only while data flows. When one side fails (reset, idle
+//! a pipe only while data flows, taken from a small pool of empty ones. When one side fails (reset, idle
 //! timeout), the other is reset too, once what it was sent is acknowledged:
 //! a FIN would let a truncated close-delimited response pass for complete.
 
 use std::{
     future::Future,
     io,
-    os::fd::OwnedFd,
-    sync::atomic::{AtomicU64, Ordering},
+    os::fd::{AsRawFd, OwnedFd},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex, MutexGuard, PoisonError,
+    },
+    task::{ready, Context, Poll},
     time::{Duration, Instant},
 };
 
@@ -21,11 +25,8 @@ use nix::{
     unistd::pipe2,
 };
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest},
-    net::{
-        tcp::{ReadHalf, WriteHalf},
-        TcpStream,
-    },
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf},
+    net::TcpStream,
 };
 
 /// Bytes a caller already read from one side, sent before anything relayed.
@@ -35,6 +36,17 @@ pub struct Prefill {
     pub to_upstream: Vec<u8>,
     /// Read from the upstream (e.g. bytes past an HTTP 101 response head).
     pub to_client: Vec<u8>,
+}
+
+/// A raw relay a route leaves to the end of its connection
+/// ([`crate::conn::CloseLog::relay_after`]), to run once the route's own
+/// state is freed: an idle relayed connection then holds little more than
+/// the relay.
+pub struct Later {
+    pub client: TcpStream,
+    pub upstream: TcpStream,
+    pub prefill: Prefill,
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -50,24 +62,47 @@ pub struct Outcome {
 /// Relays two TCP sockets with splice(2), prefill first, until both
 /// directions reach EOF, either fails, or neither moves a byte for
 /// `idle_timeout` (a stalled peer must not hold the connection forever).
-pub async fn relay(
-    mut client: TcpStream,
-    mut upstream: TcpStream,
-    prefill: Prefill,
-    idle_timeout: Duration,
-) -> Outcome {
+///
+/// Both directions and the idle timer are polled by hand in one future: an
+/// idle relay (most of a proxy's connections) holds a few hundred bytes, not
+/// a future per direction and per wait.
+///
+/// Takes its sockets boxed: an async fn keeps its arguments apart from its
+/// locals for its whole life.
+pub async fn relay(sockets: Box<Later>) -> Outcome {
+    let Later { client, upstream, prefill, idle_timeout } = *sockets;
     let idle = Idle::new(idle_timeout);
-    let mut outcome = Outcome::default();
-    let result = {
-        let (client_read, client_write) = client.split();
-        let (upstream_read, upstream_write) = upstream.split();
-        tokio::try_join!(
-            splice_until_eof(client_read, upstream_write, prefill.to_upstream, &mut outcome.bytes_up, &idle),
-            splice_until_eof(upstream_read, client_write, prefill.to_client, &mut outcome.bytes_down, &idle),
-        )
-    };
+    let mut up = Direction::new(prefill.to_upstream);
+    let mut down = Direction::new(prefill.to_client);
+    let timer = tokio::time::sleep_until(idle.expires().into());
+    tokio::pin!(timer);
+    let result = std::future::poll_fn(|cx| {
+        let up_done = match up.poll(cx, &client, &upstream, &idle) {
+            Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+            polled => polled.is_ready(),
+        };
+        let down_done = match down.poll(cx, &upstream, &client, &idle) {
+            Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+            polled => polled.is_ready(),
+        };
+        if up_done && down_done {
+            return Poll::Ready(Ok(()));
+        }
+        // Activity moves the deadline; the timer is re-armed only when it fires.
+        while timer.as_mut().poll(cx).is_ready() {
+            let expires = idle.expires();
+            if expires <= Instant::now() {
+                return Poll::Ready(Err(idle.timed_out()));
+            }
+            timer.as_mut().reset(expires.into());
+        }
+        Poll::Pending
+    })
+    .await;
+    let mut outcome = Outcome { bytes_up: up.delivered, bytes_down: down.delivered, error: None };
     if let Err(error) = result {
-        tokio::join!(reset_when_flushed(&client), reset_when_flushed(&upstream));
+        // Boxed: the relay's own state is sized by its largest wait.
+        Box::pin(async { tokio::join!(reset_when_flushed(&client), reset_when_flushed(&upstream)) }).await;
         outcome.error = Some(error);
     }
     outcome
@@ -84,10 +119,15 @@ where
     let mut outcome = Outcome::default();
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
-    let result = tokio::try_join!(
-        copy_until_eof(&mut client_read, &mut upstream_write, prefill.to_upstream, &mut outcome.bytes_up, &idle),
-        copy_until_eof(&mut upstream_read, &mut client_write, prefill.to_client, &mut outcome.bytes_down, &idle),
-    );
+    let result = tokio::select! {
+        result = async {
+            tokio::try_join!(
+                copy_until_eof(&mut client_read, &mut upstream_write, prefill.to_upstream, &mut outcome.bytes_up, &idle),
+                copy_until_eof(&mut upstream_read, &mut client_write, prefill.to_client, &mut outcome.bytes_down, &idle),
+            )
+        } => result.map(drop),
+        error = idle.expired() => Err(error),
+    };
     outcome.error = result.err();
     outcome
 }
@@ -106,16 +146,16 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    idle.bounded(write_all_counted(to, &prefill, delivered)).await?;
+    write_all_counted(to, &prefill, delivered).await?;
     drop(prefill);
     let mut buffer = vec![0u8; COPY_BUFFER];
     loop {
-        let read = idle.bounded(from.read(&mut buffer)).await?;
+        let read = from.read(&mut buffer).await?;
         if read == 0 {
             return to.shutdown().await;
         }
         idle.touch();
-        idle.bounded(write_all_counted(to, &buffer[..read], delivered)).await?;
+        write_all_counted(to, &buffer[..read], delivered).await?;
         idle.touch();
     }
 }
@@ -138,7 +178,6 @@ pub async fn reset_when_flushed(socket: &TcpStream) {
 
 /// Bytes sent on `socket` but not yet acknowledged (SIOCOUTQ); 0 if unknown.
 fn unacknowledged_bytes(socket: &TcpStream) -> i32 {
-    use std::os::fd::AsRawFd;
     let mut queued: libc::c_int = 0;
     // SAFETY: TIOCOUTQ (SIOCOUTQ for TCP) writes one int.
     let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
@@ -149,7 +188,8 @@ fn unacknowledged_bytes(socket: &TcpStream) -> i32 {
     }
 }
 
-/// When a relay last moved a byte, in either direction.
+/// When a relay last moved a byte, in either direction: one timer for the
+/// whole relay, re-armed only when it fires, rather than one per read.
 struct Idle {
     started: Instant,
     /// Milliseconds after `started`; atomic so the relay future stays `Send`.
@@ -170,73 +210,116 @@ impl Idle {
         self.started + Duration::from_millis(self.last_active_ms.load(Ordering::Relaxed)) + self.limit
     }
 
-    /// Waits for `io`, unless the whole relay has been idle for the limit
-    /// meanwhile (activity in the other direction keeps this wait going).
-    async fn bounded<T>(&self, io: impl Future<Output = io::Result<T>>) -> io::Result<T> {
-        tokio::pin!(io);
+    fn timed_out(&self) -> io::Error {
+        io::Error::new(io::ErrorKind::TimedOut, format!("idle for {:?} in both directions", self.limit))
+    }
+
+    /// `TimedOut` once nothing has moved for the limit: what ends a relay
+    /// whose peers stalled.
+    async fn expired(&self) -> io::Error {
+        let timer = tokio::time::sleep_until(self.expires().into());
+        tokio::pin!(timer);
         loop {
-            match tokio::time::timeout_at(self.expires().into(), &mut io).await {
-                Ok(result) => return result,
-                Err(_) if self.expires() <= Instant::now() => {
-                    let message = format!("idle for {:?} in both directions", self.limit);
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, message));
-                }
-                Err(_) => {}
+            timer.as_mut().await;
+            let expires = self.expires();
+            if expires <= Instant::now() {
+                return self.timed_out();
             }
+            timer.as_mut().reset(expires.into());
         }
     }
 }
 
-/// One direction of `relay`: socket -> pipe -> socket until EOF.
-///
-/// `delivered` counts bytes spliced out of the pipe into `to`, updated as they
-/// go, so it stays right when this future fails or is dropped part-way.
-async fn splice_until_eof(
-    mut from: ReadHalf<'_>,
-    mut to: WriteHalf<'_>,
+/// One direction of [`relay`]: socket -> pipe -> socket until EOF, then a
+/// half-close of the writer.
+struct Direction {
+    /// Bytes read before the relay, sent first; freed once sent.
     prefill: Vec<u8>,
-    delivered: &mut u64,
-    idle: &Idle,
-) -> io::Result<()> {
-    idle.bounded(write_all_counted(&mut to, &prefill, delivered)).await?;
-    if !prefill.is_empty() {
-        idle.touch();
+    prefill_sent: usize,
+    /// Taken only once data (or EOF) is there and given back when the
+    /// socket runs dry, so an idle direction holds none.
+    pipe: Option<Pipe>,
+    /// Bytes in the pipe: drained fully before reading again, which keeps a
+    /// WouldBlock on the read unambiguous and leaves nothing behind at EOF.
+    in_pipe: usize,
+    /// Bytes written to the writer, counted as they land, so the count is
+    /// right when the relay fails or is dropped part-way.
+    delivered: u64,
+    done: bool,
+}
+
+impl Direction {
+    fn new(prefill: Vec<u8>) -> Self {
+        Self { prefill, prefill_sent: 0, pipe: None, in_pipe: 0, delivered: 0, done: false }
     }
-    // This future lives as long as the connection: free the prefill now.
-    drop(prefill);
-    loop {
-        // Take a pipe only once data (or EOF) is really there and give it back
-        // when the socket runs dry, so an idle connection holds none. Readiness
-        // alone proves nothing: tokio reports an accepted socket readable
-        // before anything has arrived.
-        if idle.bounded(from.peek(&mut [0u8; 1])).await? == 0 {
-            return to.shutdown().await;
+
+    fn poll(&mut self, cx: &mut Context<'_>, from: &TcpStream, to: &TcpStream, idle: &Idle) -> Poll<io::Result<()>> {
+        if self.done {
+            return Poll::Ready(Ok(()));
         }
-        let pipe = Pipe::new()?;
-        loop {
-            // The pipe is empty here (drained below), so WouldBlock can only
-            // mean that the socket has nothing more to read.
-            let mut in_pipe = match from.as_ref().try_io(Interest::READABLE, || pipe.fill_from(from.as_ref())) {
-                Ok(0) => return to.shutdown().await,
-                Ok(spliced) => spliced,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
-                Err(error) => return Err(error),
-            };
-            // Drain fully before reading again: this keeps the WouldBlock above
-            // unambiguous and guarantees nothing is left behind at EOF.
-            while in_pipe > 0 {
-                idle.bounded(to.writable()).await?;
-                match to.as_ref().try_io(Interest::WRITABLE, || pipe.drain_to(to.as_ref(), in_pipe)) {
-                    Ok(spliced) => {
-                        in_pipe -= spliced;
-                        *delivered += spliced as u64;
-                        idle.touch();
-                    }
-                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(error) => return Err(error),
+        while self.prefill_sent < self.prefill.len() {
+            ready!(to.poll_write_ready(cx))?;
+            match to.try_write(&self.prefill[self.prefill_sent..]) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(written) => {
+                    self.prefill_sent += written;
+                    self.delivered += written as u64;
+                    idle.touch();
                 }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error) => return Poll::Ready(Err(error)),
             }
         }
+        if self.prefill.capacity() > 0 {
+            // The relay lives as long as the connection: free the prefill now.
+            self.prefill = Vec::new();
+        }
+        loop {
+            if self.pipe.is_none() {
+                // Readiness alone proves nothing: tokio reports an accepted
+                // socket readable before anything has arrived.
+                let mut byte = [0u8; 1];
+                if ready!(from.poll_peek(cx, &mut ReadBuf::new(&mut byte)))? == 0 {
+                    return self.finish(to);
+                }
+                self.pipe = Some(Pipe::take()?);
+            }
+            let pipe = self.pipe.as_ref().expect("taken above");
+            if self.in_pipe == 0 {
+                // The pipe is empty, so WouldBlock can only mean that the
+                // socket has nothing more to read.
+                match from.try_io(Interest::READABLE, || pipe.fill_from(from)) {
+                    Ok(0) => {
+                        self.pipe.take().expect("taken above").give_back();
+                        return self.finish(to);
+                    }
+                    Ok(spliced) => self.in_pipe = spliced,
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                        self.pipe.take().expect("taken above").give_back();
+                        continue;
+                    }
+                    Err(error) => return Poll::Ready(Err(error)),
+                }
+            }
+            ready!(to.poll_write_ready(cx))?;
+            match to.try_io(Interest::WRITABLE, || pipe.drain_to(to, self.in_pipe)) {
+                Ok(spliced) => {
+                    self.in_pipe -= spliced;
+                    self.delivered += spliced as u64;
+                    idle.touch();
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error) => return Poll::Ready(Err(error)),
+            }
+        }
+    }
+
+    /// EOF from the reader: half-closes the writer, so the FIN travels on.
+    fn finish(&mut self, to: &TcpStream) -> Poll<io::Result<()>> {
+        self.done = true;
+        // SAFETY: shutdown on a descriptor the caller holds open.
+        let rc = unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
+        Poll::Ready(if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) })
     }
 }
 
@@ -252,7 +335,91 @@ struct Pipe {
 /// /proc/sys/fs/pipe-max-size, so an unprivileged agent gets it too.
 const PIPE_SIZE: i32 = 1024 * 1024;
 
+/// Empty pipes kept for the next direction that needs one: a new pipe costs
+/// pipe2, F_SETPIPE_SZ and two closes. Bounded, so a burst leaves at most
+/// this many behind; an empty pipe holds no pages, only its descriptors and
+/// the kernel's slot array.
+const POOLED_PIPES: usize = 32;
+/// A pooled pipe unused this long is closed, so a daemon without traffic
+/// holds none.
+const POOLED_FOR: Duration = Duration::from_secs(1);
+
+struct Pool {
+    /// Each with when it came back; the most recent last (taken first).
+    pipes: Vec<(Pipe, Instant)>,
+    /// Whether a task is closing the pipes unused for `POOLED_FOR`.
+    trimming: bool,
+}
+
+static POOL: Mutex<Pool> = Mutex::new(Pool { pipes: Vec::new(), trimming: false });
+
+fn pool() -> MutexGuard<'static, Pool> {
+    POOL.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Held by the pool's trimmer: the next pipe given back starts another
+/// once it is dropped, however the trimmer ends (its runtime may stop
+/// before it even runs).
+struct Trimming;
+
+impl Drop for Trimming {
+    fn drop(&mut self) {
+        pool().trimming = false;
+    }
+}
+
+/// Closes the pooled pipes unused for `POOLED_FOR`, until none is left.
+async fn trim_pool(_trimming: Trimming) {
+    loop {
+        tokio::time::sleep(POOLED_FOR).await;
+        let unused: Vec<(Pipe, Instant)> = {
+            let mut pool = pool();
+            let fresh = pool.pipes.partition_point(|(_, since)| since.elapsed() >= POOLED_FOR);
+            let unused = pool.pipes.drain(..fresh).collect();
+            if pool.pipes.is_empty() {
+                return;
+            }
+            unused
+        };
+        drop(unused);
+    }
+}
+
 impl Pipe {
+    /// An empty pipe: a pooled one, or a new one.
+    fn take() -> io::Result<Self> {
+        let pooled = pool().pipes.pop();
+        pooled.map_or_else(Self::new, |(pipe, _)| Ok(pipe))
+    }
+
+    /// Pools the pipe if it is provably empty (bytes left in it would reach
+    /// another connection's peer) and the pool has room; closes it otherwise.
+    fn give_back(self) {
+        if self.queued() != Some(0) {
+            return;
+        }
+        let runtime = tokio::runtime::Handle::try_current();
+        let start_trimmer = {
+            let mut pool = pool();
+            if pool.pipes.len() >= POOLED_PIPES || runtime.is_err() {
+                return;
+            }
+            pool.pipes.push((self, Instant::now()));
+            !std::mem::replace(&mut pool.trimming, true)
+        };
+        if let (true, Ok(runtime)) = (start_trimmer, runtime) {
+            runtime.spawn(trim_pool(Trimming));
+        }
+    }
+
+    /// Bytes waiting in the pipe (FIONREAD); `None` if that cannot be told.
+    fn queued(&self) -> Option<usize> {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: FIONREAD on a pipe writes one int.
+        let rc = unsafe { libc::ioctl(self.read_end.as_raw_fd(), libc::FIONREAD, &mut queued) };
+        (rc == 0).then_some(queued as usize)
+    }
+
     fn new() -> io::Result<Self> {
         let (read_end, write_end) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
         // Refused when pipe-max-size was lowered or the user's pipe quota is
@@ -335,9 +502,17 @@ mod tests {
             .collect()
     }
 
-    /// Pipes opened since `before` and still open.
+    /// Pipes opened since `before`, still open and not in the pool of empty ones.
     fn new_pipes(before: &HashSet<u64>) -> usize {
-        open_inodes("pipe").difference(before).count()
+        let pooled = pool().pipes.len();
+        open_inodes("pipe").difference(before).count().saturating_sub(pooled)
+    }
+
+    /// Closes the pooled pipes and returns the pipes open then: the baseline
+    /// of a test that counts pipes (holding them exclusively).
+    fn pipes_before() -> HashSet<u64> {
+        pool().pipes.clear();
+        open_inodes("pipe")
     }
 
     /// The inode of the socket behind `socket`'s fd: unlike the fd number, it
@@ -373,7 +548,8 @@ mod tests {
             let (client_app, client_agent) = tcp_pair().await;
             let (upstream_agent, upstream_app) = tcp_pair().await;
             let socket_inodes = [&client_app, &client_agent, &upstream_agent, &upstream_app].map(socket_inode);
-            let relay = tokio::spawn(relay(client_agent, upstream_agent, prefill, idle_timeout));
+            let sockets = Later { client: client_agent, upstream: upstream_agent, prefill, idle_timeout };
+            let relay = tokio::spawn(relay(Box::new(sockets)));
             Self { client_app, upstream_app, relay, socket_inodes }
         }
     }
@@ -679,7 +855,7 @@ mod tests {
     #[tokio::test]
     async fn relay_closes_its_pipes_and_sockets_after_many_relays() {
         let _pipes = exclusive_pipes().await;
-        let pipes_before = open_inodes("pipe");
+        let pipes_before = pipes_before();
         let mut sockets = HashSet::new();
         for _ in 0..4 {
             let mut relayed = Relayed::start(Prefill::default()).await;
@@ -706,9 +882,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn only_empty_pipes_go_back_to_the_pool_and_it_is_bounded() {
+        let _pipes = exclusive_pipes().await;
+        let before = pipes_before();
+        let with_bytes = Pipe::new().expect("pipe");
+        nix::unistd::write(&with_bytes.write_end, b"left over").expect("write into the pipe");
+        with_bytes.give_back();
+        assert_eq!(pool().pipes.len(), 0, "a pipe with bytes in it was pooled");
+        for _ in 0..POOLED_PIPES + 3 {
+            Pipe::new().expect("pipe").give_back();
+        }
+        assert_eq!(pool().pipes.len(), POOLED_PIPES);
+        assert_eq!(new_pipes(&before), 0, "pipes beyond the pool's bound stay open");
+        pool().pipes.clear();
+    }
+
+    #[tokio::test]
+    async fn pooled_pipes_unused_for_a_while_are_closed() {
+        let _pipes = exclusive_pipes().await;
+        let before = pipes_before();
+        Pipe::new().expect("pipe").give_back();
+        assert_eq!(pool().pipes.len(), 1);
+        let deadline = Instant::now() + 10 * POOLED_FOR;
+        while open_inodes("pipe").difference(&before).count() > 0 && Instant::now() < deadline {
+            sleep(POOLED_FOR / 10).await;
+        }
+        assert_eq!(open_inodes("pipe").difference(&before).count(), 0, "a pooled pipe stayed open unused");
+    }
+
+    #[tokio::test]
     async fn idle_relay_holds_no_pipe_before_or_after_data() {
         let _pipes = exclusive_pipes().await;
-        let pipes_before = open_inodes("pipe");
+        let pipes_before = pipes_before();
         let mut relayed = Relayed::start(Prefill::default()).await;
         sleep(Duration::from_millis(100)).await;
         assert_eq!(new_pipes(&pipes_before), 0, "an idle relay opened a pipe");

@@ -4,10 +4,11 @@
 use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use serde::Serialize;
+use tokio::net::TcpStream;
 
 use super::{
     origin::Origin,
@@ -16,7 +17,7 @@ use super::{
 use crate::{
     credentials::Refusal,
     observe::{ocsf::ACTIVITY, Denied, DeniedRequest, Ended, SandboxMetrics},
-    relay,
+    relay::{self, Prefill},
 };
 
 /// Requests refused by the rules kept per connection for `policy suggest`.
@@ -50,6 +51,8 @@ pub struct CloseLog {
     pub denied_requests: Vec<DeniedRequest>,
     /// Who opened it, for its open line; taken at its first allowed decision.
     pub(crate) opener: Option<Box<Opener>>,
+    /// The raw relay its route left to run after it (see [`Self::relay_after`]).
+    pub(crate) then_relay: Option<Box<relay::Later>>,
 }
 
 /// What the open line says of the process, kept only while that line is
@@ -107,6 +110,13 @@ impl CloseLog {
                 Err(denial)
             }
         }
+    }
+
+    /// Leaves the relay of `client` and `upstream` to the end of the
+    /// connection, which runs it (and records it as [`Self::relayed`]) once
+    /// the route has returned and its state is freed.
+    pub fn relay_after(&mut self, client: TcpStream, upstream: TcpStream, prefill: Prefill, idle_timeout: Duration) {
+        self.then_relay = Some(Box::new(relay::Later { client, upstream, prefill, idle_timeout }));
     }
 
     pub fn relayed(&mut self, outcome: relay::Outcome) {

@@ -112,7 +112,10 @@ impl Resolver {
         }
         // Fully qualified: the answer must not depend on search domains.
         let fqdn = Name::from_ascii(format!("{key}.")).map_err(|error| format!("cannot resolve {name}: {error}"))?;
-        let (v4, v6) = tokio::join!(self.ask(&fqdn, RecordType::A), self.ask(&fqdn, RecordType::AAAA));
+        // Boxed: only a cache miss pays for the queries' futures, not every
+        // connection future that may look a name up.
+        let (v4, v6) =
+            Box::pin(async { tokio::join!(self.ask(&fqdn, RecordType::A), self.ask(&fqdn, RecordType::AAAA)) }).await;
         let answers: Vec<(IpAddr, u32)> = match (v4, v6) {
             (Err(error), Err(_)) => return Err(format!("cannot resolve {name}: {error}")),
             (v4, v6) => v4.into_iter().chain(v6).flatten().collect(),

@@ -1,5 +1,6 @@
 //! One redirected connection, from accept to its close log line:
-//! attribute -> limits -> explicit or transparent route -> close line.
+//! attribute -> limits -> explicit or transparent route -> the raw relay the
+//! route left, if any -> close line.
 
 use std::{net::SocketAddr, sync::atomic::Ordering};
 
@@ -7,10 +8,13 @@ use agent_common::ConnectRecord;
 use tokio::net::TcpStream;
 
 use super::{explicit, route, sandbox::Sandbox};
-use crate::conn::{
-    drain::{self, Resettable},
-    refuse::reset,
-    Accepted, CloseLog, Origin,
+use crate::{
+    conn::{
+        drain::{self, Resettable},
+        refuse::reset,
+        Accepted, CloseLog, Origin,
+    },
+    relay,
 };
 
 pub async fn handle(
@@ -49,23 +53,37 @@ pub async fn handle(
     let _ = client.set_nodelay(true);
     let mut log = CloseLog::opened_by(&origin);
     let client_socket = Resettable::of(&client);
-    let cut = {
-        let walk = async {
-            if is_own_listener(origin.destination, sandbox.listen_port) {
-                explicit::serve(client, &origin, sandbox, &mut log).await;
-            } else {
-                route::transparent(client, &origin, sandbox, &mut log).await;
-            }
-        };
-        tokio::pin!(walk);
-        tokio::select! {
-            () = &mut walk => false,
-            () = drain::cut() => {
-                client_socket.reset_on_close();
-                true
-            }
+    // Boxed, and freed before the raw relay a route may leave runs (the
+    // routes' states are kilobytes): an idle relayed connection holds the
+    // relay and this frame only.
+    let mut walk = Box::pin(async {
+        if is_own_listener(origin.destination, sandbox.listen_port) {
+            explicit::serve(client, &origin, sandbox, &mut log).await;
+        } else {
+            route::transparent(client, &origin, sandbox, &mut log).await;
+        }
+    });
+    // A cut client is set to reset while its socket is still open: each
+    // future stays alive through its select.
+    let mut cut = tokio::select! {
+        () = &mut walk => false,
+        () = drain::cut() => {
+            client_socket.reset_on_close();
+            true
         }
     };
+    drop(walk);
+    if let (false, Some(later)) = (cut, log.then_relay.take()) {
+        let relay = relay::relay(later);
+        tokio::pin!(relay);
+        tokio::select! {
+            outcome = &mut relay => log.relayed(outcome),
+            () = drain::cut() => {
+                client_socket.reset_on_close();
+                cut = true;
+            }
+        }
+    }
     if cut {
         log.cut();
     }

@@ -19,7 +19,7 @@ use crate::{
     http1::{RequestHead, TargetForm},
     inference::{names_inference, no_route, route_or_refuse, InferenceRoute},
     l7::Target,
-    relay::{self, Prefill},
+    relay::Prefill,
     rewound::Rewound,
     sniff::{self, StreamKind},
     wire::host::Host,
@@ -156,5 +156,5 @@ async fn connect(
         return reset(client);
     }
     let prefill = Prefill { to_upstream: tunnel_start, ..Prefill::default() };
-    log.relayed(relay::relay(client, upstream, prefill, sandbox.context.config.idle_timeout).await);
+    log.relay_after(client, upstream, prefill, sandbox.context.config.idle_timeout);
 }

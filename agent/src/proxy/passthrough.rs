@@ -8,7 +8,7 @@ use super::{early::Early, fast, sandbox::Sandbox};
 use crate::{
     conn::{connect_upstream, refuse::reset, Allowed, CloseLog, Origin},
     credentials::check_stream,
-    relay::{self, Prefill},
+    relay::Prefill,
 };
 
 /// A server-first stream connected early: relayed at once on the decision
@@ -18,7 +18,7 @@ pub async fn server_first(client: TcpStream, connected: Early, origin: &Origin, 
     let (verdict, upstream) = connected.adopt();
     if log.decided(verdict).is_ok() {
         fast::offer(origin, sandbox);
-        log.relayed(relay::relay(client, upstream, Prefill::default(), sandbox.context.config.idle_timeout).await);
+        log.relay_after(client, upstream, Prefill::default(), sandbox.context.config.idle_timeout);
     }
 }
 
@@ -46,10 +46,10 @@ pub async fn relay(
     let idle = sandbox.context.config.idle_timeout;
     let prefill = Prefill { to_upstream: buffered, ..Prefill::default() };
     match early.filter(|early| early.address() == allowed.upstream) {
-        Some(early) => log.relayed(relay::relay(client, early.adopt().1, prefill, idle).await),
+        Some(early) => log.relay_after(client, early.adopt().1, prefill, idle),
         None => {
             if let Some(upstream) = connect_upstream(allowed.upstream, &sandbox.context, log).await {
-                log.relayed(relay::relay(client, upstream, prefill, idle).await);
+                log.relay_after(client, upstream, prefill, idle);
             }
         }
     }

@@ -179,9 +179,7 @@ pub async fn serve(
                 let (client_stream, to_upstream) = client.into_parts();
                 log.protocol = "http-upgrade";
                 let prefill = Prefill { to_upstream, to_client };
-                return log.relayed(
-                    relay::relay(client_stream, upstream_stream, prefill, sandbox.context.config.idle_timeout).await,
-                );
+                return log.relay_after(client_stream, upstream_stream, prefill, sandbox.context.config.idle_timeout);
             }
         }
         match next_request(&mut client, sandbox, log).await {
