@@ -317,12 +317,11 @@ impl Daemon {
         });
     }
 
-    /// Logs the close of every kernel fast-path connection, until an
-    /// upgrade hands them to the new daemon (which calls this once it took over).
+    /// Logs the close of every kernel fast-path connection this daemon's
+    /// programs report, until it exits.
     pub fn log_fast_closes(&self) {
         if let Some(closes) = self.redirect.take_fast_closes() {
-            let stop = self.fast_path_handed.subscribe();
-            proxy::serve_closes(closes, self.table.clone(), self.common.observer.clone(), stop);
+            proxy::serve_closes(closes, self.table.clone(), self.common.observer.clone());
         }
     }
 

@@ -63,8 +63,7 @@ impl Daemon {
             dns_records: self.common.records.export(),
             denials: self.common.observer.recent_denials.export(),
         };
-        // The new daemon reads the fast-path closes once it has the final state (one reader at a
-        // time), and has set its own fast-path generations: this one no longer changes them.
+        // The new daemon has set its own fast-path generations: this one no longer changes them.
         self.fast_path_handed.send_replace(true);
         successor.finish(&state, TAKE_OVER_TIMEOUT).context("the new daemon did not take over")?;
         // The sockets stay open in the new daemon: connects wait in the same backlogs.

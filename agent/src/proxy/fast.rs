@@ -11,7 +11,6 @@ use std::{
 };
 
 use agent_common::{FastClose, FastDecision, FastKey, SockAddrKey, DNS_PORT, POLICY_NAME_MAX};
-use tokio::sync::watch;
 use tracing::Instrument;
 
 use super::sandbox::{Sandbox, SandboxTable};
@@ -72,23 +71,15 @@ fn key_of(address: SocketAddr) -> SockAddrKey {
     SockAddrKey::new(ip.octets(), address.port())
 }
 
-/// Logs every fast socket's close until `stop` turns true (an upgrade hands
-/// the ring to the new daemon) or the ring fails.
-pub fn serve_closes(
-    mut closes: Closes,
-    table: Arc<SandboxTable>,
-    observer: Arc<Observer>,
-    mut stop: watch::Receiver<bool>,
-) {
+/// Logs every fast socket's close this daemon's programs report, until the
+/// ring fails or the daemon exits (after an upgrade, the old daemon's ring
+/// still holds the closes reported before the new programs replaced its own).
+pub fn serve_closes(mut closes: Closes, table: Arc<SandboxTable>, observer: Arc<Observer>) {
     let drain = async move {
         let mut lost_reported = closes.lost();
         let mut warned_at: Option<Instant> = None;
         loop {
-            let batch = tokio::select! {
-                batch = closes.read() => batch,
-                _ = stop.wait_for(|stop| *stop) => return,
-            };
-            let Ok(batch) = batch else { return };
+            let Ok(batch) = closes.read().await else { return };
             for close in &batch {
                 match table.get(close.socket.sandbox_cgroup_id) {
                     Some(sandbox) => sandbox.span.in_scope(|| log_close(close, &sandbox)),
@@ -108,7 +99,7 @@ pub fn serve_closes(
                         event = "fast_closes_lost",
                         lost,
                         "the kernel's ring of fast-path closes was full: {lost} connections ended without a close \
-                         line since the maps were pinned"
+                         line since this daemon started"
                     );
                 }
                 lost_reported = lost;

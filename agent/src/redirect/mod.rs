@@ -34,8 +34,8 @@ use agent_common::{
     AbstractName, ClientKey, ConnectRecord, DnsClient, FastDecision, FastKey, ProcessTimes, SandboxEntry, SockAddrKey,
     ABSTRACT_NAME_MAX, BY_CLIENT_MAX_ENTRIES, DNS_CLIENTS_MAX_ENTRIES, FAST_DECISIONS_MAX_ENTRIES,
     MAP_ABSTRACT_UNIX_ALLOWED, MAP_BY_CLIENT, MAP_BY_COOKIE, MAP_DNS_CLIENTS, MAP_DNS_SERVER_BY_COOKIE, MAP_EVENTS,
-    MAP_FAST_CLOSES, MAP_FAST_CLOSES_LOST, MAP_FAST_DECISIONS, MAP_FAST_SOCKETS, MAP_PROCESS_TIMES, MAP_SANDBOXES,
-    MAX_CGROUP_LEVEL, PROCESS_TIMES_MAX_ENTRIES, SANDBOXES_MAX_ENTRIES,
+    MAP_FAST_DECISIONS, MAP_FAST_SOCKETS, MAP_PROCESS_TIMES, MAP_SANDBOXES, MAX_CGROUP_LEVEL,
+    PROCESS_TIMES_MAX_ENTRIES, SANDBOXES_MAX_ENTRIES,
 };
 use anyhow::{bail, Context, Result};
 use aya::{
@@ -92,8 +92,10 @@ const HOST_LINKS: [(&str, &str, (&str, &str)); 3] = [
 
 /// The maps shared by every sandbox and every agent run, pinned in the host
 /// directory: (map, pin name). A map whose layout changed gets a new pin
-/// name, so agents of both layouts can run side by side.
-const SHARED_MAPS: [(&str, &str); 10] = [
+/// name, so agents of both layouts can run side by side. The ring of
+/// fast-path closes is not among them: each daemon's programs report to its
+/// own, so agents side by side never read each other's closes.
+const SHARED_MAPS: [(&str, &str); 8] = [
     (MAP_BY_COOKIE, "CONNECTS_BY_COOKIE_2"),
     (MAP_BY_CLIENT, "CONNECTS_BY_CLIENT_2"),
     (MAP_DNS_SERVER_BY_COOKIE, MAP_DNS_SERVER_BY_COOKIE),
@@ -102,8 +104,6 @@ const SHARED_MAPS: [(&str, &str); 10] = [
     (MAP_SANDBOXES, MAP_SANDBOXES),
     (MAP_FAST_DECISIONS, MAP_FAST_DECISIONS),
     (MAP_FAST_SOCKETS, MAP_FAST_SOCKETS),
-    (MAP_FAST_CLOSES, MAP_FAST_CLOSES),
-    (MAP_FAST_CLOSES_LOST, MAP_FAST_CLOSES_LOST),
 ];
 
 #[derive(Clone, Copy, clap::ValueEnum)]
